@@ -1,0 +1,611 @@
+"""SpikingBrain in one file: config presets, every layer, the model and its generation caches.
+
+Pure PyTorch; runs on CPU. On CUDA the GLA recurrence dispatches to our Triton kernels (kernels.py)
+and masked attention to flex_attention; `GLA_IMPL` / `ATTN_IMPL` force either path.
+
+Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
+- each layer's token mixer is named by `Config.layout`: "gla" (gated linear attention, 7B),
+  "la" (linear attention with the gate tied to the key, 76B), "swa" (sliding-window softmax),
+  "fa" (full causal softmax), or two of them in parallel, e.g. "la+swa" (76B intra-layer hybrid);
+- GLA: ReLU feature map, low-rank log-sigmoid gate / 16, no RoPE, per-head RMSNorm on the output;
+- SWA: query i sees keys i-window ... i (window+1 keys, like flash-attn window_size=(window, 0));
+- optional learnable sink tokens prepended to the input, seen by every softmax query;
+- optional MoE FFN (top-1 routed experts + one shared expert) at `Config.moe_layers`;
+- optional spiking activations: with `spike_k` set, every projection's input becomes integer spike
+  counts times a per-token threshold (straight-through in training).
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIXERS = ("gla", "la", "swa", "fa")
+LINEAR_MIXERS = ("gla", "la")
+
+
+def _alternate(n, kinds):
+    return [kinds[i % len(kinds)] for i in range(n)]
+
+
+def _every(n, kind, other, at):
+    return [other if i in at else kind for i in range(n)]
+
+
+# 0-indexed layers; the 76B keeps a dense FFN in 1-indexed layers 1,2,3,5,7,9,11 and full attention in 7,14,21,28
+_76B_DENSE = (0, 1, 2, 4, 6, 8, 10)
+_76B_FA = (6, 13, 20, 27)
+
+# https://huggingface.co/Panyuqi/V1-7B-base/blob/main/config.json (SpikingBrain-7B release), Qwen2.5-7B dims
+PRESETS = {
+    "spikingbrain-7b": dict(layout=_alternate(28, ["gla", "swa"]), max_seq_len=4 * 1024 * 1024),
+    "spikingbrain-76b": dict(layout=_every(28, "la+swa", "la+fa", _76B_FA), n_sink=128,
+                             moe_layers=[i for i in range(28) if i not in _76B_DENSE]),
+    # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json: the conversion source and speed baseline
+    "qwen2.5-7b": dict(layout=["fa"] * 28, max_seq_len=131072),
+    "tiny": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                 intermediate_size=160, window=16, layout=_alternate(4, ["gla", "swa"]), max_seq_len=4096),
+    "tiny-moe": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                     intermediate_size=160, window=16, layout=["la+swa", "la+fa", "la+swa", "la+fa"],
+                     moe_layers=[1, 3], n_expert=4, n_sink=4, max_seq_len=4096),
+    "tiny-qwen": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                      intermediate_size=160, layout=["fa"] * 4, max_seq_len=4096),
+}
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    vocab_size: int = 152064
+    n_layer: int = 28
+    n_embd: int = 3584
+    n_head: int = 28
+    n_kv_head: int = 4
+    head_dim: int = 128
+    intermediate_size: int = 18944
+    norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_seq_len: int = 131072       # longest prompt + generation accepted by generate.py
+    layout: list = field(default_factory=lambda: _alternate(28, ["gla", "swa"]))  # one mixer spec per layer
+    window: int = 4096              # swa: query i sees keys i-window ... i
+    gate_rank: int = 16             # gla: gate = Linear(n_embd, rank) -> Linear(rank, kv_dim)
+    gate_norm: float = 16.0         # gla: log-gate = logsigmoid(gate) / gate_norm
+    n_sink: int = 0                 # learnable sink tokens prepended to every sequence
+    moe_layers: list = field(default_factory=list)  # layers whose FFN is a mixture of experts
+    n_expert: int = 16
+    n_shared_expert: int = 1
+    top_k: int = 1
+    aux_loss_coef: float = 0.01     # MoE load-balancing loss weight (applied by the trainer)
+    spike_k: float | None = None    # spiking activations: threshold = mean|x| / spike_k; None = off
+    init_std: float = 0.02
+    bos_id: int = 151643
+    eos_id: int = 151643
+
+    def __post_init__(self):
+        self.layout, self.moe_layers = list(self.layout), sorted(self.moe_layers)
+        if len(self.layout) != self.n_layer:
+            raise ValueError(f"layout has {len(self.layout)} entries but n_layer={self.n_layer}: give one per layer")
+        for i, spec in enumerate(self.layout):
+            parts = spec.split("+")
+            bad = [p for p in parts if p not in MIXERS]
+            if bad or len(parts) != len(set(parts)) or not 1 <= len(parts) <= 2 or \
+                    sum(p in LINEAR_MIXERS for p in parts) > 1:
+                raise ValueError(f"layout[{i}]={spec!r}: use one of {MIXERS} or a linear+softmax pair like 'la+swa'")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if any(not 0 <= i < self.n_layer for i in self.moe_layers):
+            raise ValueError(f"moe_layers {self.moe_layers} must lie in 0..{self.n_layer - 1}")
+        if self.moe_layers and not 1 <= self.top_k <= self.n_expert:
+            raise ValueError(f"top_k={self.top_k} must be in 1..n_expert={self.n_expert}")
+        if self.spike_k is not None and self.spike_k <= 0:
+            raise ValueError(f"spike_k={self.spike_k} must be > 0 (or None to turn spiking off)")
+        if self.window < 1 or self.head_dim % 2:
+            raise ValueError("window must be >= 1 and head_dim even (RoPE)")
+
+    def mixers(self, i):
+        return tuple(self.layout[i].split("+"))
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict(dict(name=name, **PRESETS[name], **overrides))
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+        if "preset" in d:
+            raise ValueError("use 'name' for presets")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path):
+        import yaml
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if "name" in d and d["name"] in PRESETS and len(d) < len(fields(cls)):
+            return cls.from_name(d.pop("name"), **d)   # a preset plus overrides
+        return cls.from_dict(d)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def to_yaml(self, path):
+        import yaml
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- spiking activations
+
+def spike_quant(x, k=3.0):
+    """Adaptive-threshold spike coding of x [..., C]: counts = round(x / vth), vth = mean|x| / k per token."""
+    if k <= 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    x = x.float()
+    vth = (x.abs().mean(-1, keepdim=True) / k).clamp(1e-5, 1e4)
+    return torch.round(x / vth), vth
+
+
+def spike(x, k):
+    """x -> counts * vth in the forward pass; identity gradient (straight-through estimator)."""
+    counts, vth = spike_quant(x, k)
+    return x + ((counts * vth).to(x.dtype) - x).detach()
+
+
+class Linear(nn.Linear):
+    """Every projection of the blocks goes through this class, so spiking can be switched per module."""
+    spike_k: float | None = None
+
+    def forward(self, x):
+        if self.spike_k is not None:
+            x = spike(x, self.spike_k)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(x, pos, theta):
+    """Rotary embedding (Qwen's half-split layout). x [B, T, H, D], pos [B, T] int."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = pos.float()[..., None] * inv_freq                            # (B, T, D/2)
+    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]            # (B, T, 1, D/2)
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- gated linear attention
+
+def gla_recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """The executable spec, one step at a time: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = (q_t*scale) S_t.
+
+    q, k, g: [B, T, H, K] (g is the log-decay, <= 0); v: [B, T, H, V]; state [B, H, K, V] float32
+    (float64 for float64 inputs). Returns o [B, T, H, V] in v's dtype and the final state (or None).
+    """
+    ct = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g = (x.transpose(1, 2).to(ct) for x in (q, k, v, g))   # (B, H, T, D)
+    B, H, T, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(ct)
+    o = []
+    for t in range(T):
+        S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        o.append((q[:, :, t, None, :] * scale) @ S)
+    o = torch.cat(o, 2).transpose(1, 2).to(v.dtype)
+    return o, (S if output_final_state else None)
+
+
+def gla_chunked(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64, sub=16):
+    """Same as gla_recurrent, in chunks: attention-like matmuls inside a chunk, state passing between chunks.
+
+    Every decay factor is exp of a non-positive number: inside a chunk, scores between sub-chunks use the
+    first position of the query's sub-chunk as reference point; within a sub-chunk they are exact per pair.
+    """
+    B, T, H, K = q.shape
+    ct, dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    C, pad = chunk_size, -T % chunk_size
+    N, ns = (T + pad) // C, C // sub
+    q, k, v, g = (F.pad(x.to(ct), (0, 0, 0, 0, 0, pad)).transpose(1, 2).unflatten(2, (N, C)) for x in (q, k, v, g))
+    q = q * scale                                                       # (B, H, N, C, D)
+    b = g.cumsum(-2)                                                    # log-decay from chunk start
+    # intra-chunk scores A[i, j] = sum_d q_id k_jd exp(b_id - b_jd), j <= i
+    bs = b.unflatten(-2, (ns, sub))                                     # (B, H, N, ns, sub, K)
+    ref = bs[..., :1, :]                                                # first position of each sub-chunk
+    qs = q.unflatten(-2, (ns, sub)) * (bs - ref).exp()
+    ks = k.unsqueeze(-3) * (ref - b.unsqueeze(-3)).clamp(max=0).exp()  # (B, H, N, ns, C, K), keys before ref
+    A_off = (qs @ ks.transpose(-1, -2)).flatten(-3, -2)                 # (B, H, N, C, C)
+    qd, kd = q.unflatten(-2, (ns, sub)), k.unflatten(-2, (ns, sub))
+    A_diag = (qd.unsqueeze(-2) * kd.unsqueeze(-3) *
+              (bs.unsqueeze(-2) - bs.unsqueeze(-3)).clamp(max=0).exp()).sum(-1)          # (.., ns, sub, sub)
+    eye = torch.eye(ns, device=q.device, dtype=ct).view(ns, 1, ns, 1)
+    A_diag = (A_diag.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2, -1)                # (.., C, C)
+    i = torch.arange(C, device=q.device)
+    off = (i[:, None] // sub) > (i[None, :] // sub)
+    diag = ((i[:, None] // sub) == (i[None, :] // sub)) & (i[:, None] >= i[None, :])
+    A = torch.where(off, A_off, 0.0) + torch.where(diag, A_diag, 0.0)
+    o = A @ v
+    # inter-chunk: read the state carried in, then fold this chunk into it
+    last = b[..., -1:, :]                                               # (B, H, N, 1, K)
+    k_end = k * (last - b).exp()                                        # decay from j to chunk end
+    q_start = q * b.exp()                                               # decay from chunk start to i
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(ct)
+    o_inter = []
+    for n in range(N):
+        o_inter.append(q_start[:, :, n] @ S)
+        S = last[:, :, n].transpose(-1, -2).exp() * S + k_end[:, :, n].transpose(-1, -2) @ v[:, :, n]
+    o = (o + torch.stack(o_inter, 2)).flatten(2, 3)[:, :, :T].transpose(1, 2)
+    return o.to(dtype), (S if output_final_state else None)
+
+
+GLA_IMPL = "auto"   # "auto": Triton kernels on CUDA, PyTorch elsewhere; "torch" or "triton" to force one
+
+
+def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
+    """Dispatch: GLA over [B, T, H, D] with optional packed documents (cu_seqlens, B == 1). Returns (o, state)."""
+    use_triton = GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
+    if use_triton:
+        import kernels
+        fn = kernels.fused_recurrent_gla if q.shape[1] <= 4 and cu_seqlens is None else kernels.chunk_gla
+        return fn(q, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+    fn = gla_recurrent if q.shape[1] <= 4 else gla_chunked
+    if cu_seqlens is None:
+        return fn(q, k, v, g, initial_state=initial_state, output_final_state=True)
+    outs, states = [], []
+    for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        h0 = None if initial_state is None else initial_state[n:n + 1]
+        o, h = fn(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h0, output_final_state=True)
+        outs.append(o)
+        states.append(h)
+    return torch.cat(outs, 1), torch.cat(states, 0)
+
+
+# ----------------------------------------------------------------------------- softmax attention
+
+def visible(q_pos, k_pos, q_doc, k_doc, window):
+    """Which keys a query sees: sinks (doc -1) always; otherwise causal, within `window`, same document."""
+    return (k_doc == -1) | ((q_doc == k_doc) & (k_pos <= q_pos) & (q_pos - k_pos <= window))
+
+
+ATTN_IMPL = "auto"   # "auto": flex_attention on CUDA, SDPA with a dense mask elsewhere; "sdpa" or "flex" to force
+_flex = None
+
+
+def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
+    """Masked softmax attention. q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S] int.
+
+    window=None is full causal attention; doc None means one document, no sinks. Returns [B, T, H, D].
+    """
+    global _flex
+    B, T, H, D = q.shape
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
+    gqa = H != k.shape[1]
+    if q_doc is None:   # one document, no sinks, no cache
+        if window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+        q_doc = k_doc = torch.zeros_like(q_pos)
+    window = (1 << 40) if window is None else window
+    if ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda and T > 1):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if _flex is None:
+            _flex = torch.compile(flex_attention, dynamic=False)
+
+        def mask_mod(b, h, qi, ki):
+            return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
+        bm = create_block_mask(mask_mod, B, None, T, k.shape[2], device=q.device, _compile=True)
+        o = _flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+    else:
+        mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
+                       q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return o.transpose(1, 2)
+
+
+class KVCache(nn.Module):
+    """Keys/values of one softmax branch: `n_sink` permanent slots, then a ring of `capacity` slots.
+
+    SWA keeps capacity = window + 1 (memory independent of context); full attention keeps the whole context.
+    Slot positions are stored, so the attention mask needs no slot order; empty slots have a huge position.
+    """
+    EMPTY = 1 << 62
+
+    def __init__(self, B, n_kv, hd, n_sink, capacity, device=None, dtype=None):
+        super().__init__()
+        self.n_sink, self.capacity = n_sink, capacity
+        S = n_sink + capacity
+        self.register_buffer("k", torch.zeros(B, S, n_kv, hd, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(B, S, n_kv, hd, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("pos", torch.full((S,), self.EMPTY, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("doc", torch.zeros(S, device=device, dtype=torch.long), persistent=False)
+
+    def write(self, k, v, pos, doc):
+        """Store new keys k, v (B, L, Hkv, D) at positions pos, doc (L,): sinks (doc -1) in their own slots."""
+        if k.shape[1] > 1:   # prefill: skip ring entries that later entries of this call overwrite anyway
+            keep = (doc == -1) | (pos > pos.max() - self.capacity)
+            k, v, pos, doc = k[:, keep], v[:, keep], pos[keep], doc[keep]
+        slot = torch.where(doc == -1, pos, self.n_sink + pos % self.capacity)
+        self.k[:, slot], self.v[:, slot], self.pos[slot], self.doc[slot] = k, v, pos, doc
+
+    def attend(self, q, k, v, q_pos, q_doc, window):
+        """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
+        B, L = q.shape[:2]
+        if L == 1:   # decode: write first (the SWA ring holds window + 1), then attend over the fixed-size buffer
+            self.write(k, v, q_pos[0], q_doc[0])
+            return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
+        ks, vs = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+        k_pos, k_doc = torch.cat([self.pos.expand(B, -1), q_pos], 1), torch.cat([self.doc.expand(B, -1), q_doc], 1)
+        o = attention(q, ks, vs, q_pos, k_pos, q_doc, k_doc, window)
+        self.write(k, v, q_pos[0], q_doc[0])
+        return o
+
+
+class Cache(nn.Module):
+    """Everything generation keeps: per layer the GLA state and/or a KVCache per softmax branch."""
+
+    def __init__(self, config, B, max_len, device=None, dtype=None):
+        super().__init__()
+        c, self.seen = config, 0   # `seen` counts positions consumed, sinks included
+        self.layers = nn.ModuleList()
+        for i in range(c.n_layer):
+            m = nn.Module()
+            for kind in c.mixers(i):
+                if kind in LINEAR_MIXERS:
+                    m.register_buffer("state", torch.zeros(B, c.n_head, c.head_dim, c.head_dim, device=device,
+                                                           dtype=torch.float32), persistent=False)
+                else:
+                    cap = min(c.window + 1, max_len) if kind == "swa" else max_len
+                    m.kv = KVCache(B, c.n_kv_head, c.head_dim, c.n_sink, cap, device, dtype)
+            self.layers.append(m)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class Attention(nn.Module):
+    """Token mixer of one layer: one or two branches (gla / la / swa / fa) over shared q/k/v/o projections.
+
+    With two branches, each branch output is RMS-normalized per head and the two are added (76B).
+    """
+
+    def __init__(self, c, layer):
+        super().__init__()
+        self.c, self.kinds = c, c.mixers(layer)
+        kv = c.n_kv_head * c.head_dim
+        self.q_proj = Linear(c.n_embd, c.n_head * c.head_dim, bias=True)
+        self.k_proj = Linear(c.n_embd, kv, bias=True)
+        self.v_proj = Linear(c.n_embd, kv, bias=True)
+        self.o_proj = Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        if "gla" in self.kinds:   # low-rank gate
+            self.gk_proj = nn.Sequential(Linear(c.n_embd, c.gate_rank, bias=False), Linear(c.gate_rank, kv, bias=True))
+        if any(k in LINEAR_MIXERS for k in self.kinds):
+            self.g_norm = RMSNorm(c.head_dim, c.norm_eps)
+        if len(self.kinds) == 2:
+            self.a_norm = RMSNorm(c.head_dim, c.norm_eps)    # normalizes the softmax branch
+
+    def forward(self, x, pos, doc, cu_seqlens=None, cache=None):
+        c, (B, T, _) = self.c, x.shape
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        out = 0
+        for kind in self.kinds:
+            if kind in LINEAR_MIXERS:
+                o = self.g_norm(self.linear_attention(kind, x, q, k, v, cu_seqlens, cache))
+            else:
+                qr, kr = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+                window = c.window if kind == "swa" else None
+                if cache is not None:
+                    o = cache.kv.attend(qr, kr, v, pos, doc, window)
+                else:
+                    o = attention(qr, kr, v, pos, pos, doc, doc, window)
+                if len(self.kinds) == 2:
+                    o = self.a_norm(o)
+            out = out + o
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):
+        c, (B, T, _) = self.c, x.shape
+        ft = torch.promote_types(x.dtype, torch.float32)                 # the log-decay stays in float32
+        if kind == "gla":   # ReLU feature map, low-rank gate, logit normalizer
+            q, k = F.relu(q), F.relu(k)
+            g = F.logsigmoid(self.gk_proj(x).to(ft)).view(B, T, c.n_kv_head, c.head_dim) / c.gate_norm
+        else:               # "la": sigmoid keys, forget gate tied to the key: decay = 1 - k
+            q, g = F.relu(q), F.logsigmoid(-k.to(ft))
+            k = torch.sigmoid(k)
+        rep = c.n_head // c.n_kv_head                                    # GQA: kv head j serves q heads j*rep ...
+        k, v, g = (t.repeat_interleave(rep, dim=2) for t in (k, v, g))
+        if cu_seqlens is not None:   # packed documents: one flat sequence, state reset at each start
+            q, k, v, g = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g))
+        o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.state.copy_(state)
+        return o.view(B, T, c.n_head, c.head_dim).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts plus always-on shared experts; returns (out, load-balancing loss)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.router = nn.Linear(c.n_embd, c.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(c) for _ in range(c.n_expert))
+        self.shared = nn.ModuleList(MLP(c) for _ in range(c.n_shared_expert))
+
+    def forward(self, x):
+        c, shape = self.c, x.shape
+        x = x.reshape(-1, shape[-1])                                        # (N, C)
+        probs = F.softmax(self.router(x).float(), -1)                       # (N, E)
+        w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
+        out = sum(m(x) for m in self.shared)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
+        # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
+        load = F.one_hot(idx, c.n_expert).float().sum((0, 1)) / idx.numel()
+        aux = c.n_expert * (load * probs.mean(0)).sum()
+        return out.view(shape), aux, load.detach()
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.attn = Attention(c, layer)
+        self.mlp_norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.mlp = MoE(c) if layer in c.moe_layers else MLP(c)
+
+    def forward(self, x, pos, doc, cu_seqlens=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), pos, doc, cu_seqlens, cache)
+        h = self.mlp(self.mlp_norm(x))
+        if isinstance(h, tuple):
+            return x + h[0], h[1]
+        return x + h, x.new_zeros((), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def doc_positions(doc_ids):
+    """Positions restarting at each document of packed rows. doc_ids [B, T], non-decreasing per row."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, idx, 0).cummax(1).values                # index where each token's doc starts
+    return idx - first, start
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.n_embd)
+        self.sinks = nn.Parameter(torch.zeros(c.n_sink, c.n_embd)) if c.n_sink else None
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.set_spike_k(c.spike_k)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # as the release (transformers' default for its GLAswa model): N(0, 0.02) weights, zero biases,
+        # unit norm weights; sinks N(0, 0.02)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, GPT) and m.sinks is not None:
+            nn.init.normal_(m.sinks, std=self.config.init_std)
+
+    def set_spike_k(self, k):
+        """Turn spiking activations on (k > 0) or off (None) for every projection of the blocks."""
+        if k is not None and k <= 0:
+            raise ValueError(f"spike_k={k} must be > 0")
+        self.config.spike_k = k
+        for m in self.blocks.modules():
+            if isinstance(m, Linear):
+                m.spike_k = k
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        p = self.lm_head.weight
+        return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
+
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False):
+        """idx [B, T] token ids -> (logits [B, T, V], loss or None, aux loss).
+
+        targets: [B, T] next-token ids, -100 where no loss is taken. doc_ids: [B, T] non-decreasing document
+        index of each token in packed rows (attention and the GLA state never cross documents).
+        cache: a `new_cache()` to prefill or decode with (one document per row). last_only: logits of the
+        last position only (prefill for generation).
+        """
+        c, (B, T) = self.config, idx.shape
+        x = self.embed(idx)
+        n_sink = c.n_sink if cache is None or cache.seen == 0 else 0    # sinks enter once per sequence
+        base = n_sink if cache is None else cache.seen + n_sink
+        pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
+        doc, cu_seqlens = None, None
+        if doc_ids is not None:
+            if cache is not None or n_sink:
+                raise ValueError("doc_ids (packed documents) need cache=None and a config without sink tokens")
+            doc = doc_ids + torch.arange(B, device=idx.device)[:, None] * (T + 1)   # unique across rows
+            pos, start = doc_positions(doc)
+            if start.sum() > B:   # the linear branches see the flattened rows as documents
+                cu_seqlens = F.pad(start.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
+        if cache is not None or n_sink:
+            doc = torch.zeros_like(pos)
+        if n_sink:   # prepend the sinks; their doc id -1 makes every softmax query see them
+            x = torch.cat([self.sinks.to(x.dtype).expand(B, -1, -1), x], 1)
+            sink_pos = torch.arange(n_sink, device=idx.device).expand(B, n_sink)
+            pos, doc = torch.cat([sink_pos, pos], 1), torch.cat([torch.full_like(sink_pos, -1), doc], 1)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks):
+            x, a = block(x, pos, doc, cu_seqlens, None if cache is None else cache.layers[i])
+            aux = aux + a
+        if cache is not None:
+            cache.seen += x.shape[1]
+        x = x[:, n_sink:]
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss, aux
+
+    def num_params(self, active_only=False, embeddings=True):
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed.weight.numel() + self.lm_head.weight.numel()
+        if active_only and c.moe_layers:
+            per_expert = sum(p.numel() for p in self.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
+            n -= len(c.moe_layers) * (c.n_expert - c.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6 * active matmul params + the token-mixing terms.
+
+        Mixing, per layer and token, forward+backward (3x forward): softmax 12 * H * hd * keys seen
+        (full causal counted over the whole context, as PaLM's MFU does); linear attention 12 * H * hd^2
+        (state read + state update, 2 * 2 * hd^2 each forward).
+        """
+        c = self.config
+        n = self.num_params(active_only=True, embeddings=False) + self.lm_head.weight.numel()
+        mix = 0
+        for i in range(c.n_layer):
+            for kind in c.mixers(i):
+                if kind in LINEAR_MIXERS:
+                    mix += 12 * c.n_head * c.head_dim ** 2
+                else:
+                    keys = min(seq_len, c.window + 1) if kind == "swa" else seq_len
+                    mix += 12 * c.n_head * c.head_dim * (keys + c.n_sink)
+        return 6 * n + mix
