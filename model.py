@@ -94,6 +94,8 @@ class Config:
                 raise ValueError(f"layout[{i}]={spec!r}: use one of {MIXERS} or a linear+softmax pair like 'la+swa'")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
         if any(not 0 <= i < self.n_layer for i in self.moe_layers):
             raise ValueError(f"moe_layers {self.moe_layers} must lie in 0..{self.n_layer - 1}")
         if self.moe_layers and not 1 <= self.top_k <= self.n_expert:
@@ -110,7 +112,7 @@ class Config:
     def from_name(cls, name, **overrides):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict(dict(name=name, **PRESETS[name], **overrides))
+        return cls.from_dict({**PRESETS[name], **overrides, "name": name})
 
     @classmethod
     def from_dict(cls, d):
@@ -548,6 +550,9 @@ class GPT(nn.Module):
         last position only (prefill for generation).
         """
         c, (B, T) = self.config, idx.shape
+        if not torch.compiler.is_compiling() and (idx.min() < 0 or idx.max() >= c.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
+                             f"the tokenizer does not match this model")
         x = self.embed(idx)
         n_sink = c.n_sink if cache is None or cache.seen == 0 else 0    # sinks enter once per sequence
         base = n_sink if cache is None else cache.seen + n_sink

@@ -1,0 +1,273 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, Config, gla_chunked, gla_recurrent
+
+
+def rms_err(a, b):
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def naive_gla(q, k, v, g, scale, h0):
+    """Independent float64 reference: the recurrence written with explicit loops over heads and time."""
+    B, T, H, K = q.shape
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    S = h0.clone()
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                S[b, h] = torch.diag(g[b, t, h].exp()) @ S[b, h] + torch.outer(k[b, t, h], v[b, t, h])
+                o[b, t, h] = (q[b, t, h] * scale) @ S[b, h]
+    return o, S
+
+
+@pytest.mark.parametrize("T,K,V", [(37, 16, 16), (70, 60, 24), (16, 16, 60)])
+@pytest.mark.parametrize("gate_scale", [0.1, 1.0, 10.0, 300.0])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_gla_chunked_matches_recurrent(T, K, V, gate_scale, with_h0):
+    torch.manual_seed(T + K + int(gate_scale))
+    B, H = 2, 3
+    dt = torch.float64
+    q, k = torch.randn(B, T, H, K, dtype=dt), torch.randn(B, T, H, K, dtype=dt)
+    v = torch.randn(B, T, H, V, dtype=dt)
+    g = F.logsigmoid(torch.randn(B, T, H, K, dtype=dt) * gate_scale)   # strong decay: g down to about -1000
+    h0 = torch.randn(B, H, K, V, dtype=dt) if with_h0 else None
+    leaves = [t.requires_grad_() for t in (q, k, v, g) + ((h0,) if with_h0 else ())]
+    o1, s1 = gla_recurrent(q, k, v, g, initial_state=h0, output_final_state=True)
+    o2, s2 = gla_chunked(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert torch.isfinite(o2).all() and torch.isfinite(s2).all()
+    assert rms_err(o2, o1) < 1e-10 and rms_err(s2, s1) < 1e-10
+    w_o, w_s = torch.randn_like(o1), torch.randn_like(s1)
+    g1 = torch.autograd.grad((o1 * w_o).sum() + (s1 * w_s).sum(), leaves)
+    g2 = torch.autograd.grad((o2 * w_o).sum() + (s2 * w_s).sum(), leaves)
+    for name, a, b in zip("q k v g h0".split(), g2, g1):
+        assert torch.isfinite(a).all(), name
+        assert rms_err(a, b) < 1e-9, name
+
+
+def test_gla_recurrent_matches_naive_loops():
+    torch.manual_seed(0)
+    B, T, H, K, V = 1, 9, 2, 4, 3
+    dt = torch.float64
+    q, k, v = torch.randn(B, T, H, K, dtype=dt), torch.randn(B, T, H, K, dtype=dt), torch.randn(B, T, H, V, dtype=dt)
+    g = F.logsigmoid(torch.randn(B, T, H, K, dtype=dt))
+    h0 = torch.randn(B, H, K, V, dtype=dt)
+    o, s = gla_recurrent(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_ref, s_ref = naive_gla(q, k, v, g, K ** -0.5, h0)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+
+
+def test_gla_packed_documents_reset_state():
+    torch.manual_seed(1)
+    dt = torch.float64
+    q, k, g = torch.randn(1, 50, 2, 8, dtype=dt), torch.randn(1, 50, 2, 8, dtype=dt), -torch.rand(1, 50, 2, 8, dtype=dt)
+    v = torch.randn(1, 50, 2, 8, dtype=dt)
+    cu = torch.tensor([0, 7, 30, 50])
+    o, s = model.gla(q, k, v, g, cu_seqlens=cu)
+    for n, (a, b) in enumerate([(0, 7), (7, 30), (30, 50)]):
+        o_ref, s_ref = gla_recurrent(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], output_final_state=True)
+        torch.testing.assert_close(o[:, a:b], o_ref)
+        torch.testing.assert_close(s[n:n + 1], s_ref)
+
+
+def dense_attention(q, k, v, allowed):
+    """Reference softmax attention, float64, explicit mask [T, S], GQA by repeating kv heads."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", s.softmax(-1), v.double())
+
+
+def test_swa_and_sinks_match_dense_reference():
+    torch.manual_seed(2)
+    B, T, H, Hkv, D, W, n_sink = 2, 70, 4, 2, 8, 16, 3
+    q = torch.randn(B, T + n_sink, H, D, dtype=torch.float64)
+    k, v = torch.randn(B, T + n_sink, Hkv, D, dtype=torch.float64), torch.randn(B, T + n_sink, Hkv, D, dtype=torch.float64)
+    pos = torch.arange(T + n_sink).expand(B, -1)
+    doc = torch.cat([torch.full((B, n_sink), -1), torch.zeros(B, T, dtype=torch.long)], 1)
+    o = model.attention(q, k, v, pos, pos, doc, doc, W)
+    allowed = torch.zeros(T + n_sink, T + n_sink, dtype=torch.bool)
+    for i in range(T + n_sink):
+        for j in range(T + n_sink):
+            if j < n_sink:
+                allowed[i, j] = True                      # sinks: seen by every query, each other included
+            elif i >= n_sink:
+                allowed[i, j] = i - W <= j <= i           # window of W + 1 keys: i-W ... i
+    torch.testing.assert_close(o, dense_attention(q, k, v, allowed))
+    # without sinks: plain sliding window, T far beyond the window
+    o = model.attention(q, k, v, pos, pos, None, None, W)
+    i, j = torch.arange(T + n_sink)[:, None], torch.arange(T + n_sink)[None]
+    torch.testing.assert_close(o, dense_attention(q, k, v, (j <= i) & (i - j <= W)))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-qwen"])
+def test_forward_equals_chunked_prefill_equals_decode(name):
+    torch.manual_seed(3)
+    m = GPT(Config.from_name(name)).eval()
+    idx = torch.randint(0, 512, (2, 53))                 # window is 16: the SWA ring wraps several times
+    with torch.no_grad():
+        full, _, _ = m(idx)
+        cache = m.new_cache(2, 64)
+        parts = [m(idx[:, a:b], cache=cache)[0] for a, b in [(0, 20), (20, 21), (21, 45), (45, 53)]]
+        cache = m.new_cache(2, 64)
+        steps = [m(idx[:, t:t + 1], cache=cache)[0] for t in range(53)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_causality(name):
+    torch.manual_seed(4)
+    m = GPT(Config.from_name(name)).eval()
+    idx = torch.randint(0, 512, (1, 40))
+    t = 25
+    idx2 = idx.clone()
+    idx2[0, t] = (idx[0, t] + 1) % 512
+    with torch.no_grad():
+        a, b = m(idx)[0], m(idx2)[0]
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_packed_documents_are_independent():
+    torch.manual_seed(5)
+    for name in ["tiny", "tiny-qwen"]:
+        m = GPT(Config.from_name(name)).eval()
+        idx = torch.randint(0, 512, (2, 48))
+        doc = torch.zeros(2, 48, dtype=torch.long)
+        doc[0, 20:], doc[1, 5:], doc[1, 30:] = 1, 1, 2
+        with torch.no_grad():
+            packed = m(idx, doc_ids=doc)[0]
+            for row, spans in [(0, [(0, 20), (20, 48)]), (1, [(0, 5), (5, 30), (30, 48)])]:
+                for a, b in spans:
+                    alone = m(idx[row:row + 1, a:b])[0]
+                    torch.testing.assert_close(packed[row:row + 1, a:b], alone, atol=2e-5, rtol=1e-4)
+
+
+def cache_bytes(cache):
+    return sum(b.numel() * b.element_size() for b in cache.buffers())
+
+
+def test_decode_cache_memory_constant_for_7b_layout():
+    m = GPT(Config.from_name("tiny")).eval()
+    W = m.config.window
+    assert cache_bytes(m.new_cache(1, 2 * W)) == cache_bytes(m.new_cache(1, 8 * W))
+    cache = m.new_cache(1, 8 * W)
+    before = cache_bytes(cache)
+    with torch.no_grad():
+        m(torch.randint(0, 512, (1, 8 * W - 1)), cache=cache)
+    assert cache_bytes(cache) == before
+    q = GPT(Config.from_name("tiny-qwen"))                 # full attention grows with the context
+    assert cache_bytes(q.new_cache(1, 8 * W)) > cache_bytes(q.new_cache(1, 2 * W))
+
+
+def test_parameter_counts_of_full_models():
+    with torch.device("meta"):
+        m7, m76, q7 = (GPT(Config.from_name(n)) for n in ("spikingbrain-7b", "spikingbrain-76b", "qwen2.5-7b"))
+    n7, n76, a76, nq = m7.num_params(), m76.num_params(), m76.num_params(active_only=True), q7.num_params()
+    print(f"spikingbrain-7b {n7/1e9:.3f}B  spikingbrain-76b {n76/1e9:.2f}B total, {a76/1e9:.2f}B active  qwen2.5-7b {nq/1e9:.3f}B")
+    assert nq == 7_615_616_512                            # Qwen2.5-7B's published parameter count
+    # 7B = Qwen2.5-7B + per GLA layer (14): gate 3584*16 + 16*512 + 512 and g_norm 128
+    assert n7 == nq + 14 * (3584 * 16 + 16 * 512 + 512 + 128)
+    assert 74e9 < n76 < 78e9 and 11e9 < a76 < 13e9
+
+
+def test_moe_of_identical_experts_equals_dense_ffn():
+    torch.manual_seed(6)
+    c = Config.from_name("tiny-moe")
+    dense, moe = model.MLP(c), model.MoE(c)
+    S, k, N = c.n_shared_expert, c.top_k, c.n_expert
+    alpha = (1 / (S + k / N)) ** (1 / 3)
+    for e in list(moe.experts) + list(moe.shared):
+        e.load_state_dict(dense.state_dict())
+        # alpha^3 on the output, split as alpha on up_proj and alpha^2 on down_proj (silu(gate) is untouched)
+        e.up_proj.weight.data.mul_(alpha)
+        e.down_proj.weight.data.mul_(alpha ** 2)
+    torch.nn.init.zeros_(moe.router.weight)                # uniform router: top-1 weight is exactly 1/N
+    x = torch.randn(3, 7, c.n_embd)
+    out, aux, load = moe(x)
+    torch.testing.assert_close(out, dense(x), atol=1e-5, rtol=1e-5)
+    assert load.sum().item() == pytest.approx(1.0)
+
+
+def test_moe_routes_each_token_to_its_top_expert():
+    torch.manual_seed(7)
+    c = Config.from_name("tiny-moe")
+    moe = model.MoE(c)
+    x = torch.randn(10, c.n_embd)
+    out, aux, _ = moe(x)
+    p = F.softmax(x @ moe.router.weight.T, -1)
+    ref = torch.stack([moe.shared[0](x[i]) + p[i].max() * moe.experts[int(p[i].argmax())](x[i]) for i in range(10)])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    f = F.one_hot(p.argmax(-1), c.n_expert).float().mean(0)
+    assert aux.item() == pytest.approx(c.n_expert * (f * p.mean(0)).sum().item(), rel=1e-5)
+
+
+def test_sinks_are_not_in_outputs_and_trainable():
+    torch.manual_seed(8)
+    m = GPT(Config.from_name("tiny-moe"))
+    idx = torch.randint(0, 512, (2, 12))
+    logits, loss, aux = m(idx, targets=idx)
+    assert logits.shape == (2, 12, 512)
+    (loss + aux).backward()
+    assert m.sinks.grad is not None and m.sinks.grad.abs().sum() > 0
+
+
+def test_spiking_linear_uses_integer_counts():
+    torch.manual_seed(9)
+    c = Config.from_name("tiny", spike_k=3.0)
+    m = GPT(c)
+    lin = m.blocks[0].attn.q_proj
+    x = torch.randn(5, c.n_embd)
+    vth = x.abs().mean(-1, keepdim=True) / 3.0
+    ref = F.linear(torch.round(x / vth) * vth, lin.weight, lin.bias)
+    torch.testing.assert_close(lin(x), ref)
+    m.set_spike_k(None)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_flops_per_token_hand_count():
+    c = Config.from_name("tiny")
+    m = GPT(c)
+    T = 100
+    n = m.num_params(embeddings=False) + m.lm_head.weight.numel()
+    mix = 2 * 12 * 4 * 16 * 16 + 2 * 12 * 4 * 16 * (c.window + 1)   # 2 gla + 2 swa layers
+    assert m.flops_per_token(T) == 6 * n + mix
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(layout=["gla"] * 3), "layout has 3 entries"),
+    (dict(layout=["gla", "swa", "xyz", "fa"]), "layout\\[2\\]"),
+    (dict(layout=["gla+la", "swa", "swa", "fa"]), "layout\\[0\\]"),
+    (dict(n_kv_head=3), "n_kv_head"),
+    (dict(n_head=3), "n_head"),
+    (dict(window=0), "window"),
+    (dict(spike_k=0.0), "spike_k"),
+    (dict(moe_layers=[9]), "moe_layers"),
+    (dict(bogus=1), "unknown config key"),
+])
+def test_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_name("tiny", **bad)
+
+
+def test_unknown_preset_and_yaml_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.from_name("gpt-5")
+    c = Config.from_name("tiny-moe", spike_k=2.5)
+    c.to_yaml(tmp_path / "c.yaml")
+    assert Config.from_yaml(tmp_path / "c.yaml") == c
+    (tmp_path / "p.yaml").write_text("name: tiny\nwindow: 8\n")
+    assert Config.from_yaml(tmp_path / "p.yaml") == Config.from_name("tiny", window=8)
+
+
+def test_token_out_of_vocab_is_a_clear_error():
+    m = GPT(Config.from_name("tiny"))
+    with pytest.raises(ValueError, match="vocab_size"):
+        m(torch.tensor([[1, 2, 512]]))
