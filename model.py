@@ -534,7 +534,7 @@ class GPT(nn.Module):
             raise ValueError(f"spike_k={k} must be > 0")
         self.config.spike_k = k
         for m in self.blocks.modules():
-            if isinstance(m, Linear):
+            if hasattr(m, "spike_k"):   # model.Linear and its swaps (spiking.W8ASpikeLinear)
                 m.spike_k = k
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):

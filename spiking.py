@@ -1,0 +1,772 @@
+"""Spiking toolkit: spike codings, integrate-and-fire simulation, statistics, energy, rasters, W8ASpike.
+
+The spiking activation itself (`spike_quant`, the straight-through `spike`, `Linear.spike_k`) lives in
+model.py, so training, generation and this file share one definition; it is re-exported here.
+
+    counts, vth = spike_quant(x, k=3.0)            # x [..., C] -> integer counts [..., C], threshold [..., 1]
+    train = encode(counts, "bidirectional")        # -> spike train [steps, ..., C]; decode(train, ...) inverts it
+    spikes, v = if_neuron(x_steps, vth)            # the multi-step neuron a neuromorphic chip would run
+    with collect_stats(model, window=3) as st:     # hooks on every model.Linear during any forward
+        model(idx)
+    st.summary()                                   # sparsity, spikes/channel, silent share, |count| histogram, energy
+    scales = calibrate(model, batches)             # W8ASpike: INT8 weights per 128-channel group + spike activations
+    replace_linears(model, k=3.0, scales=scales)
+    writer.add_image("raster", spike_raster(train[:, 0, :64]))   # TensorBoard, uint8 [3, H, W]
+
+Commands (CPU by default; --device cuda for a GPU):
+    python spiking.py sweep --ckpt out/ckpt --text data/valid.txt --k '[2,3,4]'
+    python spiking.py w8aspike --ckpt out/ckpt --text data/calib.txt --out out/ckpt-w8aspike
+
+Departures from the release (BICLab/SpikingBrain-7B, W8ASpike/):
+- its W8ASpike weights come from GPTQ; ours are max-scaled INT8 groups, optionally with a per-group clip
+  ratio searched on calibration data (`calibrate`), no error feedback between columns;
+- it also spikes the SWA query and INT8-quantizes SWA keys/values inside attention, and its MLP applies
+  down_proj's float weight directly (swiglu_linear), skipping spikes there; we spike and quantize exactly the
+  projections of the blocks (every model.Linear), nothing inside attention;
+- codings take integer counts directly: no zero-point shifting of unsigned data (the release's x_zero).
+"""
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, Config, Linear, spike, spike_quant
+
+__all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
+           "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
+           "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "calibrate", "search_scales",
+           "set_spike_k", "load_model", "perplexity", "spike_sweep", "sweep", "w8aspike"]
+
+# ----------------------------------------------------------------------------- codings: counts <-> spike trains
+
+CODINGS = ("binary", "ternary", "bitwise", "bidirectional", "twos")
+SIGNED = ("ternary", "bidirectional", "twos")
+BITWISE = ("bitwise", "bidirectional", "twos")
+MAX_BITS = 62          # bit planes of an int64 count
+
+
+def _check_coding(coding):
+    if coding not in CODINGS:
+        raise ValueError(f"unknown coding {coding!r}; choose one of {CODINGS}")
+
+
+def _as_int(counts):
+    """Integer-valued tensor -> int64. A fraction, inf or nan is an error, not silently truncated."""
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise ValueError(f"counts must be an integer-valued real tensor, got {counts.dtype}")
+    if counts.is_floating_point():
+        if not torch.isfinite(counts).all() or (counts != counts.round()).any():
+            raise ValueError("counts must be integer-valued (finite, no fraction): round them first, e.g. spike_quant")
+    return counts.to(torch.int64)
+
+
+def coding_range(coding, steps):
+    """(lo, hi): the counts a `steps`-step train of this coding represents exactly."""
+    _check_coding(coding)
+    return {"binary": (0, steps), "ternary": (-steps, steps), "bitwise": (0, 2 ** steps - 1),
+            "bidirectional": (-(2 ** steps - 1), 2 ** steps - 1),
+            "twos": (-2 ** (steps - 1), 2 ** (steps - 1) - 1)}[coding]
+
+
+def default_steps(coding, counts):
+    """Fewest steps the release's Int2Spike encoders use for these counts.
+
+    binary: max count; ternary: max |count|; bitwise, bidirectional: max(1, bits of max |count|);
+    twos: max(2, bits of max |count| + 1) (a sign bit; as the release, one more than -2^n needs).
+    """
+    _check_coding(coding)
+    c = _as_int(counts)
+    if coding in ("binary", "bitwise"):   # unsigned: negatives are an error (or saturate to 0) in encode
+        c = c.clamp(min=0)
+    m = int(c.abs().max()) if c.numel() else 0
+    if coding in ("binary", "ternary"):
+        return m
+    return max(2, m.bit_length() + 1) if coding == "twos" else max(1, m.bit_length())
+
+
+def place_values(coding, steps):
+    """What one spike at step t is worth, [steps] int64: 1 (binary, ternary); 2^(steps-1-t), most significant
+    bit first (bitwise kinds); the first step of two's complement weighs -2^(steps-1)."""
+    _check_coding(coding)
+    if coding not in BITWISE:
+        return torch.ones(steps, dtype=torch.int64)
+    p = 2 ** torch.arange(steps - 1, -1, -1, dtype=torch.int64)
+    if coding == "twos" and steps:
+        p[0] = -p[0]
+    return p
+
+
+def _fit(c, coding, steps, saturate):
+    """Check (or, with saturate, clamp) int64 counts into the range of a `steps`-step train."""
+    if not isinstance(steps, int) or steps < 0 or (coding in BITWISE and not 1 <= steps <= MAX_BITS):
+        need = f"an int in 1..{MAX_BITS}" if coding in BITWISE else "an int >= 0"
+        raise ValueError(f"steps={steps!r} for {coding} coding: need {need}")
+    lo, hi = coding_range(coding, steps)
+    if c.numel() and (c.min() < lo or c.max() > hi):
+        if not saturate and lo == 0 and c.min() < 0:
+            raise ValueError(f"{coding} coding is unsigned: counts must be >= 0 (got {int(c.min())}); use a signed "
+                             f"coding ({', '.join(SIGNED)}), or saturate=True to clamp negatives to 0")
+        if not saturate:
+            raise ValueError(f"{coding} coding over {steps} steps holds counts in [{lo}, {hi}], got counts in "
+                             f"[{int(c.min())}, {int(c.max())}]: use steps >= {default_steps(coding, c)}, or "
+                             f"saturate=True to clamp counts into the range")
+        c = c.clamp(lo, hi)
+    return c
+
+
+def encode(counts, coding="bidirectional", steps=None, saturate=False):
+    """Integer counts [...] -> spike train [steps, ...] float32, values in {0, 1} or {-1, 0, 1}.
+
+    binary: 1 at each of the first `count` steps (counts >= 0). ternary: sign(count) at the first |count| steps.
+    bitwise: the bits of count, most significant first (counts >= 0). bidirectional: the bits of |count|, each
+    spike carrying the sign of count (-5 -> -1, 0, -1). twos: `steps`-bit two's complement, MSB first.
+    steps=None: `default_steps`, which represents every count exactly. Counts outside `coding_range(coding,
+    steps)` are an error, or with saturate=True are clamped to the nearest representable count (negative
+    counts become 0 in the unsigned codings), so decode gives the clamped value.
+    """
+    _check_coding(coding)
+    c = _as_int(counts)
+    steps = default_steps(coding, c) if steps is None else steps
+    c = _fit(c, coding, steps, saturate)
+    t = torch.arange(steps, device=c.device).view(-1, *[1] * c.dim())
+    if coding == "binary":
+        train = t < c
+    elif coding == "ternary":
+        train = (t < c.abs()) * c.sign()
+    else:
+        u = c & ((1 << steps) - 1) if coding == "twos" else c.abs()   # torch's int64 & is two's complement
+        train = (u >> (steps - 1 - t)) & 1
+        if coding == "bidirectional":
+            train = train * c.sign()
+    return train.to(torch.float32)
+
+
+def decode(train, coding="bidirectional"):
+    """Spike train [steps, ...] -> int64 counts [...]: sum over steps of spike * place_values(coding, steps)."""
+    _check_coding(coding)
+    allowed = (-1, 0, 1) if coding in ("ternary", "bidirectional") else (0, 1)
+    if not torch.isin(train, torch.tensor(allowed, dtype=train.dtype, device=train.device)).all():
+        raise ValueError(f"a {coding} spike train holds only {allowed}")
+    if coding in BITWISE and not 1 <= train.shape[0] <= MAX_BITS:
+        raise ValueError(f"a {coding} train has 1..{MAX_BITS} steps, got {train.shape[0]}")
+    p = place_values(coding, train.shape[0]).to(train.device)
+    return (train.to(torch.int64) * p.view(-1, *[1] * (train.dim() - 1))).sum(0)
+
+
+def _popcount(u):
+    """Number of set bits of each entry of a non-negative int64 tensor."""
+    n = torch.zeros_like(u)
+    while u.numel() and bool((u > 0).any()):
+        n += u & 1
+        u = u >> 1
+    return n
+
+
+def spike_events(counts, coding="bidirectional", steps=None, saturate=False):
+    """Spikes (nonzero entries) each count becomes: `encode(...).ne(0).sum(0)`, without building the train.
+
+    counts [...] -> int64 [...]. Arguments as `encode`.
+    """
+    _check_coding(coding)
+    c = _as_int(counts)
+    steps = default_steps(coding, c) if steps is None else steps
+    c = _fit(c, coding, steps, saturate)
+    if coding in ("binary", "ternary"):
+        return c.abs()
+    return _popcount(c & ((1 << steps) - 1) if coding == "twos" else c.abs())
+
+
+# ----------------------------------------------------------------------------- integrate-and-fire neuron
+
+def if_neuron(x, vth, threshold=0.5, bipolar=False):
+    """Multi-step integrate-and-fire neuron, no leak, soft reset. x [T, ...] input per step; vth broadcastable.
+
+        v_t = v_{t-1} - vth * s_{t-1} + x_t          (v_0 = 0, s_0 = 0)
+        s_t = +1 if v_t >= threshold * vth;  -1 if bipolar and v_t < (threshold - 1) * vth;  else 0
+
+    Returns spikes [T, ...] (x's dtype) and the final potential v_T - vth * s_T [...].
+    Charge is conserved: vth * sum(s) = sum(x) - v_final. The neuron is silent exactly when v lies in
+    [(threshold - 1) * vth, threshold * vth), an interval of width vth; so whenever the final potential lies
+    there (the neuron has come to rest), sum(s) = floor(sum(x) / vth + 1 - threshold): with threshold = 1/2
+    that is round-half-up(sum(x) / vth), with threshold = 1 (SPEC's literal `v >= V_th`) floor(sum(x) / vth).
+    A binary neuron (bipolar=False) rests in the same interval only if its inputs are >= 0. With the input
+    delivered at the first step it fires once per step until it rests, so over T steps
+        sum(s) = clamp(floor(x / vth + 1 - threshold), -T, T)    (binary: clamp to [0, T]; no spike for x < 0).
+    torch.round (half to even) agrees with threshold = 1/2 except at x / vth = n + 1/2 with n even (n + 1 here).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold} is a fraction of vth in (0, 1]")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x [T, ...] needs at least one time step, got shape {tuple(x.shape)}")
+    vth = torch.as_tensor(vth, dtype=x.dtype, device=x.device)
+    v, out = torch.zeros_like(x[0]), []
+    for t in range(x.shape[0]):
+        v = v + x[t]                                                   # integrate
+        s = (v >= threshold * vth).to(x.dtype)                         # fire
+        if bipolar:
+            s = s - (v < (threshold - 1) * vth).to(x.dtype)
+        v = v - s * vth                                                # soft reset: keep the remainder
+        out.append(s)
+    return torch.stack(out), v
+
+
+# ----------------------------------------------------------------------------- energy
+
+# pJ per operation at 45 nm, as the report (§5.5) takes them from Yao et al. 2024
+E_FP16_MAC, E_INT8_MAC, E_INT8_ADD = 1.5, 0.23, 0.03
+
+
+def energy(macs, spike_adds, e_fp16=E_FP16_MAC, e_int8=E_INT8_MAC, e_add=E_INT8_ADD):
+    """Energy of the counted linear-layer work, dense vs event-driven.
+
+    macs: multiply-accumulates of the dense layers (tokens * in * out summed over layers); spike_adds: weight
+    additions the spikes trigger (each spike event of an input channel adds one INT8 weight into each of the
+    layer's `out` accumulators). Per MAC this is the report's E = spikes per channel * E_add.
+    Returns pJ totals and savings (fractions) of the spiking scheme vs FP16 and vs INT8 MACs.
+    """
+    if macs <= 0:
+        raise ValueError("no multiply-accumulates were counted: run a forward inside collect_stats first")
+    fp16, int8, spiking = macs * e_fp16, macs * e_int8, spike_adds * e_add
+    return dict(fp16_pj=fp16, int8_pj=int8, spiking_pj=spiking,
+                saving_vs_fp16=1 - spiking / fp16, saving_vs_int8=1 - spiking / int8)
+
+
+# ----------------------------------------------------------------------------- statistics by forward hooks
+
+@dataclass
+class LayerStats:
+    """Running totals for one linear layer's input counts (plain ints: nothing lives on the module)."""
+    in_features: int
+    out_features: int
+    hist: torch.Tensor              # |count| histogram, bins 0 .. hist_max, the last one holds >= hist_max
+    calls: int = 0
+    entries: int = 0                # tokens x input channels
+    silent: int = 0                 # entries whose count is 0: no spike in any coding
+    spikes: int = 0                 # spike events in the full-length (exact) coding
+    step_slots: int = 0             # entries x steps of each call's full-length coding
+    window_zeros: int = 0           # zero entries of the `window`-step train (counts saturated into it)
+
+    def metrics(self, window):
+        n = max(self.entries, 1)
+        return dict(entries=self.entries,
+                 sparsity=self.window_zeros / max(self.entries * window, 1),
+                 spikes_per_channel=self.spikes / n,
+                 silent=self.silent / n,
+                 firing_rate=self.spikes / max(self.step_slots, 1),
+                 share_le7=float(self.hist[:8].sum()) / n,
+                 share_gt16=float(self.hist[17:].sum()) / n,
+                 macs=self.entries * self.out_features,
+                 spike_adds=self.spikes * self.out_features)
+
+
+@dataclass
+class SpikeStats:
+    """Statistics of every hooked layer; `layers()` per layer, `summary()` over all of them."""
+    coding: str = "bidirectional"
+    window: int = 3
+    hist_max: int = 64
+    per_layer: dict = field(default_factory=dict)
+
+    def add(self, name, module, counts):
+        """Fold one call's counts [..., in] of `module` into the totals."""
+        st = self.per_layer.get(name)
+        if st is None:
+            st = self.per_layer[name] = LayerStats(module.in_features, module.out_features,
+                                                   torch.zeros(self.hist_max + 1, dtype=torch.int64))
+        c = counts.to(torch.int64)
+        steps = default_steps(self.coding, c)
+        st.calls += 1
+        st.entries += c.numel()
+        st.silent += int((c == 0).sum())
+        st.spikes += int(spike_events(c, self.coding, steps).sum())
+        st.step_slots += c.numel() * steps
+        st.window_zeros += c.numel() * self.window - int(spike_events(c, self.coding, self.window, True).sum())
+        st.hist += torch.bincount(c.abs().clamp(max=self.hist_max).flatten(), minlength=self.hist_max + 1).cpu()
+
+    def layers(self):
+        return {name: st.metrics(self.window) for name, st in self.per_layer.items()}
+
+    def summary(self):
+        """Global metrics (entry-weighted over layers), the |count| histogram and the energy estimate."""
+        if not self.per_layer:
+            raise ValueError("no spiking layer ran: give collect_stats a k, or set spike_k on the model")
+        tot = LayerStats(0, 0, sum(st.hist for st in self.per_layer.values()))
+        for st in self.per_layer.values():
+            for f in ("calls", "entries", "silent", "spikes", "step_slots", "window_zeros"):
+                setattr(tot, f, getattr(tot, f) + getattr(st, f))
+        m = tot.metrics(self.window)
+        m["macs"] = sum(st.entries * st.out_features for st in self.per_layer.values())
+        m["spike_adds"] = sum(st.spikes * st.out_features for st in self.per_layer.values())
+        m.update(energy(m["macs"], m["spike_adds"]))
+        m["hist"] = tot.hist.tolist()
+        return m
+
+
+def _record(stats, name, k, module, args):
+    kk = k if k is not None else module.spike_k
+    if kk is None:      # a non-spiking layer has no counts to measure
+        return
+    with torch.no_grad():
+        counts, _ = spike_quant(args[0], kk)
+        stats.add(name, module, counts)
+
+
+@contextmanager
+def collect_stats(model, k=None, coding="bidirectional", window=3, hist_max=64):
+    """Measure the spike counts entering every model.Linear / W8ASpikeLinear of `model` during any forward.
+
+    k: threshold parameter to measure with; None uses each layer's own spike_k (layers without one are
+    skipped). coding: a signed coding (activations are signed) that decides spike events and the sparsity of
+    a `window`-step train (the report's 69.15% uses 3 steps; counts beyond the window saturate).
+    Yields a SpikeStats; the hooks are removed on exit.
+    """
+    _check_coding(coding)
+    if coding not in SIGNED:
+        raise ValueError(f"coding {coding!r} is unsigned but activations are signed: use one of {SIGNED}")
+    if k is not None and k <= 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    if not isinstance(window, int) or not 1 <= window <= MAX_BITS:
+        raise ValueError(f"window={window!r}: need an int in 1..{MAX_BITS}")
+    if hist_max < 17:
+        raise ValueError(f"hist_max={hist_max} must be >= 17 (the summary reports the share of |count| > 16)")
+    stats = SpikeStats(coding, window, hist_max)
+    handles = [m.register_forward_pre_hook(partial(_record, stats, name, k))
+               for name, m in model.named_modules() if isinstance(m, (Linear, W8ASpikeLinear))]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- spike raster image
+
+def spike_raster(train, scale=1):
+    """Spike train [T, N] or [T, L, N] (steps, tokens, neurons) -> uint8 image [3, N * scale, L * T * scale].
+
+    One row per neuron, one column per time step, token after token (token 0's T steps, then token 1's ...).
+    White: no spike; black: +1; red: -1. With tokens, odd tokens' columns are light grey so boundaries show.
+    For TensorBoard: writer.add_image(tag, spike_raster(train)) (dataformats CHW, the default).
+    """
+    if train.dim() == 2:
+        train = train[:, None]
+    if train.dim() != 3 or scale < 1:
+        raise ValueError(f"need a train [T, N] or [T, L, N] and scale >= 1, got {tuple(train.shape)}, {scale}")
+    T, L, N = train.shape
+    s = train.permute(2, 1, 0).reshape(N, L * T)                       # (neuron, time)
+    odd = (torch.arange(L * T, device=train.device) // T) % 2 == 1
+    img = torch.full((3, N, L * T), 255, dtype=torch.uint8, device=train.device)
+    img[:, :, odd] = 230
+    for ch, value in enumerate((0, 0, 0)):
+        img[ch][s > 0] = value
+    for ch, value in enumerate((220, 0, 0)):
+        img[ch][s < 0] = value
+    return img.repeat_interleave(scale, 1).repeat_interleave(scale, 2).cpu()
+
+
+# ----------------------------------------------------------------------------- W8ASpike
+
+def _group(in_features, group_size):
+    """Group width for a layer: group_size must divide in_features; a layer narrower than one group (the GLA
+    gate's 16 -> kv projection) is one group per row."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    if in_features <= group_size:
+        return in_features
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+    return group_size
+
+
+def quantize_weight(w, group_size=128, scales=None):
+    """Symmetric INT8 per group of input channels: w [out, in] -> q int8 [out, in], scales float32 [out, in/g].
+
+    scales=None: max|w| / 127 per (row, group), so |w - q * s| <= s / 2. Given scales (e.g. calibrated clip
+    ratios) are used as they are, q clamped to [-127, 127]. An all-zero group gets scale 1 (and q = 0).
+    """
+    out_f, in_f = w.shape
+    g = _group(in_f, group_size)
+    wg = w.float().view(out_f, in_f // g, g)
+    scales = wg.abs().amax(-1) / 127 if scales is None else scales.float().to(w.device)
+    if scales.shape != wg.shape[:2]:
+        raise ValueError(f"scales of shape {tuple(scales.shape)}, need {tuple(wg.shape[:2])}")
+    s = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(wg / s[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(out_f, in_f), s
+
+
+def dequantize_weight(q, scales):
+    """q int8 [out, in], scales [out, G] -> float32 weight [out, in] (groups of in / G channels)."""
+    out_f, in_f = q.shape
+    return (q.float().view(out_f, scales.shape[1], -1) * scales.float()[..., None]).view(out_f, in_f)
+
+
+class W8ASpikeLinear(nn.Module):
+    """Linear with INT8 group-quantized weights and spike-count inputs: y = W_q (counts * vth) + b.
+
+    Buffers: qweight int8 [out, in], scales float32 [out, in / group_size], bias [out] or None.
+    spike_k=None turns the input spikes off (INT8 weights, float activations). Inference only.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
+        super().__init__()
+        if spike_k is not None and spike_k <= 0:
+            raise ValueError(f"spike_k={spike_k} must be > 0 (or None)")
+        self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
+        self.group_size = _group(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // self.group_size, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear, group_size=128, spike_k=3.0, scales=None):
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, spike_k,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        m.qweight, m.scales = quantize_weight(linear.weight.detach(), m.group_size, scales)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m
+
+    def forward(self, x):
+        if self.spike_k is not None:
+            counts, vth = spike_quant(x, self.spike_k)
+            x = (counts * vth).to(x.dtype)
+        w = dequantize_weight(self.qweight, self.scales).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"group_size={self.group_size}, spike_k={self.spike_k}"
+
+
+def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirectional"):
+    """The naive twin of W8ASpikeLinear, as an event-driven chip computes it, in float64.
+
+    x [..., in] -> counts -> spike train [T, ..., in]; per step each spike adds (or subtracts) one INT8
+    weight into an integer accumulator per (output, group) - additions only -; the step's place value,
+    the group scale and the token's vth multiply the sums at the end. Returns [..., out].
+    """
+    counts, vth = spike_quant(x, k)
+    train = encode(counts, coding)
+    out_f, in_f = qweight.shape
+    G = scales.shape[1]
+    qg = qweight.double().view(out_f, G, in_f // G)
+    acc = torch.zeros(*x.shape[:-1], out_f, G, dtype=torch.float64, device=x.device)
+    for s, p in zip(train, place_values(coding, train.shape[0]).tolist()):
+        acc += p * torch.einsum("...gc,ogc->...og", s.double().unflatten(-1, (G, -1)), qg)
+    y = (acc * scales.double()).sum(-1) * vth.double()
+    return y if bias is None else y + bias.double()
+
+
+def _linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+
+
+def _swap(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def replace_linears(model, *, k=3.0, group_size=128, scales=None):
+    """Swap every model.Linear (all projections of the blocks; not lm_head or the router) for a W8ASpikeLinear.
+
+    k: activation threshold parameter (None: float activations). scales: {module name: [out, in / g]} from
+    `calibrate`; default max|w| / 127 per group. Works in place and returns the model; every layer is checked
+    before any is replaced.
+    """
+    if k is not None and k <= 0:
+        raise ValueError(f"spike k={k} must be > 0 (or None)")
+    targets = _linears(model)
+    for name, m in targets:
+        try:
+            g = _group(m.in_features, group_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if scales is not None:
+            want = (m.out_features, m.in_features // g)
+            if name not in scales or tuple(scales[name].shape) != want:
+                raise ValueError(f"scales for {name}: need shape {want}, got "
+                                 f"{tuple(scales[name].shape) if name in scales else 'none'}")
+    for name, m in targets:
+        _swap(model, name, W8ASpikeLinear.from_linear(m, group_size, k, None if scales is None else scales[name]))
+    if isinstance(getattr(model, "config", None), Config):
+        model.config.spike_k = k   # saved with the checkpoint: the activation k of the quantized layers
+    return model
+
+
+CLIP_GRID = tuple(1 - 0.05 * i for i in range(11))   # scale = a * max|w| / 127, a = 1.0, 0.95, ..., 0.5
+
+
+def search_scales(w, sq, group_size=128, grid=CLIP_GRID):
+    """Per (row, group), the scale a * max|w| / 127 (a in grid) minimizing sum_i sq_i (w_i - q_i s)^2.
+
+    w [out, in]; sq [in]: sum of squared inputs per channel (the output error's weight). Ties keep the
+    earlier grid entry, so with 1.0 first an unused channel group keeps the max scale. -> float32 [out, in/g].
+    """
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"grid {grid!r} must be non-empty and positive")
+    out_f, in_f = w.shape
+    g = _group(in_f, group_size)
+    wg, h = w.float().view(out_f, -1, g), sq.float().to(w.device).view(1, -1, g)
+    base = wg.abs().amax(-1) / 127
+    best, best_err = None, None
+    for a in grid:
+        q, s = quantize_weight(w, g, a * base)
+        err = (h * (wg - dequantize_weight(q, s).view_as(wg)) ** 2).sum(-1)
+        if best is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP_GRID):
+    """Calibrated W8ASpike scales: run the first n_samples rows of `batches` (token ids [B, T] each) through
+    the float model with spikes at k, record per layer the squared spiked inputs per channel, and pick each
+    group's clip ratio by `search_scales`. Returns {module name: scales} for replace_linears(scales=...).
+
+    One pass, no error feedback (GPTQ, which the release used, also updates the remaining weights).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples={n_samples} must be >= 1")
+    if k is not None and k <= 0:
+        raise ValueError(f"spike k={k} must be > 0 (or None)")
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"grid {grid!r} must be non-empty and positive")
+    targets = _linears(model)
+    if not targets:
+        raise ValueError("the model has no model.Linear to calibrate (already replaced?)")
+    for name, m in targets:
+        try:
+            _group(m.in_features, group_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    sq = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in targets}
+
+    def record(name, module, args):
+        x = args[0] if k is None else spike(args[0], k)
+        sq[name] += x.double().pow(2).flatten(0, -2).sum(0)
+
+    saved = [(m, m.spike_k) for _, m in targets]
+    handles = [m.register_forward_pre_hook(partial(record, name)) for name, m in targets]
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for m, _ in saved:
+            m.spike_k = k
+        device = targets[0][1].weight.device
+        for idx in batches:
+            idx = idx[: n_samples - seen]
+            if idx.shape[0]:
+                model(idx.to(device))
+                seen += idx.shape[0]
+            if seen >= n_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        for m, old in saved:
+            m.spike_k = old
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate got no data: `batches` yielded no rows of token ids")
+    return {name: search_scales(m.weight.detach(), sq[name], group_size, grid) for name, m in targets}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_model(path, device="cpu", dtype=None):
+    """A checkpoint directory (model.safetensors + config.yaml), float or W8ASpike -> (model, config).
+
+    W8ASpike checkpoints are recognised by their `.qweight` tensors; each layer's group width comes from its
+    scales' shape; scales stay float32 whatever `dtype` is. Save them with convert.save_checkpoint(model,
+    model.config, out), which writes the same layout.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import convert
+    w_file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(w_file) or not os.path.isfile(os.path.join(path, "config.yaml")):
+        return convert.load_checkpoint(path, device, dtype)   # it raises the helpful error
+    with safe_open(w_file, "pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    if not any(key.endswith(".qweight") for key in shapes):
+        return convert.load_checkpoint(path, device, dtype)
+    config = Config.from_yaml(os.path.join(path, "config.yaml"))
+    with torch.device("meta"):
+        model = GPT(config)
+        for name, m in _linears(model):
+            if name + ".qweight" in shapes:
+                g = m.in_features // shapes[name + ".scales"][1]
+                _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, config.spike_k))
+    state = load_file(w_file, device=str(device))
+    if dtype is not None:
+        state = {key: v.to(dtype) if v.is_floating_point() and not key.endswith(".scales") else v
+                 for key, v in state.items()}
+    convert.check_state(model, state, w_file)
+    model.load_state_dict(state, assign=True)
+    return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- sweep over k
+
+def set_spike_k(model, k):
+    """Spike every model.Linear and W8ASpikeLinear of `model` at k (None: off); also model.config.spike_k."""
+    if k is not None and k <= 0:
+        raise ValueError(f"spike k={k} must be > 0 (or None)")
+    for m in model.modules():
+        if isinstance(m, (Linear, W8ASpikeLinear)):
+            m.spike_k = k
+    if isinstance(getattr(model, "config", None), Config):
+        model.config.spike_k = k
+
+
+@torch.no_grad()
+def perplexity(model, rows, batch_size=8):
+    """rows [N, T + 1] token ids -> exp(mean next-token cross-entropy over all N * T predictions)."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for i in range(0, rows.shape[0], batch_size):
+        b = rows[i:i + batch_size].to(device)
+        _, loss, _ = model(b[:, :-1], targets=b[:, 1:])
+        total += loss.item() * b[:, 1:].numel()
+        n += b[:, 1:].numel()
+    return math.exp(total / n)
+
+
+@torch.no_grad()
+def spike_sweep(model, rows, ks, *, batch_size=8, coding="bidirectional", window=3):
+    """Statistics and perplexity at each k, after a non-spiking baseline (k None). rows [N, T + 1] token ids.
+
+    Returns one dict per k (the baseline first): k, ppl, dppl (ppl - baseline), and for spiking rows the
+    SpikeStats.summary() fields. The model's spike_k settings are restored afterwards.
+    """
+    saved = [(m, m.spike_k) for m in model.modules() if isinstance(m, (Linear, W8ASpikeLinear))]
+    saved_cfg = getattr(getattr(model, "config", None), "spike_k", None)
+    was_training = model.training
+    model.eval()
+    try:
+        set_spike_k(model, None)
+        base = perplexity(model, rows, batch_size)
+        out = [dict(k=None, ppl=base, dppl=0.0)]
+        for k in ks:
+            set_spike_k(model, k)
+            with collect_stats(model, coding=coding, window=window) as st:
+                ppl = perplexity(model, rows, batch_size)
+            out.append(dict(k=k, ppl=ppl, dppl=ppl - base, **st.summary()))
+    finally:
+        for m, old in saved:
+            m.spike_k = old
+        if isinstance(getattr(model, "config", None), Config):
+            model.config.spike_k = saved_cfg
+        model.train(was_training)
+    return out
+
+
+def format_table(results, window=3):
+    """The sweep's rows as one fixed-width text table."""
+    head = (f"{'k':>5} {'ppl':>9} {'d ppl':>8} {f'sparsity@{window}':>12} {'spikes/ch':>9} {'silent':>7} "
+            f"{'|c|<=7':>7} {'fire rate':>9} {'save/FP16':>9} {'save/INT8':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r["k"] is None:
+            lines.append(f"{'off':>5} {r['ppl']:9.3f}")
+            continue
+        lines.append(f"{r['k']:5g} {r['ppl']:9.3f} {r['dppl']:+8.3f} {100 * r['sparsity']:11.2f}% "
+                     f"{r['spikes_per_channel']:9.3f} {100 * r['silent']:6.2f}% {100 * r['share_le7']:6.2f}% "
+                     f"{r['firing_rate']:9.3f} {100 * r['saving_vs_fp16']:8.2f}% {100 * r['saving_vs_int8']:8.2f}%")
+    return "\n".join(lines)
+
+
+def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
+    """Tokenize a text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short)."""
+    with open(text_file, encoding="utf-8") as f:
+        ids = tokenizer.encode(f.read())
+    ids = ids[:max_tokens] if max_tokens else ids
+    if len(ids) < 2:
+        raise ValueError(f"{text_file} gives {len(ids)} tokens: need at least 2 to measure perplexity")
+    n = max(1, len(ids) // (seq_len + 1))
+    width = min(seq_len + 1, len(ids))
+    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+
+
+def _open(ckpt, tokenizer, device, dtype):
+    from tokenizer import Tokenizer
+    model, _ = load_model(ckpt, device, getattr(torch, dtype) if dtype else None)
+    return model, Tokenizer(tokenizer or ckpt)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def sweep(*, ckpt: str, text: str, k: list[float] = [2.0, 3.0, 4.0], seq_len: int = 512, batch_size: int = 4,
+          max_tokens: int | None = 65536, coding: str = "bidirectional", window: int = 3, device: str = "cpu",
+          dtype: str | None = None, tokenizer: str | None = None) -> None:
+    """Spike statistics, energy saving and perplexity change of a checkpoint over a text, for each k.
+
+    Args:
+        ckpt: checkpoint directory (model.safetensors + config.yaml, float or W8ASpike; tokenizer files)
+        text: UTF-8 text file to measure on
+        k: threshold parameters to sweep, e.g. --k '[2,3,4]'
+        seq_len: tokens per row
+        batch_size: rows per forward
+        max_tokens: use at most this many tokens of the text (None: all)
+        coding: signed spike coding for spike events and sparsity (ternary, bidirectional, twos)
+        window: time steps of the sparsity window (the report uses 3)
+        device: cpu or cuda
+        dtype: e.g. bfloat16; default: as saved
+        tokenizer: tokenizer directory, if not the checkpoint's
+    """
+    model, tok = _open(ckpt, tokenizer, device, dtype)
+    rows = text_rows(tok, text, seq_len, max_tokens)
+    results = spike_sweep(model, rows, k, batch_size=batch_size, coding=coding, window=window)
+    print(f"{ckpt}: {rows.numel()} tokens of {text}, {coding} coding")
+    print(format_table(results, window))
+
+
+def w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int = 128, n_samples: int = 128,
+             seq_len: int = 512, batch_size: int = 4, calibrated: bool = True, device: str = "cpu",
+             dtype: str | None = None, tokenizer: str | None = None) -> None:
+    """Quantize a float checkpoint to W8ASpike and save it (with the tokenizer files) to `out`.
+
+    Args:
+        ckpt: float checkpoint directory
+        out: directory to write
+        text: calibration text, cut into n_samples rows of seq_len tokens
+        k: activation threshold parameter
+        group_size: input channels per INT8 weight scale
+        n_samples: calibration rows
+        seq_len: tokens per calibration row
+        batch_size: rows per forward
+        calibrated: search clip ratios on the text (False: plain max|w| / 127 scales)
+        device: cpu or cuda
+        dtype: e.g. bfloat16; default: as saved
+        tokenizer: tokenizer directory, if not the checkpoint's
+    """
+    import convert
+    model, tok = _open(ckpt, tokenizer, device, dtype)
+    scales, n_rows = None, 0
+    if calibrated:
+        rows = text_rows(tok, text, seq_len, n_samples * (seq_len + 1))
+        scales = calibrate(model, rows.split(batch_size), n_samples=n_samples, k=k, group_size=group_size)
+        n_rows = min(n_samples, rows.shape[0])
+    replace_linears(model, k=k, group_size=group_size, scales=scales)
+    tok_dir = tokenizer or ckpt
+    has_tok = all(os.path.isfile(os.path.join(tok_dir, f)) for f in convert.TOKENIZER_FILES)
+    convert.save_checkpoint(model, model.config, out, tok_dir if has_tok else None)
+    n = sum(isinstance(m, W8ASpikeLinear) for m in model.modules())
+    print(f"wrote {out}: {n} W8ASpike layers, k={k}, group_size={group_size}, "
+          f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI({"sweep": sweep, "w8aspike": w8aspike})
