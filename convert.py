@@ -1,31 +1,199 @@
-"""Checkpoint formats: ours (a directory: model.safetensors + config.yaml + tokenizer files), and conversions.
+"""Checkpoint formats and conversions. Every Hugging Face tensor name lives here, in one literal map per format.
 
-    python convert.py qwen2.5 --src DIR --to spikingbrain-7b --out DIR
+    python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-7b  --out ckpt/sb7b-init
+    python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-76b --out ckpt/sb76b-init
+    python convert.py qwen2.5   --src Qwen2.5-7B  --to qwen2.5          --out ckpt/qwen   # same model, our format
+    python convert.py release   --src V1-7B-base  --to ours    --out ckpt/sb7b
+    python convert.py release   --src ckpt/sb7b   --to release --out export/sb7b --tokenizer V1-7B-base
+    python convert.py tokenizer --src Qwen2.5-7B  --out assets/qwen-tokenizer
+
+(`qwen` is the same subcommand as `qwen2.5`.)
+
+Our checkpoint is a directory: config.yaml, one model.safetensors, and the tokenizer files of tokenizer.py
+(load_checkpoint also reads Hugging Face style shards + model.safetensors.index.json). Conversions stream tensor
+by tensor: our model.safetensors is laid out from the target's shapes first and each tensor is written at its
+offset as it arrives, so memory holds one source tensor (and, for the release's sharded format, the shard being
+filled), never a whole model. The output directory appears only when complete.
 """
+import json
+import math
 import os
+import re
 import shutil
+import struct
+import sys
 import tempfile
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from model import GPT, Config
+import tokenizer as tok
+from model import PRESETS, GPT, Config
 
 TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json")
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "added_tokens.json")
+DType = Literal["bfloat16", "float16", "float32", "float64"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}  # header names
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+# Hugging Face Qwen2 (Qwen2ForCausalLM) -> ours; "{}" is the layer index
+QWEN2_MAP = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.attn_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "blocks.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "blocks.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "blocks.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "blocks.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "blocks.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "blocks.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "blocks.{}.attn.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.mlp_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "blocks.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "blocks.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "blocks.{}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# non-learned buffers some older Qwen2 exports carry; nothing to convert
+QWEN2_IGNORED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
+
+# the released SpikingBrain-7B (GLAswaForCausalLM, model_type gla_swa) <-> ours
+RELEASE_MAP = {
+    "model.embeddings.weight": "embed.weight",
+    "model.layers.{}.attn_norm.weight": "blocks.{}.attn_norm.weight",
+    "model.layers.{}.attn.q_proj.weight": "blocks.{}.attn.q_proj.weight",
+    "model.layers.{}.attn.q_proj.bias": "blocks.{}.attn.q_proj.bias",
+    "model.layers.{}.attn.k_proj.weight": "blocks.{}.attn.k_proj.weight",
+    "model.layers.{}.attn.k_proj.bias": "blocks.{}.attn.k_proj.bias",
+    "model.layers.{}.attn.v_proj.weight": "blocks.{}.attn.v_proj.weight",
+    "model.layers.{}.attn.v_proj.bias": "blocks.{}.attn.v_proj.bias",
+    "model.layers.{}.attn.o_proj.weight": "blocks.{}.attn.o_proj.weight",
+    "model.layers.{}.attn.gk_proj.0.weight": "blocks.{}.attn.gk_proj.0.weight",
+    "model.layers.{}.attn.gk_proj.1.weight": "blocks.{}.attn.gk_proj.1.weight",
+    "model.layers.{}.attn.gk_proj.1.bias": "blocks.{}.attn.gk_proj.1.bias",
+    "model.layers.{}.attn.g_norm.weight": "blocks.{}.attn.g_norm.weight",
+    "model.layers.{}.mlp_norm.weight": "blocks.{}.mlp_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "blocks.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "blocks.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "blocks.{}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# what the release's code fixes rather than reads from config.json (its GatedLinearAttention defaults)
+RELEASE_GATE_RANK, RELEASE_GATE_NORM = 16, 16.0
+
+# parameters a Qwen2.5 checkpoint does not have, and how they start (SPEC §4: new pieces small / neutral)
+NEW_PARAMS = {
+    "blocks.{}.attn.gk_proj.0.weight": "gate",     # xavier-uniform, gain 2^-2.5, as the release's GLA layer
+    "blocks.{}.attn.gk_proj.1.weight": "gate",
+    "blocks.{}.attn.gk_proj.1.bias": "zeros",      # log-gate starts at logsigmoid(~0)/16: decay ~0.96 per step
+    "blocks.{}.attn.g_norm.weight": "ones",
+    "blocks.{}.attn.a_norm.weight": "ones",
+    "blocks.{}.mlp.router.weight": "normal",       # N(0, init_std), the model's own init: random routing
+    "sinks": "normal",
+}
+
+TARGETS = {"qwen2.5": "qwen2.5-7b", "spikingbrain-7b": "spikingbrain-7b", "spikingbrain-76b": "spikingbrain-76b"}
 
 
-def save_checkpoint(model_or_state, config, out, tokenizer_dir=None):
-    """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    parent = os.path.dirname(os.path.abspath(out))
+# ----------------------------------------------------------------------------- names and files
+
+def template(name):
+    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', 3); the first number is the layer."""
+    m = re.search(r"\.(\d+)\.", name)
+    if m is None:
+        return name, None
+    return name[:m.start()] + ".{}." + name[m.end():], int(m.group(1))
+
+
+def rename(name, mapping):
+    """Map a concrete tensor name through a literal map with '{}' for the layer index; None if unmapped."""
+    tmpl, layer = template(name)
+    new = mapping.get(tmpl)
+    return None if new is None else new.format(layer)
+
+
+def read_path(d, name, what):
+    path = os.path.join(d, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {what}")
+    return path
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_headers(src):
+    """Tensor names of a safetensors checkpoint directory (one file, or shards with an index), from headers only.
+
+    Returns (files in order, {name: (shape, dtype, file)}).
+    """
+    if os.path.isfile(os.path.join(src, INDEX)):
+        weight_map = read_json(os.path.join(src, INDEX), "the shard index")["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    elif os.path.isfile(os.path.join(src, SINGLE)):
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"{src} holds neither {SINGLE} nor {INDEX}: only safetensors checkpoints are read")
+    headers, problems = {}, []
+    for f in files:
+        path = os.path.join(src, f)
+        if not os.path.isfile(path):
+            problems.append(f"shard {f} named by the index is missing")
+            continue
+        try:
+            with safe_open(path, "pt") as h:
+                for k in h.keys():
+                    s = h.get_slice(k)
+                    if k in headers:
+                        problems.append(f"{k} appears in both {headers[k][2]} and {f}")
+                    headers[k] = (tuple(s.get_shape()), s.get_dtype(), f)
+        except Exception as e:   # a truncated or foreign file: name it
+            problems.append(f"{f} cannot be read as safetensors ({e})")
+    if problems:
+        raise ValueError(f"{src}: unreadable checkpoint:\n  " + "\n  ".join(problems))
+    return files, headers
+
+
+def check_shapes(want, have, source, hint=""):
+    """One error listing every missing, unexpected and mis-shaped tensor. want/have: {name: shape}."""
+    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
+    problems += [f"shape of {k}: file {have[k]}, expected {want[k]}"
+                 for k in sorted(set(want) & set(have)) if tuple(want[k]) != tuple(have[k])]
+    if problems:
+        raise ValueError(f"{source} does not match the config ({len(problems)} problems){hint}:\n  " +
+                         "\n  ".join(problems))
+
+
+def model_shapes(config):
+    """{our name: shape} of a config, without allocating (meta device)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+
+
+@contextmanager
+def atomic_dir(out, overwrite=True):
+    """Yield a temp directory beside `out`; on success it replaces `out` in one rename, on failure it is removed."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-        config.to_yaml(os.path.join(tmp, "config.yaml"))
-        if tokenizer_dir is not None:
-            for f in TOKENIZER_FILES:
-                shutil.copy(os.path.join(tokenizer_dir, f), tmp)
+        yield tmp
         if os.path.exists(out):
             old = tmp + ".old"
             os.replace(out, old)
@@ -38,20 +206,167 @@ def save_checkpoint(model_or_state, config, out, tokenizer_dir=None):
         raise
 
 
+class FileWriter:
+    """One safetensors file written in place: the header (every name, shape, dtype and offset) first, then each
+    tensor at its offset as it arrives, in any order. Memory: the tensor being written."""
+
+    def __init__(self, path, plan):
+        """plan: {name: (shape, torch dtype)}."""
+        header, self.offsets, end = {"__metadata__": {"format": "pt"}}, {}, 0
+        for k in sorted(plan):
+            shape, dtype = plan[k]
+            n = math.prod(shape) * dtype.itemsize
+            header[k] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [end, end + n]}
+            self.offsets[k], end = end, end + n
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)   # data starts 8-byte aligned, as safetensors writes it
+        self.plan, self.todo, self.base = plan, set(plan), 8 + len(h)
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(h)) + h)
+        self.f.truncate(self.base + end)
+
+    def add(self, name, t):
+        if name not in self.todo:
+            raise ValueError(f"tensor {name} is {'written twice' if name in self.plan else 'not in the plan'}")
+        if (tuple(t.shape), t.dtype) != (tuple(self.plan[name][0]), self.plan[name][1]):
+            raise ValueError(f"tensor {name}: {tuple(t.shape)} {t.dtype}, planned {self.plan[name]}")
+        self.f.seek(self.base + self.offsets[name])
+        self.f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        self.todo.discard(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.f.close()
+        if exc_type is None and self.todo:
+            raise ValueError(f"{len(self.todo)} tensors never written: {sorted(self.todo)[:10]}")
+
+
+class ShardWriter:
+    """Hugging Face's sharded layout: fills shards of at most `max_bytes` (one tensor may exceed it) and names them
+    at close: model.safetensors when one shard suffices, else model-0000i-of-0000N.safetensors plus the index."""
+
+    def __init__(self, path, max_bytes):
+        self.path, self.max_bytes = path, max_bytes
+        self.buf, self.buf_bytes, self.total = {}, 0, 0
+        self.parts, self.shapes = [], {}     # parts: [(temp file, names)]
+
+    def add(self, name, t):
+        if name in self.shapes:
+            raise ValueError(f"tensor {name} written twice")
+        n = t.numel() * t.element_size()
+        if self.buf and self.buf_bytes + n > self.max_bytes:
+            self.flush()
+        self.buf[name] = t.contiguous()
+        self.buf_bytes += n
+        self.shapes[name] = tuple(t.shape)
+
+    def flush(self):
+        f = f"part-{len(self.parts):05d}.tmp"
+        # metadata format=pt: transformers refuses safetensors files without it
+        save_file(self.buf, os.path.join(self.path, f), metadata={"format": "pt"})
+        self.parts.append((f, list(self.buf)))
+        self.total += self.buf_bytes
+        self.buf, self.buf_bytes = {}, 0
+
+    def close(self):
+        if self.buf or not self.parts:
+            self.flush()
+        n = len(self.parts)
+        if n == 1:
+            os.replace(os.path.join(self.path, self.parts[0][0]), os.path.join(self.path, SINGLE))
+            return
+        weight_map = {}
+        for i, (f, names) in enumerate(self.parts):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.path, f), os.path.join(self.path, final))
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self.path, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def stream(src, files, headers, desc):
+    """Yield (name, tensor) of a checkpoint one tensor at a time, file by file, with a progress bar."""
+    total = sum(math.prod(s) * st_dtype(d).itemsize for s, d, _ in headers.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=2.0) as bar:
+        for f in files:
+            with safe_open(os.path.join(src, f), "pt") as h:
+                for k in h.keys():
+                    t = h.get_tensor(k)
+                    yield k, t
+                    bar.update(t.numel() * t.element_size())
+
+
+def st_dtype(d):
+    if d not in ST_DTYPES:
+        raise ValueError(f"tensor dtype {d} is not a float type this converter handles ({sorted(ST_DTYPES)})")
+    return ST_DTYPES[d]
+
+
+def output_dtype(dtype, headers, src):
+    """--dtype, else the source's one dtype (our file has one dtype; a mixed source needs --dtype)."""
+    if dtype is not None:
+        return DTYPES[dtype]
+    found = sorted({d for _, d, _ in headers.values()})
+    if len(found) != 1:
+        raise ValueError(f"{src} mixes tensor dtypes {found}: pass --dtype")
+    return st_dtype(found[0])
+
+
+def resolve_dtype(dtype):
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return None if dtype is None else DTYPES[dtype]
+
+
+def check_paths(src, out):
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    s, o = os.path.realpath(src), os.path.realpath(out)
+    if o == s or s.startswith(o + os.sep):
+        raise ValueError(f"--out {out} would replace the source {src}; choose another directory")
+
+
+# ----------------------------------------------------------------------------- our checkpoint directory
+
+def save_checkpoint(model_or_state, config, out, tokenizer_dir=None):
+    """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SINGLE),
+                  metadata={"format": "pt"})
+        config.to_yaml(os.path.join(tmp, "config.yaml"))
+        if tokenizer_dir is not None:
+            for f in TOKENIZER_FILES:
+                shutil.copy(os.path.join(tokenizer_dir, f), tmp)
+
+
 def load_checkpoint(path, device="cpu", dtype=None):
-    """Our checkpoint directory -> (model, config). Errors name what is missing or mis-shaped."""
-    cfg_file, w_file = os.path.join(path, "config.yaml"), os.path.join(path, "model.safetensors")
-    if not os.path.isdir(path) or not os.path.isfile(cfg_file) or not os.path.isfile(w_file):
-        raise FileNotFoundError(f"{path} is not a checkpoint directory: need config.yaml and model.safetensors "
-                                f"(train.py writes them; `python convert.py` makes them from Hugging Face files)")
+    """Our checkpoint directory (one model.safetensors or shards + index) -> (model, config).
+
+    Errors name what is missing or mis-shaped.
+    """
+    cfg_file = os.path.join(path, "config.yaml")
+    has_weights = os.path.isfile(os.path.join(path, SINGLE)) or os.path.isfile(os.path.join(path, INDEX))
+    if not os.path.isdir(path) or not os.path.isfile(cfg_file) or not has_weights:
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: need config.yaml and {SINGLE} (or {INDEX} "
+                                f"with its shards); train.py writes them, `python convert.py` makes them from "
+                                f"Hugging Face files")
     config = Config.from_yaml(cfg_file)
     with torch.device("meta"):
         model = GPT(config)
-    try:
-        state = load_file(w_file, device=str(device))
-    except Exception as e:
-        raise ValueError(f"{w_file} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
-    check_state(model, state, w_file)
+    files, headers = read_headers(path)
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: s for k, (s, _, _) in headers.items()}, path)
+    state = {}
+    for f in files:
+        w_file = os.path.join(path, f)
+        try:
+            state.update(load_file(w_file, device=str(device)))
+        except Exception as e:
+            raise ValueError(f"{w_file} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model.to(dtype)
@@ -60,10 +375,507 @@ def load_checkpoint(path, device="cpu", dtype=None):
 
 def check_state(model, state, source):
     """One error listing every missing, unexpected and mis-shaped tensor."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state.items()}
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
-    problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
-    problems += [f"shape of {k}: file {have[k]}, model {want[k]}" for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, source)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5 -> ours
+
+def layout_76b(n):
+    """The 76B's mixer layout for n layers: la+fa at every 7th layer (1-indexed 7, 14, 21, 28: the 1:6 ratio of
+    full to sliding-window attention), la+swa elsewhere; a model of fewer than 7 layers has la+fa last."""
+    fa = [i for i in range(n) if (i + 1) % 7 == 0] or [n - 1]
+    return ["la+fa" if i in fa else "la+swa" for i in range(n)]
+
+
+def moe_layers_76b(n):
+    """The 76B keeps a dense FFN in 1-indexed layers 1,2,3,5,7,9,11 of 28; layer i of n follows layer
+    floor(i * 28 / n) of that pattern, so the dense share and its place near the input scale with depth."""
+    dense = [i for i in range(28) if i not in PRESETS["spikingbrain-76b"]["moe_layers"]]
+    return [i for i in range(n) if i * 28 // n not in dense]
+
+
+def upcycle_alpha(c):
+    """alpha = (1 / (S + k/N))^(1/3) (report §3.2): S shared experts, top-k of N routed."""
+    return (1.0 / (c.n_shared_expert + c.top_k / c.n_expert)) ** (1.0 / 3.0)
+
+
+# The report (§3.2) finds a_MoE = (S + k/N) a_dense for copied experts and takes alpha as the cube root of
+# 1 / (S + k/N): one factor for each of an expert's three matrices. Scaling gate_proj too would hold only as far
+# as silu is linear, so we leave gate_proj alone and give its factor to down_proj: up * alpha, down * alpha^2.
+# An expert's output is linear in up and in down, so every expert is exactly FFN(x) / (S + k/N), and at init an
+# upcycled layer gives FFN(x) * (S + w(x)) / (S + k/N), w(x) the summed top-k router probability (k/N when the
+# router is uniform).
+UPCYCLE_POWER = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+
+
+def check_qwen2(hf, src):
+    mt, arch = hf.get("model_type"), hf.get("architectures") or []
+    if mt != "qwen2" or "Qwen2ForCausalLM" not in arch:
+        hint = "; for the released SpikingBrain-7B use `convert.py release`" if mt == "gla_swa" else ""
+        raise ValueError(f"{src} holds a {mt!r} checkpoint (architectures {arch}), not Qwen2: this converter reads "
+                         f"Qwen2/Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM){hint}")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (our MLP is SwiGLU: silu)")
+    if hf.get("use_sliding_window"):
+        problems.append("use_sliding_window true (Qwen2's own sliding window is not modeled)")
+    if hf.get("rope_scaling"):
+        problems.append(f"rope_scaling {hf['rope_scaling']} (our RoPE is unscaled; drop rope_scaling to convert)")
     if problems:
-        raise ValueError(f"{source} does not match the config ({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ValueError(f"{src}/config.json: unsupported settings:\n  " + "\n  ".join(problems))
+
+
+def first_id(x, default):
+    if isinstance(x, list):
+        return x[0] if x else default
+    return default if x is None else x
+
+
+def qwen_config(hf, to, n_expert=None, n_sink=None):
+    """Our Config for a Qwen2 config.json: the source's dims, the target's layout rules at its depth."""
+    if to not in TARGETS:
+        raise ValueError(f"--to {to!r}: choose one of {sorted(TARGETS)}")
+    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    d = dict(PRESETS[TARGETS[to]],
+             vocab_size=hf["vocab_size"], n_layer=n, n_embd=hf["hidden_size"], n_head=heads,
+             n_kv_head=hf.get("num_key_value_heads") or heads,
+             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+             intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+             rope_theta=hf.get("rope_theta", 10000.0),
+             bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
+    if to == "qwen2.5":
+        d.update(layout=["fa"] * n, max_seq_len=hf.get("max_position_embeddings", d["max_seq_len"]))
+    elif to == "spikingbrain-7b":   # GLA on even layers, SWA on odd (the release's attn_layers = 1, 3, 5, ...)
+        d.update(layout=[("gla", "swa")[i % 2] for i in range(n)])
+    else:
+        d.update(layout=layout_76b(n), moe_layers=moe_layers_76b(n))
+        if n_expert is not None:
+            d["n_expert"] = n_expert
+        if n_sink is not None:
+            d["n_sink"] = n_sink
+    return named(Config.from_dict(dict(d, name="custom")), TARGETS[to])
+
+
+def named(config, preset):
+    """Give config the preset's name when it is that preset up to run-time limits and token ids, else 'custom'."""
+    loose = ("name", "max_seq_len", "bos_id", "eos_id")
+    a, b = config.to_dict(), Config.from_name(preset).to_dict()
+    config.name = preset if all(a[k] == b[k] for k in a if k not in loose) else "custom"
+    return config
+
+
+def init_new(kind, shape, std, gen):
+    t = torch.empty(shape, dtype=torch.float32)
+    if kind == "gate":
+        return torch.nn.init.xavier_uniform_(t, gain=2 ** -2.5, generator=gen)
+    if kind == "normal":
+        return torch.nn.init.normal_(t, std=std, generator=gen)
+    return t.fill_(1.0 if kind == "ones" else 0.0)
+
+
+def qwen_tensors(name, t, config, alpha, lm_head_from_embed):
+    """One Qwen2 tensor -> the (our name, tensor) pairs it becomes (copies share memory: the writer copies bytes)."""
+    ours = rename(name, QWEN2_MAP)
+    if ours == "embed.weight" and lm_head_from_embed:   # tied input/output embeddings: ours are separate
+        yield "lm_head.weight", t
+    _, layer = template(name)
+    kind = ours.split(".")[-2]
+    if ".mlp." in ours and layer in config.moe_layers:   # upcycling: shared + routed experts from the dense FFN
+        scaled = (t.double() * alpha ** UPCYCLE_POWER[kind]).to(t.dtype)
+        for s in range(config.n_shared_expert):
+            yield f"blocks.{layer}.mlp.shared.{s}.{kind}.weight", scaled
+        for e in range(config.n_expert):
+            yield f"blocks.{layer}.mlp.experts.{e}.{kind}.weight", scaled
+    else:
+        yield ours, t
+
+
+def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingbrain-76b", "qwen2.5"] = "spikingbrain-7b",
+                 dtype: DType | None = None, seed: int = 0, n_expert: int | None = None, n_sink: int | None = None,
+                 overwrite: bool = False) -> None:
+    """A local Hugging Face Qwen2/Qwen2.5 checkpoint -> our checkpoint with the target's layout.
+
+    Every attention branch (GLA, LA, SWA, FA) reuses Qwen's q/k/v/o weights and biases; norms, MLPs and
+    embeddings are copied; MoE layers (76B) are upcycled from the dense FFN; new parameters start as NEW_PARAMS
+    says. The tokenizer is converted too when the source has vocab.json + merges.txt.
+
+    Args:
+        src: Hugging Face directory (config.json, model.safetensors or shards + model.safetensors.index.json).
+        out: our checkpoint directory to create.
+        to: target layout; qwen2.5 keeps full attention everywhere (the same model in our format).
+        dtype: output dtype (default: the source's).
+        seed: seed of the new parameters' initialization.
+        n_expert: routed experts per MoE layer (spikingbrain-76b; default 16).
+        n_sink: sink tokens (spikingbrain-76b; default 128).
+        overwrite: replace `out` if it exists.
+    """
+    check_paths(src, out)
+    resolve_dtype(dtype)
+    hf = read_json(os.path.join(src, "config.json"), "a Hugging Face checkpoint directory has config.json")
+    check_qwen2(hf, src)
+    config = qwen_config(hf, to, n_expert, n_sink)
+    files, headers = read_headers(src)
+    have = {k: s for k, (s, _, _) in headers.items() if template(k)[0] not in QWEN2_IGNORED}
+    # what the source must hold: the dense full-attention model of the same dims, under Qwen2 names
+    dense = Config.from_dict(dict(config.to_dict(), layout=["fa"] * config.n_layer, moe_layers=[], n_sink=0))
+    inverse = {v: k for k, v in QWEN2_MAP.items()}
+    want = {inverse[template(k)[0]].format(template(k)[1]): s for k, s in model_shapes(dense).items()}
+    tied = "lm_head.weight" not in have and hf.get("tie_word_embeddings", False)
+    if tied:
+        del want["lm_head.weight"]
+    check_shapes(want, have, src, hint=" (expected a Qwen2 checkpoint of the dims in its config.json)")
+    out_dtype = output_dtype(dtype, {k: headers[k] for k in have}, src)
+    target = model_shapes(config)
+    alpha = upcycle_alpha(config) if config.moe_layers else 1.0
+    with atomic_dir(out, overwrite) as tmp:
+        with FileWriter(os.path.join(tmp, SINGLE), {k: (s, out_dtype) for k, s in target.items()}) as w:
+            for name, t in stream(src, files, headers, f"{to} <- {src}"):
+                if name in have:
+                    for ours, x in qwen_tensors(name, t.to(out_dtype), config, alpha, tied):
+                        w.add(ours, x)
+            gen = torch.Generator().manual_seed(seed)
+            for name in sorted(w.todo):   # what no source tensor gave; sorted: the same seed gives the same weights
+                kind = NEW_PARAMS.get(template(name)[0])
+                if kind is None:
+                    raise AssertionError(f"no source and no init rule for {name}")
+                w.add(name, init_new(kind, target[name], config.init_std, gen).to(out_dtype))
+        config.to_yaml(os.path.join(tmp, "config.yaml"))
+        if has_hf_tokenizer(src):
+            write_tokenizer(src, tmp)
+    print(f"wrote {out}: {config.name} layout, {len(target)} tensors"
+          + (f", upcycled MoE layers {config.moe_layers} (alpha={alpha:.4f})" if config.moe_layers else ""))
+
+
+# ----------------------------------------------------------------------------- released SpikingBrain-7B <-> ours
+
+def release_to_config(hf, src):
+    """The release's config.json -> our Config (7B layout: GLA layers, SWA at attn_layers)."""
+    mt, arch = hf.get("model_type"), hf.get("architectures") or []
+    if mt != "gla_swa":
+        raise ValueError(f"{src} holds a {mt!r} checkpoint (architectures {arch}), not the SpikingBrain-7B release "
+                         f"(model_type 'gla_swa', GLAswaForCausalLM)")
+    problems = []
+    if hf.get("use_short_conv", False):
+        problems.append("use_short_conv true (short convolutions are not modeled)")
+    if hf.get("hidden_act", "swish") not in ("swish", "silu"):
+        problems.append(f"hidden_act {hf['hidden_act']!r} (our MLP is SwiGLU: swish/silu)")
+    if not hf.get("elementwise_affine", True):
+        problems.append("elementwise_affine false (our norms have weights)")
+    if problems:
+        raise ValueError(f"{src}/config.json: unsupported settings:\n  " + "\n  ".join(problems))
+    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    attn = set(hf.get("attn_layers", range(1, n, 2)))   # the release's default when config.json omits it
+    config = Config(name="custom", vocab_size=hf["vocab_size"], n_layer=n, n_embd=hf["hidden_size"],
+                    n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+                    head_dim=hf["hidden_size"] // heads, intermediate_size=hf["intermediate_size"],
+                    norm_eps=hf.get("norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 1e6),
+                    max_seq_len=hf.get("max_position_embeddings", 131072),
+                    layout=["swa" if i in attn else "gla" for i in range(n)], window=hf.get("sliding_window", 4096),
+                    gate_rank=RELEASE_GATE_RANK, gate_norm=RELEASE_GATE_NORM,
+                    init_std=hf.get("initializer_range", 0.02),
+                    bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
+    return named(config, "spikingbrain-7b")
+
+
+def config_to_release(c, torch_dtype):
+    """Our Config -> the release's config.json (same fields as the published one); error if it cannot say it."""
+    problems = [f"layout[{i}]={m!r} (the release has gla and swa layers only)"
+                for i, m in enumerate(c.layout) if m not in ("gla", "swa")]
+    if c.moe_layers:
+        problems.append(f"moe_layers {c.moe_layers} (the release has dense FFNs)")
+    if c.n_sink:
+        problems.append(f"n_sink {c.n_sink} (the release has no sink tokens)")
+    if c.n_head * c.head_dim != c.n_embd:
+        problems.append(f"n_head * head_dim = {c.n_head * c.head_dim} != n_embd {c.n_embd} (the release derives "
+                        f"head_dim = hidden_size / num_attention_heads)")
+    if (c.gate_rank, c.gate_norm) != (RELEASE_GATE_RANK, RELEASE_GATE_NORM):
+        problems.append(f"gate_rank {c.gate_rank} / gate_norm {c.gate_norm} (the release fixes both at 16)")
+    if c.spike_k is not None:
+        problems.append(f"spike_k {c.spike_k} (the release's HF model does not spike; set spike_k: null in "
+                        f"config.yaml to export the weights)")
+    if problems:
+        raise ValueError("this checkpoint cannot be written in the release's format:\n  " + "\n  ".join(problems))
+    return {
+        "architectures": ["GLAswaForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_gla_swa.GLAswaConfig",
+                     "AutoModelForCausalLM": "modeling_gla_swa.GLAswaForCausalLM"},
+        "attention_dropout": 0.0,
+        "attn_layers": [i for i, m in enumerate(c.layout) if m == "swa"],
+        "attn_mode": "chunk",
+        "bos_token_id": c.bos_id,
+        "conv_size": 4,
+        "elementwise_affine": True,
+        "eos_token_id": c.eos_id,
+        "fuse_cross_entropy": True,
+        "hidden_act": "swish",
+        "hidden_size": c.n_embd,
+        "initializer_range": c.init_std,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_seq_len,
+        "model_type": "gla_swa",
+        "norm_eps": c.norm_eps,
+        "num_attention_heads": c.n_head,
+        "num_hidden_layers": c.n_layer,
+        "num_key_value_heads": c.n_kv_head,
+        "rope_theta": c.rope_theta,
+        "sliding_window": c.window,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.45.0",
+        "use_cache": True,
+        "use_short_conv": False,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def read_release(src):
+    """A release directory's Config and tensor headers, checked against each other (one error for all)."""
+    hf = read_json(os.path.join(src, "config.json"), "the release directory has config.json")
+    config = release_to_config(hf, src)
+    files, headers = read_headers(src)
+    inverse = {v: k for k, v in RELEASE_MAP.items()}
+    want = {inverse[template(k)[0]].format(template(k)[1]): s for k, s in model_shapes(config).items()}
+    tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in headers
+    if tied:   # the release ties nothing, but its config allows it; ours keeps lm_head separate
+        del want["lm_head.weight"]
+    check_shapes(want, {k: s for k, (s, _, _) in headers.items()}, src)
+    return config, files, headers, tied
+
+
+def load_release(path, device="cpu", dtype=None):
+    """A released SpikingBrain-7B directory -> (model, config), renamed in memory (nothing written)."""
+    config, files, headers, tied = read_release(path)
+    state = {}
+    for f in files:
+        state.update({rename(k, RELEASE_MAP): v for k, v in load_file(os.path.join(path, f), device=str(device)).items()})
+    if tied:
+        state["lm_head.weight"] = state["embed.weight"].clone()
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval(), config
+
+
+def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype: DType | None = None,
+                    tokenizer: str | None = None, max_shard_gb: float = 5.0, overwrite: bool = False) -> None:
+    """The released SpikingBrain-7B Hugging Face directory <-> our checkpoint. Tensors are renamed, never changed
+    (unless --dtype), so release -> ours -> release reproduces every tensor bit for bit.
+
+    Args:
+        src: --to ours: the release directory (config.json, safetensors); --to release: our checkpoint.
+        out: directory to create. For --to release it holds config.json and the weights as shards + index; put
+            the release's hf_7B_model/*.py files beside them to load it with trust_remote_code.
+        to: which format to write.
+        dtype: output dtype (default: the source's).
+        tokenizer: --to ours: Hugging Face tokenizer directory to convert (default: src when it has one);
+            --to release: Hugging Face tokenizer files to copy into out.
+        max_shard_gb: shard size limit in GB of the release format (ours is one file).
+        overwrite: replace `out` if it exists.
+    """
+    check_paths(src, out)
+    out_dtype = resolve_dtype(dtype)
+    if to == "ours":
+        config, files, headers, tied = read_release(src)
+        out_dtype = output_dtype(dtype, headers, src)
+        with atomic_dir(out, overwrite) as tmp:
+            plan = {k: (s, out_dtype) for k, s in model_shapes(config).items()}
+            with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
+                for name, t in stream(src, files, headers, f"ours <- {src}"):
+                    new = rename(name, RELEASE_MAP)
+                    w.add(new, t.to(out_dtype))
+                    if tied and new == "embed.weight":
+                        w.add("lm_head.weight", t.to(out_dtype))
+            config.to_yaml(os.path.join(tmp, "config.yaml"))
+            if has_hf_tokenizer(tokenizer or src):
+                write_tokenizer(tokenizer or src, tmp)
+    elif to == "release":
+        config = Config.from_yaml(read_path(src, "config.yaml", "--to release reads our checkpoint directory"))
+        files, headers = read_headers(src)
+        check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, src)
+        # before writing anything: can the release's config.json say this model, is the tokenizer there?
+        written = out_dtype or st_dtype(headers["embed.weight"][1])
+        release = config_to_release(config, str(written).removeprefix("torch."))
+        if tokenizer is not None and not has_hf_tokenizer(tokenizer):
+            raise FileNotFoundError(f"--tokenizer {tokenizer} holds no Hugging Face tokenizer (vocab.json + "
+                                    f"merges.txt or tokenizer.json)")
+        to_release = {v: k for k, v in RELEASE_MAP.items()}
+        with atomic_dir(out, overwrite) as tmp:
+            w = ShardWriter(tmp, int(max_shard_gb * 1e9))
+            for name, t in stream(src, files, headers, f"release <- {src}"):
+                w.add(rename(name, to_release), t if out_dtype is None else t.to(out_dtype))
+            w.close()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(release, f, indent=2)
+            for f in HF_TOKENIZER_FILES if tokenizer else ():
+                if os.path.isfile(os.path.join(tokenizer, f)):
+                    shutil.copy(os.path.join(tokenizer, f), tmp)
+    else:
+        raise ValueError(f"--to {to!r}: choose 'ours' or 'release'")
+    print(f"wrote {out} ({'our checkpoint' if to == 'ours' else 'release format'}, {len(headers)} tensors)")
+
+
+# ----------------------------------------------------------------------------- tokenizer: vocab.json + merges.txt -> tiktoken
+
+def bytes_to_unicode():
+    """The byte -> printable character map byte-level BPE files (GPT-2, Qwen) write tokens in: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes map to chr(256), chr(257), ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def has_hf_tokenizer(src):
+    if all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt")):
+        return True
+    tj = os.path.join(src, "tokenizer.json")   # ours has that name too; Hugging Face's holds a "model"
+    return os.path.isfile(tj) and "model" in read_json(tj, "")
+
+
+def read_hf_tokenizer(src):
+    """A Hugging Face byte-level BPE tokenizer directory -> (ranks, specials, pat_str, eos, normalize).
+
+    Reads vocab.json + merges.txt (or the BPE model inside tokenizer.json), added tokens from tokenizer.json,
+    tokenizer_config.json and added_tokens.json, and the pre-tokenizer and normalizer from tokenizer.json; without
+    tokenizer.json the Qwen2 tokenizer's (tokenizer.QWEN_PAT, NFC) are assumed.
+    """
+    def opt(name):
+        p = os.path.join(src, name)
+        return read_json(p, "") if os.path.isfile(p) else None
+    tj, tc, at = opt("tokenizer.json"), opt("tokenizer_config.json") or {}, opt("added_tokens.json") or {}
+    if os.path.isfile(os.path.join(src, "vocab.json")) and os.path.isfile(os.path.join(src, "merges.txt")):
+        vocab = read_json(os.path.join(src, "vocab.json"), "")
+        with open(os.path.join(src, "merges.txt"), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    elif tj is not None and tj.get("model", {}).get("type") == "BPE":
+        vocab = tj["model"]["vocab"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
+    else:
+        raise FileNotFoundError(f"{src}: need vocab.json + merges.txt or a BPE tokenizer.json")
+    bad = [m for m in merges if len(m) != 2]
+    if bad:
+        raise ValueError(f"{src}: merges must be pairs 'a b'; got {bad[:3]}")
+
+    # pre-tokenizer (split pattern) and normalizer; without tokenizer.json, those of Qwen2Tokenizer
+    pat_str, normalize = tok.QWEN_PAT, "NFC"
+    if tj is None and not tc.get("tokenizer_class", "Qwen2Tokenizer").startswith("Qwen2Tokenizer"):
+        raise ValueError(f"{src}: tokenizer_class {tc['tokenizer_class']!r} without a tokenizer.json: its split "
+                         f"pattern is unknown (Qwen2Tokenizer's is assumed only for Qwen2)")
+    if tj is not None:
+        pre, norm = tj.get("pre_tokenizer") or {}, tj.get("normalizer")
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        split = [s for s in steps if s.get("type") == "Split"]
+        byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+        if len(split) != 1 or "Regex" not in split[0].get("pattern", {}) or split[0].get("behavior") != "Isolated" \
+                or len(byte_level) != 1 or byte_level[0].get("use_regex") or byte_level[0].get("add_prefix_space"):
+            raise ValueError(f"{src}/tokenizer.json: pre_tokenizer {pre} is not the Qwen2 form (Split by a regex, "
+                             f"isolated, then ByteLevel without its own regex or prefix space)")
+        pat_str = split[0]["pattern"]["Regex"]
+        if norm is None:
+            normalize = None
+        elif norm.get("type") == "NFC":
+            normalize = "NFC"
+        else:
+            raise ValueError(f"{src}/tokenizer.json: normalizer {norm} is not supported (NFC or none)")
+
+    # mergeable tokens: vocab ids are the ranks
+    b2u = bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()}
+    ranks, problems = {}, []
+    for s, i in vocab.items():
+        try:
+            ranks[bytes(u2b[ch] for ch in s)] = i
+        except KeyError:
+            problems.append(f"vocab entry {s!r} ({i}) is not in the byte-level alphabet")
+    problems += [f"byte {b} ({c!r}) has no token" for b, c in b2u.items() if bytes([b]) not in ranks]
+    if len(set(ranks.values())) != len(ranks):
+        problems.append("two vocab entries share an id")
+    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; Hugging Face the pair listed first
+    # in merges.txt. They agree when each merge's result outranks its parts and results rise in merges order.
+    prev, made = -1, set()
+    for n, (a, b) in enumerate(merges):
+        try:
+            ta, tb = bytes(u2b[ch] for ch in a), bytes(u2b[ch] for ch in b)
+        except KeyError:
+            problems.append(f"merge {n} ({a} {b}) is not in the byte-level alphabet")
+            continue
+        r = ranks.get(ta + tb)
+        if ta not in ranks or tb not in ranks or r is None:
+            problems.append(f"merge {n} ({a} {b}): a part or the result is not in vocab.json")
+            continue
+        if r <= prev or ranks[ta] >= r or ranks[tb] >= r:
+            problems.append(f"merge {n} ({a} {b}) makes id {r}: ids must rise with merges order and exceed their "
+                            f"parts' (previous merge made {prev}), else tiktoken would merge in another order")
+        prev = r
+        made.add(ta + tb)
+    unmade = [t for t in ranks if len(t) > 1 and t not in made]
+    problems += [f"token {t!r} ({ranks[t]}) is made by no merge" for t in unmade[:10]]
+    if len(unmade) > 10:
+        problems.append(f"... {len(unmade) - 10} more tokens made by no merge")
+
+    # added tokens (special or not, Hugging Face matches them in text before BPE)
+    specials = {}
+    entries = [dict(a) for a in (tj or {}).get("added_tokens", [])]
+    entries += [dict(v, id=int(k)) for k, v in tc.get("added_tokens_decoder", {}).items()]
+    problems += [f"added token {a['content']!r} has {f}: true (tiktoken matches special tokens exactly)"
+                 for a in entries for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
+    found = [(a["content"], a["id"]) for a in entries] + list(at.items())
+    by_id = {i: t for t, i in ranks.items()}
+    for content, i in found:
+        if by_id.get(i) == content.encode():
+            continue   # an ordinary vocab token listed again
+        if i in by_id:
+            problems.append(f"added token {content!r} has id {i}, which vocab.json gives to {by_id[i]!r}")
+        elif specials.get(content, i) != i:
+            problems.append(f"added token {content!r} has two ids: {specials[content]} and {i}")
+        specials[content] = i
+    if len(set(specials.values())) != len(specials):
+        problems.append("two added tokens share an id")
+    if problems:
+        more = f"\n  ... {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise ValueError(f"{src}: cannot convert this tokenizer to tiktoken ranks ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems[:30]) + more)
+    eos = tc.get("eos_token") or "<|endoftext|>"
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    if eos not in specials:
+        raise ValueError(f"{src}: eos token {eos!r} is not among the added tokens {sorted(specials)}")
+    return ranks, specials, pat_str, eos, normalize
+
+
+def write_tokenizer(src, path):
+    ranks, specials, pat_str, eos, normalize = read_hf_tokenizer(src)
+    tok.save(path, ranks, specials, pat_str=pat_str, eos=eos, normalize=normalize)
+
+
+def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:
+    """Hugging Face vocab.json + merges.txt (+ added tokens) -> our tokenizer directory (tokenizer.tiktoken with the
+    ranks, tokenizer.json with the split pattern and special tokens) that encodes like the Hugging Face tokenizer.
+
+    Args:
+        src: Hugging Face tokenizer directory (vocab.json + merges.txt, or tokenizer.json).
+        out: directory to create.
+        overwrite: replace `out` if it exists.
+    """
+    check_paths(src, out)
+    ranks, specials, pat_str, eos, normalize = read_hf_tokenizer(src)
+    with atomic_dir(out, overwrite) as tmp:
+        tok.save(tmp, ranks, specials, pat_str=pat_str, eos=eos, normalize=normalize)
+    print(f"wrote {out}: {len(ranks)} ranks, {len(specials)} special tokens")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    # jsonargparse reads a dot in a subcommand name as nesting, so "qwen2.5" is registered as "qwen"
+    args = ["qwen" if a == "qwen2.5" else a for a in sys.argv[1:2]] + sys.argv[2:]
+    try:
+        CLI({"qwen": convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer}, args=args)
+    except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
+        sys.exit(f"error: {e}")

@@ -177,18 +177,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
 def rope(x, pos, theta):
     """Rotary embedding (Qwen's half-split layout). x [B, T, H, D], pos [B, T] int."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = pos.float()[..., None] * inv_freq                            # (B, T, D/2)
+    D, ct = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=ct) / D)
+    ang = pos.to(ct)[..., None] * inv_freq                             # (B, T, D/2)
     cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]            # (B, T, 1, D/2)
-    x1, x2 = x.float().chunk(2, -1)
+    x1, x2 = x.to(ct).chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 

@@ -2,12 +2,14 @@
 
 A tokenizer is a directory holding
     tokenizer.tiktoken   one line per mergeable token: base64(token bytes) rank
-    tokenizer.json       {"pat_str": ..., "special_tokens": {"<|endoftext|>": id, ...}, "eos": "<|endoftext|>"}
+    tokenizer.json       {"pat_str": ..., "special_tokens": {"<|endoftext|>": id, ...}, "eos": "<|endoftext|>",
+                          "normalize": "NFC" or null (Unicode normalization applied before splitting, as Qwen2's)}
 convert.py writes it from a Hugging Face vocab.json + merges.txt (Qwen2.5); the demo's lives in assets/tokenizer.
 """
 import base64
 import json
 import os
+import unicodedata
 
 import tiktoken
 
@@ -30,10 +32,13 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(os.path.basename(os.path.abspath(path)), pat_str=meta["pat_str"],
                                      mergeable_ranks=read_ranks(ranks_file), special_tokens=self.special_tokens)
         self.eos_id = self.special_tokens[meta.get("eos", "<|endoftext|>")]
+        self.normalize = meta.get("normalize")
         self.n_vocab = self.enc.n_vocab
 
     def encode(self, text, specials=False):
         """Text -> ids. With specials=True, special-token strings in the text become their ids."""
+        if self.normalize:
+            text = unicodedata.normalize(self.normalize, text)
         return self.enc.encode(text, allowed_special="all" if specials else set(), disallowed_special=())
 
     def decode(self, ids):
@@ -77,11 +82,12 @@ def read_ranks(path):
     return ranks
 
 
-def save(path, ranks, special_tokens, pat_str=QWEN_PAT, eos="<|endoftext|>"):
+def save(path, ranks, special_tokens, pat_str=QWEN_PAT, eos="<|endoftext|>", normalize=None):
     """Write a tokenizer directory (files written to temp names, then renamed)."""
     os.makedirs(path, exist_ok=True)
     lines = b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n" for t, r in sorted(ranks.items(), key=lambda x: x[1]))
-    meta = json.dumps({"pat_str": pat_str, "special_tokens": special_tokens, "eos": eos}, indent=1, ensure_ascii=False)
+    meta = json.dumps({"pat_str": pat_str, "special_tokens": special_tokens, "eos": eos, "normalize": normalize},
+                      indent=1, ensure_ascii=False)
     for name, data in (("tokenizer.tiktoken", lines), ("tokenizer.json", meta.encode())):
         tmp = os.path.join(path, name + ".tmp")
         with open(tmp, "wb") as f:

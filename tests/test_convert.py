@@ -1,0 +1,608 @@
+"""convert.py on tiny checkpoints built here: Qwen2 -> ours (logits vs a float64 Qwen2 forward written below, and
+transformers when installed), the 7B and 76B layouts, release <-> ours bit-exact, errors, and the tokenizer."""
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import unicodedata
+from collections import Counter
+
+import pytest
+import regex
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import convert
+import tokenizer as tok
+from model import GPT, PRESETS, Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+QWEN_CFG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "attention_dropout": 0.0,
+    "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "max_position_embeddings": 256, "bos_token_id": 90, "eos_token_id": 91, "tie_word_embeddings": False,
+    "use_sliding_window": False, "sliding_window": None, "max_window_layers": 4, "initializer_range": 0.02,
+    "torch_dtype": "float32", "use_cache": True,
+}
+
+
+def write_sharded(path, tensors, n_shards):
+    """Hugging Face layout: model-0000i-of-0000N.safetensors + model.safetensors.index.json."""
+    names = list(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        f = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in names[i::n_shards]}
+        save_file(part, os.path.join(path, f), metadata={"format": "pt"})
+        weight_map.update({k: f for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def qwen_shapes(c):
+    C, I, V, H, KV = (c[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+                                     "num_key_value_heads"))
+    hd = C // H
+    s = {"model.embed_tokens.weight": (V, C)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        s.update({p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,),
+                  p + "self_attn.q_proj.weight": (H * hd, C), p + "self_attn.q_proj.bias": (H * hd,),
+                  p + "self_attn.k_proj.weight": (KV * hd, C), p + "self_attn.k_proj.bias": (KV * hd,),
+                  p + "self_attn.v_proj.weight": (KV * hd, C), p + "self_attn.v_proj.bias": (KV * hd,),
+                  p + "self_attn.o_proj.weight": (C, H * hd), p + "mlp.gate_proj.weight": (I, C),
+                  p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I)})
+    s["model.norm.weight"] = (C,)
+    if not c["tie_word_embeddings"]:
+        s["lm_head.weight"] = (V, C)
+    return s
+
+
+def random_tensors(shapes, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if "norm" in k:   # norm weights near 1, everything else small and random
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.15 * torch.randn(shape, generator=g)
+        out[k] = t.to(dtype)
+    return out
+
+
+def make_qwen(path, seed=0, n_shards=3, **overrides):
+    c = dict(QWEN_CFG, **overrides)
+    os.makedirs(path, exist_ok=True)
+    tensors = random_tensors(qwen_shapes(c), seed)
+    write_sharded(path, tensors, n_shards)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(c, f)
+    return c, tensors
+
+
+# ----------------------------------------------------------------------------- float64 reference forwards
+
+def rms(x, w, eps):
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rope_ref(x, theta):
+    """x (T, h, d); Qwen's rotate-half layout."""
+    T, _, d = x.shape
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def softmax_attn(q, k, v, visible):
+    """q (T, H, d), k/v (T, H, d), visible (T, T) bool."""
+    s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("hts,shd->thd", s.masked_fill(~visible, float("-inf")).softmax(-1), v)
+
+
+def qwen2_forward(sd, c, ids):
+    """Qwen2ForCausalLM in float64 from Hugging Face names; ids (T,) -> logits (T, V)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    C, H, KV, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+    hd, T = C // H, len(ids)
+    x = sd["model.embed_tokens.weight"][ids]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"], eps)
+        q, k, v = (h @ sd[p + f"self_attn.{n}_proj.weight"].T + sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv")
+        q, k, v = q.view(T, H, hd), k.view(T, KV, hd), v.view(T, KV, hd)
+        q, k = rope_ref(q, c["rope_theta"]), rope_ref(k, c["rope_theta"])
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        x = x + softmax_attn(q, k, v, causal).reshape(T, C) @ sd[p + "self_attn.o_proj.weight"].T
+        h = rms(x, sd[p + "post_attention_layernorm.weight"], eps)
+        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ \
+            sd[p + "mlp.down_proj.weight"].T
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return rms(x, sd["model.norm.weight"], eps) @ head.T
+
+
+def release_forward(sd, c, ids):
+    """The released GLAswaForCausalLM (SPEC §2) in float64 from its names: GLA layers step by step."""
+    sd = {k: v.double() for k, v in sd.items()}
+    C, H, KV, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["norm_eps"]
+    hd, T, rep = C // H, len(ids), H // KV
+    x = sd["model.embeddings.weight"][ids]
+    t_idx = torch.arange(T)
+    window = (t_idx[None, :] <= t_idx[:, None]) & (t_idx[:, None] - t_idx[None, :] <= c["sliding_window"])
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, sd[p + "attn_norm.weight"], eps)
+        q, k, v = (h @ sd[p + f"attn.{n}_proj.weight"].T + sd[p + f"attn.{n}_proj.bias"] for n in "qkv")
+        q, k, v = q.view(T, H, hd), k.view(T, KV, hd), v.view(T, KV, hd)
+        if i in c["attn_layers"]:
+            q, k = rope_ref(q, c["rope_theta"]), rope_ref(k, c["rope_theta"])
+            o = softmax_attn(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), window)
+        else:
+            gk = (h @ sd[p + "attn.gk_proj.0.weight"].T) @ sd[p + "attn.gk_proj.1.weight"].T + sd[p + "attn.gk_proj.1.bias"]
+            g = (F.logsigmoid(gk) / 16).view(T, KV, hd).repeat_interleave(rep, 1)
+            q, k, v = q.relu(), k.relu().repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            S, o = torch.zeros(H, hd, hd, dtype=torch.float64), []
+            for t in range(T):
+                S = g[t].exp()[:, :, None] * S + k[t][:, :, None] * v[t][:, None, :]
+                o.append(torch.einsum("hk,hkv->hv", q[t] * hd ** -0.5, S))
+            o = rms(torch.stack(o), sd[p + "attn.g_norm.weight"], eps)
+        x = x + o.reshape(T, C) @ sd[p + "attn.o_proj.weight"].T
+        h = rms(x, sd[p + "mlp_norm.weight"], eps)
+        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ \
+            sd[p + "mlp.down_proj.weight"].T
+    return rms(x, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T
+
+
+def read_dir(path):
+    """All tensors of a safetensors directory (single file or shards)."""
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- Qwen2 -> ours
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen_to_ours_logits_match_qwen2(tmp_path, tied):
+    c, src_t = make_qwen(tmp_path / "qwen", tie_word_embeddings=tied)
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "ours"), to="qwen2.5", dtype="float64")
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.yaml", "model.safetensors"]
+    model, config = convert.load_checkpoint(str(tmp_path / "ours"))
+    assert config.layout == ["fa"] * 4 and (config.bos_id, config.eos_id) == (90, 91)
+    ids = torch.randint(0, c["vocab_size"], (21,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids[None])[0][0]
+    ref = qwen2_forward(src_t, c, ids)
+    # RoPE angles and norm statistics are float32 in model.py and in transformers, even for float64 weights
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_reference_agrees_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    c, src_t = make_qwen(tmp_path / "qwen")
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "qwen"), dtype=torch.float64,
+                                                       attn_implementation="eager").eval()
+    ids = torch.randint(0, c["vocab_size"], (21,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids[None]).logits[0], qwen2_forward(src_t, c, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_load_checkpoint_reads_shards(tmp_path):
+    config = Config.from_name("tiny")
+    state = GPT(config).state_dict()
+    os.makedirs(tmp_path / "ours")
+    write_sharded(tmp_path / "ours", state, 3)
+    config.to_yaml(tmp_path / "ours" / "config.yaml")
+    model, _ = convert.load_checkpoint(str(tmp_path / "ours"))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_qwen_to_7b_layout(tmp_path):
+    c, src = make_qwen(tmp_path / "qwen")
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb"), to="spikingbrain-7b")
+    config = Config.from_yaml(tmp_path / "sb" / "config.yaml")
+    assert config.layout == ["gla", "swa", "gla", "swa"] and not config.moe_layers and config.name == "custom"
+    got = read_dir(tmp_path / "sb")
+    assert set(got) == set(GPT(config).state_dict())
+    assert torch.equal(got["embed.weight"], src["model.embed_tokens.weight"])
+    assert torch.equal(got["norm.weight"], src["model.norm.weight"])
+    assert torch.equal(got["lm_head.weight"], src["lm_head.weight"])
+    for i in range(4):
+        q, o = f"model.layers.{i}.", f"blocks.{i}."
+        pairs = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "mlp_norm.weight",
+                 "self_attn.o_proj.weight": "attn.o_proj.weight", "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight": "mlp.up_proj.weight", "mlp.down_proj.weight": "mlp.down_proj.weight"}
+        pairs.update({f"self_attn.{n}_proj.{w}": f"attn.{n}_proj.{w}" for n in "qkv" for w in ("weight", "bias")})
+        for a, b in pairs.items():
+            assert torch.equal(got[o + b], src[q + a]), (q + a, o + b)
+            assert got[o + b].dtype == torch.float32
+        if i % 2 == 0:   # GLA: the new pieces
+            w0, w1, b1 = (got[o + f"attn.gk_proj.{n}"] for n in ("0.weight", "1.weight", "1.bias"))
+            assert w0.shape == (16, 32) and w1.shape == (16, 16) and torch.equal(b1, torch.zeros(16))
+            for w in (w0, w1):   # xavier-uniform with gain 2^-2.5: small, inside the bound, not zero
+                bound = 2 ** -2.5 * math.sqrt(6 / sum(w.shape))
+                assert 0 < w.abs().max() <= bound
+            assert torch.equal(got[o + "attn.g_norm.weight"], torch.ones(8))
+        else:
+            assert not any(k.startswith(o + "attn.g") for k in got)
+    # the converted model runs, and the same seed gives the same new weights
+    model, _ = convert.load_checkpoint(str(tmp_path / "sb"))
+    assert torch.isfinite(model(torch.arange(10)[None])[0]).all()
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb2"), to="spikingbrain-7b")
+    assert all(torch.equal(v, read_dir(tmp_path / "sb2")[k]) for k, v in got.items())
+
+
+def test_76b_layout_rule_reproduces_the_preset():
+    assert convert.layout_76b(28) == PRESETS["spikingbrain-76b"]["layout"]
+    assert convert.moe_layers_76b(28) == PRESETS["spikingbrain-76b"]["moe_layers"]
+    assert convert.layout_76b(4) == ["la+swa"] * 3 + ["la+fa"]
+    assert convert.moe_layers_76b(4) == [1, 2, 3]
+    assert convert.layout_76b(80).count("la+fa") == 11
+    c = Config.from_name("spikingbrain-76b")
+    assert round(convert.upcycle_alpha(c), 2) == 0.98
+
+
+def test_qwen_to_76b_upcycling_exact(tmp_path):
+    c, src = make_qwen(tmp_path / "qwen")
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "moe"), to="spikingbrain-76b",
+                         dtype="float64", n_expert=4, n_sink=3)
+    model, config = convert.load_checkpoint(str(tmp_path / "moe"))
+    assert config.layout == ["la+swa", "la+swa", "la+swa", "la+fa"] and config.moe_layers == [1, 2, 3]
+    assert (config.n_expert, config.n_sink, config.n_shared_expert, config.top_k) == (4, 3, 1, 1)
+    S, k, N = 1, 1, 4
+    alpha = (1 / (S + k / N)) ** (1 / 3)
+    x = torch.randn(50, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for i in range(4):
+        p = f"model.layers.{i}.mlp."
+        g, u, d = (src[p + f"{n}_proj.weight"].double() for n in ("gate", "up", "down"))
+        dense = (F.silu(x @ g.T) * (x @ u.T)) @ d.T
+        mlp = model.blocks[i].mlp
+        if i not in config.moe_layers:
+            torch.testing.assert_close(mlp(x), dense, rtol=0, atol=0)
+            continue
+        for m in [*mlp.experts, *mlp.shared]:   # every expert: gate as is, up * alpha, down * alpha^2
+            torch.testing.assert_close(m.gate_proj.weight, g, rtol=0, atol=0)
+            torch.testing.assert_close(m.up_proj.weight, u * alpha, rtol=1e-15, atol=0)
+            torch.testing.assert_close(m.down_proj.weight, d * alpha ** 2, rtol=1e-15, atol=0)
+        with torch.no_grad():
+            out, _, _ = mlp(x)
+            # the top-k router weight, in float32 as the model keeps its router probabilities
+            w = F.softmax(mlp.router(x).float(), -1).topk(k, -1).values.double().sum(-1, keepdim=True)
+        # the exact relation at init: MoE(x) = FFN(x) * (S + w(x)) / (S + k/N)
+        torch.testing.assert_close(out, dense * (S + w) / (S + k / N), rtol=1e-12, atol=1e-14)
+    sd = model.state_dict()
+    assert sd["sinks"].shape == (3, 32) and 0 < sd["sinks"].std() < 0.05
+    for i in range(4):
+        assert torch.equal(sd[f"blocks.{i}.attn.g_norm.weight"], torch.ones(8))
+        assert torch.equal(sd[f"blocks.{i}.attn.a_norm.weight"], torch.ones(8))
+        assert torch.equal(sd[f"blocks.{i}.attn.q_proj.weight"], src[f"model.layers.{i}.self_attn.q_proj.weight"].double())
+    assert torch.isfinite(model(torch.arange(12)[None])[0]).all()
+
+
+# ----------------------------------------------------------------------------- released SpikingBrain-7B <-> ours
+
+def release_config(**overrides):
+    """config.json fields as in the published SpikingBrain-7B, at tiny dims."""
+    return dict({
+        "architectures": ["GLAswaForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_gla_swa.GLAswaConfig",
+                     "AutoModelForCausalLM": "modeling_gla_swa.GLAswaForCausalLM"},
+        "attention_dropout": 0.0, "attn_layers": [1, 3], "attn_mode": "chunk", "bos_token_id": 90, "conv_size": 4,
+        "elementwise_affine": True, "eos_token_id": 90, "fuse_cross_entropy": True, "hidden_act": "swish",
+        "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 48, "max_position_embeddings": 1024,
+        "model_type": "gla_swa", "norm_eps": 1e-06, "num_attention_heads": 4, "num_hidden_layers": 4,
+        "num_key_value_heads": 2, "rope_theta": 1000000.0, "sliding_window": 5, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.45.0", "use_cache": True, "use_short_conv": False,
+        "vocab_size": 96}, **overrides)
+
+
+def release_shapes(c):
+    C, I, V, H, KV = 32, 48, 96, 4, 2
+    hd = C // H
+    s = {"model.embeddings.weight": (V, C), "model.norm.weight": (C,), "lm_head.weight": (V, C)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        s.update({p + "attn_norm.weight": (C,), p + "mlp_norm.weight": (C,),
+                  p + "attn.q_proj.weight": (C, C), p + "attn.q_proj.bias": (C,),
+                  p + "attn.k_proj.weight": (KV * hd, C), p + "attn.k_proj.bias": (KV * hd,),
+                  p + "attn.v_proj.weight": (KV * hd, C), p + "attn.v_proj.bias": (KV * hd,),
+                  p + "attn.o_proj.weight": (C, C), p + "mlp.gate_proj.weight": (I, C),
+                  p + "mlp.up_proj.weight": (I, C), p + "mlp.down_proj.weight": (C, I)})
+        if i not in c["attn_layers"]:
+            s.update({p + "attn.gk_proj.0.weight": (16, C), p + "attn.gk_proj.1.weight": (KV * hd, 16),
+                      p + "attn.gk_proj.1.bias": (KV * hd,), p + "attn.g_norm.weight": (hd,)})
+    return s
+
+
+def make_release(path, dtype=torch.bfloat16, **overrides):
+    c = release_config(**overrides)
+    os.makedirs(path, exist_ok=True)
+    tensors = random_tensors(release_shapes(c), seed=5, dtype=dtype)
+    write_sharded(path, tensors, 2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+    return c, tensors
+
+
+def test_release_to_ours_to_release_bit_exact(tmp_path):
+    c, src = make_release(tmp_path / "rel")
+    convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
+    config = Config.from_yaml(tmp_path / "ours" / "config.yaml")
+    assert config.layout == ["gla", "swa", "gla", "swa"] and config.window == 5 and config.max_seq_len == 1024
+    convert.convert_release(src=str(tmp_path / "ours"), out=str(tmp_path / "back"), to="release", max_shard_gb=30e-6)
+    back = read_dir(tmp_path / "back")
+    assert set(back) == set(src)
+    assert all(same_bits(back[k], src[k]) for k in src)
+    with open(tmp_path / "back" / "config.json") as f:
+        assert json.load(f) == c
+    with open(tmp_path / "back" / "model.safetensors.index.json") as f:
+        assert set(json.load(f)["weight_map"]) == set(src)
+
+
+def test_ours_to_release_to_ours_bit_exact(tmp_path):
+    config = Config.from_name("tiny", vocab_size=96, n_embd=32, n_head=4, n_kv_head=2, head_dim=8)
+    torch.manual_seed(0)
+    state = {k: (v + 0.01 * torch.randn_like(v)).to(torch.bfloat16) for k, v in GPT(config).state_dict().items()}
+    convert.save_checkpoint(state, config, str(tmp_path / "ours"))
+    convert.convert_release(src=str(tmp_path / "ours"), out=str(tmp_path / "rel"), to="release")
+    with open(tmp_path / "rel" / "config.json") as f:
+        rc = json.load(f)
+    assert rc["attn_layers"] == [1, 3] and rc["torch_dtype"] == "bfloat16" and rc["sliding_window"] == 16
+    assert set(rc) == set(release_config())   # the published file's fields, no more, no fewer
+    convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "back"), to="ours")
+    back = read_dir(tmp_path / "back")
+    assert set(back) == set(state) and all(same_bits(back[k], state[k]) for k in state)
+    again = Config.from_yaml(tmp_path / "back" / "config.yaml")
+    assert dict(again.to_dict(), name="tiny") == config.to_dict()
+
+
+def test_release_logits_match_the_release_architecture(tmp_path):
+    c, src = make_release(tmp_path / "rel", dtype=torch.float64)
+    convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
+    model, _ = convert.load_checkpoint(str(tmp_path / "ours"))
+    direct, _ = convert.load_release(str(tmp_path / "rel"))   # the same, renamed in memory
+    ids = torch.randint(0, 96, (19,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = release_forward(src, c, ids)
+        torch.testing.assert_close(model(ids[None])[0][0], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(direct(ids[None])[0][0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_release_export_refuses_what_it_cannot_say(tmp_path):
+    config = Config.from_name("tiny-moe")
+    convert.save_checkpoint(GPT(config), config, str(tmp_path / "moe"))
+    with pytest.raises(ValueError) as e:
+        convert.convert_release(src=str(tmp_path / "moe"), out=str(tmp_path / "rel"), to="release")
+    for part in ("layout[0]='la+swa'", "moe_layers", "n_sink"):
+        assert part in str(e.value)
+    assert not os.path.exists(tmp_path / "rel")
+
+
+# ----------------------------------------------------------------------------- errors, atomicity, CLI
+
+def leftovers(parent):
+    return [f for f in os.listdir(parent) if ".tmp-" in f]
+
+
+def test_bad_tensors_one_error_listing_all(tmp_path):
+    c, t = make_qwen(tmp_path / "qwen")
+    del t["model.layers.2.mlp.up_proj.weight"]
+    t["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
+    t["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(8, 32)
+    for f in os.listdir(tmp_path / "qwen"):
+        if f.endswith(".safetensors") or f.endswith(".json") and f != "config.json":
+            os.remove(tmp_path / "qwen" / f)
+    write_sharded(tmp_path / "qwen", t, 2)
+    with pytest.raises(ValueError) as e:
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"))
+    msg = str(e.value)
+    assert "3 problems" in msg
+    assert "missing model.layers.2.mlp.up_proj.weight (48, 32)" in msg
+    assert "unexpected model.layers.0.self_attn.extra.weight" in msg
+    assert "model.layers.1.self_attn.k_proj.weight: file (8, 32), expected (16, 32)" in msg
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+def test_not_qwen2_clear_error(tmp_path):
+    make_qwen(tmp_path / "llama", model_type="llama", architectures=["LlamaForCausalLM"])
+    with pytest.raises(ValueError, match=r"'llama' checkpoint .*not Qwen2"):
+        convert.convert_qwen(src=str(tmp_path / "llama"), out=str(tmp_path / "out"))
+    make_release(tmp_path / "rel")
+    with pytest.raises(ValueError, match="convert.py release"):
+        convert.convert_qwen(src=str(tmp_path / "rel"), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="not the SpikingBrain-7B release"):
+        convert.convert_release(src=str(tmp_path / "llama"), out=str(tmp_path / "out"), to="ours")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    make_qwen(tmp_path / "qwen")
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    calls = []
+
+    def failing_add(self, name, t):
+        calls.append(name)
+        if len(calls) == 20:
+            raise OSError("disk full")
+        return real_add(self, name, t)
+    real_add = convert.FileWriter.add
+    monkeypatch.setattr(convert.FileWriter, "add", failing_add)
+    with pytest.raises(FileExistsError):   # an existing directory is not replaced without overwrite
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"))
+    with pytest.raises(OSError, match="disk full"):
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), overwrite=True)
+    assert os.listdir(tmp_path / "out") == ["keep.txt"] and not leftovers(tmp_path)
+
+
+def test_cli(tmp_path):
+    make_qwen(tmp_path / "qwen")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "qwen2.5", "--src", str(tmp_path / "qwen"),
+                        "--to", "spikingbrain-7b", "--out", str(tmp_path / "sb"), "--dtype", "bfloat16"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert all(v.dtype == torch.bfloat16 for v in read_dir(tmp_path / "sb").values())
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "release", "--src", str(tmp_path / "sb"),
+                        "--to", "release", "--out", str(tmp_path / "sb")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "would replace the source" in r.stderr
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+B2U = convert.bytes_to_unicode()
+CHINESE = ("自然语言处理是人工智能的一个重要方向。我们今天讨论脉冲神经网络，以及线性注意力如何降低长序列的计算成本。"
+           "模型在八千个词元的上下文中训练，然后扩展到十二万八千。你好，世界！")
+EMOJI = "I love it 😀👍🏽 🇨🇳🇫🇷 ❤️‍🔥 done ✅✅✅\n"
+
+
+def corpus():
+    import json.decoder
+    import pydoc_data.topics as topics
+    english = "\n\n".join(list(topics.topics.values())[:6])[:6000]
+    return english + "\n" + CHINESE * 3 + "\n" + inspect.getsource(json.decoder)[:3000] + EMOJI * 3 + \
+        "a  b   c    d\n\n\n\t\tx\r\n"
+
+
+def train_bpe(text, n_merges):
+    """A plain byte-level BPE trainer: merge the most frequent adjacent pair, repeat."""
+    words = Counter(tuple(B2U[b] for b in w.encode()) for w in regex.findall(tok.QWEN_PAT, text))
+    merges, vocab = [], {c: i for i, c in enumerate(B2U.values())}
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:]):
+                if p[0] + p[1] not in vocab:
+                    pairs[p] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        vocab[best[0] + best[1]] = len(vocab)
+        new = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if w[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += n
+        words = new
+    return vocab, merges
+
+
+def reference_encode(text, vocab, merges, specials):
+    """Hugging Face's byte-level BPE, spelled out: NFC, split off added tokens, split by the pattern, then merge
+    the adjacent pair listed first in merges until none is listed."""
+    rank = {p: i for i, p in enumerate(merges)}
+    ids = []
+    split = "(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    parts = regex.split(split, text) if specials else [text]
+    for part in parts:
+        if part in specials:
+            ids.append(specials[part])
+            continue
+        for piece in regex.findall(tok.QWEN_PAT, unicodedata.normalize("NFC", part)):
+            word = [B2U[b] for b in piece.encode()]
+            while len(word) > 1:
+                r, i = min((rank.get(p, math.inf), i) for i, p in enumerate(zip(word, word[1:])))
+                if r == math.inf:
+                    break
+                word[i:i + 2] = [word[i] + word[i + 1]]
+            ids += [vocab[w] for w in word]
+    return ids
+
+
+SPECIALS = {"<|endoftext|>": None, "<|im_start|>": None, "<|im_end|>": None, "<tool_call>": None}
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "自然语言处理，脉冲神经网络。你好世界！新词：量子计算",
+    "def f(x):\n    return x ** 2  # square\n\n\n\nclass A:\n\tpass\n",
+    "emoji 😀👍🏽🇨🇳 ❤️‍🔥 and more 🤖🧠",
+    "   leading spaces and trailing      ", "a\r\nb\r\n\r\nc\n \n  \n", "tabs\t\tand\u00a0nbsp\u3000ideographic",
+    "I'LL DON'T we've they'd it's", "12345 3.14159 1e-6 0x1F", "e\u0301cole cafe\u0301 naïve",
+    "<|im_start|>user\nhi<|im_end|>\n<tool_call>{\"a\": 1}<|endoftext|>", "!!!???...,,,;;;", "", " ", "\n",
+    "Ünïcödé ß ﬁ Ω ∑ ∫ → ⇒", "日本語のテキストと한국어 텍스트", "mixed中文English混合text123测试",
+]
+
+
+def write_hf_tokenizer(path, vocab, merges, with_config=True):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    specials = {s: len(vocab) + i for i, s in enumerate(SPECIALS)}
+    if with_config:
+        cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "errors": "replace",
+               "added_tokens_decoder": {str(i): {"content": s, "special": s != "<tool_call>", "lstrip": False,
+                                                 "rstrip": False, "normalized": False, "single_word": False}
+                                        for s, i in specials.items()}}
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+    return specials
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(corpus(), 400)
+
+
+def test_tokenizer_matches_reference_bpe(tmp_path, bpe):
+    vocab, merges = bpe
+    assert len(merges) == 400
+    specials = write_hf_tokenizer(tmp_path / "hf", vocab, merges)
+    convert.convert_tokenizer(src=str(tmp_path / "hf"), out=str(tmp_path / "ours"))
+    t = tok.Tokenizer(str(tmp_path / "ours"))
+    assert t.special_tokens == specials and t.eos_id == specials["<|endoftext|>"]
+    texts = TEXTS + [corpus()[i:i + 700] for i in range(0, 12000, 1500)]
+    for text in texts:
+        assert t.encode(text, specials=True) == reference_encode(text, vocab, merges, specials), text
+    assert t.decode(t.encode(TEXTS[2])) == TEXTS[2]
+
+
+def test_tokenizer_matches_transformers(tmp_path, bpe):
+    transformers = pytest.importorskip("transformers")
+    vocab, merges = bpe
+    write_hf_tokenizer(tmp_path / "hf", vocab, merges)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf.save_pretrained(str(tmp_path / "hf_json"))   # Hugging Face's own tokenizer.json: the other input path
+    for src in ("hf", "hf_json"):
+        convert.convert_tokenizer(src=str(tmp_path / src), out=str(tmp_path / f"ours_{src}"))
+        t = tok.Tokenizer(str(tmp_path / f"ours_{src}"))
+        for text in TEXTS:
+            assert t.encode(text, specials=True) == hf.encode(text, add_special_tokens=False), (src, text)
+
+
+def test_tokenizer_rejects_inconsistent_merges(tmp_path, bpe):
+    vocab, merges = bpe
+    swapped = merges[:10] + [merges[11], merges[10]] + merges[12:]   # merge order no longer follows the ids
+    write_hf_tokenizer(tmp_path / "hf", vocab, swapped)
+    with pytest.raises(ValueError, match="ids must rise with merges order"):
+        convert.convert_tokenizer(src=str(tmp_path / "hf"), out=str(tmp_path / "ours"))
+    assert not os.path.exists(tmp_path / "ours")
+
+
+def test_qwen_conversion_carries_the_tokenizer(tmp_path, bpe):
+    vocab, merges = bpe
+    make_qwen(tmp_path / "qwen")
+    write_hf_tokenizer(tmp_path / "qwen", vocab, merges)
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb"), to="spikingbrain-7b")
+    t = tok.Tokenizer(str(tmp_path / "sb"))
+    assert t.encode(TEXTS[0]) == reference_encode(TEXTS[0], vocab, merges, {})
