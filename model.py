@@ -303,10 +303,10 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
         q_doc = k_doc = torch.zeros_like(q_pos)
     window = (1 << 40) if window is None else window
-    if ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda and T > 1):
+    if ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda and T > 128):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         if _flex is None:
-            _flex = torch.compile(flex_attention, dynamic=False)
+            _flex = torch.compile(flex_attention)   # recompiles once with dynamic shapes on a new length
 
         def mask_mod(b, h, qi, ki):
             return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
@@ -315,6 +315,10 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     else:
         mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
                        q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
+        if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
+            Hkv = k.shape[1]
+            o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+            return o.reshape(B, H, 1, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return o.transpose(1, 2)
 
@@ -341,13 +345,13 @@ class KVCache(nn.Module):
         if k.shape[1] > 1:   # prefill: skip ring entries that later entries of this call overwrite anyway
             keep = (doc == -1) | (pos > pos.max() - self.capacity)
             k, v, pos, doc = k[:, keep], v[:, keep], pos[keep], doc[keep]
-        slot = torch.where(doc == -1, pos, self.n_sink + pos % self.capacity)
+        slot = torch.where(doc == -1, pos, self.n_sink + (pos - self.n_sink) % self.capacity)
         self.k[:, slot], self.v[:, slot], self.pos[slot], self.doc[slot] = k, v, pos, doc
 
     def attend(self, q, k, v, q_pos, q_doc, window):
         """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
         B, L = q.shape[:2]
-        if L == 1:   # decode: write first (the SWA ring holds window + 1), then attend over the fixed-size buffer
+        if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
             self.write(k, v, q_pos[0], q_doc[0])
             return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
         ks, vs = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
@@ -538,6 +542,7 @@ class GPT(nn.Module):
                 m.spike_k = k
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        """Generation cache for `max_len` tokens per row (sinks come on top); SWA/GLA parts are fixed-size."""
         p = self.lm_head.weight
         return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 

@@ -1,0 +1,306 @@
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convert
+import generate
+import tokenizer
+from generate import Chat, Generator, penalize, probs_of
+from model import GPT, Config
+
+SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these models are tiny: a second thread only adds synchronization (slow on a busy 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tok"))
+    tokenizer.save(d, {bytes([i]): i for i in range(256)}, SPECIALS)   # bytes only: text <-> ids is exact
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok_dir):
+    torch.manual_seed(0)
+    m = GPT(Config.from_name("tiny"))
+    out = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    convert.save_checkpoint(m, m.config, out, tok_dir)
+    return out
+
+
+def tiny(name, seed=0):
+    torch.manual_seed(seed)
+    return GPT(Config.from_name(name)).double().eval()     # float64: path differences stay far below logit gaps
+
+
+def greedy_full(model, ids, n, n_vocab=259, penalty=1.0):
+    """Reference: no cache; the whole sequence through the model for every new token."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0][0, -1]
+            for i in set(ids):                               # repetition penalty, one token at a time
+                logits[i] = logits[i] / penalty if logits[i] > 0 else logits[i] * penalty
+            ids.append(int(logits[:n_vocab].argmax()))
+    return ids[len(ids) - n:]
+
+
+def greedy(model, tok, **kw):
+    return Generator(model, tok, temperature=0, stop=[], err=io.StringIO(), **kw)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-qwen"])
+def test_greedy_with_cache_equals_full_forward(name, tok_dir):
+    m, tok = tiny(name), tokenizer.Tokenizer(tok_dir)
+    prompt = torch.randint(0, 259, (37,), generator=torch.Generator().manual_seed(1)).tolist()  # > 2 windows
+    gen = greedy(m, tok, max_new_tokens=20, prefill_chunk=16)
+    reply, stats = gen.extend(prompt, io.StringIO())
+    assert reply == greedy_full(m, prompt, 20)
+    assert stats["prefill_tokens"] == 37 and stats["decode_steps"] == 19
+    assert gen.ids == prompt + reply and gen.fed == 56       # the last token waits for the next call
+
+
+def test_repetition_penalty_covers_prompt_and_reply(tok_dir):
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    prompt = list(b"the the the")
+    reply, _ = greedy(m, tok, max_new_tokens=12, repetition_penalty=1.5).extend(prompt, io.StringIO())
+    assert reply == greedy_full(m, prompt, 12, penalty=1.5) != greedy_full(m, prompt, 12)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-qwen"])
+def test_chunked_prefill_equals_one_shot(name):
+    m = tiny(name)
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(2))
+    caches = [m.new_cache(2, 64) for _ in range(3)]
+    last = [generate.prefill(m, c, ids, chunk) for c, chunk in zip(caches, (1000, 16, 7))]
+    for lg, c in zip(last[1:], caches[1:]):
+        torch.testing.assert_close(lg, last[0], atol=1e-6, rtol=1e-6)
+        assert c.seen == caches[0].seen
+        for a, b in zip(c.buffers(), caches[0].buffers()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_full_attention_cache_grows_and_keeps_its_slots():
+    m = tiny("tiny-moe")                                     # la+fa layers and 4 sink tokens
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(3))
+    small, big = m.new_cache(1, 4 + 20), m.new_cache(1, 4 + 64)
+    generate.prefill(m, small, ids[:, :20], 8)
+    generate.prefill(m, big, ids[:, :20], 8)
+    small = generate.grown(m, small, 4 + 64)
+    torch.testing.assert_close(generate.prefill(m, small, ids[:, 20:], 8), generate.prefill(m, big, ids[:, 20:], 8))
+
+
+def test_stop_tokens_end_generation(tok_dir):
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    prompt = list(b"stop here")
+    free = greedy_full(m, prompt, 12)
+    j = next(j for j in range(2, 12) if free[j] not in free[:j])
+    gen = greedy(m, tok, max_new_tokens=12)
+    gen.stop = {free[j]}
+    reply, _ = gen.extend(prompt, io.StringIO())
+    assert reply == free[:j]                                 # the stop token itself is not part of the reply
+    assert generate.stop_ids(tok, None) == [256, 258]
+    assert generate.stop_ids(tok, ["<|im_start|>", "a"]) == [257, 97]
+    with pytest.raises(ValueError, match="one token"):
+        generate.stop_ids(tok, ["ab"])
+
+
+def chat_ids(tok, text):
+    return tok.encode_chat([dict(role="user", content=text)], add_generation_prompt=True)[0]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+def test_chat_turns_continue_the_cache(name, tok_dir):
+    m, tok = tiny(name), tokenizer.Tokenizer(tok_dir)
+    chat = Chat(greedy(m, tok, max_new_tokens=8), system="be brief")
+    r1, _ = chat.turn("hello", io.StringIO())
+    first_len = chat.gen.cache_len
+    r2, s2 = chat.turn("and now?", io.StringIO())
+    close = [258] + tok.encode("\n")
+    before = tok.encode_chat([dict(role="system", content="be brief")])[0] + chat_ids(tok, "hello") + r1 + close \
+        + chat_ids(tok, "and now?")
+    assert chat.gen.ids == before + r2 + close
+    assert r2 == greedy_full(m, before, len(r2))            # the cached conversation = a fresh full forward
+    assert s2["prefill_tokens"] == 1 + len(close) + len(chat_ids(tok, "and now?"))   # only the new tokens
+    if name == "tiny-qwen":                                  # full attention: the cache had to grow
+        assert chat.gen.cache_len > first_len
+    chat.reset()
+    assert chat.gen.cache is None and chat.gen.ids == tok.encode_chat([dict(role="system", content="be brief")])[0]
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(tok_dir):
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    chat = Chat(greedy(m, tok, max_new_tokens=20))
+
+    class CtrlCAfter3(io.StringIO):
+        def write(self, s):
+            if self.tell() == 2:                             # a byte tokenizer: one character per token here
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(s)
+    r1, s1 = chat.turn("abc", CtrlCAfter3())
+    assert s1["stopped"] and 3 <= len(r1) < 20
+    r2, s2 = chat.turn("go on", io.StringIO())               # the session and its cache carry on
+    assert not s2["stopped"]
+    assert r2 == greedy_full(m, chat.gen.ids[:len(chat.gen.ids) - len(r2) - 2], len(r2))
+
+
+def test_repl_through_stdin(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond turn\n/reset\n\n/what\nthird\n/quit\nnever read\n"))
+    generate.main(ckpt=ckpt, device="cpu", max_new_tokens=5, temperature=0)
+    out, err = capsys.readouterr()
+    assert err.count("[TTFT") == 3 and "(history cleared)" in err and "unknown command /what" in err
+    assert out.count(">>> ") == 7                            # one prompt per line read, up to /quit
+
+
+def test_one_shot_prompt_and_stdin(ckpt, monkeypatch, capsys):
+    generate.main(ckpt=ckpt, device="cpu", prompt="Once", max_new_tokens=4, seed=3, top_k=5, top_p=0.9)
+    out1, err = capsys.readouterr()
+    assert "[TTFT" in err and "prefill 4 tok" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once"))
+    generate.main(ckpt=ckpt, device="cpu", prompt="-", max_new_tokens=4, seed=3, top_k=5, top_p=0.9)
+    assert capsys.readouterr()[0] == out1                    # same prompt, same seed: same text
+
+
+def test_spiking_and_w8aspike_print_sparsity(ckpt, tmp_path, capsys):
+    import spiking
+    generate.main(ckpt=ckpt, device="cpu", prompt="spikes", max_new_tokens=3, spike=3.0)
+    assert "[spikes: sparsity" in capsys.readouterr()[1]
+    m, _ = generate.load(ckpt, "cpu", torch.float32)
+    spiking.replace_linears(m, k=3.0, group_size=16)
+    convert.save_checkpoint(m, m.config, str(tmp_path / "w8"), ckpt)
+    generate.main(ckpt=str(tmp_path / "w8"), device="cpu", prompt="spikes", max_new_tokens=3)
+    assert "[spikes: sparsity" in capsys.readouterr()[1]
+
+
+def test_sampling_with_a_seed_is_deterministic(tok_dir):
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    replies = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        gen = Generator(m, tok, temperature=1.0, top_k=None, top_p=None, stop=[], max_new_tokens=20,
+                        err=io.StringIO())
+        replies.append(gen.extend(list(b"seed"), io.StringIO())[0])
+    assert replies[0] == replies[1] != replies[2]
+
+
+def test_top_k_top_p_temperature_and_penalty_by_hand():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = p.log()
+    torch.testing.assert_close(probs_of(logits, 1.0), p)
+    torch.testing.assert_close(probs_of(logits, 1.0, top_k=2), torch.tensor([[0.625, 0.375, 0, 0]]))
+    # top_p 0.85: 0.5 + 0.3 = 0.8 < 0.85, so 0.15 is needed too; 0.05 is not
+    torch.testing.assert_close(probs_of(logits, 1.0, top_p=0.85), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+    # top_k 3 renormalizes to .526 .316 .158; then top_p 0.6 keeps two: .526 < .6 <= .842
+    torch.testing.assert_close(probs_of(logits, 1.0, top_k=3, top_p=0.6), torch.tensor([[0.625, 0.375, 0, 0]]))
+    s = p.sqrt()
+    torch.testing.assert_close(probs_of(logits, 2.0), s / s.sum())
+    torch.testing.assert_close(probs_of(logits, 1.0, top_p=0.3), torch.tensor([[1.0, 0, 0, 0]]))
+    seen = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(penalize(torch.tensor([[2.0, -1.0, 0.5]]), seen, 2.0), torch.tensor([[1.0, -2.0, 0.5]]))
+    draws = generate.sample(logits.expand(2000, -1), 1.0, top_k=2)
+    assert set(draws.flatten().tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.625) < 0.05
+    assert generate.sample(torch.tensor([[0.1, 3.0, 2.0]]), 0).item() == 1
+
+
+def test_streaming_waits_for_whole_utf8_characters(tok_dir):
+    tok, out = tokenizer.Tokenizer(tok_dir), io.StringIO()
+    stream, seen = generate.TextStream(tok, out), []
+    for b in "é€!".encode():                                 # c3 a9 | e2 82 ac | 21, one token per byte
+        stream.put(b)
+        seen.append(out.getvalue())
+    stream.put(0xe2)                                         # a character cut short by the end of the reply
+    stream.end()
+    assert seen == ["", "é", "é", "é", "é€", "é€!"]
+    assert out.getvalue() == "é€!\ufffd"
+
+
+def test_errors_are_clear(ckpt, tmp_path, tok_dir):
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate.main(ckpt=ckpt, device="cpu", prompt="")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate.main(ckpt=ckpt, device="cpu", prompt="x" * 4096)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        generate.main(ckpt=str(tmp_path / "nope"), device="cpu", prompt="hi")
+    with pytest.raises(FileNotFoundError, match="neither config.yaml"):
+        generate.main(ckpt=str(tmp_path), device="cpu", prompt="hi")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(ckpt, bad)
+    with open(os.path.join(bad, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        generate.main(ckpt=bad, device="cpu", prompt="hi")
+    gen = greedy(tiny("tiny"), tokenizer.Tokenizer(tok_dir))
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.extend([], io.StringIO())
+    with pytest.raises(ValueError, match="top_p"):
+        generate.main(ckpt=ckpt, device="cpu", prompt="hi", top_p=1.5)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", str(tmp_path / "nope"),
+                        "--prompt", "hi"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_release_directory_loads_directly(ckpt, tok_dir, tmp_path):
+    rel = str(tmp_path / "release")
+    convert.convert_release(src=ckpt, out=rel, to="release")          # Hugging Face layout: config.json
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        generate.load(rel, "cpu", torch.float32)
+    ours, _ = generate.load(ckpt, "cpu", torch.float32)
+    release, tok = generate.load(rel, "cpu", torch.float32, tok_dir)
+    a, b = ours.state_dict(), release.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert tok.n_vocab == 259
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+def test_decode_step_compiles_to_one_graph(name):
+    from torch._dynamo.utils import counters
+    m = tiny(name)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(generate.decode_step, backend="eager", fullgraph=True)   # graph capture, no codegen
+    with torch.no_grad():
+        for _ in range(2):                                   # a second cache object must not recompile either
+            cache = m.new_cache(1, 64)
+            logits = generate.prefill(m, cache, torch.tensor([[1, 2, 3]]), 16)
+            for _ in range(4):
+                tok = logits.argmax(-1, keepdim=True)
+                logits = step(m, cache, tok, torch.full((1, 1), cache.seen))
+                cache.seen += 1
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bench_code_paths_on_cpu(capsys):
+    import bench
+    bench.bench_ttft(tiny=True, sweep=(64, 256))
+    bench.bench_decode(tiny=True)
+    out = capsys.readouterr()[0]
+    assert "tiny-qwen" in out and "floor" in out and "bound" in out and "with chunk 256" in out
+
+
+def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
+    import functools
+    m, tok = tiny("tiny-qwen"), tokenizer.Tokenizer(tok_dir)   # full attention: the compiled step meets a grown cache
+    prompt = list(b"compile me")
+    eager, _ = greedy(m, tok, max_new_tokens=12).extend(prompt, io.StringIO())
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))   # capture, no codegen
+    err = io.StringIO()
+    gen = Generator(m, tok, temperature=0, stop=[], max_new_tokens=12, compile=True, err=err)
+    assert "compiled the decode step" in err.getvalue()
+    assert gen.extend(prompt, io.StringIO())[0] == eager
