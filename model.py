@@ -264,7 +264,8 @@ def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
     use_triton = GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
     if use_triton:
         import kernels
-        fn = kernels.fused_recurrent_gla if q.shape[1] <= 4 and cu_seqlens is None else kernels.chunk_gla
+        decode = q.shape[1] <= 4 and cu_seqlens is None and not torch.is_grad_enabled()
+        fn = kernels.fused_recurrent_gla if decode else kernels.chunk_gla
         return fn(q, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
     fn = gla_recurrent if q.shape[1] <= 4 else gla_chunked
     if cu_seqlens is None:

@@ -1,0 +1,549 @@
+"""Triton kernels for gated linear attention: chunked forward + backward (packed documents too) and a
+decode step; plus the spike-quantization fast path. Each has a pure-PyTorch twin in model.py
+(gla_recurrent / gla_chunked, spike_quant) that the tests compare against.
+
+Layout everywhere: [B, T, H, D]. GLA recurrence per head, with log-decay g <= 0:
+    S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (q_t * scale) S_t.
+
+Chunked algorithm (chunk C = 64 positions). Inside a chunk, b = cumsum(g) is the log-decay from the
+chunk start, B = b at the last position. With S0 the state entering the chunk:
+    o       = (q e^b) S0 + A v,      A[t, s] = sum_d q_td k_sd e^(b_td - b_sd)  (s <= t)
+    S_end   = e^B S0 + (k e^(B - b))^T v
+Kernels: _scan_kernel walks the chunks of each document in order and stores every chunk's incoming
+state h (in the backward it also walks them in reverse, in the same launch, for dh, the gradient of
+each chunk's outgoing state). Then kernels over (chunk, head) do the intra-chunk work in parallel:
+_fwd_kernel (o), _bwd_dv_kernel (dv), _bwd_dqkg_kernel (dq, dk, dg).
+
+Numerics: every exponent is <= 0 except the key factor k e^(r - b) of the intra-chunk scores, whose
+exponent is the decay across one group of rows (r = log-decay just before the group; one group of 64
+by default). That factor is used only when every group's decay is <= MAX_EXP; each chunk-kernel is
+launched twice, the second time compiled with PAIRWISE=True for the chunks the first one flagged:
+exact e^(b_t - b_s) per pair, slower. So no exponential ever exceeds e^MAX_EXP.
+
+Backward of g: with dG = q*dq - k*dk per position, dg_t = sum_{u >= t in chunk} dG_u + sum_v(S_end*dS_end),
+and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), all at hand in one chunk.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CHUNK = 64
+MAX_EXP = 50.0        # largest exponent of any exp on the fast path (e^50 ~ 5e21, far from fp32/bf16 overflow)
+HEAD_DIMS = (16, 32, 64, 128)
+# Launch settings per kernel, the fastest of a sweep on an H100 (T=16k, H=28, D=128, bf16, gates /16).
+# groups=2 (two reference points per chunk) keeps chunks whose decay exceeds MAX_EXP on the fast path,
+# e.g. raw logsigmoid gates (~60 per chunk), but costs ~25% on SpikingBrain's gates (logsigmoid / 16).
+CONFIG = dict(scan_bk=64, scan_bv=64, scan_warps=4, scan_stages=3, fwd_bk=64, fwd_warps=4, fwd_stages=1,
+              dv_bk=64, dv_warps=4, dv_stages=1, dqkg_bk=64, dqkg_warps=4, dqkg_stages=1, groups=1)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _scan_kernel(q, k, v, do, g, h, dh, s_in, s_in_rev, s_out, s_out_rev, cu_seqlens, chunk_offsets, scale,
+                 flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """State passing over the chunks of one document, one [BK, BV] block of the state.
+
+    Direction 0 (forward): h[c] = state entering chunk c;  S <- e^B S + (k e^(B-b))^T v.
+    Direction 1 (backward): dh[c] = grad of the state leaving chunk c;  dS <- e^B dS + (scale q e^b)^T do.
+    Both directions run in one launch (program_id 2), so the backward's two scans fill the GPU together.
+    flags bits: 0 load s_in, 1 store s_out, 2 load s_in_rev, 3 store s_out_rev.
+    """
+    i_kv, i_nh, rev = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = i_kv // (V // BV), i_kv % (V // BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    if rev == 0:
+        x, y, buf, st_in, st_out = k, v, h, s_in, s_out
+    else:
+        x, y, buf, st_in, st_out = q, do, dh, s_in_rev, s_out_rev
+    mult = tl.where(rev == 0, 1.0, scale)
+    o_c = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if (flags >> (2 * rev)) & 1:
+        S = tl.load(st_in + p_state)
+    for i in range(n_chunks):
+        c = i + rev * (n_chunks - 1 - 2 * i)                      # chunk index, reversed for direction 1
+        tl.store(buf + ((c0 + c) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                 S.to(buf.dtype.element_ty))
+        rows = bos + c * C + o_c
+        m = (rows < eos)[:, None]
+        gk = tl.load(g + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+        xk = tl.load(x + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+        yv = tl.load(y + rows[:, None] * H * V + i_h * V + o_v[None, :], mask=m, other=0)
+        b = tl.cumsum(gk, 0)
+        b_last = tl.sum(gk, 0)
+        # forward: decay from each position to the chunk end; backward: from the chunk start to it
+        xk = xk * (tl.exp(tl.where(rev == 0, b_last[None, :] - b, b)) * mult)
+        S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(xk.to(DT)), yv.to(DT), input_precision=PREC)
+    if (flags >> (2 * rev + 1)) & 1:
+        tl.store(st_out + p_state, S)
+
+
+@triton.jit
+def _group_factors(g, b, gi: tl.constexpr, C: tl.constexpr, NG: tl.constexpr, MAXE: tl.constexpr):
+    """Factors of the intra-chunk scores for query rows in group gi (rows [lo, hi)), reference r = log-decay
+    just before the group: fq = e^(b - r) on the group's rows, fk = e^(r - b) on rows < hi (keys it sees)."""
+    rows = tl.arange(0, C)[:, None]
+    lo, hi = gi * (C // NG), (gi + 1) * (C // NG)
+    r = tl.sum(tl.where(rows < lo, g, 0.0), 0)[None, :]
+    fq = tl.where((rows >= lo) & (rows < hi), tl.exp(tl.minimum(b - r, 0.0)), 0.0)
+    fk = tl.where(rows < hi, tl.exp(tl.minimum(r - b, MAXE)), 0.0)   # exact on rows < hi when the chunk is fast
+    return fq, fk
+
+
+@triton.jit
+def _is_fast(g, C: tl.constexpr, NG: tl.constexpr, MAXE: tl.constexpr):
+    """True when each group's total decay (per channel) is at most MAXE, so factored scores cannot overflow."""
+    rows = tl.arange(0, C)[:, None]
+    worst = 0.0
+    for gi in tl.static_range(NG):
+        in_group = (rows >= gi * (C // NG)) & (rows < (gi + 1) * (C // NG))
+        worst = tl.minimum(worst, tl.min(tl.sum(tl.where(in_group, g, 0.0), 0), 0))
+    return worst >= -MAXE
+
+
+@triton.jit
+def _scores(qs, k, g, b, g_rows, k_rows, row_stride, n_rows, C: tl.constexpr, K: tl.constexpr,
+            NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """A[t, s] = sum_d qs_td k_sd e^(b_td - b_sd) for s <= t (0 above the diagonal), fp32 [C, C]."""
+    rows, cols = tl.arange(0, C), tl.arange(0, C)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    if PAIRWISE:                                  # exact decay per pair, one key row at a time
+        o_d = tl.arange(0, K)
+        b_s = tl.zeros([K], dtype=tl.float32)
+        for s in range(C):
+            m = o_d * 0 + s < n_rows              # (a vector mask: the interpreter rejects scalar & vector)
+            b_s += tl.load(g_rows + s * row_stride + o_d, mask=m, other=0).to(tl.float32)
+            k_s = tl.load(k_rows + s * row_stride + o_d, mask=m, other=0).to(tl.float32)
+            col = tl.sum(qs * k_s[None, :] * tl.exp(tl.minimum(b - b_s[None, :], 0.0)), 1)
+            A = tl.where(cols[None, :] == s, col[:, None], A)
+    else:
+        for gi in tl.static_range(NG):
+            fq, fk = _group_factors(g, b, gi, C, NG, MAXE)
+            A += tl.dot((qs * fq).to(DT), tl.trans((k * fk).to(DT)), input_precision=PREC)
+    return tl.where(rows[:, None] >= cols[None, :], A, 0.0)
+
+
+@triton.jit
+def _dq_intra(dA, k, g, b, g_rows, k_rows, row_stride, n_rows, C: tl.constexpr, BK: tl.constexpr,
+              NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dqs_t = sum_{s <= t} dA_ts k_s e^(b_t - b_s), fp32 [C, BK] (dA is already causal)."""
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    if PAIRWISE:
+        cols, o_d = tl.arange(0, C), tl.arange(0, BK)
+        b_s = tl.zeros([BK], dtype=tl.float32)
+        for s in range(C):
+            m = o_d * 0 + s < n_rows
+            b_s += tl.load(g_rows + s * row_stride + o_d, mask=m, other=0).to(tl.float32)
+            k_s = tl.load(k_rows + s * row_stride + o_d, mask=m, other=0).to(tl.float32)
+            col = tl.sum(tl.where(cols[None, :] == s, dA.to(tl.float32), 0.0), 1)      # dA[:, s]
+            out += col[:, None] * k_s[None, :] * tl.exp(tl.minimum(b - b_s[None, :], 0.0))
+    else:
+        for gi in tl.static_range(NG):
+            fq, fk = _group_factors(g, b, gi, C, NG, MAXE)
+            out += fq * tl.dot(dA, (k * fk).to(DT), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dk_intra(dA, qs, g, b, g_rows, row_stride, n_rows, C: tl.constexpr, BK: tl.constexpr,
+              NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dk_s = sum_{t >= s} dA_ts qs_t e^(b_t - b_s), fp32 [C, BK]."""
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    if PAIRWISE:
+        rows, cols, o_d = tl.arange(0, C), tl.arange(0, C), tl.arange(0, BK)
+        b_s = tl.zeros([BK], dtype=tl.float32)
+        for s in range(C):
+            m = o_d * 0 + s < n_rows
+            b_s += tl.load(g_rows + s * row_stride + o_d, mask=m, other=0).to(tl.float32)
+            col = tl.sum(tl.where(cols[None, :] == s, dA.to(tl.float32), 0.0), 1)      # dA[:, s]
+            row = tl.sum(col[:, None] * qs * tl.exp(tl.minimum(b - b_s[None, :], 0.0)), 0)
+            out = tl.where(rows[:, None] == s, row[None, :], out)
+    else:
+        for gi in tl.static_range(NG):
+            fq, fk = _group_factors(g, b, gi, C, NG, MAXE)
+            out += fk * tl.dot(tl.trans(dA), (qs * fq).to(DT), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _chunk_setup(chunk_indices, cu_seqlens, i_c, C: tl.constexpr):
+    """First position of chunk i_c and the end of its document."""
+    i_n, c = tl.load(chunk_indices + 2 * i_c), tl.load(chunk_indices + 2 * i_c + 1)
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos + c * C, eos
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, g, h, o, slow, cu_seqlens, chunk_indices, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    """One chunk of one head: o = (scale q e^b) h[chunk] + A v, summing over blocks of K (few live tiles).
+    Launched twice: PAIRWISE=False does the chunks whose decay allows factored scores and flags the others
+    in `slow`; PAIRWISE=True does the flagged ones (compiled apart, so the fast kernel stays lean)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if PAIRWISE:
+        if tl.load(slow + i_c * H + i_h) == 0:
+            return
+    t0, eos = _chunk_setup(chunk_indices, cu_seqlens, i_c, C)
+    rows, cols, o_v = tl.arange(0, C), tl.arange(0, C), tl.arange(0, V)
+    m = (t0 + rows < eos)[:, None]
+    p_h = h + (i_c * H + i_h).to(tl.int64) * K * V
+    A = tl.zeros([C, C], dtype=tl.float32)
+    out = tl.zeros([C, V], dtype=tl.float32)
+    fast = True
+    for i in tl.static_range(K // BK):
+        o_d = i * BK + tl.arange(0, BK)
+        p_d = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
+        gd = tl.load(g + p_d, mask=m, other=0).to(tl.float32)
+        qd = tl.load(q + p_d, mask=m, other=0).to(tl.float32) * scale
+        kd = tl.load(k + p_d, mask=m, other=0).to(tl.float32)
+        bd = tl.cumsum(gd, 0)
+        fast = fast & _is_fast(gd, C, NG, MAXE)
+        row0 = t0 * H * K + i_h * K + i * BK
+        A += _scores(qd, kd, gd, bd, g + row0, k + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC)
+        hd = tl.load(p_h + o_d[:, None] * V + o_v[None, :]).to(DT)
+        out += tl.dot((qd * tl.exp(bd)).to(DT), hd, input_precision=PREC)     # queries decayed from chunk start
+    if not PAIRWISE:
+        tl.store(slow + i_c * H + i_h, tl.where(fast, 0, 1).to(tl.int8))
+        if fast == 0:
+            return
+    p_v = (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :]
+    A = tl.where(rows[:, None] >= cols[None, :], A, 0.0).to(DT)
+    out += tl.dot(A, tl.load(v + p_v, mask=m, other=0).to(DT), input_precision=PREC)
+    tl.store(o + p_v, out.to(o.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_dv_kernel(q, k, g, do, dh, dv, slow, cu_seqlens, chunk_indices, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dv = A^T do + k_out dh for one chunk of one head (k_out: keys decayed to the chunk end, dh: grad of
+    the state leaving the chunk). Launched twice like _fwd_kernel; the fast launch sets `slow`."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if PAIRWISE:
+        if tl.load(slow + i_c * H + i_h) == 0:
+            return
+    t0, eos = _chunk_setup(chunk_indices, cu_seqlens, i_c, C)
+    rows, cols, o_v = tl.arange(0, C), tl.arange(0, C), tl.arange(0, V)
+    m = (t0 + rows < eos)[:, None]
+    p_dh = dh + (i_c * H + i_h).to(tl.int64) * K * V
+    A = tl.zeros([C, C], dtype=tl.float32)
+    dvv = tl.zeros([C, V], dtype=tl.float32)
+    fast = True
+    for i in tl.static_range(K // BK):
+        o_d = i * BK + tl.arange(0, BK)
+        p_d = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
+        gd = tl.load(g + p_d, mask=m, other=0).to(tl.float32)
+        qd = tl.load(q + p_d, mask=m, other=0).to(tl.float32) * scale
+        kd = tl.load(k + p_d, mask=m, other=0).to(tl.float32)
+        bd = tl.cumsum(gd, 0)
+        fast = fast & _is_fast(gd, C, NG, MAXE)
+        row0 = t0 * H * K + i_h * K + i * BK
+        A += _scores(qd, kd, gd, bd, g + row0, k + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC)
+        k_out = (kd * tl.exp(tl.sum(gd, 0)[None, :] - bd)).to(DT)
+        dvv += tl.dot(k_out, tl.load(p_dh + o_d[:, None] * V + o_v[None, :]).to(DT), input_precision=PREC)
+    if not PAIRWISE:
+        tl.store(slow + i_c * H + i_h, tl.where(fast, 0, 1).to(tl.int8))
+        if fast == 0:
+            return
+    p_v = (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :]
+    A = tl.where(rows[:, None] >= cols[None, :], A, 0.0).to(DT)
+    dvv += tl.dot(tl.trans(A), tl.load(do + p_v, mask=m, other=0).to(DT), input_precision=PREC)
+    tl.store(dv + p_v, dvv.to(dv.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_dqkg_kernel(q, k, v, g, h, dh, do, dq, dk, dg, slow, cu_seqlens, chunk_indices, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """dq, dk, dg of one chunk, one head, BK channels (all separable by channel once dA = do v^T is known).
+    Runs after _bwd_dv_kernel, whose flags in `slow` say which of the two launches does each chunk."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if (tl.load(slow + i_c * H + i_h) != 0) != PAIRWISE:
+        return
+    t0, eos = _chunk_setup(chunk_indices, cu_seqlens, i_c, C)
+    rows, cols, o_v = tl.arange(0, C), tl.arange(0, C), tl.arange(0, V)
+    m = (t0 + rows < eos)[:, None]
+    p_v = (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :]
+    vv = tl.load(v + p_v, mask=m, other=0).to(DT)
+    dov = tl.load(do + p_v, mask=m, other=0).to(DT)
+    dA = tl.dot(dov, tl.trans(vv), input_precision=PREC)
+    dA = tl.where(rows[:, None] >= cols[None, :], dA, 0.0).to(DT)
+    o_d = i_k * BK + tl.arange(0, BK)
+    p_d = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
+    p_h = (i_c * H + i_h).to(tl.int64) * K * V + o_d[:, None] * V + o_v[None, :]
+    hd = tl.load(h + p_h)
+    dhd = tl.load(dh + p_h)
+    dk_h = tl.dot(vv, tl.trans(dhd.to(DT)), input_precision=PREC)               # v dh^T
+    dq_h = tl.dot(dov, tl.trans(hd.to(DT)), input_precision=PREC)               # do h^T
+    h_dh = tl.sum(hd.to(tl.float32) * dhd.to(tl.float32), 1)
+    gd = tl.load(g + p_d, mask=m, other=0).to(tl.float32)
+    bd = tl.cumsum(gd, 0)
+    b_last = tl.sum(gd, 0)
+    kd = tl.load(k + p_d, mask=m, other=0).to(tl.float32)
+    qd = tl.load(q + p_d, mask=m, other=0).to(tl.float32) * scale
+    row0 = t0 * H * K + i_h * K + i_k * BK
+    to_end = tl.exp(b_last[None, :] - bd)
+    dkd = _dk_intra(dA, qd, gd, bd, g + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC) + to_end * dk_h
+    tl.store(dk + p_d, dkd.to(dk.dtype.element_ty), mask=m)
+    dqd = _dq_intra(dA, kd, gd, bd, g + row0, k + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT,
+                    PREC) + tl.exp(bd) * dq_h
+    tl.store(dq + p_d, (dqd * scale).to(dq.dtype.element_ty), mask=m)
+    # dg: reverse cumsum of q dq - k dk inside the chunk, plus what flows to later chunks,
+    # sum_v(S_end * dS_end) = e^B sum_v(h * dh) + sum_s k_out_s * (v_s dh^T)
+    after = tl.exp(b_last) * h_dh + tl.sum(kd * to_end * dk_h, 0)
+    dG = qd * dqd - kd * dkd
+    tl.store(dg + p_d, (tl.cumsum(dG, 0, reverse=True) + after[None, :]).to(dg.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _recurrent_kernel(q, k, v, g, o, s_in, s_out, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, BV: tl.constexpr, HAS_IN: tl.constexpr, STORE_OUT: tl.constexpr):
+    """Step-by-step recurrence for one document, one head, BV columns of the state (decode)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_k, o_v = tl.arange(0, K), i_v * BV + tl.arange(0, BV)
+    p_state = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    if HAS_IN:
+        S = tl.load(s_in + p_state)
+    for t in range(bos, eos):
+        qt = tl.load(q + t * H * K + i_h * K + o_k).to(tl.float32) * scale
+        kt = tl.load(k + t * H * K + i_h * K + o_k).to(tl.float32)
+        gt = tl.load(g + t * H * K + i_h * K + o_k).to(tl.float32)
+        vt = tl.load(v + t * H * V + i_h * V + o_v).to(tl.float32)
+        S = S * tl.exp(gt)[:, None] + kt[:, None] * vt[None, :]
+        tl.store(o + t * H * V + i_h * V + o_v, tl.sum(qt[:, None] * S, 0).to(o.dtype.element_ty))
+    if STORE_OUT:
+        tl.store(s_out + p_state, S)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _dot_types(dtype):
+    """Matmul operand type and precision: bf16 stays bf16; fp16 goes through fp32 (the score factors
+    can exceed fp16's range) with tf32; fp32 is exact."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"
+    return tl.float32, ("tf32" if dtype == torch.float16 else "ieee")
+
+
+def _opts(kernel):
+    return dict(num_warps=CONFIG[kernel + "_warps"], num_stages=CONFIG[kernel + "_stages"])
+
+
+def _chunk_meta(cu_seqlens, B, T, device):
+    """Documents as (cu_seqlens int32 [N+1], chunk_offsets int32 [N+1], chunk_indices int32 [NC, 2])."""
+    if cu_seqlens is None:                                      # B documents of length T, no host sync
+        n = triton.cdiv(T, CHUNK)
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+        offsets = torch.arange(0, B * n + 1, n, dtype=torch.int32, device=device)
+        idx = torch.arange(B * n, dtype=torch.int32, device=device)
+        return cu, offsets, torch.stack([idx // n, idx % n], 1).contiguous()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    n = [triton.cdiv(x, CHUNK) for x in lens]
+    offsets = torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    idx = torch.tensor([(d, c) for d, nd in enumerate(n) for c in range(nd)], dtype=torch.int32).view(-1, 2)
+    return cu_seqlens.to(torch.int32), offsets.to(device), idx.to(device)
+
+
+def _scan(q, k, v, do, g, h0, dht, meta, scale, backward):
+    """Run the state scans: forward only (h, final state) or both directions (h, dh, dh0)."""
+    cu, offsets, idx = meta
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    N, NC = cu.numel() - 1, idx.shape[0]
+    BK, BV = min(CONFIG["scan_bk"], K), min(CONFIG["scan_bv"], V)
+    DT, PREC = _dot_types(q.dtype)
+    sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    h = q.new_empty(NC, H, K, V, dtype=sdt)
+    dh = q.new_empty(NC, H, K, V, dtype=sdt) if backward else h
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if backward else ht
+    flags = (h0 is not None) | ((not backward) << 1) | ((dht is not None) << 2) | (backward << 3)
+    dummy = ht
+    grid = (triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H, 2 if backward else 1)
+    _scan_kernel[grid](q, k, v, do if do is not None else v, g, h, dh, h0 if h0 is not None else dummy,
+                       dht if dht is not None else dummy, ht, dh0, cu, offsets, scale, flags,
+                       H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts("scan"))
+    return (h, dh, dh0) if backward else (h, ht)
+
+
+def _forward(q, k, v, g, scale, h0, meta):
+    cu, _, idx = meta
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    h, ht = _scan(q, k, v, None, g, h0, None, meta, scale, backward=False)
+    o = torch.empty_like(v)
+    slow = torch.empty(idx.shape[0] * H, dtype=torch.int8, device=q.device)
+    DT, PREC = _dot_types(q.dtype)
+    for pairwise in (False, True):
+        _fwd_kernel[(idx.shape[0], H)](q, k, v, g, h, o, slow, cu, idx, scale, H=H, K=K, V=V, C=CHUNK,
+                                       BK=min(CONFIG["fwd_bk"], K), NG=CONFIG["groups"], MAXE=MAX_EXP,
+                                       PAIRWISE=pairwise, DT=DT, PREC=PREC, **_opts("fwd"))
+    return o, ht
+
+
+def _backward(q, k, v, g, do, scale, h0, dht, meta):
+    cu, _, idx = meta
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    h, dh, dh0 = _scan(q, k, v, do, g, h0, dht, meta, scale, backward=True)
+    dq, dk, dv, dg = (torch.empty_like(x) for x in (q, k, v, g))
+    slow = torch.empty(idx.shape[0] * H, dtype=torch.int8, device=q.device)
+    DT, PREC = _dot_types(q.dtype)
+    common = dict(H=H, K=K, V=V, C=CHUNK, NG=CONFIG["groups"], MAXE=MAX_EXP, DT=DT, PREC=PREC)
+    for pairwise in (False, True):
+        _bwd_dv_kernel[(idx.shape[0], H)](q, k, g, do, dh, dv, slow, cu, idx, scale, BK=min(CONFIG["dv_bk"], K),
+                                          PAIRWISE=pairwise, **common, **_opts("dv"))
+    BK = min(CONFIG["dqkg_bk"], K)
+    for pairwise in (False, True):
+        _bwd_dqkg_kernel[(idx.shape[0], H, K // BK)](q, k, v, g, h, dh, do, dq, dk, dg, slow, cu, idx, scale, BK=BK,
+                                                     PAIRWISE=pairwise, **common, **_opts("dqkg"))
+    return dq, dk, dv, dg, dh0
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class ChunkGLA(torch.autograd.Function):
+    """Inputs already checked, contiguous, documents packed along T (batch 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, h0, output_final_state, meta):
+        o, ht = _forward(q, k, v, g, scale, h0, meta)
+        ctx.save_for_backward(q, k, v, g, h0, *meta)
+        ctx.scale = scale
+        return o, (ht if output_final_state else None)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, h0, *meta = ctx.saved_tensors
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, do.contiguous(), ctx.scale, h0, dht, meta)
+        return dq, dk, dv, dg, None, (dh0 if h0 is not None else None), None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check(q, k, v, g, initial_state, cu_seqlens):
+    if q.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape or g.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"g {tuple(g.shape)} (k, g must equal q; v must share B, T, H)")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
+    if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}, g {g.dtype} "
+                        "(k, v must equal q; g equal q or float32)")
+    tensors = [q, k, v, g] + [x for x in (initial_state, cu_seqlens) if x is not None]
+    if any(x.device != q.device for x in tensors):
+        raise ValueError(f"all tensors must be on one device; got {[str(x.device) for x in tensors]}")
+    if K not in HEAD_DIMS or V not in HEAD_DIMS:
+        raise ValueError(f"head dims K={K}, V={V} not supported; each must be one of {HEAD_DIMS}")
+    N = B
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N + 1]")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (documents packed along T); got B={B}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, strictly increase and end at T={T}; got {cu}")
+        N = len(cu) - 1
+    if initial_state is not None and initial_state.shape != (N, H, K, V):
+        raise ValueError(f"initial_state must be [N={N}, H, K, V] = {(N, H, K, V)}; got "
+                         f"{tuple(initial_state.shape)}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated linear attention, chunked (training and prefill), with forward and backward.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the per-channel log-decay (<= 0), dtype of q or float32.
+    q, k, v: bf16, fp16 or fp32; K, V in (16, 32, 64, 128). scale defaults to K ** -0.5.
+    initial_state: [N, H, K, V] (float32; N = B, or the number of documents with cu_seqlens).
+    cu_seqlens: int32/int64 [N + 1], 0 = cu[0] < cu[1] < ... < cu[N] = T, B must be 1: documents packed
+    along T; the state restarts at every document (from initial_state[n] if given).
+    Returns o [B, T, H, V] (v's dtype) and the final state [N, H, K, V] float32 (None unless
+    output_final_state). Gradients flow to q, k, v, g and initial_state.
+    """
+    _check(q, k, v, g, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else float(scale)
+    meta = _chunk_meta(cu_seqlens, B, T, q.device)
+    flat = [x.reshape(1, B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, ht = ChunkGLA.apply(*flat, scale, h0, output_final_state, meta)
+    return o.view(B, T, H, -1), ht
+
+
+def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated linear attention one step at a time, for decoding (T = 1 or a few tokens). Forward only:
+    no autograd (raises if an input requires grad while grad mode is on; use chunk_gla for training).
+
+    Shapes and arguments as chunk_gla: q, k, g [B, T, H, K], v [B, T, H, V], initial_state [N, H, K, V]
+    float32. Returns o [B, T, H, V] (v's dtype) and the final state [N, H, K, V] float32 (or None).
+    """
+    _check(q, k, v, g, initial_state, cu_seqlens)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):
+        raise RuntimeError("fused_recurrent_gla has no backward; use chunk_gla, or call it under torch.no_grad()")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    cu = (torch.arange(0, B * T + 1, T, dtype=torch.int32, device=q.device) if cu_seqlens is None
+          else cu_seqlens.to(torch.int32))
+    N = cu.numel() - 1
+    q, k, v, g = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g))
+    o = torch.empty_like(v)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    BV = min(32, V)
+    _recurrent_kernel[(V // BV, N * H)](q, k, v, g, o, h0 if h0 is not None else ht, ht, cu, scale, H=H, K=K,
+                                        V=V, BV=BV, HAS_IN=h0 is not None, STORE_OUT=output_final_state,
+                                        num_warps=4)
+    return o.view(B, T, H, V), (ht if output_final_state else None)
+
+
+def spike_quant_torch(x, k=3.0, int8=False):
+    """PyTorch twin of spike_quant (the same formula as model.spike_quant)."""
+    x = x.float()
+    vth = (x.abs().mean(-1, keepdim=True) / k).clamp(1e-5, 1e4)
+    counts = torch.round(x / vth)
+    return (counts.clamp(-127, 127).to(torch.int8) if int8 else counts), vth
+
+
+_spike_compiled = None
+
+
+def spike_quant(x, k=3.0, int8=False):
+    """Spike counts of x [..., D]: vth = clamp(mean|x| / k, 1e-5, 1e4) per row (float32 [..., 1]),
+    counts = round(x / vth), ties to even, float32 [..., D] (int8, clamped to [-127, 127], if int8).
+
+    On CUDA this is torch.compile of spike_quant_torch: a hand-written Triton kernel (two passes per row)
+    was no faster on an H100 (x [16384, 3584] bf16: 0.124 vs 0.121 ms; int8 out 0.091 vs 0.087 ms), so
+    it was dropped. Elsewhere it runs eagerly.
+    """
+    global _spike_compiled
+    if k <= 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    if not x.is_cuda:
+        return spike_quant_torch(x, k, int8)
+    if _spike_compiled is None:
+        _spike_compiled = torch.compile(spike_quant_torch)
+    return _spike_compiled(x, k, int8)

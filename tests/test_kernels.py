@@ -1,0 +1,256 @@
+"""kernels.py against the float64 references in model.py.
+
+CPU (CI): TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py   (fp32 inputs: the interpreter's
+bf16 matmul is not exact). On a GPU the same tests run on CUDA, plus the `gpu` ones at real shapes in bf16:
+python -m pytest -q -m gpu tests/test_kernels.py
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from model import gla_recurrent
+from model import spike_quant as spike_quant_ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs CUDA or TRITON_INTERPRET=1")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def rms_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def inputs(B, T, H, K, V, gate=1.0, h0=False, dtype=torch.float32, dev=DEV, g_min=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) * gate)
+    if g_min is not None:
+        g = g.clamp_min(g_min)
+    s0 = torch.randn(B, H, K, V, generator=gen) if h0 else None
+    return [x.to(dev, dtype) for x in (q, k, v, g)], (None if s0 is None else s0.to(dev))
+
+
+def run_and_grad(fn, q, k, v, g, h0, seed=1, **kw):
+    """o, final state and the gradients of a random projection of both, for every input."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    s0 = None if h0 is None else h0.detach().clone().requires_grad_()
+    o, ht = fn(*leaves, initial_state=s0, output_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    wo, wh = (torch.randn(x.shape, generator=gen).to(x.device) for x in (o, ht))
+    grads = torch.autograd.grad((o.float() * wo).sum() + (ht * wh).sum(), leaves + ([s0] if s0 is not None else []))
+    return o, ht, grads
+
+
+def reference(q, k, v, g, h0, cu_seqlens=None, **kw):
+    """float64 per-step recurrence; a loop over documents when cu_seqlens is given."""
+    args = [x.double() for x in (q, k, v, g)]
+    s0 = None if h0 is None else h0.double()
+    if cu_seqlens is None:
+        return run_and_grad(gla_recurrent, *args, s0, **kw)
+
+    def loop(q, k, v, g, initial_state=None, output_final_state=True):
+        outs, states = [], []
+        for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            h = None if initial_state is None else initial_state[n:n + 1]
+            o, st = gla_recurrent(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h,
+                                  output_final_state=True)
+            outs.append(o)
+            states.append(st)
+        return torch.cat(outs, 1), torch.cat(states, 0)
+    return run_and_grad(loop, *args, s0, **kw)
+
+
+def assert_close(got, want, tol):
+    o, ht, grads = got
+    ro, rht, rgrads = want
+    names = ["o", "final state", "dq", "dk", "dv", "dg", "dh0"]
+    for name, a, b in zip(names, [o, ht, *grads], [ro, rht, *rgrads]):
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        err = rms_err(a, b)
+        print(f"{name}: {err:.1e}", end="  ")
+        assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol}"
+
+
+# ----------------------------------------------------------------------------- chunk_gla
+
+@needs_triton
+@pytest.mark.parametrize("T,K,V,h0", [(37, 16, 32, True), (130, 32, 16, False), (130, 16, 16, True)])
+def test_chunk_gla_matches_recurrent(T, K, V, h0):
+    (q, k, v, g), s0 = inputs(2, T, 3, K, V, gate=0.5, h0=h0, seed=T + K)
+    assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_groups(monkeypatch):
+    """Two reference points per chunk (CONFIG groups=2), as used for gates with faster decay."""
+    monkeypatch.setitem(kernels.CONFIG, "groups", 2)
+    (q, k, v, g), s0 = inputs(1, 100, 2, 16, 16, gate=1.0, h0=True, seed=3)
+    assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_strong_decay():
+    """Gates down to -30 per step: chunks take the exact pairwise path; nothing overflows."""
+    (q, k, v, g), s0 = inputs(1, 80, 2, 16, 16, gate=10.0, h0=True, g_min=-30.0, seed=4)
+    assert g.min() < -25
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
+    assert_close(got, reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_mixed_paths(monkeypatch):
+    """A low MAX_EXP sends some chunks down the pairwise path and keeps others fast, in one launch."""
+    monkeypatch.setattr(kernels, "MAX_EXP", 20.0)
+    (q, k, v, g), s0 = inputs(1, 130, 2, 16, 16, gate=1.0, seed=5)
+    g[:, 64:] = g[:, 64:] * 0.05                                   # chunks 1, 2: weak decay, fast path
+    assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_varlen_equals_loop():
+    (q, k, v, g), s0 = inputs(1, 150, 2, 16, 32, gate=0.5, seed=6)
+    cu = torch.tensor([0, 5, 70, 71, 150], device=DEV)
+    s0 = torch.randn(4, 2, 16, 32, device=DEV)
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0, cu_seqlens=cu)
+    assert_close(got, reference(q, k, v, g, s0, cu_seqlens=cu), 1e-4)
+    # and the same as calling the kernel once per document
+    for n in range(4):
+        s, e = cu[n].item(), cu[n + 1].item()
+        o, ht = kernels.chunk_gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=s0[n:n + 1],
+                                  output_final_state=True)
+        assert rms_err(got[0][:, s:e], o) < 1e-6 and rms_err(got[1][n:n + 1], ht) < 1e-6
+
+
+@needs_triton
+def test_chunk_gla_fp16_and_defaults():
+    (q, k, v, g), _ = inputs(2, 40, 2, 32, 32, gate=0.5, seed=7)
+    o, ht = kernels.chunk_gla(q.half(), k.half(), v.half(), g.half(), scale=0.3)
+    assert o.dtype == torch.float16 and ht is None
+    ro, _ = gla_recurrent(*(x.half().double() for x in (q, k, v, g)), scale=0.3)
+    assert rms_err(o, ro) < 3e-3
+
+
+# ----------------------------------------------------------------------------- fused_recurrent_gla
+
+@needs_triton
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fused_recurrent_matches_recurrent(varlen):
+    (q, k, v, g), s0 = inputs(3, 2, 2, 32, 16, gate=1.0, h0=True, seed=8)
+    cu = None
+    if varlen:
+        q, k, v, g = (x.reshape(1, 6, *x.shape[2:]) for x in (q, k, v, g))
+        cu = torch.tensor([0, 1, 4, 6], device=DEV)
+    o, ht = kernels.fused_recurrent_gla(q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    ro, rht, _ = reference(q, k, v, g, s0, cu_seqlens=cu)
+    assert rms_err(o, ro) < 1e-5 and rms_err(ht, rht) < 1e-5
+    with pytest.raises(RuntimeError, match="no backward"):
+        kernels.fused_recurrent_gla(q.requires_grad_(), k, v, g, cu_seqlens=cu)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_before_launch():
+    (q, k, v, g), _ = inputs(1, 8, 2, 16, 16, dev="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        kernels.chunk_gla(q, k[:, :4], v, g)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.chunk_gla(q, k, v[:, :, :1], g)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.chunk_gla(q, k.double(), v, g)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.chunk_gla(q.double(), k.double(), v.double(), g.double())
+    with pytest.raises(ValueError, match="device"):
+        kernels.chunk_gla(q, k, v, g.to("meta"))
+    q24 = torch.randn(1, 8, 2, 24)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.chunk_gla(q24, q24, v, q24)
+    with pytest.raises(ValueError, match="initial_state"):
+        kernels.chunk_gla(q, k, v, g, initial_state=torch.zeros(2, 2, 16, 16))
+    for cu in ([1, 8], [0, 5, 5, 8], [0, 9], [0, 6, 3, 8]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            kernels.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor(cu))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        kernels.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0.0, 8.0]))
+    q2 = torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="batch size"):
+        kernels.chunk_gla(q2, q2, q2, q2, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.fused_recurrent_gla(q, k, v, g[..., :8])
+
+
+# ----------------------------------------------------------------------------- spike quantization
+
+@pytest.mark.parametrize("shape", [(3, 5, 300), (4, 4096 + 7)])
+def test_spike_quant_matches_reference(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(DEV) * 3
+    counts, vth = kernels.spike_quant(x, 3.0)
+    rc, rv = spike_quant_ref(x, 3.0)
+    assert torch.allclose(vth, rv, rtol=1e-6, atol=0)
+    assert (counts != rc).float().mean() < 1e-4                     # ulp-level threshold ties only
+    c8, v8 = kernels.spike_quant(x.pow(3), 100.0, int8=True)
+    assert c8.dtype == torch.int8 and c8.abs().max() == 127
+    assert torch.equal(c8, torch.round(x.pow(3) / v8).clamp(-127, 127).to(torch.int8))
+
+
+def test_spike_quant_ties_to_even_and_clamps():
+    x = torch.tensor([[0.5, 1.5, 2.5, -2.5, -0.5, 3.0]], device=DEV)
+    counts, vth = kernels.spike_quant(x, x.abs().mean().item())       # vth = 1 exactly
+    assert vth.item() == 1.0 and counts.tolist() == [[0.0, 2.0, 2.0, -2.0, -0.0, 3.0]]
+    assert kernels.spike_quant(torch.zeros(2, 8, device=DEV))[1].eq(1e-5).all()
+    assert kernels.spike_quant(torch.full((1, 8), 1e6, device=DEV))[1].eq(1e4).all()
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_real_shapes(D):
+    (q, k, v, g), s0 = inputs(2, 2048 + 13, 4, D, D, gate=1.0, h0=True, seed=10, dtype=torch.bfloat16)
+    g = (g.float() / 16).bfloat16()                                 # the model's gate normalizer
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
+    want = run_and_grad(gla_recurrent, *(x.float() for x in (q, k, v, g)), s0)
+    assert_close(got, want, 2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_varlen_and_strong_decay():
+    (q, k, v, g), s0 = inputs(1, 3000, 4, 128, 128, gate=10.0, g_min=-30.0, seed=11, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1, 700, 2000, 2999, 3000], device=DEV)
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, None, cu_seqlens=cu)
+    want = reference(*(x.float() for x in (q, k, v, g)), None, cu_seqlens=cu)
+    assert_close(got, want, 2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("gate_norm", [1.0, 16.0])
+def test_gpu_matches_fla(gate_norm):
+    """Needs flash-linear-attention; its first call autotunes for minutes."""
+    fla = pytest.importorskip("fla.ops.gla")
+    (q, k, v, g), s0 = inputs(1, 4096 + 100, 8, 128, 128, gate=1.0, h0=True, seed=12, dtype=torch.bfloat16)
+    g = (g.float() / gate_norm).bfloat16()
+    ours = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
+    theirs = run_and_grad(fla.chunk_gla, q, k, v, g, s0)
+    want = run_and_grad(gla_recurrent, *(x.float() for x in (q, k, v, g)), s0)
+    for got in (ours, theirs):
+        assert_close(got, want, 2e-2)
+    assert_close(ours, theirs, 2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_spike_quant_bf16():
+    x = torch.randn(4096, 3584, device="cuda", dtype=torch.bfloat16)
+    counts, vth = kernels.spike_quant(x, 3.0)                       # the torch.compile path
+    rc, rv = spike_quant_ref(x, 3.0)
+    assert torch.allclose(vth, rv, rtol=1e-5, atol=0) and (counts != rc).float().mean() < 1e-5
