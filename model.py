@@ -286,8 +286,35 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
     return (k_doc == -1) | ((q_doc == k_doc) & (k_pos <= q_pos) & (q_pos - k_pos <= window))
 
 
-ATTN_IMPL = "auto"   # "auto": flex_attention on CUDA, SDPA with a dense mask elsewhere; "sdpa" or "flex" to force
-_flex = None
+ATTN_IMPL = "auto"   # "auto": on CUDA banded SDPA for one-document SWA, flex_attention for other masks; SDPA with
+_flex = None         # a dense mask elsewhere. "sdpa", "flex" or "banded" force one.
+
+
+def use_banded(q, window):
+    return window is not None and q.shape[1] > 1 and (ATTN_IMPL == "banded" or (ATTN_IMPL == "auto" and q.is_cuda))
+
+
+def banded_attention(q, k, v, q_start, k_start, window):
+    """Sliding-window attention of one document in blocks of `window` queries, each against the 2 * window keys
+    it may see: `attention`'s result at about twice the minimal work, on SDPA's fused kernels, with no compile.
+
+    q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D] at positions k_start ..., ending with the last
+    query (k_start <= q_start). Returns [B, T, H, D].
+    """
+    B, T, H, D = q.shape
+    S, Hkv, W = k.shape[1], k.shape[2], window
+    Bq = min(W, T)
+    n, off = -(-T // Bq), q_start - k_start
+    # block j's queries are key indices off + j*Bq + r; it needs keys from off + j*Bq - W on: pad W on the left
+    right = max(0, off + n * Bq - S)
+    kb, vb = (F.pad(x, (0, 0, 0, 0, W, right))[:, off:off + n * Bq + W].unfold(1, W + Bq, Bq)   # (B, n, Hkv, D, W+Bq)
+              .permute(0, 1, 2, 4, 3).flatten(0, 1).repeat_interleave(H // Hkv, 1) for x in (k, v))
+    qb = F.pad(q, (0, 0, 0, 0, 0, n * Bq - T)).view(B * n, Bq, H, D).transpose(1, 2)        # (B*n, H, Bq, D)
+    r, c = torch.arange(Bq, device=q.device)[:, None], torch.arange(W + Bq, device=q.device)[None]
+    first = (W - off - torch.arange(n, device=q.device) * Bq)[:, None, None]               # keys before k_start
+    mask = ((c >= r) & (c <= r + W))[None] & (c[None] >= first)                          # (n, Bq, W+Bq)
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1)[:, None])
+    return o.transpose(1, 2).reshape(B, n * Bq, H, D)[:, :T]
 
 
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
@@ -352,6 +379,12 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, q_pos, q_doc, window):
         """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
         B, L = q.shape[:2]
+        if use_banded(q, window) and self.n_sink == 0:   # ring in position order, then the new keys
+            order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
+            o = banded_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
+                                 int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
+            self.write(k, v, q_pos[0], q_doc[0])
+            return o
         if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
             self.write(k, v, q_pos[0], q_doc[0])
             return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
@@ -418,6 +451,8 @@ class Attention(nn.Module):
                 window = c.window if kind == "swa" else None
                 if cache is not None:
                     o = cache.kv.attend(qr, kr, v, pos, doc, window)
+                elif doc is None and use_banded(qr, window):
+                    o = banded_attention(qr, kr, v, 0, 0, window)
                 else:
                     o = attention(qr, kr, v, pos, pos, doc, doc, window)
                 if len(self.kinds) == 2:

@@ -271,3 +271,29 @@ def test_token_out_of_vocab_is_a_clear_error():
     m = GPT(Config.from_name("tiny"))
     with pytest.raises(ValueError, match="vocab_size"):
         m(torch.tensor([[1, 2, 512]]))
+
+
+@pytest.mark.parametrize("T,S,W", [(70, 70, 16), (5, 40, 16), (33, 50, 8), (16, 16, 16), (100, 117, 16)])
+def test_banded_swa_matches_dense_reference(T, S, W):
+    torch.manual_seed(T + S)
+    B, H, Hkv, D = 2, 4, 2, 8
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    k, v = torch.randn(B, S, Hkv, D, dtype=torch.float64), torch.randn(B, S, Hkv, D, dtype=torch.float64)
+    k_start = 3
+    q_start = k_start + S - T                               # the keys end with the last query
+    o = model.banded_attention(q, k, v, q_start, k_start, W)
+    qp, kp = torch.arange(q_start, q_start + T)[:, None], torch.arange(k_start, k_start + S)[None]
+    torch.testing.assert_close(o, dense_attention(q, k, v, (kp <= qp) & (qp - kp <= W)))
+
+
+def test_banded_path_in_model_and_cache(monkeypatch):
+    torch.manual_seed(10)
+    m = GPT(Config.from_name("tiny")).eval()
+    idx = torch.randint(0, 512, (2, 75))
+    with torch.no_grad():
+        ref = m(idx)[0]
+        monkeypatch.setattr(model, "ATTN_IMPL", "banded")
+        torch.testing.assert_close(m(idx)[0], ref, atol=2e-5, rtol=1e-4)
+        cache = m.new_cache(2, 80)
+        parts = [m(idx[:, a:b], cache=cache)[0] for a, b in [(0, 30), (30, 31), (31, 75)]]
+    torch.testing.assert_close(torch.cat(parts, 1), ref, atol=2e-5, rtol=1e-4)
