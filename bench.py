@@ -8,20 +8,497 @@
 import sys
 
 
-def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, D: int = 128) -> None:
-    raise NotImplementedError
+def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, D: int = 128,
+                  gate_norm: float = 16.0, extras: bool = True) -> None:
+    """GLA at SpikingBrain-7B shapes, bf16: forward and forward+backward ms of our kernels, fla's chunk_gla
+    (when installed), our pure-PyTorch gla_chunked and causal SDPA; a decode step; spike quantization.
+    Gates are logsigmoid(randn) / gate_norm (16 is the model's normalizer). Times: median of
+    triton.testing.do_bench (CUDA events, after warm-up), forward under no_grad. extras=False skips the
+    decode and spike rows."""
+    import datetime
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from triton.testing import do_bench
+
+    import kernels
+    import model
+    try:
+        from fla.ops.gla import chunk_gla as fla_chunk_gla
+        import fla
+        fla_version = fla.__version__
+    except ImportError:
+        fla_chunk_gla, fla_version = None, "not installed"
+    dev = "cuda"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()} torch {torch.__version__} "
+          f"triton {triton.__version__} fla {fla_version}; B={B} H={H} D={D} bf16, g = logsigmoid(randn)/{gate_norm}")
+
+    def timed(fn, fwd_only, grads):
+        try:
+            if fwd_only:
+                with torch.no_grad():
+                    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+            return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
+        except torch.OutOfMemoryError as e:
+            print(f"  OOM: {str(e)[:120]}")
+            torch.cuda.empty_cache()
+            return float("nan")
+
+    def flops(t, fwd_only):                       # matmul flops of our chunked algorithm, C = 64
+        C, n = kernels.CHUNK, B * H * triton.cdiv(t, kernels.CHUNK)
+        ckv, cck = 2 * C * D * D, 2 * C * C * D
+        return n * ((2 * ckv + 2 * cck) if fwd_only else (7 * ckv + 7 * cck))
+
+    print(f"{'T':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'GB/s':>7}  (ours: fwd+bwd matmul "
+          "flops, min bytes; fla row: ours / fla fwd+bwd)")
+    for t in T:
+        gen = torch.Generator(device=dev).manual_seed(t)
+        q, k, v = (torch.randn(B, t, H, D, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+        g = (F.logsigmoid(torch.randn(B, t, H, D, device=dev, generator=gen)) / gate_norm).bfloat16()
+        do = torch.randn_like(v)
+        leaves = [x.requires_grad_() for x in (q, k, v, g)]
+        impls = {"ours": lambda: kernels.chunk_gla(q, k, v, g)[0]}
+        if fla_chunk_gla is not None:                   # fla autotunes on its first call: minutes
+            impls["fla"] = lambda: fla_chunk_gla(q, k, v, g)[0]
+        impls["torch"] = lambda: model.gla_chunked(q, k, v, g)[0]
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        impls["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        res = {}
+        for name, fn in impls.items():
+            grads = [qt, kt, vt] if name == "sdpa" else leaves
+            fwd = timed(fn, True, grads)
+            both = timed(lambda: fn().backward(do if name != "sdpa" else do.transpose(1, 2)), False, grads)
+            res[name] = (fwd, both)
+            io = q.numel() * q.element_size()                         # bytes of one [B, T, H, D] tensor
+            extra = ""
+            if name == "ours":
+                extra = f"{flops(t, False) / both / 1e9:8.1f} {14 * io / both / 1e6:7.0f}"   # fwd+bwd, min bytes
+            ratio = f"  ours {res['ours'][1] / both:.2f}x" if name == "fla" else ""
+            print(f"{t:>6} {name:>8} {fwd:9.3f} {both:11.3f} {extra:>16}{ratio}", flush=True)
+        del q, k, v, g, do, leaves, qt, kt, vt, impls
+        torch.cuda.empty_cache()
+    if not extras:
+        return
+    # decode: one token for a batch of sequences with a state of [H, D, D] each
+    for b in (1, 32):
+        q, k, v = (torch.randn(b, 1, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        g = (F.logsigmoid(torch.randn(b, 1, H, D, device=dev)) / gate_norm).bfloat16()
+        s = torch.randn(b, H, D, D, device=dev)
+        ours = do_bench(lambda: kernels.fused_recurrent_gla(q, k, v, g, initial_state=s, output_final_state=True),
+                        return_mode="median")
+        ref = do_bench(lambda: model.gla_recurrent(q, k, v, g, initial_state=s, output_final_state=True),
+                       return_mode="median")
+        print(f"decode step, batch {b}: fused_recurrent_gla {ours * 1e3:.1f} us, PyTorch gla_recurrent "
+              f"{ref * 1e3:.1f} us ({2 * b * H * D * D * 4 / ours / 1e6:.0f} GB/s state read+write)")
+    # spike quantization of activations [tokens, features]: kernels.spike_quant is torch.compile on CUDA
+    for shape in ((16384, 3584),):
+        x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+        row = []
+        for int8 in (False, True):
+            row += [do_bench(lambda: kernels.spike_quant(x, 3.0, int8=int8), return_mode="median"),
+                    do_bench(lambda: kernels.spike_quant_torch(x, 3.0, int8=int8), return_mode="median")]
+        print(f"spike_quant {shape}: fp32 counts compiled {row[0]:.3f} / eager {row[1]:.3f} ms; "
+              f"int8 counts {row[2]:.3f} / {row[3]:.3f} ms")
 
 
-def bench_ttft() -> None:
-    raise NotImplementedError
+def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
+               models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
+               budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", device: str = "cuda",
+               tiny: bool = False) -> None:
+    """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
+
+    A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
+    A full-attention model (the baseline) runs the prompt in one forward pass without a cache, on SDPA's fastest
+    causal kernel: its best case. Each TTFT is printed beside its floor, 2 * non-embedding params * T / the bf16
+    matmul rate measured in this run. What would take longer than budget_s is not run as is: a linear-time model
+    is timed on fewer layers and scaled; a full-attention model is extrapolated by a*T + b*T^2 through its last
+    two measurements (also when its activations would not fit in memory). Such figures are marked.
+
+    Args:
+        lengths: prompt lengths in tokens.
+        models: presets of model.py.
+        chunk: prefill chunk of the cached (linear-time) path.
+        budget_s: longest single measurement.
+        sweep: chunk sizes to time first, each on a min(128k, longest)-token prompt (e.g. '[8192,16384,32768,65536]').
+        gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        device: cuda or cpu.
+        tiny: CPU smoke run: tiny models, short prompts.
+    """
+    import datetime
+    import gc
+    import time
+
+    import torch
+
+    import model as M
+    from generate import has_full_attention, prefill
+
+    def fit(done, T):
+        """Seconds at T from a*T + b*T^2 through the last two (T, seconds, peak) measurements, b >= 0."""
+        if len(done) == 1:
+            return done[0][1] * (T / done[0][0]) ** 2    # all quadratic: an upper bound
+        (T1, t1, _), (T2, t2, _) = done[-2], done[-1]
+        b = max((t2 / T2 - t1 / T1) / (T2 - T1), 0.0)
+        return (t2 / T2 - b * T2) * T + b * T * T
+
+    if tiny:
+        models, lengths, chunk, budget_s, device = ("tiny", "tiny-qwen"), (64, 256, 1024), 128, 5.0, "cpu"
+    M.GLA_IMPL = gla
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = 8192 if cuda else 512
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    for reps in (5, 50):                     # warm-up, then timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+    rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    del a, b
+    mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
+    name_dev = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name_dev} torch {torch.__version__} {dt}; "
+          f"GLA_IMPL={gla}; {n}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; budget {budget_s:.0f} s")
+    print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
+          flush=True)
+    ttft = {}
+    for name in models:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dt)          # random weights made in bf16 directly: no float32 copy of 7B
+        with torch.device(device):
+            m = M.GPT(M.Config.from_name(name)).eval()
+        torch.set_default_dtype(default)
+        c, params = m.config, m.num_params(embeddings=False)
+        weights = sum(p.numel() * p.element_size() for p in m.parameters())
+        cached = not has_full_attention(c)
+
+        @torch.no_grad()
+        def run(T, layers=c.n_layer, ch=chunk):
+            """Seconds to the first token of a T-token prompt (on the first `layers` blocks) and peak bytes."""
+            ids = torch.randint(0, c.vocab_size, (1, T), device=device)
+            blocks, m.blocks = m.blocks, m.blocks[:layers]
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t0 = time.perf_counter()
+                if cached:
+                    logits = prefill(m, m.new_cache(1, c.n_sink + T), ids, ch)
+                else:
+                    logits = m(ids, last_only=True)[0][:, -1]
+                logits.argmax(-1).item()
+                return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0
+            finally:
+                m.blocks = blocks
+
+        t0 = time.perf_counter()
+        run(min(lengths))                    # warm-up: kernel compilation and autotuning at every shape used
+        if cached and max(lengths) > chunk:
+            run(2 * chunk)
+        print(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        for ch in sweep if cached else ():
+            T = min(131072, max(lengths))
+            run(min(T, 2 * ch), ch=ch)       # compile this chunk size's shapes first
+            print(f"{name:>16} {T:>8} {run(T, ch=ch)[0]:9.3f} s with chunk {ch}", flush=True)
+        done, ttft[name] = [], {}
+        for T in lengths:
+            note, peak = "", None
+            if done:
+                (T1, t1, p1) = done[-1]
+                guess = t1 * T / T1 if cached else fit(done, T)
+                need = weights + (p1 - weights) * T / T1
+            else:
+                guess, need = 0.0, 0.0
+            try:
+                if not cached and len(done) >= 2 and (guess > budget_s or need > 0.92 * mem):
+                    t = fit(done, T)
+                    why = f"> {budget_s:.0f} s" if guess > budget_s else f"needs ~{need / 2**30:.0f} GiB"
+                    note = f"extrapolated ({why}): a*T + b*T^2 through T={done[-2][0]}, {done[-1][0]}"
+                elif cached and guess > budget_s:
+                    k = max(2, int(c.n_layer * budget_s / guess) // 2 * 2)   # an even count keeps the layer mix
+                    t, peak = run(T, k)
+                    t, note = t * c.n_layer / k, f"measured on {k} of {c.n_layer} layers, scaled by {c.n_layer / k:.1f}"
+                else:
+                    t, peak = run(T)
+                    done.append((T, t, peak))
+            except torch.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                if cached or len(done) < 2:
+                    print(f"{name:>16} {T:>8} out of memory", flush=True)
+                    continue
+                t, note = fit(done, T), f"extrapolated (out of memory): a*T + b*T^2 through T={done[-2][0]}, {done[-1][0]}"
+            ttft[name][T] = (t, note)
+            floor = 2 * params * T / rate
+            mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
+            print(f"{name:>16} {T:>8} {t:9.3f} {T / t:9.0f} {floor:8.3f} {t / floor:7.2f} {mem_s}  {note}", flush=True)
+        del m
+    if len(models) >= 2:
+        lin, base = models[0], models[-1]
+        print(f"\n{'T':>8} {lin:>16} {base:>16} {'speedup':>8}   (* = scaled or extrapolated)")
+        for T in lengths:
+            if T in ttft[lin] and T in ttft[base]:
+                (a, na), (b, nb) = ttft[lin][T], ttft[base][T]
+                print(f"{T:>8} {a:15.3f}{'*' if na else ' '} {b:15.3f}{'*' if nb else ' '} {b / a:8.1f}x")
+    if not tiny:
+        print("reference, not this run: Hugging Face transformers Qwen2 (SDPA), Qwen2.5-7B dims, H100 "
+              "(MACHINE-NOTES.md): 8k 0.27 s, 32k 1.29 s, 128k 9.54 s")
 
 
-def bench_decode() -> None:
-    raise NotImplementedError
+def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
+                 models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
+                 compile: bool = False, gla: str = "auto", device: str = "cuda", tiny: bool = False) -> None:
+    """Decode speed at each context length and batch size (greedy, generate.decode_step), random weights (bf16 on
+    GPU), beside the bandwidth bound: (weight bytes + cache bytes) read per step / the HBM bandwidth measured in
+    this run by a large device copy. Also peak memory.
+
+    The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
+    length would have written (with their positions) and random GLA states; a step's cost depends on those
+    shapes and positions, not on the values. Caches are sized as generate.py sizes them: a GLA/SWA model's SWA
+    ring holds window + 1 slots at any context; full attention holds the context plus the decoded tokens.
+
+    Args:
+        contexts: tokens already in the cache.
+        batches: sequences decoded together.
+        models: presets of model.py.
+        steps: timed decode steps (after 3 warm-up steps).
+        compile: torch.compile the step with CUDA graphs, as generate.py --compile (compiles once per model
+            and batch shape; the first compile takes about a minute).
+        gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        device: cuda or cpu.
+        tiny: CPU smoke run: tiny models, short contexts.
+    """
+    import datetime
+    import gc
+    import time
+
+    import torch
+
+    import model as M
+    from generate import cache_bytes, decode_step, has_full_attention
+    if tiny:
+        contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
+    M.GLA_IMPL = gla
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    x = torch.empty(2 ** 30 if cuda else 2 ** 24, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for reps in (2, 10):                     # warm-up, then timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            y.copy_(x)
+        sync()
+    bw = 2 * x.numel() * reps / (time.perf_counter() - t0)          # bytes read + written per second
+    del x, y
+    mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
+    name_dev = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name_dev} torch {torch.__version__} {dt}; "
+          f"GLA_IMPL={gla}; compile={compile}; device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
+          f"synthetically; {steps} steps")
+    print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
+          f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
+    warm = 3
+    for name in models:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dt)          # random weights made in bf16 directly: no float32 copy of 7B
+        with torch.device(device):
+            m = M.GPT(M.Config.from_name(name)).eval()
+        torch.set_default_dtype(default)
+        c = m.config
+        # every weight is read once per step, except the embedding table (B rows of it)
+        weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "embed.weight")
+        step = decode_step
+        if compile:
+            torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
+            step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None)
+        speed = {}
+        for B in batches:
+            for ctx in contexts:
+                max_len = c.n_sink + (ctx + warm + steps if has_full_attention(c) else c.max_seq_len)
+                need = weights + cache_bytes(m.new_cache(B, max_len, device="meta"))
+                if need > 0.92 * mem:
+                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {need / 2**30:.0f} GiB", flush=True)
+                    continue
+                try:
+                    with torch.no_grad():
+                        cache = m.new_cache(B, max_len)
+                        kv = {}
+                        for layer in cache.layers:
+                            if hasattr(layer, "state"):
+                                layer.state.normal_()
+                            if hasattr(layer, "kv"):
+                                n = min(ctx, layer.kv.capacity)
+                                if n not in kv:
+                                    kv[n] = torch.randn(B, n, c.n_kv_head, c.head_dim, device=device, dtype=dt)
+                                pos = torch.arange(c.n_sink + ctx - n, c.n_sink + ctx, device=device)
+                                layer.kv.write(kv[n], kv[n], pos, torch.zeros_like(pos))
+                                if c.n_sink:
+                                    sink = torch.arange(c.n_sink, device=device)
+                                    layer.kv.write(kv[n][:, :c.n_sink], kv[n][:, :c.n_sink], sink, sink * 0 - 1)
+                        del kv
+                        cache.seen = c.n_sink + ctx
+                        if compile:
+                            for b in cache.buffers():
+                                torch._dynamo.mark_static_address(b)
+                        tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
+                        if cuda:
+                            torch.cuda.reset_peak_memory_stats()
+                        t_warm = time.perf_counter()
+                        for i in range(warm + steps):
+                            if i == warm:
+                                sync()
+                                t0 = time.perf_counter()
+                                t_warm = t0 - t_warm
+                            if compile:
+                                torch.compiler.cudagraph_mark_step_begin()
+                            logits = step(m, cache, tok, torch.full((B, 1), cache.seen, device=device))
+                            cache.seen += 1
+                            tok = logits.argmax(-1, keepdim=True)
+                        sync()
+                        t = (time.perf_counter() - t0) / steps
+                except torch.OutOfMemoryError:
+                    cache = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    print(f"{name:>16} {B:>3} {ctx:>8} out of memory", flush=True)
+                    continue
+                cb = cache_bytes(cache)
+                bound = bw / (weights + cb)                          # steps/s if every byte is read once
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0
+                speed[B, ctx] = 1 / t
+                print(f"{name:>16} {B:>3} {ctx:>8} {1 / t:10.1f} {B / t:8.1f} {bound:10.1f} {100 / t / bound:6.0f}% "
+                      f"{cb / 2**30:10.2f} {peak:9.1f}" + (f"  (warm-up and compile {t_warm:.0f} s)" if compile else ""),
+                      flush=True)
+                del cache
+        for B in batches:
+            have = [ctx for ctx in contexts if (B, ctx) in speed]
+            if len(have) >= 2:
+                lo, hi = have[0], have[-1]
+                print(f"{name:>16} {B:>3} flatness: tok/s at {hi} / at {lo} = {speed[B, hi] / speed[B, lo]:.2f}",
+                      flush=True)
+        del m, step
+    if not tiny:
+        print("reference, not this run: Hugging Face transformers Qwen2 with its cache, Qwen2.5-7B dims, H100, "
+              "batch 1 (MACHINE-NOTES.md): ~11.5 tok/s")
 
 
-def bench_train() -> None:
-    raise NotImplementedError
+def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
+                seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
+                steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
+                activation_checkpointing: bool = True, compile: bool = False, peak_flops: float | None = None,
+                device: str = "auto") -> None:
+    """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
+
+    At seq_len: full training steps (forward, loss over the whole vocabulary, backward, AdamW) and the peak memory
+    measured beside train.py's estimate. At long_seq_lens: the throughput ratio only, over long_steps after one
+    warm-up step; there the loss is taken on the last position (128k positions x 152k classes of logits alone
+    would need 40 GB, and the output layer costs both models the same). precision: "bf16-true" (bf16 weights,
+    grads and AdamW state), "bf16-mixed" (fp32 weights, autocast) or "32-true". n_layer: keep the first n layers
+    of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU).
+    On CPU, e.g.: python bench.py train --preset tiny --baseline tiny-qwen --seq_len 256 --long_seq_lens [1024]
+    """
+    import datetime
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    import train
+    from model import GPT, PRESETS, Config
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    peak = peak_flops or train.PEAK_FLOPS.get(train.device_name(dev))
+    dtype = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32, "32-true": torch.float32}[precision]
+    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
+          f"{micro_batch_size}, activation checkpointing {activation_checkpointing}, compile {compile}, "
+          f"{warmup} warm-up + {steps} timed steps, peak " +
+          (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
+
+    def config(p):
+        n = n_layer or PRESETS[p].get("n_layer", 28)
+        layout = PRESETS[p].get("layout", Config().layout)
+        return Config.from_name(p, n_layer=n, layout=layout[:n],
+                                moe_layers=[i for i in PRESETS[p].get("moe_layers", []) if i < n])
+
+    def measure(p, T, full_loss, steps, warmup):
+        c = config(p)
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = GPT(c).to(dtype)
+        if activation_checkpointing:
+            train.checkpoint_blocks(model)
+        if compile:
+            for block in model.blocks:
+                block.compile()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+        x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            with autocast:
+                if full_loss:
+                    _, loss, aux = model(x, x)
+                else:
+                    logits, _, aux = model(x, last_only=True)
+                    loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
+            (loss + c.aux_loss_coef * aux).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        tok_s = steps * micro_batch_size * T / (time.perf_counter() - t0)
+        mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+        est = train.estimate_memory(c, model.num_params(), micro_batch_size, T, 1, "single", precision,
+                                    activation_checkpointing)["total"] / 1e9
+        mfu = model.flops_per_token(T) * tok_s / peak if peak else float("nan")
+        return c, tok_s, mfu, mem, est
+
+    def run(p, T, full_loss, steps=steps, warmup=warmup):
+        try:
+            return measure(p, T, full_loss, steps, warmup)
+        except torch.OutOfMemoryError as e:
+            print(f"  {p} at {T}: OOM ({str(e)[:100]})")
+            return None
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    print("| model | layers | seq | tokens/s | MFU | peak memory GB (measured / estimated) |")
+    print("|---|---|---|---|---|---|")
+    res = {}
+    for p in (preset, baseline):
+        r = res[p] = run(p, seq_len, True)
+        if r:
+            c, tok_s, mfu, mem, est = r
+            mfu, mem = f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f}" if dev.type == "cuda" else "n/a"
+            print(f"| {p} | {c.n_layer} | {seq_len} | {tok_s:.0f} | {mfu} | {mem} / {est:.1f} |", flush=True)
+    if res[preset] and res[baseline]:
+        print(f"\n{preset} / {baseline} at {seq_len}: {res[preset][1] / res[baseline][1]:.2f}x tokens/s")
+    for T in long_seq_lens:
+        a, b = (run(p, T, False, long_steps, 1) for p in (preset, baseline))
+        speeds = [f"{r[1]:.0f}" if r else "OOM" for r in (a, b)]
+        ratio = f"{a[1] / b[1]:.2f}x" if a and b else "n/a"
+        print(f"{preset} / {baseline} at {T} (loss on the last position): {speeds[0]} / {speeds[1]} tokens/s = {ratio}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -506,10 +506,9 @@ class MoE(nn.Module):
         probs = F.softmax(self.router(x).float(), -1)                       # (N, E)
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared)
-        for e, expert in enumerate(self.experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel():
-                out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
+        for e, expert in enumerate(self.experts):   # every expert runs, even on no tokens: under FSDP/DDP all
+            tok, slot = (idx == e).nonzero(as_tuple=True)   # ranks must produce the same set of gradients
+            out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
         load = F.one_hot(idx, c.n_expert).float().sum((0, 1)) / idx.numel()
         aux = c.n_expert * (load * probs.mean(0)).sum()
