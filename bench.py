@@ -102,6 +102,26 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
               f"int8 counts {row[2]:.3f} / {row[3]:.3f} ms")
 
 
+
+def random_model(name, device, dt):
+    """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
+    import gc
+
+    import torch
+
+    import model as M
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):
+            return M.GPT(M.Config.from_name(name)).eval()
+    finally:
+        torch.set_default_dtype(default)
+
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", device: str = "cuda",
@@ -166,15 +186,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
           flush=True)
     ttft = {}
     for name in models:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dt)          # random weights made in bf16 directly: no float32 copy of 7B
-        with torch.device(device):
-            m = M.GPT(M.Config.from_name(name)).eval()
-        torch.set_default_dtype(default)
+        m = random_model(name, device, dt)
         c, params = m.config, m.num_params(embeddings=False)
         weights = sum(p.numel() * p.element_size() for p in m.parameters())
         cached = not has_full_attention(c)
@@ -308,15 +320,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
     for name in models:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dt)          # random weights made in bf16 directly: no float32 copy of 7B
-        with torch.device(device):
-            m = M.GPT(M.Config.from_name(name)).eval()
-        torch.set_default_dtype(default)
+        m = random_model(name, device, dt)
         c = m.config
         # every weight is read once per step, except the embedding table (B rows of it)
         weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "embed.weight")
