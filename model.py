@@ -533,6 +533,18 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+def chunked_cross_entropy(lm_head, x, targets, chunk=8192):
+    """Mean next-token loss of x [N, C] through lm_head, `chunk` rows at a time; each chunk's logits are
+    recomputed in the backward pass instead of stored."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(xc, tc):
+        return F.cross_entropy(lm_head(xc).float(), tc, ignore_index=-100, reduction="sum")
+    total = sum(checkpoint(part, x[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                for i in range(0, x.shape[0], chunk))
+    return total / (targets != -100).sum().clamp_min(1)
+
+
 def doc_positions(doc_ids):
     """Positions restarting at each document of packed rows. doc_ids [B, T], non-decreasing per row."""
     B, T = doc_ids.shape
@@ -582,9 +594,10 @@ class GPT(nn.Module):
         return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False):
-        """idx [B, T] token ids -> (logits [B, T, V], loss or None, aux loss).
+        """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
 
-        targets: [B, T] next-token ids, -100 where no loss is taken. doc_ids: [B, T] non-decreasing document
+        targets: [B, T] next-token ids, -100 where no loss is taken; with targets, the mean loss is returned and
+        logits are not (they are computed in chunks and dropped: 128k x 152k of them would take 40 GB). doc_ids: [B, T] non-decreasing document
         index of each token in packed rows (attention and the GLA state never cross documents).
         cache: a `new_cache()` to prefill or decode with (one document per row). last_only: logits of the
         last position only (prefill for generation).
@@ -617,14 +630,10 @@ class GPT(nn.Module):
             aux = aux + a
         if cache is not None:
             cache.seen += x.shape[1]
-        x = x[:, n_sink:]
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss, aux
+        x = self.norm(x[:, n_sink:])
+        if targets is not None:   # training: the loss in chunks, never the whole [B, T, vocab] logits
+            return None, chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten()), aux
+        return self.lm_head(x[:, -1:] if last_only else x), None, aux
 
     def num_params(self, active_only=False, embeddings=True):
         c = self.config

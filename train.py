@@ -315,21 +315,24 @@ def get_lr(step, lr, min_lr, warmup_steps, max_steps):
 
 @torch.no_grad()
 def validate(fabric, model, data, micro_batch_size, max_batches):
-    """Perplexity over the first validation rows; every device runs the same number of batches (FSDP needs it)."""
-    from torchmetrics.text import Perplexity
+    """Perplexity over the first validation rows; every device runs the same number of batches (FSDP needs it).
+
+    exp of the token-weighted mean loss: the model's chunked loss never builds full logits (128k rows of them
+    would not fit), which torchmetrics' Perplexity needs."""
+    from torchmetrics import MeanMetric
 
     model.eval()
-    ppl = Perplexity(ignore_index=-100, sync_on_compute=True).to(fabric.device)
+    nll = MeanMetric(sync_on_compute=True).to(fabric.device)
     world, rank = fabric.world_size, fabric.global_rank
     n = max(1, min(max_batches, len(data) // (micro_batch_size * world)))
     for i in range(n):
         rows = [((i * world + rank) * micro_batch_size + j) % len(data) for j in range(micro_batch_size)]
         x, y, doc = data.batch(rows, fabric.device)
-        logits, _, _ = model(x, None, doc)
-        ppl.update(logits.float(), y)
+        _, loss, _ = model(x, y, doc)
+        nll.update(loss.float(), weight=(y != -100).sum())
     model.train()
-    p = ppl.compute().item()
-    return math.log(p), p
+    loss = nll.compute().item()
+    return loss, math.exp(loss)
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -846,8 +849,8 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
            "gathered": (2 * 2 * block + 2 * emb) * (shard > 1),
            "activations": acts,
-           # bf16 logits, their fp32 copy for the loss and its gradient
-           "logits": micro_batch_size * seq_len * c.vocab_size * 10}
+           # bf16 logits, their fp32 copy for the loss and its gradient, 8192 rows at a time (chunked loss)
+           "logits": min(micro_batch_size * seq_len, 8192) * c.vocab_size * 10}
     if precision == "bf16-mixed" and strategy != "fsdp":
         mem["gathered"] = 2 * n_params   # autocast keeps a bf16 copy of every weight during the forward
     mem["total"] = sum(mem.values())

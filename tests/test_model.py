@@ -214,7 +214,7 @@ def test_sinks_are_not_in_outputs_and_trainable():
     m = GPT(Config.from_name("tiny-moe"))
     idx = torch.randint(0, 512, (2, 12))
     logits, loss, aux = m(idx, targets=idx)
-    assert logits.shape == (2, 12, 512)
+    assert m(idx)[0].shape == (2, 12, 512)
     (loss + aux).backward()
     assert m.sinks.grad is not None and m.sinks.grad.abs().sum() > 0
 
@@ -297,3 +297,19 @@ def test_banded_path_in_model_and_cache(monkeypatch):
         cache = m.new_cache(2, 80)
         parts = [m(idx[:, a:b], cache=cache)[0] for a, b in [(0, 30), (30, 31), (31, 75)]]
     torch.testing.assert_close(torch.cat(parts, 1), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_loss_equals_full_cross_entropy():
+    torch.manual_seed(11)
+    m = GPT(Config.from_name("tiny"))
+    idx = torch.randint(0, 512, (3, 40))
+    tgt = idx.roll(-1, 1)
+    tgt[0, :7] = -100                                      # ignored positions
+    logits = m(idx)[0]
+    ref = F.cross_entropy(logits.double().flatten(0, 1), tgt.flatten(), ignore_index=-100)
+    _, loss, _ = m(idx, targets=tgt)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    x, t = torch.randn(50, 64, requires_grad=True), tgt.flatten()[:50]
+    g = torch.autograd.grad(model.chunked_cross_entropy(m.lm_head, x, t, chunk=7), x)[0]
+    g_ref = torch.autograd.grad(F.cross_entropy(m.lm_head(x), t, ignore_index=-100), x)[0]
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-4)

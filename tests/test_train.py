@@ -374,3 +374,17 @@ def test_fsdp_moe_with_idle_experts(pydoc, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert scalars(tmp_path / "moe", "moe/max_load.blocks.1.mlp")[0]
+
+
+def test_validate_equals_perplexity_of_all_target_tokens(pydoc):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny", vocab_size=2048)).eval()
+    data = train.Packed(pydoc, "val", 32, Tokenizer(TOK))
+    fabric = SimpleNamespace(world_size=1, global_rank=0, device=torch.device("cpu"))
+    loss, ppl = train.validate(fabric, model, data, micro_batch_size=2, max_batches=3)
+    x, y, doc = data.batch(list(range(6)), torch.device("cpu"))
+    logits = model(x, doc_ids=doc)[0].double()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert loss == pytest.approx(ref.item(), rel=1e-5) and ppl == pytest.approx(math.exp(ref.item()), rel=1e-5)
