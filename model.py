@@ -597,13 +597,14 @@ class GPT(nn.Module):
         """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
 
         targets: [B, T] next-token ids, -100 where no loss is taken; with targets, the mean loss is returned and
-        logits are not (they are computed in chunks and dropped: 128k x 152k of them would take 40 GB). doc_ids: [B, T] non-decreasing document
-        index of each token in packed rows (attention and the GLA state never cross documents).
+        logits are not (they are computed in chunks and dropped: 128k x 152k of them would take 40 GB).
+        doc_ids: [B, T] non-decreasing document index of each token in packed rows (attention and the GLA state
+        never cross documents).
         cache: a `new_cache()` to prefill or decode with (one document per row). last_only: logits of the
         last position only (prefill for generation).
         """
         c, (B, T) = self.config, idx.shape
-        if not torch.compiler.is_compiling() and (idx.min() < 0 or idx.max() >= c.vocab_size):
+        if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():   # one host sync
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
                              f"the tokenizer does not match this model")
         x = self.embed(idx)
