@@ -5,7 +5,6 @@
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py train     # training tokens/s and MFU
 """
-import sys
 
 
 def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, D: int = 128,

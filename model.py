@@ -14,7 +14,6 @@ Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (ar
 - optional spiking activations: with `spike_k` set, every projection's input becomes integer spike
   counts times a per-token threshold (straight-through in training).
 """
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
