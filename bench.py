@@ -4,6 +4,7 @@
     python bench.py ttft      # time to first token: spikingbrain-7b vs qwen2.5-7b
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py train     # training tokens/s and MFU
+    python bench.py profile   # top kernels of a training step and of a prefill chunk
 """
 
 
@@ -102,6 +103,52 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
 
 
 
+def device_rate(device, what):
+    """Measured in this run, beside every figure: "matmul" FLOP/s of an 8192^3 bf16 product, or "copy" bytes/s
+    read + written by a 1 GiB device copy (small fp32 stand-ins on CPU). Also prints the run's header line."""
+    import time
+
+    import torch
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if what == "matmul":
+        n = 8192 if cuda else 512
+        dt = torch.bfloat16 if cuda else torch.float32
+        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+        fn, work, reps = (lambda: a @ b), 2 * n ** 3, (5, 50)
+    else:
+        a = torch.empty(2 ** 30 if cuda else 2 ** 24, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        fn, work, reps = (lambda: b.copy_(a)), 2 * a.numel(), (2, 10)
+    for r in reps:                           # warm-up, then timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(r):
+            fn()
+        sync()
+    return work * reps[-1] / (time.perf_counter() - t0)
+
+
+def setup(device, gla):
+    """Sets model.GLA_IMPL for the run; returns (cuda, dtype, sync, device memory in bytes)."""
+    import torch
+
+    import model as M
+    M.GLA_IMPL = gla
+    cuda = device.startswith("cuda")
+    return (cuda, torch.bfloat16 if cuda else torch.float32, torch.cuda.synchronize if cuda else (lambda: None),
+            torch.cuda.get_device_properties(device).total_memory if cuda else float("inf"))
+
+
+def header(device, dt, gla, compile, what):
+    import datetime
+
+    import torch
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__} {dt}; GLA_IMPL={gla}; "
+          f"compile={compile}; {what}")
+
+
 def random_model(name, device, dt):
     """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
     import gc
@@ -123,8 +170,8 @@ def random_model(name, device, dt):
 
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
-               budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", device: str = "cuda",
-               tiny: bool = False) -> None:
+               budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
+               device: str = "cuda", tiny: bool = False) -> None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
@@ -141,17 +188,17 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         budget_s: longest single measurement.
         sweep: chunk sizes to time first, each on a min(128k, longest)-token prompt (e.g. '[8192,16384,32768,65536]').
         gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        compile: torch.compile every block of both models, as generate.py --compile (compiled in the warm-up;
+            each length is timed twice, the faster counts: a new size may recompile once).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
     """
-    import datetime
     import gc
     import time
 
     import torch
 
-    import model as M
-    from generate import has_full_attention, prefill
+    from generate import compile_blocks, has_full_attention, prefill
 
     def fit(done, T):
         """Seconds at T from a*T + b*T^2 through the last two (T, seconds, peak) measurements, b >= 0."""
@@ -163,24 +210,10 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
 
     if tiny:
         models, lengths, chunk, budget_s, device = ("tiny", "tiny-qwen"), (64, 256, 1024), 128, 5.0, "cpu"
-    M.GLA_IMPL = gla
-    cuda = device.startswith("cuda")
-    dt = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    n = 8192 if cuda else 512
-    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    for reps in (5, 50):                     # warm-up, then timed
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-    rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
-    del a, b
-    mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
-    name_dev = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name_dev} torch {torch.__version__} {dt}; "
-          f"GLA_IMPL={gla}; {n}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; budget {budget_s:.0f} s")
+    cuda, dt, sync, mem = setup(device, gla)
+    rate = device_rate(device, "matmul")
+    header(device, dt, gla, compile, f"{8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; "
+           f"budget {budget_s:.0f} s")
     print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
           flush=True)
     ttft = {}
@@ -189,6 +222,9 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         c, params = m.config, m.num_params(embeddings=False)
         weights = sum(p.numel() * p.element_size() for p in m.parameters())
         cached = not has_full_attention(c)
+        if compile:
+            torch._dynamo.reset()
+            compile_blocks(m)
 
         @torch.no_grad()
         def run(T, layers=c.n_layer, ch=chunk):
@@ -213,6 +249,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         run(min(lengths))                    # warm-up: kernel compilation and autotuning at every shape used
         if cached and max(lengths) > chunk:
             run(2 * chunk)
+        if compile:                          # a second length: torch.compile's graphs for any length
+            run(min(lengths) // 2)
         print(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         for ch in sweep if cached else ():
             T = min(131072, max(lengths))
@@ -238,6 +276,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                     t, note = t * c.n_layer / k, f"measured on {k} of {c.n_layer} layers, scaled by {c.n_layer / k:.1f}"
                 else:
                     t, peak = run(T)
+                    if compile:              # a first length past a size guard recompiles: time it again
+                        t = min(t, run(T)[0])
                     done.append((T, t, peak))
             except torch.OutOfMemoryError:
                 gc.collect()
@@ -286,35 +326,18 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
-    import datetime
     import gc
     import time
 
     import torch
 
-    import model as M
     from generate import cache_bytes, decode_step, has_full_attention
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
-    M.GLA_IMPL = gla
-    cuda = device.startswith("cuda")
-    dt = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    x = torch.empty(2 ** 30 if cuda else 2 ** 24, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for reps in (2, 10):                     # warm-up, then timed
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            y.copy_(x)
-        sync()
-    bw = 2 * x.numel() * reps / (time.perf_counter() - t0)          # bytes read + written per second
-    del x, y
-    mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
-    name_dev = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name_dev} torch {torch.__version__} {dt}; "
-          f"GLA_IMPL={gla}; compile={compile}; device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
-          f"synthetically; {steps} steps")
+    cuda, dt, sync, mem = setup(device, gla)
+    bw = device_rate(device, "copy")
+    header(device, dt, gla, compile, f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
+           f"synthetically; {steps} steps")
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
@@ -443,11 +466,11 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
         torch.manual_seed(0)
         with torch.device(dev):
             model = GPT(c).to(dtype)
-        if activation_checkpointing:
-            train.checkpoint_blocks(model)
-        if compile:
+        if compile:                     # as train.py: compiled blocks inside checkpoint wrappers
             for block in model.blocks:
                 block.compile()
+        if activation_checkpointing:
+            train.checkpoint_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
         x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=dev)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -504,7 +527,58 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
               flush=True)
 
 
+def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,
+                  rows: int = 25, device: str = "cuda") -> None:
+    """Where the time goes: torch.profiler tables (top kernels by device time) of one training step (first
+    n_layer layers, bf16, AdamW, no checkpointing) and of one cached prefill chunk of `chunk` tokens after a first
+    chunk (first two layers; for the 7B one GLA and one SWA layer). On CPU, e.g.:
+    python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import model as M
+    from generate import prefill
+    cuda = device.startswith("cuda")
+    dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    layout = M.Config.from_name(preset).layout
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = M.GPT(M.Config.from_name(preset, n_layer=n_layer, layout=layout[:n_layer])).to(dt)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=cuda)
+    x = torch.randint(0, m.config.vocab_size, (1, seq_len), device=device)
+
+    def step():
+        m(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    sync()
+    with profile(activities=[act]) as p:
+        step()
+        sync()
+    print(f"## training step: {preset}, {n_layer} layers, {seq_len} tokens, {dt}")
+    print(p.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    del opt
+    m.blocks = m.blocks[:2]
+    m.eval()
+    ids = torch.randint(0, m.config.vocab_size, (1, 2 * chunk), device=device)
+    with torch.no_grad():
+        prefill(m, m.new_cache(1, 2 * chunk), ids, chunk)          # warm-up
+        cache = m.new_cache(1, 2 * chunk)
+        prefill(m, cache, ids[:, :chunk], chunk)
+        sync()
+        with profile(activities=[act]) as p:
+            prefill(m, cache, ids[:, chunk:], chunk)
+            sync()
+    print(f"## prefill: a chunk of {chunk} after {chunk}, layers {' + '.join(m.config.layout[:2])}, eager")
+    print(p.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+
+
 if __name__ == "__main__":
     from jsonargparse import CLI
 
-    CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train})
+    CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
+         "profile": bench_profile})

@@ -4,7 +4,7 @@
                                                                 #       Ctrl-C stops a reply (the session goes on)
     python generate.py --ckpt out/ckpt --prompt "Once upon a"   # one-shot completion of raw text
     cat book.txt | python generate.py --ckpt out/ckpt --prompt - --max_new_tokens 200   # prompt from stdin
-    python generate.py --ckpt V1-7B-base --compile true         # a released SpikingBrain-7B directory, compiled decode
+    python generate.py --ckpt V1-7B-base --compile true         # a released SpikingBrain-7B directory, compiled
     python generate.py --ckpt out/ckpt --spike 3                # spiking activations; prints their sparsity
     python generate.py --ckpt out/ckpt --device cpu             # CPU (float32)
 
@@ -128,6 +128,14 @@ def decode_step(model, cache, tok, pos):
     return model.lm_head(model.norm(x))[:, -1]
 
 
+def compile_blocks(model):
+    """torch.compile every block for prefill: norms, RoPE, gates and activations fuse around the matmuls. The GLA
+    kernels and the banded sliding-window prefill run as they are between the compiled pieces; decode_step,
+    compiled on its own, traces through the blocks as usual."""
+    for block in model.blocks:
+        block.compile()
+
+
 def has_full_attention(config):
     return any("fa" in config.mixers(i) for i in range(config.n_layer))
 
@@ -201,21 +209,26 @@ class Generator:
         self.step = decode_step
         self.reset()
         if compile:
+            compile_blocks(model)
             self.step = torch.compile(decode_step, mode="reduce-overhead" if self.device.type == "cuda" else None)
             self.warm_up()
 
     def warm_up(self):
-        """Compile the decode step now rather than inside the first reply, on a cache of the size replies use
-        (exactly so for GLA/SWA models; a full-attention cache grows, and a new size compiles once more)."""
+        """Compile the prefill and the decode step now rather than inside the first reply, on a cache of the size
+        replies use (exactly so for GLA/SWA models; a full-attention cache grows, and a new size compiles once
+        more). Two prompt lengths: the second compiles the prefill for any length."""
         t0 = time.perf_counter()
-        self.room(1)
+        self.room(6)
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
+            for n in (5, 6):
+                self.model(tok.expand(1, n), cache=self.model.new_cache(1, self.cache_len), last_only=True)
             for _ in range(3):      # CUDA graph trees: a warm-up run, a recording, a replay
                 torch.compiler.cudagraph_mark_step_begin()
                 self.step(self.model, self.cache, tok, torch.zeros(1, 1, dtype=torch.long, device=self.device))
         self.reset()
-        print(f"compiled the decode step in {time.perf_counter() - t0:.1f} s", file=self.err, flush=True)
+        print(f"compiled the prefill and the decode step in {time.perf_counter() - t0:.1f} s", file=self.err,
+              flush=True)
 
     def reset(self):
         self.ids, self.cache, self.cache_len = [], None, 0   # the cache holds all of ids but the pending tail
@@ -421,7 +434,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         seed: random seed for sampling (None: random).
         stop: stop tokens (default <|endoftext|>, <|im_end|>).
         prefill_chunk: prompt tokens per forward pass while prefilling.
-        compile: torch.compile the decode step (CUDA graphs on GPU).
+        compile: torch.compile the blocks for prefill and the decode step (CUDA graphs on GPU).
         spike: spiking activations with threshold mean|x| / spike; prints their sparsity.
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).

@@ -472,6 +472,9 @@ def _check(q, k, v, g, initial_state, cu_seqlens):
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
 
 
+# In a compiled model this runs as is (a graph break): its launches are fused kernels already, and the checks
+# read cu_seqlens on the host.
+@torch.compiler.disable
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Gated linear attention, chunked (training and prefill), with forward and backward.
 

@@ -293,9 +293,22 @@ def use_banded(q, window):
     return window is not None and q.shape[1] > 1 and (ATTN_IMPL == "banded" or (ATTN_IMPL == "auto" and q.is_cuda))
 
 
+def attend_lse(q, k, v, causal):
+    """Softmax attention on the flash kernel with its log-sum-exp: q, k, v [N, H, L, D] -> o, lse [N, H, L] float32.
+    No gradient reaches lse (the kernel's own rule), so callers that combine by lse are for inference only."""
+    if q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+
+
 def banded_attention(q, k, v, q_start, k_start, window):
     """Sliding-window attention of one document in blocks of `window` queries, each against the 2 * window keys
-    it may see: `attention`'s result at about twice the minimal work, on SDPA's fused kernels, with no compile.
+    it may see, on SDPA's fused kernels, with no compile: `attention`'s result.
+
+    Training (gradients wanted) runs each block with an explicit band mask: twice the minimal work. Inference
+    splits a block's band in two causal halves on the flash kernel and merges them by log-sum-exp: the current
+    block's keys (causal) and the previous block's keys, which a query sees from its own offset on (causal once
+    queries and keys are both reversed): the minimal work, no mask.
 
     q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D] at positions k_start ..., ending with the last
     query (k_start <= q_start). Returns [B, T, H, D].
@@ -309,10 +322,22 @@ def banded_attention(q, k, v, q_start, k_start, window):
     kb, vb = (F.pad(x, (0, 0, 0, 0, W, right))[:, off:off + n * Bq + W].unfold(1, W + Bq, Bq)   # (B, n, Hkv, D, W+Bq)
               .permute(0, 1, 2, 4, 3).flatten(0, 1).repeat_interleave(H // Hkv, 1) for x in (k, v))
     qb = F.pad(q, (0, 0, 0, 0, 0, n * Bq - T)).view(B * n, Bq, H, D).transpose(1, 2)        # (B*n, H, Bq, D)
-    r, c = torch.arange(Bq, device=q.device)[:, None], torch.arange(W + Bq, device=q.device)[None]
-    first = (W - off - torch.arange(n, device=q.device) * Bq)[:, None, None]               # keys before k_start
-    mask = ((c >= r) & (c <= r + W))[None] & (c[None] >= first)                          # (n, Bq, W+Bq)
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1)[:, None])
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    flash = q.dtype in ((torch.float16, torch.bfloat16) if q.is_cuda else (torch.float32, torch.bfloat16))
+    if flash and not grads and Bq == W and (off == 0 or off >= W):
+        o_cur, l_cur = attend_lse(qb, kb[:, :, W:], vb[:, :, W:], True)
+        o_prev, l_prev = attend_lse(qb.flip(2), kb[:, :, :W].flip(2), vb[:, :, :W].flip(2), True)
+        o_prev, l_prev = o_prev.flip(2), l_prev.flip(2)
+        if off == 0:                                     # block 0 has no previous keys
+            l_prev.view(B, n, H, W)[:, 0] = float("-inf")
+        m = torch.maximum(l_cur, l_prev)
+        w_cur, w_prev = (l_cur - m).exp()[..., None], (l_prev - m).exp()[..., None]
+        o = ((o_cur.float() * w_cur + o_prev.float() * w_prev) / (w_cur + w_prev)).to(q.dtype)
+    else:
+        r, c = torch.arange(Bq, device=q.device)[:, None], torch.arange(W + Bq, device=q.device)[None]
+        first = (W - off - torch.arange(n, device=q.device) * Bq)[:, None, None]               # keys before k_start
+        mask = ((c >= r) & (c <= r + W))[None] & (c[None] >= first)                          # (n, Bq, W+Bq)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1)[:, None])
     return o.transpose(1, 2).reshape(B, n * Bq, H, D)[:, :T]
 
 
@@ -324,7 +349,7 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     global _flex
     B, T, H, D = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
-    gqa = H != k.shape[1]
+    gqa = bool(H != k.shape[1])                                        # a plain bool, also for symbolic shapes
     if q_doc is None:   # one document, no sinks, no cache
         if window is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
@@ -378,18 +403,23 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, q_pos, q_doc, window):
         """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
         B, L = q.shape[:2]
-        if use_banded(q, window) and self.n_sink == 0:   # ring in position order, then the new keys
-            order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
-            o = banded_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
-                                 int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
-            self.write(k, v, q_pos[0], q_doc[0])
-            return o
+        if use_banded(q, window) and self.n_sink == 0:
+            return self.attend_banded(q, k, v, q_pos, q_doc, window)
         if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
             self.write(k, v, q_pos[0], q_doc[0])
             return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
         ks, vs = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
         k_pos, k_doc = torch.cat([self.pos.expand(B, -1), q_pos], 1), torch.cat([self.doc.expand(B, -1), q_doc], 1)
         o = attention(q, ks, vs, q_pos, k_pos, q_doc, k_doc, window)
+        self.write(k, v, q_pos[0], q_doc[0])
+        return o
+
+    @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
+    def attend_banded(self, q, k, v, q_pos, q_doc, window):
+        """Prefill of one document through banded_attention: the ring in position order, then the new keys."""
+        order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
+        o = banded_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
+                             int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
         self.write(k, v, q_pos[0], q_doc[0])
         return o
 
@@ -424,40 +454,43 @@ class Attention(nn.Module):
     def __init__(self, c, layer):
         super().__init__()
         self.c, self.kinds = c, c.mixers(layer)
+        self.linear = next((k for k in self.kinds if k in LINEAR_MIXERS), None)       # gla, la or None
+        self.softmax = next((k for k in self.kinds if k not in LINEAR_MIXERS), None)  # swa, fa or None
         kv = c.n_kv_head * c.head_dim
         self.q_proj = Linear(c.n_embd, c.n_head * c.head_dim, bias=True)
         self.k_proj = Linear(c.n_embd, kv, bias=True)
         self.v_proj = Linear(c.n_embd, kv, bias=True)
         self.o_proj = Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
-        if "gla" in self.kinds:   # low-rank gate
+        if self.linear == "gla":   # low-rank gate
             self.gk_proj = nn.Sequential(Linear(c.n_embd, c.gate_rank, bias=False), Linear(c.gate_rank, kv, bias=True))
-        if any(k in LINEAR_MIXERS for k in self.kinds):
+        if self.linear:
             self.g_norm = RMSNorm(c.head_dim, c.norm_eps)
-        if len(self.kinds) == 2:
+        if self.linear and self.softmax:
             self.a_norm = RMSNorm(c.head_dim, c.norm_eps)    # normalizes the softmax branch
 
     def forward(self, x, pos, doc, cu_seqlens=None, cache=None):
+        # no loop over the branches: torch.compile cannot resume a loop after the graph breaks around the kernels
         c, (B, T, _) = self.c, x.shape
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
         out = 0
-        for kind in self.kinds:
-            if kind in LINEAR_MIXERS:
-                o = self.g_norm(self.linear_attention(kind, x, q, k, v, cu_seqlens, cache))
-            else:
-                qr, kr = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
-                window = c.window if kind == "swa" else None
-                if cache is not None:
-                    o = cache.kv.attend(qr, kr, v, pos, doc, window)
-                elif doc is None and use_banded(qr, window):
-                    o = banded_attention(qr, kr, v, 0, 0, window)
-                else:
-                    o = attention(qr, kr, v, pos, pos, doc, doc, window)
-                if len(self.kinds) == 2:
-                    o = self.a_norm(o)
-            out = out + o
+        if self.linear:
+            out = self.g_norm(self.linear_attention(self.linear, x, q, k, v, cu_seqlens, cache))
+        if self.softmax:
+            o = self.softmax_attention(self.softmax, q, k, v, pos, doc, cache)
+            out = out + (self.a_norm(o) if self.linear else o)
         return self.o_proj(out.reshape(B, T, -1))
+
+    def softmax_attention(self, kind, q, k, v, pos, doc, cache):
+        c = self.c
+        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+        window = c.window if kind == "swa" else None
+        if cache is not None:
+            return cache.kv.attend(q, k, v, pos, doc, window)
+        if doc is None and use_banded(q, window):
+            return banded_attention(q, k, v, 0, 0, window)
+        return attention(q, k, v, pos, pos, doc, doc, window)
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):
         c, (B, T, _) = self.c, x.shape
@@ -470,12 +503,26 @@ class Attention(nn.Module):
             k = torch.sigmoid(k)
         rep = c.n_head // c.n_kv_head                                    # GQA: kv head j serves q heads j*rep ...
         k, v, g = (t.repeat_interleave(rep, dim=2) for t in (k, v, g))
-        if cu_seqlens is not None:   # packed documents: one flat sequence, state reset at each start
-            q, k, v, g = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g))
-        o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state, cu_seqlens=cu_seqlens)
+        if cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
+            return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
+        o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state)
         if cache is not None:
             cache.state.copy_(state)
-        return o.view(B, T, c.n_head, c.head_dim).to(x.dtype)
+        return o.to(x.dtype)
+
+    def packed_linear_attention(self, q, k, v, g, cu_seqlens):
+        """Rows [B, n_sink + T, H, D] of packed documents; cu_seqlens marks them in the B * T flattened tokens.
+        The sinks are the same in every row and see only each other: they run once, and the state they leave
+        starts every document, as in a row of one document."""
+        s, B = self.c.n_sink, q.shape[0]
+        h0 = o_sink = None
+        if s:
+            o_sink, h0 = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])
+            q, k, v, g = (t[:, s:] for t in (q, k, v, g))
+            h0 = h0.expand(len(cu_seqlens) - 1, -1, -1, -1)
+        o, _ = gla(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v, g)), initial_state=h0, cu_seqlens=cu_seqlens)
+        o = o.view(B, -1, *o.shape[2:])
+        return o if o_sink is None else torch.cat([o_sink.expand(B, -1, -1, -1), o], 1)
 
 
 class MLP(nn.Module):
@@ -532,15 +579,43 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
-def chunked_cross_entropy(lm_head, x, targets, chunk=8192):
-    """Mean next-token loss of x [N, C] through lm_head, `chunk` rows at a time; each chunk's logits are
-    recomputed in the backward pass instead of stored."""
-    from torch.utils.checkpoint import checkpoint
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits x [N, C] @ w [V, C]^T, `chunk` rows at a time. When gradients are wanted
+    they are made in the forward pass, chunk by chunk (softmax - onehot is dL/dlogits): the [N, V] logits are
+    never whole and never recomputed."""
 
-    def part(xc, tc):
-        return F.cross_entropy(lm_head(xc).float(), tc, ignore_index=-100, reduction="sum")
-    total = sum(checkpoint(part, x[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-                for i in range(0, x.shape[0], chunk))
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk, grads):
+        total = x.new_zeros((), dtype=torch.float32)
+        dx = torch.zeros_like(x) if grads else None
+        dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        for i in range(0, x.shape[0], chunk):
+            xc, tc = x[i:i + chunk], targets[i:i + chunk]
+            logits = (xc @ w.T).float()                                  # (n, V)
+            lse, valid = logits.logsumexp(-1), tc != -100
+            tc = torch.where(valid, tc, 0)
+            total += torch.where(valid, lse - logits.gather(1, tc[:, None])[:, 0], 0.0).sum()
+            if grads:
+                p = logits.sub_(lse[:, None]).exp_()                     # softmax, in place of the logits
+                p[torch.arange(len(tc), device=x.device), tc] -= 1.0
+                p = (p * valid[:, None]).to(x.dtype)
+                dx[i:i + chunk] = p @ w
+                dw += p.T @ xc
+        if grads:
+            ctx.save_for_backward(dx, dw.to(w.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return dx * grad, dw * grad, None, None, None
+
+
+def chunked_cross_entropy(lm_head, x, targets, chunk=8192):
+    """Mean next-token loss of x [N, C] through lm_head (no bias), `chunk` rows at a time; targets -100 are
+    skipped."""
+    grads = torch.is_grad_enabled() and (x.requires_grad or lm_head.weight.requires_grad)
+    total = LinearCrossEntropy.apply(x, lm_head.weight, targets, chunk, grads)
     return total / (targets != -100).sum().clamp_min(1)
 
 
@@ -612,13 +687,14 @@ class GPT(nn.Module):
         pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
-            if cache is not None or n_sink:
-                raise ValueError("doc_ids (packed documents) need cache=None and a config without sink tokens")
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) are for training and scoring: call without a cache")
             doc = doc_ids + torch.arange(B, device=idx.device)[:, None] * (T + 1)   # unique across rows
             pos, start = doc_positions(doc)
+            pos = pos + n_sink                                             # every document starts after the sinks
             if start.sum() > B:   # the linear branches see the flattened rows as documents
                 cu_seqlens = F.pad(start.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
-        if cache is not None or n_sink:
+        elif cache is not None or n_sink:
             doc = torch.zeros_like(pos)
         if n_sink:   # prepend the sinks; their doc id -1 makes every softmax query see them
             x = torch.cat([self.sinks.to(x.dtype).expand(B, -1, -1), x], 1)

@@ -133,9 +133,6 @@ def main(
     if dry_run:
         print(plan(config, train, world_size, strategy, precision))
         return
-    if config.n_sink and data.doc_mask:
-        raise ValueError(f"{config.name} has sink tokens, which the model does not combine with packed-document masks "
-                         f"yet: set data.doc_mask: false (documents are then separated by <|endoftext|> only)")
 
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
@@ -168,11 +165,11 @@ def main(
     flops_per_token = net.flops_per_token(train.seq_len)
     if init_from is not None and strategy != "fsdp":
         load_weights(net, init_from, config)
-    if train.activation_checkpointing:
-        checkpoint_blocks(net)
-    if train.compile:
+    if train.compile:   # before checkpointing: the wrapper recomputes the compiled block in the backward pass
         for block in net.blocks:
             block.compile()
+    if train.activation_checkpointing:
+        checkpoint_blocks(net)
     net = fabric.setup(net)
     if init_from is not None and strategy == "fsdp":
         load_weights(net, init_from, config, sharded=True)
@@ -849,8 +846,10 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
            "gathered": (2 * 2 * block + 2 * emb) * (shard > 1),
            "activations": acts,
-           # bf16 logits, their fp32 copy for the loss and its gradient, 8192 rows at a time (chunked loss)
-           "logits": min(micro_batch_size * seq_len, 8192) * c.vocab_size * 10}
+           # the loss, 8192 rows at a time: fp32 logits and bf16 softmax of a chunk; the head's gradient (fp32
+           # while it accumulates, then in the weights' dtype) and the input's, made in the forward pass
+           "logits": min(micro_batch_size * seq_len, 8192) * c.vocab_size * 6 + c.vocab_size * c.n_embd * (4 + w)
+                     + tokens * c.n_embd * 2}
     if precision == "bf16-mixed" and strategy != "fsdp":
         mem["gathered"] = 2 * n_params   # autocast keeps a bf16 copy of every weight during the forward
     mem["total"] = sum(mem.values())

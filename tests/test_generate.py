@@ -11,7 +11,7 @@ import torch
 import convert
 import generate
 import tokenizer
-from generate import Chat, Generator, penalize, probs_of
+from generate import Chat, Generator, compile_blocks, penalize, prefill, probs_of
 from model import GPT, Config
 
 SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
@@ -289,8 +289,10 @@ def test_bench_code_paths_on_cpu(capsys):
     import bench
     bench.bench_ttft(tiny=True, sweep=(64, 256))
     bench.bench_decode(tiny=True)
+    bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu")
     out = capsys.readouterr()[0]
     assert "tiny-qwen" in out and "floor" in out and "bound" in out and "with chunk 256" in out
+    assert "## training step: tiny" in out and "## prefill: a chunk of 32 after 32, layers gla + swa" in out
 
 
 def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
@@ -302,5 +304,41 @@ def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))   # capture, no codegen
     err = io.StringIO()
     gen = Generator(m, tok, temperature=0, stop=[], max_new_tokens=12, compile=True, err=err)
-    assert "compiled the decode step" in err.getvalue()
+    assert "compiled the prefill and the decode step" in err.getvalue()
     assert gen.extend(prompt, io.StringIO())[0] == eager
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_compiled_blocks_equal_eager(name, monkeypatch):
+    """generate.compile_blocks (and train.py's compiled, checkpointed blocks): chunked prefill through the cache and a
+    training step's loss and gradients equal the eager model's, with the graph breaks around the GLA kernels (when
+    the interpreter runs them) and the banded SWA prefill."""
+    import copy
+    import functools
+
+    import kernels
+    import model as M
+    import train
+    monkeypatch.setattr(M, "ATTN_IMPL", "banded")
+    if kernels.INTERPRET:
+        monkeypatch.setattr(M, "GLA_IMPL", "triton")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    m = tiny(name).float()
+    ids = torch.randint(0, 259, (1, 45), generator=torch.Generator().manual_seed(2))
+    ref = prefill(m, m.new_cache(1, 64), ids, 16)
+    mc = copy.deepcopy(m)
+    compile_blocks(mc)
+    for _ in range(2):                          # the second run reuses the compiled graphs
+        torch.testing.assert_close(prefill(mc, mc.new_cache(1, 64), ids, 16), ref, rtol=1e-5, atol=1e-5)
+    m.train(), mc.train()
+    train.checkpoint_blocks(mc)
+    x = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for net in (m, mc):
+        _, loss, aux = net(x, x)
+        (loss + aux).backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(m.named_parameters(), mc.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
