@@ -5,6 +5,7 @@
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # top kernels of a training step and of a prefill chunk
+    python bench.py swa       # sliding-window attention: inference path vs the band-masked training path
 """
 
 
@@ -527,6 +528,29 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
               flush=True)
 
 
+def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128) -> None:
+    """model.banded_attention, one document in bf16: the inference path (two causal flash halves merged by
+    log-sum-exp) against the band-masked path that training uses, with the ring of a later prefill chunk in front
+    (off = window + 1) and without (off = 0): relative error between the two and ms of each."""
+    import torch
+    from triton.testing import do_bench
+
+    import model as M
+    torch.manual_seed(0)
+    for off in (0, window + 1):
+        q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T + off, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            fast = M.banded_attention(q, k, v, off, 0, window)
+            t_fast = do_bench(lambda: M.banded_attention(q, k, v, off, 0, window))
+        q.requires_grad_()                                     # gradients wanted: the band-masked path
+        masked = M.banded_attention(q, k, v, off, 0, window).detach()
+        t_masked = do_bench(lambda: M.banded_attention(q, k, v, off, 0, window))
+        err = ((fast.float() - masked.float()).norm() / masked.float().norm()).item()
+        print(f"SWA T={T} off={off}: rel err fast vs masked {err:.2e}; fast {t_fast:.2f} ms, masked {t_masked:.2f} ms",
+              flush=True)
+
+
 def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,
                   rows: int = 25, device: str = "cuda") -> None:
     """Where the time goes: torch.profiler tables (top kernels by device time) of one training step (first
@@ -581,4 +605,4 @@ if __name__ == "__main__":
     from jsonargparse import CLI
 
     CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
-         "profile": bench_profile})
+         "profile": bench_profile, "swa": bench_swa})
