@@ -106,7 +106,7 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
 
 def device_rate(device, what):
     """Measured in this run, beside every figure: "matmul" FLOP/s of an 8192^3 bf16 product, or "copy" bytes/s
-    read + written by a 1 GiB device copy (small fp32 stand-ins on CPU). Also prints the run's header line."""
+    read + written by a 1 GiB device copy (small fp32 stand-ins on CPU)."""
     import time
 
     import torch

@@ -453,9 +453,9 @@ class Attention(nn.Module):
 
     def __init__(self, c, layer):
         super().__init__()
-        self.c, self.kinds = c, c.mixers(layer)
-        self.linear = next((k for k in self.kinds if k in LINEAR_MIXERS), None)       # gla, la or None
-        self.softmax = next((k for k in self.kinds if k not in LINEAR_MIXERS), None)  # swa, fa or None
+        self.c, kinds = c, c.mixers(layer)
+        self.linear = next((k for k in kinds if k in LINEAR_MIXERS), None)       # gla, la or None
+        self.softmax = next((k for k in kinds if k not in LINEAR_MIXERS), None)  # swa, fa or None
         kv = c.n_kv_head * c.head_dim
         self.q_proj = Linear(c.n_embd, c.n_head * c.head_dim, bias=True)
         self.k_proj = Linear(c.n_embd, kv, bias=True)
