@@ -529,26 +529,34 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
 
 
 def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128) -> None:
-    """model.banded_attention, one document in bf16: the inference path (two causal flash halves merged by
-    log-sum-exp) against the band-masked path that training uses, with the ring of a later prefill chunk in front
-    (off = window + 1) and without (off = 0): relative error between the two and ms of each."""
+    """model.sliding_window_attention (flex_attention, the band's tiles only) in bf16, forward and forward +
+    backward, without a ring in front (off = 0) and with the ring of a later prefill chunk (off = window + 1,
+    forward only), beside causal flash SDPA over the same T (more work: T^2/2 scores vs ~T * window); TFLOP/s
+    count the band's 4 * scores * D multiply-adds forward, 2.5x that backward (accuracy: tests/test_model.py)."""
     import torch
+    import torch.nn.functional as F
     from triton.testing import do_bench
 
     import model as M
     torch.manual_seed(0)
+    header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}")
     for off in (0, window + 1):
         q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, T + off, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        scores = H * sum(min(t + off, window) + 1 for t in range(T))       # query t sees min(t + off, W) + 1 keys
         with torch.no_grad():
-            fast = M.banded_attention(q, k, v, off, 0, window)
-            t_fast = do_bench(lambda: M.banded_attention(q, k, v, off, 0, window))
-        q.requires_grad_()                                     # gradients wanted: the band-masked path
-        masked = M.banded_attention(q, k, v, off, 0, window).detach()
-        t_masked = do_bench(lambda: M.banded_attention(q, k, v, off, 0, window))
-        err = ((fast.float() - masked.float()).norm() / masked.float().norm()).item()
-        print(f"SWA T={T} off={off}: rel err fast vs masked {err:.2e}; fast {t_fast:.2f} ms, masked {t_masked:.2f} ms",
-              flush=True)
+            t_fwd = do_bench(lambda: M.sliding_window_attention(q, k, v, off, 0, window))
+            t_causal = do_bench(lambda: F.scaled_dot_product_attention(
+                *(x[:, -T:].transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True))
+        line = (f"SWA T={T} off={off}: forward {t_fwd:.2f} ms "
+                f"({4 * scores * D / t_fwd / 1e9:.0f} TFLOP/s)")
+        if off == 0:
+            q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+            do = torch.randn_like(q)
+            t_fb = do_bench(lambda: M.sliding_window_attention(q, k, v, 0, 0, window).backward(do),
+                            grad_to_none=[q, k, v])
+            line += f", forward + backward {t_fb:.2f} ms ({14 * scores * D / t_fb / 1e9:.0f} TFLOP/s)"
+        print(line + f"; causal flash SDPA over T: forward {t_causal:.2f} ms", flush=True)
 
 
 def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,

@@ -130,7 +130,7 @@ def decode_step(model, cache, tok, pos):
 
 def compile_blocks(model):
     """torch.compile every block for prefill: norms, RoPE, gates and activations fuse around the matmuls. The GLA
-    kernels and the banded sliding-window prefill run as they are between the compiled pieces; decode_step,
+    kernels and the sliding-window prefill (flex_attention) run as they are between the compiled pieces; decode_step,
     compiled on its own, traces through the blocks as usual."""
     for block in model.blocks:
         block.compile()
@@ -216,12 +216,14 @@ class Generator:
     def warm_up(self):
         """Compile the prefill and the decode step now rather than inside the first reply, on a cache of the size
         replies use (exactly so for GLA/SWA models; a full-attention cache grows, and a new size compiles once
-        more). Two prompt lengths: the second compiles the prefill for any length."""
+        more). Two prompt lengths: the second compiles the prefill for any length; on CUDA two more past 128
+        tokens, where sliding-window prefill moves to flex_attention (model.use_flex)."""
         t0 = time.perf_counter()
-        self.room(6)
+        lengths = (5, 6, 129, 130) if self.device.type == "cuda" else (5, 6)
+        self.room(lengths[-1])
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            for n in (5, 6):
+            for n in lengths:
                 self.model(tok.expand(1, n), cache=self.model.new_cache(1, self.cache_len), last_only=True)
             for _ in range(3):      # CUDA graph trees: a warm-up run, a recording, a replay
                 torch.compiler.cudagraph_mark_step_begin()

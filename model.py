@@ -281,64 +281,74 @@ def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
 # ----------------------------------------------------------------------------- softmax attention
 
 def visible(q_pos, k_pos, q_doc, k_doc, window):
-    """Which keys a query sees: sinks (doc -1) always; otherwise causal, within `window`, same document."""
-    return (k_doc == -1) | ((q_doc == k_doc) & (k_pos <= q_pos) & (q_pos - k_pos <= window))
+    """Which keys a query sees: sinks (doc -1) always; otherwise causal, within `window` (None: any distance),
+    same document. No stand-in number for "no window": compiled flex masks may compute in 32 bits."""
+    seen = (q_doc == k_doc) & (k_pos <= q_pos)
+    if window is not None:
+        seen = seen & (q_pos - k_pos <= window)
+    return (k_doc == -1) | seen
 
 
-ATTN_IMPL = "auto"   # "auto": on CUDA banded SDPA for one-document SWA, flex_attention for other masks; SDPA with
-_flex = None         # a dense mask elsewhere. "sdpa", "flex" or "banded" force one.
+ATTN_IMPL = "auto"   # "auto": flex_attention on CUDA past 128 queries, else SDPA with a dense mask. "sdpa" or
+_flex = None         # "flex" force one ("flex" on CPU runs flex_attention uncompiled: its dense reference, tests)
+_swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
 
 
-def use_banded(q, window):
-    return window is not None and q.shape[1] > 1 and (ATTN_IMPL == "banded" or (ATTN_IMPL == "auto" and q.is_cuda))
+def use_flex(q):
+    """flex_attention for queries q [B, T, ...]? Compiled (CUDA), it needs more than one tile of 128 queries."""
+    if q.is_cuda and q.shape[1] <= 128:
+        return False
+    return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda)
 
 
-def attend_lse(q, k, v, causal):
-    """Softmax attention on the flash kernel with its log-sum-exp: q, k, v [N, H, L, D] -> o, lse [N, H, L] float32.
-    No gradient reaches lse (the kernel's own rule), so callers that combine by lse are for inference only."""
-    if q.is_cuda:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+def flex(q, k, v, block_mask, gqa):
+    """flex_attention, compiled on CUDA (recompiles once with dynamic shapes on a new length). q, k, v [B, H, L, D]."""
+    global _flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if _flex is None:
+        _flex = torch.compile(flex_attention)
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def banded_attention(q, k, v, q_start, k_start, window):
-    """Sliding-window attention of one document in blocks of `window` queries, each against the 2 * window keys
-    it may see, on SDPA's fused kernels, with no compile: `attention`'s result.
+def swa_block_mask(T, S, off, window, device, tile=128):
+    """flex_attention's block mask for sliding-window attention of one document, made from the band's edges
+    without a [T, S] mask: query i sees key j iff 0 <= i + off - j <= window. Tiles of 128 x 128 wholly inside
+    the band skip the mask, tiles on its edges apply it, all others are skipped. Cached: every layer reuses it."""
+    from torch.nn.attention.flex_attention import BlockMask
+    key = (T, S, off, window, str(device))
+    if key not in _swa_masks:
+        if len(_swa_masks) >= 64:
+            _swa_masks.clear()
+        m = torch.arange(-(-T // tile), device=device)[:, None]              # query tiles
+        n = torch.arange(-(-S // tile), device=device)[None]                 # key tiles
+        q_lo, q_hi = m * tile + off, (m * tile + tile - 1).clamp(max=T - 1) + off
+        k_lo, k_hi = n * tile, (n * tile + tile - 1).clamp(max=S - 1)
+        some = (k_lo <= q_hi) & (k_hi >= q_lo - window)
+        full = (k_hi <= q_lo) & (k_lo >= q_hi - window) & (m * tile + tile <= T) & (n * tile + tile <= S)
 
-    Training (gradients wanted) runs each block with an explicit band mask: twice the minimal work. Inference
-    splits a block's band in two causal halves on the flash kernel and merges them by log-sum-exp: the current
-    block's keys (causal) and the previous block's keys, which a query sees from its own offset on (causal once
-    queries and keys are both reversed): the minimal work, no mask.
+        def ordered(d):   # per query tile: how many key tiles, and which (ascending, padded after)
+            return (d.sum(-1, dtype=torch.int32)[None, None],
+                    torch.argsort((~d).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None])
+        shift = torch.tensor(off, device=device)
 
-    q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D] at positions k_start ..., ending with the last
-    query (k_start <= q_start). Returns [B, T, H, D].
-    """
-    B, T, H, D = q.shape
-    S, Hkv, W = k.shape[1], k.shape[2], window
-    Bq = min(W, T)
-    n, off = -(-T // Bq), q_start - k_start
-    # block j's queries are key indices off + j*Bq + r; it needs keys from off + j*Bq - W on: pad W on the left
-    right = max(0, off + n * Bq - S)
-    kb, vb = (F.pad(x, (0, 0, 0, 0, W, right))[:, off:off + n * Bq + W].unfold(1, W + Bq, Bq)   # (B, n, Hkv, D, W+Bq)
-              .permute(0, 1, 2, 4, 3).flatten(0, 1).repeat_interleave(H // Hkv, 1) for x in (k, v))
-    qb = F.pad(q, (0, 0, 0, 0, 0, n * Bq - T)).view(B * n, Bq, H, D).transpose(1, 2)        # (B*n, H, Bq, D)
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    flash = q.dtype in ((torch.float16, torch.bfloat16) if q.is_cuda else (torch.float32, torch.bfloat16))
-    if flash and not grads and Bq == W and (off == 0 or off >= W):
-        o_cur, l_cur = attend_lse(qb, kb[:, :, W:], vb[:, :, W:], True)
-        o_prev, l_prev = attend_lse(qb.flip(2), kb[:, :, :W].flip(2), vb[:, :, :W].flip(2), True)
-        o_prev, l_prev = o_prev.flip(2), l_prev.flip(2)
-        if off == 0:                                     # block 0 has no previous keys
-            l_prev.view(B, n, H, W)[:, 0] = float("-inf")
-        m = torch.maximum(l_cur, l_prev)
-        w_cur, w_prev = (l_cur - m).exp()[..., None], (l_prev - m).exp()[..., None]
-        o = ((o_cur.float() * w_cur + o_prev.float() * w_prev) / (w_cur + w_prev)).to(q.dtype)
-    else:
-        r, c = torch.arange(Bq, device=q.device)[:, None], torch.arange(W + Bq, device=q.device)[None]
-        first = (W - off - torch.arange(n, device=q.device) * Bq)[:, None, None]               # keys before k_start
-        mask = ((c >= r) & (c <= r + W))[None] & (c[None] >= first)                          # (n, Bq, W+Bq)
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.repeat(B, 1, 1)[:, None])
-    return o.transpose(1, 2).reshape(B, n * Bq, H, D)[:, :T]
+        def mask_mod(b, h, qi, ki):
+            d = qi + shift - ki
+            return (d >= 0) & (d <= window)
+        _swa_masks[key] = BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), tile, mask_mod,
+                                                   seq_lengths=(T, S))
+    return _swa_masks[key]
+
+
+@torch.compiler.disable   # the block mask is cached on the host; compiled blocks call this as it is
+def sliding_window_attention(q, k, v, q_start, k_start, window):
+    """Sliding-window attention of one document on flex_attention: only the tiles in the band are computed, and
+    GQA's kv heads are read in place (no copies). q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D]
+    at positions k_start ..., ending with the last query. Returns [B, T, H, D]."""
+    bm = swa_block_mask(q.shape[1], k.shape[1], q_start - k_start, window, q.device)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return flex(q, k, v, bm, bool(q.shape[1] != k.shape[1])).transpose(1, 2)
 
 
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
@@ -346,24 +356,21 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
 
     window=None is full causal attention; doc None means one document, no sinks. Returns [B, T, H, D].
     """
-    global _flex
     B, T, H, D = q.shape
+    fl = use_flex(q)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
     gqa = bool(H != k.shape[1])                                        # a plain bool, also for symbolic shapes
     if q_doc is None:   # one document, no sinks, no cache
         if window is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
         q_doc = k_doc = torch.zeros_like(q_pos)
-    window = (1 << 40) if window is None else window
-    if ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda and T > 128):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        if _flex is None:
-            _flex = torch.compile(flex_attention)   # recompiles once with dynamic shapes on a new length
+    if fl:
+        from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, qi, ki):
             return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
-        bm = create_block_mask(mask_mod, B, None, T, k.shape[2], device=q.device, _compile=True)
-        o = _flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+        bm = create_block_mask(mask_mod, B, None, T, k.shape[2], device=q.device, _compile=q.is_cuda)
+        o = flex(q, k, v, bm, gqa)
     else:
         mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
                        q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
@@ -403,8 +410,8 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, q_pos, q_doc, window):
         """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
         B, L = q.shape[:2]
-        if use_banded(q, window) and self.n_sink == 0:
-            return self.attend_banded(q, k, v, q_pos, q_doc, window)
+        if window is not None and L > 1 and self.n_sink == 0 and use_flex(q):
+            return self.attend_window(q, k, v, q_pos, q_doc, window)
         if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
             self.write(k, v, q_pos[0], q_doc[0])
             return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
@@ -415,10 +422,10 @@ class KVCache(nn.Module):
         return o
 
     @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
-    def attend_banded(self, q, k, v, q_pos, q_doc, window):
-        """Prefill of one document through banded_attention: the ring in position order, then the new keys."""
+    def attend_window(self, q, k, v, q_pos, q_doc, window):
+        """Prefill of one document through sliding_window_attention: the ring in position order, then the new keys."""
         order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
-        o = banded_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
+        o = sliding_window_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
                              int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
         self.write(k, v, q_pos[0], q_doc[0])
         return o
@@ -488,8 +495,8 @@ class Attention(nn.Module):
         window = c.window if kind == "swa" else None
         if cache is not None:
             return cache.kv.attend(q, k, v, pos, doc, window)
-        if doc is None and use_banded(q, window):
-            return banded_attention(q, k, v, 0, 0, window)
+        if doc is None and window is not None and q.shape[1] > 1 and use_flex(q):
+            return sliding_window_attention(q, k, v, 0, 0, window)
         return attention(q, k, v, pos, pos, doc, doc, window)
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):

@@ -284,32 +284,61 @@ def test_token_out_of_vocab_is_a_clear_error():
         m(torch.tensor([[1, 2, 512]]))
 
 
-@pytest.mark.parametrize("T,S,W", [(70, 70, 16), (5, 40, 16), (33, 50, 8), (16, 16, 16), (100, 117, 16),
-                                   (40, 45, 16), (40, 56, 16)])
-@pytest.mark.parametrize("dtype,grad", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
-def test_banded_swa_matches_dense_reference(T, S, W, dtype, grad):
-    """Against float64 dense masked softmax: the masked-band path (float64, or gradients on) and the inference
-    path that merges two causal flash halves by log-sum-exp (float32 without gradients; ring offsets 0 or >= W)."""
+@pytest.mark.parametrize("T,S,off,W", [(300, 300, 0, 64), (300, 371, 71, 64), (256, 556, 300, 200),
+                                       (1000, 1000, 0, 256), (129, 129, 0, 128), (5, 4102, 4097, 4096)])
+def test_swa_block_mask_tiles(T, S, off, W):
+    """The band's tiles, from its edges, equal the tiles of the dense mask: a tile is listed iff some query of it
+    sees some key of it, and marked full (mask skipped) only if every query sees every key."""
+    bm = model.swa_block_mask(T, S, off, W, "cpu")
+    d = torch.arange(T)[:, None] + off - torch.arange(S)[None]
+    vis = F.pad((d >= 0) & (d <= W), (0, -S % 128, 0, -T % 128))           # padding is never visible
+    tiles = vis.unflatten(0, (-1, 128)).unflatten(2, (-1, 128)).transpose(1, 2)   # (nq, nk, 128, 128)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), tiles.any((2, 3)))
+    full = torch.zeros_like(tiles[..., 0, 0])
+    for m in range(full.shape[0]):
+        full[m, bm.full_kv_indices[0, 0, m, :bm.full_kv_num_blocks[0, 0, m]]] = True
+    assert torch.equal(full, tiles.all((2, 3)))
+
+
+@pytest.mark.parametrize("T,S,W", [(70, 70, 16), (5, 40, 16), (33, 50, 8), (16, 16, 16), (300, 317, 100),
+                                   (140, 145, 16), (200, 456, 200), (129, 4200, 4096)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sliding_window_attention_matches_dense_reference(T, S, W, device):
+    """flex_attention with our block mask against float64 dense masked softmax; the keys may start before the
+    queries (the ring of a chunked prefill). On CPU flex runs uncompiled (its dense reference, no backward); on
+    CUDA compiled, in float32, gradients too."""
+    if device == "cuda" and (not torch.cuda.is_available() or T <= 128):
+        pytest.skip("needs CUDA and more than 128 queries (model.use_flex)")
     torch.manual_seed(T + S)
-    B, H, Hkv, D = 2, 4, 2, 8
-    q = torch.randn(B, T, H, D, dtype=torch.float64)
-    k, v = torch.randn(B, S, Hkv, D, dtype=torch.float64), torch.randn(B, S, Hkv, D, dtype=torch.float64)
+    B, H, Hkv, D = 2, 4, 2, 16
+    grad = device == "cuda"
+    q = torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=grad)
+    k = torch.randn(B, S, Hkv, D, dtype=torch.float64, requires_grad=grad)
+    v = torch.randn(B, S, Hkv, D, dtype=torch.float64, requires_grad=grad)
     k_start = 3
     q_start = k_start + S - T                               # the keys end with the last query
-    with torch.set_grad_enabled(grad):
-        o = model.banded_attention(*(x.to(dtype).requires_grad_(grad) for x in (q, k, v)), q_start, k_start, W)
+    dt = torch.float64 if device == "cpu" else torch.float32
+    o = model.sliding_window_attention(*(x.to(device, dt) for x in (q, k, v)), q_start, k_start, W)
     qp, kp = torch.arange(q_start, q_start + T)[:, None], torch.arange(k_start, k_start + S)[None]
-    tol = {} if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(o.double(), dense_attention(q, k, v, (kp <= qp) & (qp - kp <= W)), **tol)
+    ref = dense_attention(q, k, v, (kp <= qp) & (qp - kp <= W))
+    tol = {} if device == "cpu" else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o.double().cpu(), ref, **tol)
+    if grad:
+        do = torch.randn_like(ref)
+        g = torch.autograd.grad(o, (q, k, v), do.to(device, dt))
+        for a, b in zip(g, torch.autograd.grad(ref, (q, k, v), do)):
+            torch.testing.assert_close(a.double().cpu(), b, **tol)
 
 
-def test_banded_path_in_model_and_cache(monkeypatch):
+def test_flex_path_in_model_and_cache(monkeypatch):
+    """ATTN_IMPL="flex" (CUDA's default) on CPU: the model's forward and a chunked prefill through the cache
+    equal the dense-mask path."""
     torch.manual_seed(10)
     m = GPT(Config.from_name("tiny")).eval()
     idx = torch.randint(0, 512, (2, 75))
     with torch.no_grad():
         ref = m(idx)[0]
-        monkeypatch.setattr(model, "ATTN_IMPL", "banded")
+        monkeypatch.setattr(model, "ATTN_IMPL", "flex")
         torch.testing.assert_close(m(idx)[0], ref, atol=2e-5, rtol=1e-4)
         cache = m.new_cache(2, 80)
         parts = [m(idx[:, a:b], cache=cache)[0] for a, b in [(0, 30), (30, 31), (31, 75)]]
@@ -338,3 +367,52 @@ def test_chunked_loss_equals_full_cross_entropy():
         torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-4)
     with torch.no_grad():                                              # no gradients made without grad mode
         assert model.chunked_cross_entropy(m.lm_head, x, t, chunk=7).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_gpu_packed_documents_train_like_cpu(name):
+    """On CUDA, packed rows longer than 128 tokens take flex_attention (document masks, sinks for tiny-moe) and
+    the Triton GLA kernels with cu_seqlens: loss and every gradient equal the CPU float32 path (dense masks,
+    torch GLA), up to flex's TF32 matmuls in float32 (a leak across documents would change them by far more)."""
+    torch.manual_seed(6)
+    m = GPT(Config.from_name(name))
+    idx = torch.randint(0, 512, (2, 300))
+    doc = torch.zeros(2, 300, dtype=torch.long)
+    doc[0, 130:], doc[1, 7:], doc[1, 200:] = 1, 1, 2
+    losses, grads = [], []
+    for dev in ("cpu", "cuda"):
+        m.to(dev).zero_grad()
+        loss = m(idx.to(dev), targets=idx.to(dev), doc_ids=doc.to(dev))[1]
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.detach().cpu().clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert rms_err(grads[1][n], grads[0][n]) < 5e-3, n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("off", [0, 4097])
+def test_gpu_sliding_window_attention_bf16_real_shapes(off):
+    """The 7B's SWA (28 query / 4 kv heads of 128, window 4096) at 8k queries in bf16, compiled flex: outputs
+    and gradients of sampled query rows against float32 dense attention."""
+    torch.manual_seed(off)
+    T, S, H, Hkv, D, W = 8192, 8192 + off, 28, 4, 128, 4096
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    o = model.sliding_window_attention(q, k, v, off, 0, W)
+    rows = torch.cat([torch.arange(0, 300), torch.arange(4000, 4300), torch.arange(T - 300, T)]).cuda()
+    do = torch.zeros_like(o)
+    do[:, rows] = torch.randn_like(o[:, rows])
+    o.backward(do)
+    d = rows[:, None] + off - torch.arange(S, device="cuda")[None]
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = dense_attention(qf[:, rows], kf, vf, (d >= 0) & (d <= W)).float()
+    ref.backward(do[:, rows].float())
+    assert rms_err(o[:, rows].float(), ref) < 1e-2
+    for a, b in ((q.grad, qf.grad), (k.grad, kf.grad), (v.grad, vf.grad)):
+        assert rms_err(a.float(), b) < 2e-2
