@@ -320,28 +320,36 @@ def test_bench_train_runs_on_cpu(capsys):
 
 # ----------------------------------------------------------------------------- FSDP, two processes
 
-@pytest.mark.slow
-def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
-    from convert import load_checkpoint, save_checkpoint
+def launcher(pydoc, tmp_path, seq_len, micro, batch, *more):
+    """train.py in a subprocess from one saved initial model (FSDP's sharded init draws other numbers):
+    launch(out_dir, *extra_args) -> the TensorBoard losses of each run in out_dir."""
+    from convert import save_checkpoint
 
-    torch.manual_seed(0)   # one starting point for both runs: FSDP's sharded init draws other numbers
+    torch.manual_seed(0)
     config = Config.from_name("tiny", vocab_size=2048)
     save_checkpoint(GPT(config), config, tmp_path / "init", TOK)
     args = ["--model", "tiny", "--model_config", "{vocab_size: 2048}", "--init_from", str(tmp_path / "init"),
-            "--data.path", str(pydoc), "--train.seq_len", "32", "--train.micro_batch_size", "2",
-            "--train.global_batch_size", "4", "--train.max_steps", "4", "--train.warmup_steps", "1",
+            "--data.path", str(pydoc), "--train.seq_len", str(seq_len), "--train.micro_batch_size", str(micro),
+            "--train.global_batch_size", str(batch), "--train.max_steps", "4", "--train.warmup_steps", "1",
             "--train.lr", "3e-3", "--train.min_lr", "3e-4", "--train.log_interval", "1", "--train.save_interval", "2",
-            "--eval.interval", "1000", "--eval.max_batches", "1", "--eval.sample_tokens", "0",
-            "--precision", "32-true", "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp"]
+            "--eval.interval", "1000", "--eval.max_batches", "1", "--eval.sample_tokens", "0", *more]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def launch(out, *extra):
         p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(out), *extra],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
+        return scalars(out)
+    return launch
 
-    launch(tmp_path / "fsdp")
-    fsdp = scalars(tmp_path / "fsdp")[0]
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
+    from convert import load_checkpoint
+
+    launch = launcher(pydoc, tmp_path, 32, 2, 4, "--precision", "32-true", "--accelerator", "cpu", "--devices", "2",
+                      "--strategy", "fsdp")
+    fsdp = launch(tmp_path / "fsdp")[0]
     shards = os.listdir(tmp_path / "fsdp" / "step-0000002" / "state")
     assert "__0_0.distcp" in shards and "__1_0.distcp" in shards   # one file per rank
     # the same 4 rows per step on one process (2 micro-batches accumulated) give the same losses
@@ -350,8 +358,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
     assert np.allclose([fsdp[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-5, atol=1e-5)
     # stop after step 2 (the sharded checkpoint alone), resume on two processes: steps 3-4 repeat exactly
     shutil.copytree(tmp_path / "fsdp" / "step-0000002", tmp_path / "cut" / "step-0000002")
-    launch(tmp_path / "cut", "--resume", "auto")
-    resumed = scalars(tmp_path / "cut")[0]
+    resumed = launch(tmp_path / "cut", "--resume", "auto")[0]
     assert resumed == {3: fsdp[3], 4: fsdp[4]}
     model, _ = load_checkpoint(tmp_path / "cut" / "final")     # the export gathers the shards into one file
     assert sum(p.numel() for p in model.parameters()) == GPT(Config.from_name("tiny", vocab_size=2048)).num_params()
@@ -392,25 +399,8 @@ def test_validate_equals_perplexity_of_all_target_tokens(pydoc):
 def test_gpu_fsdp_matches_single_device_and_resumes(pydoc, tmp_path):
     """FSDP2 on one CUDA device in bf16-mixed: the losses follow the unsharded run, and a run resumed from the
     sharded step-2 checkpoint repeats steps 3-4."""
-    from convert import save_checkpoint
-
-    torch.manual_seed(0)
-    config = Config.from_name("tiny", vocab_size=2048)
-    save_checkpoint(GPT(config), config, tmp_path / "init", TOK)
-    args = ["--model", "tiny", "--model_config", "{vocab_size: 2048}", "--init_from", str(tmp_path / "init"),
-            "--data.path", str(pydoc), "--train.seq_len", "256", "--train.micro_batch_size", "4",
-            "--train.global_batch_size", "8", "--train.max_steps", "4", "--train.warmup_steps", "1",
-            "--train.lr", "3e-3", "--train.min_lr", "3e-4", "--train.log_interval", "1", "--train.save_interval", "2",
-            "--eval.interval", "1000", "--eval.max_batches", "1", "--eval.sample_tokens", "0",
-            "--precision", "bf16-mixed", "--accelerator", "cuda", "--devices", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def launch(out, *extra):
-        p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(out), *extra],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return scalars(out)
-
+    launch = launcher(pydoc, tmp_path, 256, 4, 8, "--precision", "bf16-mixed", "--accelerator", "cuda",
+                      "--devices", "1")
     fsdp = launch(tmp_path / "fsdp", "--strategy", "fsdp")[0]
     single = launch(tmp_path / "single", "--strategy", "single")[0]
     assert sorted(fsdp) == [1, 2, 3, 4]
