@@ -425,8 +425,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
                 seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
                 steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
-                activation_checkpointing: bool = True, compile: bool = False, peak_flops: float | None = None,
-                device: str = "auto") -> None:
+                activation_checkpointing: bool = True, compile: bool = False, docs: int = 1,
+                peak_flops: float | None = None, device: str = "auto") -> None:
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
     At seq_len: full training steps (forward, loss over the whole vocabulary, backward, AdamW) and the peak memory
@@ -434,7 +434,9 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     warm-up step; there the loss is taken on the last position (128k positions x 152k classes of logits alone
     would need 40 GB, and the output layer costs both models the same). precision: "bf16-true" (bf16 weights,
     grads and AdamW state), "bf16-mixed" (fp32 weights, autocast) or "32-true". n_layer: keep the first n layers
-    of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU).
+    of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU). docs: documents
+    packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
+    restarting at each; flex_attention on CUDA).
     On CPU, e.g.: python bench.py train --preset tiny --baseline tiny-qwen --seq_len 256 --long_seq_lens [1024]
     """
     import datetime
@@ -452,7 +454,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
-          f"{micro_batch_size}, activation checkpointing {activation_checkpointing}, compile {compile}, "
+          f"{micro_batch_size}, {docs} document(s) per row, activation checkpointing {activation_checkpointing}, "
+          f"compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
 
@@ -474,6 +477,7 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
             train.checkpoint_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
         x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=dev)
+        doc = (torch.arange(T, device=dev) * docs // T).expand(micro_batch_size, T) if docs > 1 else None
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -484,9 +488,9 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
                 t0 = time.perf_counter()
             with autocast:
                 if full_loss:
-                    _, loss, aux = model(x, x)
+                    _, loss, aux = model(x, x, doc_ids=doc)
                 else:
-                    logits, _, aux = model(x, last_only=True)
+                    logits, _, aux = model(x, doc_ids=doc, last_only=True)
                     loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
             (loss + c.aux_loss_coef * aux).backward()
             opt.step()

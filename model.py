@@ -426,7 +426,7 @@ class KVCache(nn.Module):
         """Prefill of one document through sliding_window_attention: the ring in position order, then the new keys."""
         order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
         o = sliding_window_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
-                             int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
+                                     int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
         self.write(k, v, q_pos[0], q_doc[0])
         return o
 

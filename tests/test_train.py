@@ -316,6 +316,9 @@ def test_bench_train_runs_on_cpu(capsys):
                       precision="32-true", device="cpu")
     out = capsys.readouterr().out
     assert "| tiny | 4 | 64 |" in out and "| tiny-qwen | 4 | 64 |" in out and "tiny / tiny-qwen at 128" in out
+    bench.bench_train(preset="tiny-moe", baseline="tiny-qwen", seq_len=64, long_seq_lens=(), steps=1, warmup=1,
+                      precision="32-true", docs=3, device="cpu")
+    assert "3 document(s) per row" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- FSDP, two processes
