@@ -301,6 +301,11 @@ def use_flex(q):
     return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda)
 
 
+def use_sliding_window(q, window):
+    """sliding_window_attention for these queries of one document (prefill or training, not decode)?"""
+    return window is not None and q.shape[1] > 1 and use_flex(q)
+
+
 def flex(q, k, v, block_mask, gqa):
     """flex_attention, compiled on CUDA (recompiles once with dynamic shapes on a new length). q, k, v [B, H, L, D]."""
     global _flex
@@ -410,7 +415,7 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, q_pos, q_doc, window):
         """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
         B, L = q.shape[:2]
-        if window is not None and L > 1 and self.n_sink == 0 and use_flex(q):
+        if self.n_sink == 0 and use_sliding_window(q, window):
             return self.attend_window(q, k, v, q_pos, q_doc, window)
         if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
             self.write(k, v, q_pos[0], q_doc[0])
@@ -495,7 +500,7 @@ class Attention(nn.Module):
         window = c.window if kind == "swa" else None
         if cache is not None:
             return cache.kv.attend(q, k, v, pos, doc, window)
-        if doc is None and window is not None and q.shape[1] > 1 and use_flex(q):
+        if doc is None and use_sliding_window(q, window):
             return sliding_window_attention(q, k, v, 0, 0, window)
         return attention(q, k, v, pos, pos, doc, doc, window)
 
