@@ -46,10 +46,9 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
             torch.cuda.empty_cache()
             return float("nan")
 
-    def flops(t, fwd_only):                       # matmul flops of our chunked algorithm, C = 64
+    def flops(t):                                 # fwd+bwd matmul flops of our chunked algorithm, C = 64
         C, n = kernels.CHUNK, B * H * triton.cdiv(t, kernels.CHUNK)
-        ckv, cck = 2 * C * D * D, 2 * C * C * D
-        return n * ((2 * ckv + 2 * cck) if fwd_only else (7 * ckv + 7 * cck))
+        return n * 7 * (2 * C * D * D + 2 * C * C * D)
 
     print(f"{'T':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'GB/s':>7}  (ours: fwd+bwd matmul "
           "flops, min bytes; fla row: ours / fla fwd+bwd)")
@@ -74,7 +73,7 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
             io = q.numel() * q.element_size()                         # bytes of one [B, T, H, D] tensor
             extra = ""
             if name == "ours":
-                extra = f"{flops(t, False) / both / 1e9:8.1f} {14 * io / both / 1e6:7.0f}"   # fwd+bwd, min bytes
+                extra = f"{flops(t) / both / 1e9:8.1f} {14 * io / both / 1e6:7.0f}"   # fwd+bwd, min bytes
             ratio = f"  ours {res['ours'][1] / both:.2f}x" if name == "fla" else ""
             print(f"{t:>6} {name:>8} {fwd:9.3f} {both:11.3f} {extra:>16}{ratio}", flush=True)
         del q, k, v, g, do, leaves, qt, kt, vt, impls
@@ -148,6 +147,14 @@ def header(device, dt, gla, compile, what):
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__} {dt}; GLA_IMPL={gla}; "
           f"compile={compile}; {what}")
+
+
+def first_layers(preset, n_layer=None):
+    """The preset's config cut to its first n_layer layers (None: all), its layout and MoE layers with it."""
+    import model as M
+    c = M.Config.from_name(preset)
+    n = n_layer or c.n_layer
+    return M.Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
 
 
 def random_model(name, device, dt):
@@ -446,7 +453,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     import torch.nn.functional as F
 
     import train
-    from model import GPT, PRESETS, Config
+    from generate import compile_blocks
+    from model import GPT
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     peak = peak_flops or train.PEAK_FLOPS.get(train.device_name(dev))
@@ -459,20 +467,13 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
 
-    def config(p):
-        n = n_layer or PRESETS[p].get("n_layer", 28)
-        layout = PRESETS[p].get("layout", Config().layout)
-        return Config.from_name(p, n_layer=n, layout=layout[:n],
-                                moe_layers=[i for i in PRESETS[p].get("moe_layers", []) if i < n])
-
     def measure(p, T, full_loss, steps, warmup):
-        c = config(p)
+        c = first_layers(p, n_layer)
         torch.manual_seed(0)
         with torch.device(dev):
             model = GPT(c).to(dtype)
         if compile:                     # as train.py: compiled blocks inside checkpoint wrappers
-            for block in model.blocks:
-                block.compile()
+            compile_blocks(model)
         if activation_checkpointing:
             train.checkpoint_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
@@ -578,10 +579,9 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    layout = M.Config.from_name(preset).layout
     torch.manual_seed(0)
     with torch.device(device):
-        m = M.GPT(M.Config.from_name(preset, n_layer=n_layer, layout=layout[:n_layer])).to(dt)
+        m = M.GPT(first_layers(preset, n_layer)).to(dt)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=cuda)
     x = torch.randint(0, m.config.vocab_size, (1, seq_len), device=device)
 

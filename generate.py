@@ -445,9 +445,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, prefill_chunk >= 1, repetition_penalty > 0")
     if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need top_k >= 1 and 0 < top_p <= 1; got top_k={top_k}, top_p={top_p}")
-    if dtype is not None and dtype not in convert.DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(convert.DTYPES)}")
-    dt = convert.DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dt = convert.resolve_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is not None and not prompt:

@@ -166,8 +166,8 @@ def main(
     if init_from is not None and strategy != "fsdp":
         load_weights(net, init_from, config)
     if train.compile:   # before checkpointing: the wrapper recomputes the compiled block in the backward pass
-        for block in net.blocks:
-            block.compile()
+        from generate import compile_blocks
+        compile_blocks(net)
     if train.activation_checkpointing:
         checkpoint_blocks(net)
     net = fabric.setup(net)
@@ -244,9 +244,9 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
         hooks = spike_hooks(model, sparsity) if log_now and config.spike_k else []
         with fabric.no_backward_sync(model, enabled=is_accumulating):
             _, loss, aux = model(x, y, doc)
+            for h in hooks:   # before backward: checkpointed blocks would run them again in the recompute
+                h.remove()
             fabric.backward((loss + config.aux_loss_coef * aux) / accum)
-        for h in hooks:
-            h.remove()
         loss_avg.update(loss.detach())
         state["iter_num"] += 1
         if is_accumulating:
@@ -289,10 +289,10 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
             fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=state["step"])
             if fabric.global_rank == 0:
                 bar.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}")
-            t0 = time.perf_counter()   # validation time is not training time
+            t0, step0 = time.perf_counter(), state["step"]   # validation time is not training time
         if (train.save_interval and state["step"] % train.save_interval == 0) or last:
             save(fabric, state, config, out_dir, train.keep_last)
-            t0 = time.perf_counter()
+            t0, step0 = time.perf_counter(), state["step"]
     bar.close()
     if len(speeds) > 1:   # the first interval holds start-up and compilation
         tok_s = float(np.median(speeds[1:]))
