@@ -313,7 +313,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
 
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
-                 compile: bool = False, gla: str = "auto", device: str = "cuda", tiny: bool = False) -> None:
+                 compile: bool = False, gemv: bool = True, gla: str = "auto", device: str = "cuda",
+                 tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, generate.decode_step), random weights (bf16 on
     GPU), beside the bandwidth bound: (weight bytes + cache bytes) read per step / the HBM bandwidth measured in
     this run by a large device copy. Also peak memory.
@@ -329,7 +330,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         models: presets of model.py.
         steps: timed decode steps (after 3 warm-up steps).
         compile: torch.compile the step with CUDA graphs, as generate.py --compile (compiles once per model
-            and batch shape; the first compile takes about a minute).
+            and batch shape; the first compile takes minutes).
+        gemv: with compile, batch-1 matmuls as inductor's tuned reductions (generate.compile_decode); false: cuBLAS.
         gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
@@ -339,12 +341,12 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 
     import torch
 
-    from generate import cache_bytes, decode_step, has_full_attention
+    from generate import cache_bytes, compile_decode, decode_step, has_full_attention
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, sync, mem = setup(device, gla)
     bw = device_rate(device, "copy")
-    header(device, dt, gla, compile, f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
+    header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile, f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
            f"synthetically; {steps} steps")
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
@@ -357,7 +359,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         step = decode_step
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
-            step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None)
+            step = compile_decode(torch.device(device), gemv)
         speed = {}
         for B in batches:
             for ctx in contexts:
@@ -431,13 +433,14 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
                 seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
-                steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
+                accum: int = 1, steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
                 activation_checkpointing: bool = True, compile: bool = False, docs: int = 1,
                 peak_flops: float | None = None, device: str = "auto") -> None:
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
-    At seq_len: full training steps (forward, loss over the whole vocabulary, backward, AdamW) and the peak memory
-    measured beside train.py's estimate. At long_seq_lens: the throughput ratio only, over long_steps after one
+    At seq_len: full training steps (`accum` micro-batches of forward, loss over the whole vocabulary and backward,
+    then AdamW) and the peak memory measured beside train.py's estimate. accum: micro-batches per optimizer step
+    (the 7B recipe on 8 GPUs accumulates 64: configs/cpt-7b-8k.yaml); steps and warmup count optimizer steps. At long_seq_lens: the throughput ratio only, over long_steps after one
     warm-up step; there the loss is taken on the last position (128k positions x 152k classes of logits alone
     would need 40 GB, and the output layer costs both models the same). precision: "bf16-true" (bf16 weights,
     grads and AdamW state), "bf16-mixed" (fp32 weights, autocast) or "32-true". n_layer: keep the first n layers
@@ -462,12 +465,12 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
-          f"{micro_batch_size}, {docs} document(s) per row, activation checkpointing {activation_checkpointing}, "
+          f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row, activation checkpointing {activation_checkpointing}, "
           f"compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
 
-    def measure(p, T, full_loss, steps, warmup):
+    def measure(p, T, full_loss, steps, warmup, accum):
         c = first_layers(p, n_layer)
         torch.manual_seed(0)
         with torch.device(dev):
@@ -487,26 +490,27 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
             if i == warmup:
                 sync()
                 t0 = time.perf_counter()
-            with autocast:
-                if full_loss:
-                    _, loss, aux = model(x, x, doc_ids=doc)
-                else:
-                    logits, _, aux = model(x, doc_ids=doc, last_only=True)
-                    loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
-            (loss + c.aux_loss_coef * aux).backward()
+            for _ in range(accum):
+                with autocast:
+                    if full_loss:
+                        _, loss, aux = model(x, x, doc_ids=doc)
+                    else:
+                        logits, _, aux = model(x, doc_ids=doc, last_only=True)
+                        loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
+                (loss + c.aux_loss_coef * aux).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
-        tok_s = steps * micro_batch_size * T / (time.perf_counter() - t0)
+        tok_s = steps * accum * micro_batch_size * T / (time.perf_counter() - t0)
         mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
         est = train.estimate_memory(c, model.num_params(), micro_batch_size, T, 1, "single", precision,
                                     activation_checkpointing)["total"] / 1e9
         mfu = model.flops_per_token(T) * tok_s / peak if peak else float("nan")
         return c, tok_s, mfu, mem, est
 
-    def run(p, T, full_loss, steps=steps, warmup=warmup):
+    def run(p, T, full_loss, steps=steps, warmup=warmup, accum=accum):
         try:
-            return measure(p, T, full_loss, steps, warmup)
+            return measure(p, T, full_loss, steps, warmup, accum)
         except torch.OutOfMemoryError as e:
             print(f"  {p} at {T}: OOM ({str(e)[:100]})")
             return None
@@ -526,7 +530,7 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     if res[preset] and res[baseline]:
         print(f"\n{preset} / {baseline} at {seq_len}: {res[preset][1] / res[baseline][1]:.2f}x tokens/s")
     for T in long_seq_lens:
-        a, b = (run(p, T, False, long_steps, 1) for p in (preset, baseline))
+        a, b = (run(p, T, False, long_steps, 1, 1) for p in (preset, baseline))
         speeds = [f"{r[1]:.0f}" if r else "OOM" for r in (a, b)]
         ratio = f"{a[1] / b[1]:.2f}x" if a and b else "n/a"
         print(f"{preset} / {baseline} at {T} (loss on the last position): {speeds[0]} / {speeds[1]} tokens/s = {ratio}",
@@ -564,20 +568,52 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
         print(line + f"; causal flash SDPA over T: forward {t_causal:.2f} ms", flush=True)
 
 
+KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
+         ("softmax attention", ("flex", "fmha", "sdpa", "flash", "attention")),
+         ("GLA kernels", ("_scan_kernel", "_fwd_kernel", "_bwd_dv_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
+         ("optimizer", ("multi_tensor", "adam")),
+         ("fused elementwise (compiled)", ("triton_",)))
+
+
+def kind_of(kernel):
+    """The group of a CUDA kernel's name in bench.py profile's totals; "other elementwise / copies" if none."""
+    k = kernel.lower()
+    return next((name for name, keys in KINDS if any(s.lower() in k for s in keys)), "other elementwise / copies")
+
+
+def print_profile(p, title, rows, cuda):
+    """A profiler's top kernels and, on CUDA, their device time summed by kind of kernel."""
+    print(f"## {title}")
+    print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                                 max_name_column_width=60))
+    if not cuda:
+        return
+    from torch.autograd import DeviceType
+    kinds = {}
+    for e in p.key_averages():
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
+    total = sum(kinds.values())
+    print(f"{'kind':>30} {'ms':>9} {'%':>6}")
+    for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"{k:>30} {t / 1e3:9.2f} {100 * t / total:5.1f}%")
+    print(f"{'total':>30} {total / 1e3:9.2f}")
+
+
 def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,
-                  rows: int = 25, device: str = "cuda") -> None:
-    """Where the time goes: torch.profiler tables (top kernels by device time) of one training step (first
-    n_layer layers, bf16, AdamW, no checkpointing) and of one cached prefill chunk of `chunk` tokens after a first
-    chunk (first two layers; for the 7B one GLA and one SWA layer). On CPU, e.g.:
-    python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
+                  compile: bool = False, rows: int = 25, device: str = "cuda") -> None:
+    """Where the time goes: torch.profiler tables (top kernels by device time, then device time by kind of
+    kernel: matmuls, attention, GLA, optimizer, elementwise) of one training step (first n_layer layers, bf16,
+    AdamW, no checkpointing) and of one cached prefill chunk of `chunk` tokens after a first chunk (first two
+    layers; for the 7B one GLA and one SWA layer). compile: the prefill's blocks compiled as generate.py
+    --compile does. On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import model as M
-    from generate import prefill
+    from generate import compile_blocks, prefill
     cuda = device.startswith("cuda")
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
-    sort = "cuda_time_total" if cuda else "cpu_time_total"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     with torch.device(device):
@@ -595,22 +631,24 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     with profile(activities=[act]) as p:
         step()
         sync()
-    print(f"## training step: {preset}, {n_layer} layers, {seq_len} tokens, {dt}")
-    print(p.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    print_profile(p, f"training step: {preset}, {n_layer} layers, {seq_len} tokens, {dt}", rows, cuda)
     del opt
     m.blocks = m.blocks[:2]
     m.eval()
+    if compile:
+        compile_blocks(m)
     ids = torch.randint(0, m.config.vocab_size, (1, 2 * chunk), device=device)
     with torch.no_grad():
-        prefill(m, m.new_cache(1, 2 * chunk), ids, chunk)          # warm-up
+        for _ in range(2):                                                  # warm-up (and compile)
+            prefill(m, m.new_cache(1, 2 * chunk), ids, chunk)
         cache = m.new_cache(1, 2 * chunk)
         prefill(m, cache, ids[:, :chunk], chunk)
         sync()
         with profile(activities=[act]) as p:
             prefill(m, cache, ids[:, chunk:], chunk)
             sync()
-    print(f"## prefill: a chunk of {chunk} after {chunk}, layers {' + '.join(m.config.layout[:2])}, eager")
-    print(p.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    print_profile(p, f"prefill: a chunk of {chunk} after {chunk}, layers {' + '.join(m.config.layout[:2])}, "
+                  f"{'compiled' if compile else 'eager'}", rows, cuda)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 
 import convert
 import spiking
+from model import rope_table
 from tokenizer import Tokenizer
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,8 +124,10 @@ def decode_step(model, cache, tok, pos):
     """
     x = model.embed(tok)
     doc = torch.zeros_like(pos)
+    c = model.config
+    rot = rope_table(pos, c.head_dim, c.rope_theta, torch.promote_types(x.dtype, torch.float32))
     for block, layer in zip(model.blocks, cache.layers):
-        x, _ = block(x, pos, doc, None, layer)
+        x, _ = block(x, pos, rot, doc, None, layer)
     return model.lm_head(model.norm(x))[:, -1]
 
 
@@ -134,6 +137,16 @@ def compile_blocks(model):
     compiled on its own, traces through the blocks as usual."""
     for block in model.blocks:
         block.compile()
+
+
+def compile_decode(device, gemv=True):
+    """torch.compile of decode_step; on CUDA with CUDA graphs and, with gemv, inductor's coordinate-descent
+    tuning, under which it writes the batch-1 matmuls (matrix-vector products) as its own tuned reduction kernels
+    instead of cuBLAS's (they read the weights nearer the bandwidth: BENCHMARKS.md). The tuning makes the first
+    compile slower; inductor's on-disk cache keeps its results for later runs."""
+    if device.type != "cuda":
+        return torch.compile(decode_step)
+    return torch.compile(decode_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
 
 
 def has_full_attention(config):
@@ -210,7 +223,7 @@ class Generator:
         self.reset()
         if compile:
             compile_blocks(model)
-            self.step = torch.compile(decode_step, mode="reduce-overhead" if self.device.type == "cuda" else None)
+            self.step = compile_decode(self.device)
             self.warm_up()
 
     def warm_up(self):

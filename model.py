@@ -181,13 +181,18 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope(x, pos, theta):
-    """Rotary embedding (Qwen's half-split layout). x [B, T, H, D], pos [B, T] int."""
-    D, ct = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
-    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=ct) / D)
-    ang = pos.to(ct)[..., None] * inv_freq                             # (B, T, D/2)
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]            # (B, T, 1, D/2)
-    x1, x2 = x.to(ct).chunk(2, -1)
+def rope_table(pos, dim, theta, dtype=torch.float32):
+    """cos, sin of the rotary angles at positions pos [B, T]: (B, T, 1, dim/2) each. Made once per forward and
+    shared by every layer (fused into a compiled block, they would be recomputed for every head)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=dtype) / dim)
+    ang = pos.to(dtype)[..., None] * inv_freq                          # (B, T, dim/2)
+    return ang.cos()[:, :, None], ang.sin()[:, :, None]
+
+
+def rope(x, rot):
+    """Rotary embedding (Qwen's half-split layout) of x [B, T, H, D] with rot = rope_table(positions)."""
+    cos, sin = rot
+    x1, x2 = x.to(cos.dtype).chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
@@ -480,7 +485,7 @@ class Attention(nn.Module):
         if self.linear and self.softmax:
             self.a_norm = RMSNorm(c.head_dim, c.norm_eps)    # normalizes the softmax branch
 
-    def forward(self, x, pos, doc, cu_seqlens=None, cache=None):
+    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None):
         # no loop over the branches: torch.compile cannot resume a loop after the graph breaks around the kernels
         c, (B, T, _) = self.c, x.shape
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
@@ -490,13 +495,13 @@ class Attention(nn.Module):
         if self.linear:
             out = self.g_norm(self.linear_attention(self.linear, x, q, k, v, cu_seqlens, cache))
         if self.softmax:
-            o = self.softmax_attention(self.softmax, q, k, v, pos, doc, cache)
+            o = self.softmax_attention(self.softmax, q, k, v, pos, rot, doc, cache)
             out = out + (self.a_norm(o) if self.linear else o)
         return self.o_proj(out.reshape(B, T, -1))
 
-    def softmax_attention(self, kind, q, k, v, pos, doc, cache):
+    def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache):
         c = self.c
-        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+        q, k = rope(q, rot), rope(k, rot)
         window = c.window if kind == "swa" else None
         if cache is not None:
             return cache.kv.attend(q, k, v, pos, doc, window)
@@ -581,8 +586,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.n_embd, c.norm_eps)
         self.mlp = MoE(c) if layer in c.moe_layers else MLP(c)
 
-    def forward(self, x, pos, doc, cu_seqlens=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), pos, doc, cu_seqlens, cache)
+    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), pos, rot, doc, cu_seqlens, cache)
         h = self.mlp(self.mlp_norm(x))
         if isinstance(h, tuple):
             return x + h[0], h[1]
@@ -713,8 +718,9 @@ class GPT(nn.Module):
             sink_pos = torch.arange(n_sink, device=idx.device).expand(B, n_sink)
             pos, doc = torch.cat([sink_pos, pos], 1), torch.cat([torch.full_like(sink_pos, -1), doc], 1)
         aux = x.new_zeros((), dtype=torch.float32)
+        rot = rope_table(pos, c.head_dim, c.rope_theta, torch.promote_types(x.dtype, torch.float32))
         for i, block in enumerate(self.blocks):
-            x, a = block(x, pos, doc, cu_seqlens, None if cache is None else cache.layers[i])
+            x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i])
             aux = aux + a
         if cache is not None:
             cache.seen += x.shape[1]
