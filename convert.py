@@ -250,17 +250,17 @@ class ShardWriter:
     def __init__(self, path, max_bytes):
         self.path, self.max_bytes = path, max_bytes
         self.buf, self.buf_bytes, self.total = {}, 0, 0
-        self.parts, self.shapes = [], {}     # parts: [(temp file, names)]
+        self.parts, self.written = [], set()     # parts: [(temp file, names)]
 
     def add(self, name, t):
-        if name in self.shapes:
+        if name in self.written:
             raise ValueError(f"tensor {name} written twice")
         n = t.numel() * t.element_size()
         if self.buf and self.buf_bytes + n > self.max_bytes:
             self.flush()
         self.buf[name] = t.contiguous()
         self.buf_bytes += n
-        self.shapes[name] = tuple(t.shape)
+        self.written.add(name)
 
     def flush(self):
         f = f"part-{len(self.parts):05d}.tmp"
@@ -355,11 +355,18 @@ def load_checkpoint(path, device="cpu", dtype=None):
                                 f"with its shards); train.py writes them, `python convert.py` makes them from "
                                 f"Hugging Face files")
     config = Config.from_yaml(cfg_file)
-    with torch.device("meta"):
-        model = GPT(config)
+    return build_model(config, read_state(path, checked_files(path, config), device), device, dtype)
+
+
+def checked_files(path, config):
+    """The weight files of a checkpoint directory, after its headers are checked against config (one error)."""
     files, headers = read_headers(path)
-    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                 {k: s for k, (s, _, _) in headers.items()}, path)
+    check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
+    return files
+
+
+def read_state(path, files, device="cpu"):
+    """{name: tensor} of the safetensors files of a checkpoint directory; an error names a corrupt file."""
     state = {}
     for f in files:
         w_file = os.path.join(path, f)
@@ -367,6 +374,13 @@ def load_checkpoint(path, device="cpu", dtype=None):
             state.update(load_file(w_file, device=str(device)))
         except Exception as e:
             raise ValueError(f"{w_file} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
+    return state
+
+
+def build_model(config, state, device, dtype):
+    """(model, config): GPT(config) holding `state`'s tensors (assigned, not copied), in dtype on device, eval mode."""
+    with torch.device("meta"):
+        model = GPT(config)
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model.to(dtype)
@@ -459,10 +473,14 @@ def qwen_config(hf, to, n_expert=None, n_sink=None):
 
 def named(config, preset):
     """Give config the preset's name when it is that preset up to run-time limits and token ids, else 'custom'."""
-    loose = ("name", "max_seq_len", "bos_id", "eos_id")
-    a, b = config.to_dict(), Config.from_name(preset).to_dict()
-    config.name = preset if all(a[k] == b[k] for k in a if k not in loose) else "custom"
+    config.name = "custom" if differs(config, Config.from_name(preset)) else preset
     return config
+
+
+def differs(config, preset):
+    """The fields in which two Configs differ, sorted, leaving out the name, run-time limits and token ids."""
+    a, b = config.to_dict(), preset.to_dict()
+    return sorted(k for k in a if k not in ("name", "max_seq_len", "bos_id", "eos_id") and a[k] != b[k])
 
 
 def init_new(kind, shape, std, gen):
@@ -520,12 +538,13 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
     # what the source must hold: the dense full-attention model of the same dims, under Qwen2 names
     dense = Config.from_dict(dict(config.to_dict(), layout=["fa"] * config.n_layer, moe_layers=[], n_sink=0))
     inverse = {v: k for k, v in QWEN2_MAP.items()}
-    want = {inverse[template(k)[0]].format(template(k)[1]): s for k, s in model_shapes(dense).items()}
+    want = {rename(k, inverse): s for k, s in model_shapes(dense).items()}
     tied = "lm_head.weight" not in have and hf.get("tie_word_embeddings", False)
     if tied:
         del want["lm_head.weight"]
     check_shapes(want, have, src, hint=" (expected a Qwen2 checkpoint of the dims in its config.json)")
     out_dtype = output_dtype(dtype, {k: headers[k] for k in have}, src)
+    hf_tokenizer = read_hf_tokenizer(src, optional=True)   # before the weights: a bad tokenizer fails at once
     target = model_shapes(config)
     alpha = upcycle_alpha(config) if config.moe_layers else 1.0
     with atomic_dir(out, overwrite) as tmp:
@@ -541,8 +560,8 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
                     raise AssertionError(f"no source and no init rule for {name}")
                 w.add(name, init_new(kind, target[name], config.init_std, gen).to(out_dtype))
         config.to_yaml(os.path.join(tmp, "config.yaml"))
-        if has_hf_tokenizer(src):
-            write_tokenizer(src, tmp)
+        if hf_tokenizer is not None:
+            tok.save(tmp, *hf_tokenizer)
     print(f"wrote {out}: {config.name} layout, {len(target)} tensors"
           + (f", upcycled MoE layers {config.moe_layers} (alpha={alpha:.4f})" if config.moe_layers else ""))
 
@@ -635,7 +654,7 @@ def read_release(src):
     config = release_to_config(hf, src)
     files, headers = read_headers(src)
     inverse = {v: k for k, v in RELEASE_MAP.items()}
-    want = {inverse[template(k)[0]].format(template(k)[1]): s for k, s in model_shapes(config).items()}
+    want = {rename(k, inverse): s for k, s in model_shapes(config).items()}
     tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in headers
     if tied:   # the release ties nothing, but its config allows it; ours keeps lm_head separate
         del want["lm_head.weight"]
@@ -646,17 +665,10 @@ def read_release(src):
 def load_release(path, device="cpu", dtype=None):
     """A released SpikingBrain-7B directory -> (model, config), renamed in memory (nothing written)."""
     config, files, headers, tied = read_release(path)
-    state = {}
-    for f in files:
-        state.update({rename(k, RELEASE_MAP): v for k, v in load_file(os.path.join(path, f), device=str(device)).items()})
+    state = {rename(k, RELEASE_MAP): v for k, v in read_state(path, files, device).items()}
     if tied:
         state["lm_head.weight"] = state["embed.weight"].clone()
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(state, assign=True)
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device).eval(), config
+    return build_model(config, state, device, dtype)
 
 
 def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype: DType | None = None,
@@ -671,7 +683,7 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
         to: which format to write.
         dtype: output dtype (default: the source's).
         tokenizer: --to ours: Hugging Face tokenizer directory to convert (default: src when it has one);
-            --to release: Hugging Face tokenizer files to copy into out.
+            --to release: Hugging Face tokenizer files to copy into out. Given, it must hold a tokenizer.
         max_shard_gb: shard size limit in GB of the release format (ours is one file).
         overwrite: replace `out` if it exists.
     """
@@ -680,6 +692,8 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
     if to == "ours":
         config, files, headers, tied = read_release(src)
         out_dtype = output_dtype(dtype, headers, src)
+        # before the weights: a bad tokenizer, or --tokenizer without one, fails at once
+        hf_tokenizer = read_hf_tokenizer(tokenizer or src, optional=tokenizer is None)
         with atomic_dir(out, overwrite) as tmp:
             plan = {k: (s, out_dtype) for k, s in model_shapes(config).items()}
             with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
@@ -689,8 +703,8 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
                     if tied and new == "embed.weight":
                         w.add("lm_head.weight", t.to(out_dtype))
             config.to_yaml(os.path.join(tmp, "config.yaml"))
-            if has_hf_tokenizer(tokenizer or src):
-                write_tokenizer(tokenizer or src, tmp)
+            if hf_tokenizer is not None:
+                tok.save(tmp, *hf_tokenizer)
     elif to == "release":
         config = Config.from_yaml(read_path(src, "config.yaml", "--to release reads our checkpoint directory"))
         files, headers = read_headers(src)
@@ -738,8 +752,10 @@ def has_hf_tokenizer(src):
     return os.path.isfile(tj) and "model" in read_json(tj, "")
 
 
-def read_hf_tokenizer(src):
-    """A Hugging Face byte-level BPE tokenizer directory -> (ranks, specials, pat_str, eos, normalize).
+def read_hf_tokenizer(src, optional=False):
+    """A Hugging Face byte-level BPE tokenizer directory -> (ranks, specials, pat_str, eos, normalize), the
+    arguments of tokenizer.save after the path; optional: None when src holds no Hugging Face tokenizer (as
+    has_hf_tokenizer decides), instead of an error.
 
     Reads vocab.json + merges.txt (or the BPE model inside tokenizer.json), added tokens from tokenizer.json,
     tokenizer_config.json and added_tokens.json, and the pre-tokenizer and normalizer from tokenizer.json; without
@@ -749,7 +765,10 @@ def read_hf_tokenizer(src):
         p = os.path.join(src, name)
         return read_json(p, "") if os.path.isfile(p) else None
     tj, tc, at = opt("tokenizer.json"), opt("tokenizer_config.json") or {}, opt("added_tokens.json") or {}
-    if os.path.isfile(os.path.join(src, "vocab.json")) and os.path.isfile(os.path.join(src, "merges.txt")):
+    bpe_files = os.path.isfile(os.path.join(src, "vocab.json")) and os.path.isfile(os.path.join(src, "merges.txt"))
+    if optional and not bpe_files and "model" not in (tj or {}):
+        return None
+    if bpe_files:
         vocab = read_json(os.path.join(src, "vocab.json"), "")
         with open(os.path.join(src, "merges.txt"), encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -758,7 +777,8 @@ def read_hf_tokenizer(src):
         vocab = tj["model"]["vocab"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
     else:
-        raise FileNotFoundError(f"{src}: need vocab.json + merges.txt or a BPE tokenizer.json")
+        raise FileNotFoundError(f"{src} holds no Hugging Face BPE tokenizer: need vocab.json + merges.txt, or a "
+                                f"tokenizer.json with a BPE model")
     bad = [m for m in merges if len(m) != 2]
     if bad:
         raise ValueError(f"{src}: merges must be pairs 'a b'; got {bad[:3]}")
@@ -850,8 +870,7 @@ def read_hf_tokenizer(src):
 
 
 def write_tokenizer(src, path):
-    ranks, specials, pat_str, eos, normalize = read_hf_tokenizer(src)
-    tok.save(path, ranks, specials, pat_str=pat_str, eos=eos, normalize=normalize)
+    tok.save(path, *read_hf_tokenizer(src))
 
 
 def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:

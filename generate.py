@@ -46,7 +46,6 @@ def load(ckpt, device, dtype, tokenizer_dir=None):
         raise FileNotFoundError(f"checkpoint {ckpt!r} is not a directory: give one written by train.py or "
                                 f"convert.py, or a released SpikingBrain-7B directory")
     if os.path.isfile(os.path.join(ckpt, "config.yaml")):
-        convert.read_headers(ckpt)      # a corrupt or truncated weights file: an error that names it
         model, config = spiking.load_model(ckpt, device, dtype)
     elif os.path.isfile(os.path.join(ckpt, "config.json")):
         model, config = convert.load_release(ckpt, device, dtype)

@@ -589,25 +589,21 @@ def load_model(path, device="cpu", dtype=None):
     scales' shape; scales stay float32 whatever `dtype` is. Save them with convert.save_checkpoint(model,
     model.config, out), which writes the same layout.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     import convert
     w_file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(w_file) or not os.path.isfile(os.path.join(path, "config.yaml")):
         return convert.load_checkpoint(path, device, dtype)   # it raises the helpful error
-    with safe_open(w_file, "pt") as f:
-        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
-    if not any(key.endswith(".qweight") for key in shapes):
+    files, headers = convert.read_headers(path)   # a corrupt or truncated file: an error that names it
+    if not any(key.endswith(".qweight") for key in headers):
         return convert.load_checkpoint(path, device, dtype)
     config = Config.from_yaml(os.path.join(path, "config.yaml"))
     with torch.device("meta"):
         model = GPT(config)
         for name, m in _linears(model):
-            if name + ".qweight" in shapes:
-                g = m.in_features // shapes[name + ".scales"][1]
+            if name + ".qweight" in headers:
+                g = m.in_features // headers[name + ".scales"][0][1]
                 _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, config.spike_k))
-    state = load_file(w_file, device=str(device))
+    state = convert.read_state(path, files, device)
     if dtype is not None:
         state = {key: v.to(dtype) if v.is_floating_point() and not key.endswith(".scales") else v
                  for key, v in state.items()}

@@ -37,7 +37,6 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import GPT, MoE, PRESETS, Config, Linear, spike_quant
 from tokenizer import CHAT_SPECIALS, QWEN_PAT, Tokenizer
@@ -350,9 +349,9 @@ def resolve_config(name, overrides, init_from):
         ckpt = Config.from_yaml(Path(init_from) / "config.yaml")
         config = Config.from_dict({**ckpt.to_dict(), **overrides})
         if name is not None:   # run-time limits and token ids may differ (convert.py takes them from the source)
-            want = Config.from_name(name, **overrides).to_dict()
-            loose = ("name", "max_seq_len", "bos_id", "eos_id")
-            diff = sorted(k for k, v in want.items() if k not in loose and config.to_dict()[k] != v)
+            from convert import differs
+
+            diff = differs(config, Config.from_name(name, **overrides))
             if diff:
                 raise ValueError(f"{init_from}/config.yaml differs from preset {name!r} in {diff}: "
                                  f"set them in model_config, or drop `model` to take the checkpoint's config")
@@ -365,14 +364,11 @@ def resolve_config(name, overrides, init_from):
 def load_weights(model, path, config, sharded=False):
     """Weights of a checkpoint directory (one model.safetensors or shards + index, as convert.py writes) into a
     model, plain or FSDP-sharded. Every mismatch is checked from the file headers before anything is read."""
-    from safetensors.torch import load_file
+    from convert import checked_files, read_state
 
-    from convert import check_shapes, model_shapes, read_headers
-
-    files, headers = read_headers(path)
-    check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
+    files = checked_files(path, config)
     rank0 = not sharded or torch.distributed.get_rank() == 0
-    state = {k: v for f in files for k, v in load_file(os.path.join(path, f)).items()} if rank0 else {}
+    state = read_state(path, files) if rank0 else {}
     if not sharded:
         model.load_state_dict(state)
         return
@@ -489,15 +485,15 @@ def export(fabric, model, config, out, tokenizer_dir, dtype):
 @torch.no_grad()
 def sample(model, tokenizer, prompt, n, temperature=0.8, top_k=50, seed=0):
     """A short continuation with the generation cache (the checkpoint's own check that it learned something)."""
+    from generate import probs_of
+
     gen = torch.Generator().manual_seed(seed)
     idx = torch.tensor([tokenizer.encode(prompt)])
     cache = model.new_cache(1, idx.shape[1] + n)
     logits, _, _ = model(idx, cache=cache, last_only=True)
     out = []
     for _ in range(n):
-        logits = logits[0, -1].float() / temperature
-        logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
-        nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen)
+        nxt = torch.multinomial(probs_of(logits[:, -1], temperature, top_k), 1, generator=gen)
         if nxt.item() == tokenizer.eos_id:
             break
         out.append(nxt.item())
@@ -589,47 +585,42 @@ def prepare(*, inputs: list[str], out: Path, tokenizer_dir: Path = Path("assets/
     """
     from tqdm import tqdm
 
+    from convert import atomic_dir
+
     if not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction={val_fraction}: training needs a validation split, use a value in (0, 0.5]")
     tok = Tokenizer(tokenizer_dir)
     files = list_inputs(inputs)
     every = round(1 / val_fraction)
-    out = Path(out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writers = {s: ShardWriter(tmp, s, shard_tokens) for s in ("train", "val")}
-    bar = tqdm(total=sum(size for _, size in files), unit="B", unit_scale=True, desc="tokenizing")
-    n_doc = 0
-    chat = False
-    with ThreadPoolExecutor(threads) as pool:   # tiktoken releases the GIL while it encodes
-        for batch in document_batches(files, bar):
-            encoded = pool.map(tok.encode, [d for d in batch if isinstance(d, str)])
-            for d in batch:
-                if isinstance(d, str):
-                    ids, mask = next(encoded), None
-                else:
-                    ids, mask = tok.encode_chat(d)
-                    chat = True
-                split = "val" if n_doc % every == every - 1 else "train"
-                writers[split].add(ids + [tok.eos_id], None if mask is None else mask + [False])
-                n_doc += 1
-    bar.close()
-    if n_doc == 0:
-        shutil.rmtree(tmp)
-        raise ValueError(f"no documents in {inputs}: text files must be non-empty, jsonl lines need a 'text' or "
-                         f"'messages' field")
-    if not writers["val"].n_docs:
-        shutil.rmtree(tmp)
-        raise ValueError(f"{n_doc} documents are too few for val_fraction={val_fraction} (every {every}th document "
-                         f"validates): add documents or raise val_fraction")
-    splits = {s: w.close(chat) for s, w in writers.items()}
-    meta = {"tokenizer": tokenizer_hash(tok), "chat": chat, "inputs": [str(i) for i in inputs], "splits": splits}
-    meta["hash"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        tmp = Path(tmp)
+        writers = {s: ShardWriter(tmp, s, shard_tokens) for s in ("train", "val")}
+        bar = tqdm(total=sum(size for _, size in files), unit="B", unit_scale=True, desc="tokenizing")
+        n_doc = 0
+        chat = False
+        with ThreadPoolExecutor(threads) as pool:   # tiktoken releases the GIL while it encodes
+            for batch in document_batches(files, bar):
+                encoded = pool.map(tok.encode, [d for d in batch if isinstance(d, str)])
+                for d in batch:
+                    if isinstance(d, str):
+                        ids, mask = next(encoded), None
+                    else:
+                        ids, mask = tok.encode_chat(d)
+                        chat = True
+                    split = "val" if n_doc % every == every - 1 else "train"
+                    writers[split].add(ids + [tok.eos_id], None if mask is None else mask + [False])
+                    n_doc += 1
+        bar.close()
+        if n_doc == 0:
+            raise ValueError(f"no documents in {inputs}: text files must be non-empty, jsonl lines need a 'text' or "
+                             f"'messages' field")
+        if not writers["val"].n_docs:
+            raise ValueError(f"{n_doc} documents are too few for val_fraction={val_fraction} (every {every}th "
+                             f"document validates): add documents or raise val_fraction")
+        splits = {s: w.close(chat) for s, w in writers.items()}
+        meta = {"tokenizer": tokenizer_hash(tok), "chat": chat, "inputs": [str(i) for i in inputs], "splits": splits}
+        meta["hash"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     print(f"{out}: " + ", ".join(f"{s} {v['docs']} documents {v['tokens']} tokens" for s, v in splits.items()))
 
 
@@ -731,6 +722,7 @@ def jsonl_documents(path):
                 raise ValueError(f"{path}:{n}: need {{'text': str}} or {{'messages': [{{'role', 'content'}}, ...]}}")
 
 
+@lru_cache(maxsize=1)   # both splits check the run's tokenizer
 def tokenizer_hash(tok):
     """Identity of a vocabulary (every token's bytes by id, and the specials): prepared data names its tokenizer."""
     h = hashlib.sha256(json.dumps(tok.special_tokens, sort_keys=True).encode())

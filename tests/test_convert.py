@@ -449,6 +449,21 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == ["keep.txt"] and not leftovers(tmp_path)
 
 
+def test_explicit_tokenizer_without_files_is_an_error(tmp_path):
+    make_release(tmp_path / "rel")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="holds no Hugging Face"):
+        convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours",
+                                tokenizer=str(tmp_path / "empty"))
+    assert not os.path.exists(tmp_path / "ours") and not leftovers(tmp_path)
+    convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")   # none asked, none
+    assert sorted(os.listdir(tmp_path / "ours")) == ["config.yaml", "model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="holds no Hugging Face"):
+        convert.convert_release(src=str(tmp_path / "ours"), out=str(tmp_path / "back"), to="release",
+                                tokenizer=str(tmp_path / "empty"))
+    assert not os.path.exists(tmp_path / "back") and not leftovers(tmp_path)
+
+
 def test_cli(tmp_path):
     make_qwen(tmp_path / "qwen")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "qwen2.5", "--src", str(tmp_path / "qwen"),
@@ -606,3 +621,21 @@ def test_qwen_conversion_carries_the_tokenizer(tmp_path, bpe):
     convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb"), to="spikingbrain-7b")
     t = tok.Tokenizer(str(tmp_path / "sb"))
     assert t.encode(TEXTS[0]) == reference_encode(TEXTS[0], vocab, merges, {})
+
+
+def test_bad_tokenizer_fails_before_any_weight_is_read(tmp_path, bpe, monkeypatch):
+    vocab, merges = bpe
+    swapped = merges[:10] + [merges[11], merges[10]] + merges[12:]
+    make_qwen(tmp_path / "qwen")
+    write_hf_tokenizer(tmp_path / "qwen", vocab, swapped)
+    make_release(tmp_path / "rel")
+    write_hf_tokenizer(tmp_path / "tok", vocab, swapped)
+    streamed = []
+    monkeypatch.setattr(convert, "stream", lambda *args: streamed.append(args[0]) or iter(()))
+    with pytest.raises(ValueError, match="ids must rise with merges order"):
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb"), to="spikingbrain-7b")
+    with pytest.raises(ValueError, match="ids must rise with merges order"):
+        convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours",
+                                tokenizer=str(tmp_path / "tok"))
+    assert streamed == [] and not leftovers(tmp_path)
+    assert not os.path.exists(tmp_path / "sb") and not os.path.exists(tmp_path / "ours")

@@ -471,6 +471,17 @@ def test_w8aspike_save_load(tmp_path):
     assert bf.embed.weight.dtype == torch.bfloat16 and bf.get_submodule("blocks.1.mlp.up_proj").scales.dtype == torch.float32
 
 
+@pytest.mark.parametrize("w8", [False, True])
+def test_truncated_weights_file_is_named(tmp_path, w8):
+    model = replace_linears(_tiny(), k=3.0, group_size=32) if w8 else _tiny()
+    convert.save_checkpoint(model, model.config, str(tmp_path / "m"))
+    w_file = tmp_path / "m" / "model.safetensors"
+    with open(w_file, "r+b") as f:
+        f.truncate(os.path.getsize(w_file) - 100)   # the header intact, the last tensor cut short
+    with pytest.raises(ValueError, match="model.safetensors cannot be read as safetensors"):
+        load_model(str(tmp_path / "m"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_w8aspike_gpu_forward():

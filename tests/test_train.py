@@ -253,6 +253,16 @@ def test_empty_dataset_is_an_error(tmp_path):
         train.Packed(tmp_path / "e", "train", 32)
 
 
+def test_bad_jsonl_line_leaves_the_old_data_and_no_temp_dir(tmp_path):
+    bad = write(tmp_path / "d.jsonl", json.dumps({"text": "fine"}) + "\nnot json\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("old")
+    with pytest.raises(ValueError, match="d.jsonl:2: not JSON"):
+        train.prepare(inputs=[bad], out=tmp_path / "data", tokenizer_dir=TOK)
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "data"]
+    assert os.listdir(tmp_path / "data") == ["meta.json"] and (tmp_path / "data" / "meta.json").read_text() == "old"
+
+
 def test_missing_tokenizer_file_is_named(tmp_path, pydoc):
     shutil.copytree(TOK, tmp_path / "tok")
     os.remove(tmp_path / "tok" / "tokenizer.tiktoken")
