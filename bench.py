@@ -9,10 +9,12 @@
 """
 
 
-def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, D: int = 128,
+def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, Hkv: int = 4, D: int = 128,
                   gate_norm: float = 16.0, extras: bool = True) -> None:
-    """GLA at SpikingBrain-7B shapes, bf16: forward and forward+backward ms of our kernels, fla's chunk_gla
-    (when installed), our pure-PyTorch gla_chunked and causal SDPA; a decode step; spike quantization.
+    """GLA at SpikingBrain-7B shapes, bf16: forward and forward+backward ms of our kernels with GQA (H query
+    heads over Hkv states, as the model calls them) and on k, v, g repeated to H heads ("ours-rep"), fla's
+    chunk_gla (when installed; repeated: it has no GQA), our pure-PyTorch gla_chunked and causal SDPA; a decode
+    step; spike quantization.
     Gates are logsigmoid(randn) / gate_norm (16 is the model's normalizer). Times: median of
     triton.testing.do_bench (CUDA events, after warm-up), forward under no_grad. extras=False skips the
     decode and spike rows."""
@@ -33,7 +35,8 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
         fla_chunk_gla, fla_version = None, "not installed"
     dev = "cuda"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()} torch {torch.__version__} "
-          f"triton {triton.__version__} fla {fla_version}; B={B} H={H} D={D} bf16, g = logsigmoid(randn)/{gate_norm}")
+          f"triton {triton.__version__} fla {fla_version}; B={B} H={H} Hkv={Hkv} D={D} bf16, "
+          f"g = logsigmoid(randn)/{gate_norm}")
 
     def timed(fn, fwd_only, grads):
         try:
@@ -54,15 +57,19 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
           "flops, min bytes; fla row: ours / fla fwd+bwd)")
     for t in T:
         gen = torch.Generator(device=dev).manual_seed(t)
-        q, k, v = (torch.randn(B, t, H, D, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
-        g = (F.logsigmoid(torch.randn(B, t, H, D, device=dev, generator=gen)) / gate_norm).bfloat16()
-        do = torch.randn_like(v)
-        leaves = [x.requires_grad_() for x in (q, k, v, g)]
+        q = torch.randn(B, t, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, t, Hkv, D, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+        g = (F.logsigmoid(torch.randn(B, t, Hkv, D, device=dev, generator=gen)) / gate_norm).bfloat16()
+        kr, vr, gr = (x.repeat_interleave(H // Hkv, 2) for x in (k, v, g))
+        do = torch.randn_like(q)
+        leaves = [x.requires_grad_() for x in (q, k, v, g, kr, vr, gr)]
         impls = {"ours": lambda: kernels.chunk_gla(q, k, v, g)[0]}
+        if Hkv < H:
+            impls["ours-rep"] = lambda: kernels.chunk_gla(q, kr, vr, gr)[0]
         if fla_chunk_gla is not None:                   # fla autotunes on its first call: minutes
-            impls["fla"] = lambda: fla_chunk_gla(q, k, v, g)[0]
-        impls["torch"] = lambda: model.gla_chunked(q, k, v, g)[0]
-        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+            impls["fla"] = lambda: fla_chunk_gla(q, kr, vr, gr)[0]
+        impls["torch"] = lambda: model.gla_chunked(q, kr, vr, gr)[0]
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, kr, vr))
         impls["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         res = {}
         for name, fn in impls.items():
@@ -76,21 +83,26 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
                 extra = f"{flops(t) / both / 1e9:8.1f} {14 * io / both / 1e6:7.0f}"   # fwd+bwd, min bytes
             ratio = f"  ours {res['ours'][1] / both:.2f}x" if name == "fla" else ""
             print(f"{t:>6} {name:>8} {fwd:9.3f} {both:11.3f} {extra:>16}{ratio}", flush=True)
-        del q, k, v, g, do, leaves, qt, kt, vt, impls
+        del q, k, v, g, kr, vr, gr, do, leaves, qt, kt, vt, impls
         torch.cuda.empty_cache()
     if not extras:
         return
-    # decode: one token for a batch of sequences with a state of [H, D, D] each
+    # decode: one token for a batch of sequences with a state of [Hkv, D, D] each
     for b in (1, 32):
-        q, k, v = (torch.randn(b, 1, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        g = (F.logsigmoid(torch.randn(b, 1, H, D, device=dev)) / gate_norm).bfloat16()
-        s = torch.randn(b, H, D, D, device=dev)
+        q = torch.randn(b, 1, H, D, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 1, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        g = (F.logsigmoid(torch.randn(b, 1, Hkv, D, device=dev)) / gate_norm).bfloat16()
+        s = torch.randn(b, Hkv, D, D, device=dev)
         ours = do_bench(lambda: kernels.fused_recurrent_gla(q, k, v, g, initial_state=s, output_final_state=True),
                         return_mode="median")
-        ref = do_bench(lambda: model.gla_recurrent(q, k, v, g, initial_state=s, output_final_state=True),
+        G = H // Hkv
+        kr, vr, gr, sr = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), g.repeat_interleave(G, 2), \
+            s.repeat_interleave(G, 1)
+        ref = do_bench(lambda: model.gla_recurrent(q, kr, vr, gr, initial_state=sr, output_final_state=True),
                        return_mode="median")
         print(f"decode step, batch {b}: fused_recurrent_gla {ours * 1e3:.1f} us, PyTorch gla_recurrent "
-              f"{ref * 1e3:.1f} us ({2 * b * H * D * D * 4 / ours / 1e6:.0f} GB/s state read+write)")
+              f"{ref * 1e3:.1f} us "
+              f"({2 * b * Hkv * D * D * 4 / ours / 1e6:.0f} GB/s state read+write)")
     # spike quantization of activations [tokens, features]: kernels.spike_quant is torch.compile on CUDA
     for shape in ((16384, 3584),):
         x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
@@ -346,8 +358,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, sync, mem = setup(device, gla)
     bw = device_rate(device, "copy")
-    header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile, f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled "
-           f"synthetically; {steps} steps")
+    header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
+           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps")
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
@@ -440,9 +452,10 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
 
     At seq_len: full training steps (`accum` micro-batches of forward, loss over the whole vocabulary and backward,
     then AdamW) and the peak memory measured beside train.py's estimate. accum: micro-batches per optimizer step
-    (the 7B recipe on 8 GPUs accumulates 64: configs/cpt-7b-8k.yaml); steps and warmup count optimizer steps. At long_seq_lens: the throughput ratio only, over long_steps after one
-    warm-up step; there the loss is taken on the last position (128k positions x 152k classes of logits alone
-    would need 40 GB, and the output layer costs both models the same). precision: "bf16-true" (bf16 weights,
+    (the 7B recipe on 8 GPUs accumulates 64: configs/cpt-7b-8k.yaml); steps and warmup count optimizer steps.
+    At long_seq_lens: the throughput ratio only, over long_steps after one warm-up step; there the loss is taken
+    on the last position (128k positions x 152k classes of logits alone would need 40 GB, and the output layer
+    costs both models the same). precision: "bf16-true" (bf16 weights,
     grads and AdamW state), "bf16-mixed" (fp32 weights, autocast) or "32-true". n_layer: keep the first n layers
     of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU). docs: documents
     packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
@@ -465,8 +478,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
-          f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row, activation checkpointing {activation_checkpointing}, "
-          f"compile {compile}, "
+          f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row, activation checkpointing "
+          f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
 
@@ -572,7 +585,7 @@ KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "spli
          ("softmax attention", ("flex", "fmha", "sdpa", "flash", "attention")),
          ("GLA kernels", ("_scan_kernel", "_fwd_kernel", "_bwd_dv_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
          ("optimizer", ("multi_tensor", "adam")),
-         ("fused elementwise (compiled)", ("triton_",)))
+         ("compiled (elementwise, reductions)", ("triton_",)))
 
 
 def kind_of(kernel):
@@ -604,14 +617,14 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
                   compile: bool = False, rows: int = 25, device: str = "cuda") -> None:
     """Where the time goes: torch.profiler tables (top kernels by device time, then device time by kind of
     kernel: matmuls, attention, GLA, optimizer, elementwise) of one training step (first n_layer layers, bf16,
-    AdamW, no checkpointing) and of one cached prefill chunk of `chunk` tokens after a first chunk (first two
-    layers; for the 7B one GLA and one SWA layer). compile: the prefill's blocks compiled as generate.py
-    --compile does. On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
+    AdamW, no checkpointing), of one cached prefill chunk of `chunk` tokens after a first chunk (first two
+    layers; for the 7B one GLA and one SWA layer) and of 16 decode steps after it. compile: the prefill's blocks
+    and the decode step compiled as generate.py --compile does (the decode step eager otherwise). On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     import model as M
-    from generate import compile_blocks, prefill
+    from generate import compile_blocks, compile_decode, decode_step, prefill
     cuda = device.startswith("cuda")
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -648,6 +661,26 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
             prefill(m, cache, ids[:, chunk:], chunk)
             sync()
     print_profile(p, f"prefill: a chunk of {chunk} after {chunk}, layers {' + '.join(m.config.layout[:2])}, "
+                  f"{'compiled' if compile else 'eager'}", rows, cuda)
+    step = compile_decode(torch.device(device)) if compile else decode_step
+    if compile:
+        for b in cache.buffers():
+            torch._dynamo.mark_static_address(b)
+    tok = ids[:, -1:]
+
+    @torch.no_grad()
+    def decode(n):
+        nonlocal tok
+        for _ in range(n):
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            tok = step(m, cache, tok, torch.full((1, 1), cache.seen, device=device)).argmax(-1, keepdim=True)
+            cache.seen += 1
+        sync()
+    decode(4)                                                               # warm-up (and compile)
+    with profile(activities=[act]) as p:
+        decode(16)
+    print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {' + '.join(m.config.layout[:2])}, "
                   f"{'compiled' if compile else 'eager'}", rows, cuda)
 
 

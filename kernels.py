@@ -4,6 +4,8 @@ decode step; plus the spike-quantization fast path. Each has a pure-PyTorch twin
 
 Layout everywhere: [B, T, H, D]. GLA recurrence per head, with log-decay g <= 0:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (q_t * scale) S_t.
+GQA: k, v, g may have fewer heads than q; each kv head's state serves its group of query heads (the forward
+scans each state once; the backward runs one copy per query head and sums the copies' gradients).
 
 Chunked algorithm (chunk C = 64 positions). Inside a chunk, b = cumsum(g) is the log-decay from the
 chunk start, B = b at the last position. With S0 the state entering the chunk:
@@ -12,7 +14,7 @@ chunk start, B = b at the last position. With S0 the state entering the chunk:
 Kernels: _scan_kernel walks the chunks of each document in order and stores every chunk's incoming
 state h (in the backward it also walks them in reverse, in the same launch, for dh, the gradient of
 each chunk's outgoing state). Then kernels over (chunk, head) do the intra-chunk work in parallel:
-_fwd_kernel (o), _bwd_dv_kernel (dv), _bwd_dqkg_kernel (dq, dk, dg).
+_chunk_kernel (o, or with DV=True dv = Aᵀ do + k e^(B - b) dh: the same loop), _bwd_dqkg_kernel (dq, dk, dg).
 
 Numerics: every exponent is <= 0 except the key factor k e^(r - b) of the intra-chunk scores, whose
 exponent is the decay across one group of rows (r = log-decay just before the group; one group of 64
@@ -185,84 +187,55 @@ def _chunk_setup(chunk_indices, cu_seqlens, i_c, C: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, h, o, slow, cu_seqlens, chunk_indices, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
-    """One chunk of one head: o = (scale q e^b) h[chunk] + A v, summing over blocks of K (few live tiles).
-    Launched twice: PAIRWISE=False does the chunks whose decay allows factored scores and flags the others
-    in `slow`; PAIRWISE=True does the flagged ones (compiled apart, so the fast kernel stays lean)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+def _chunk_kernel(q, k, g, x, s, out, slow, cu_seqlens, chunk_indices, scale,
+                  H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
+                  PREC: tl.constexpr, DV: tl.constexpr):
+    """One chunk of one head, summing over blocks of K (few live tiles) with A = the chunk's decayed scores:
+    forward (DV=False, x = v, s = h[chunk]):   out = o  = (scale q e^b) s + A x;
+    dv      (DV=True,  x = do, s = dh[chunk]): out = dv = k_out s + A^T x (k_out: keys decayed to the chunk end,
+    dh: grad of the state leaving the chunk). Launched twice: PAIRWISE=False does the chunks whose decay allows
+    factored scores and flags the others in `slow`; PAIRWISE=True does the flagged ones (compiled apart, so the
+    fast kernel stays lean). GQA (forward): q, out have H heads; k, g, x, s have H / G, head i_h // G. Programs
+    run head-fastest, so the G heads that read one kv head's chunk run together."""
+    HK: tl.constexpr = H // G
+    i_h, i_c = tl.program_id(0) % H, tl.program_id(0) // H
+    i_kv = i_h // G
     if PAIRWISE:
         if tl.load(slow + i_c * H + i_h) == 0:
             return
     t0, eos = _chunk_setup(chunk_indices, cu_seqlens, i_c, C)
     rows, cols, o_v = tl.arange(0, C), tl.arange(0, C), tl.arange(0, V)
     m = (t0 + rows < eos)[:, None]
-    p_h = h + (i_c * H + i_h).to(tl.int64) * K * V
+    p_s = s + (i_c * HK + i_kv).to(tl.int64) * K * V
     A = tl.zeros([C, C], dtype=tl.float32)
-    out = tl.zeros([C, V], dtype=tl.float32)
+    acc = tl.zeros([C, V], dtype=tl.float32)
     fast = True
     for i in tl.static_range(K // BK):
         o_d = i * BK + tl.arange(0, BK)
-        p_d = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
-        gd = tl.load(g + p_d, mask=m, other=0).to(tl.float32)
-        qd = tl.load(q + p_d, mask=m, other=0).to(tl.float32) * scale
-        kd = tl.load(k + p_d, mask=m, other=0).to(tl.float32)
+        p_kd = (t0 + rows)[:, None] * HK * K + i_kv * K + o_d[None, :]
+        gd = tl.load(g + p_kd, mask=m, other=0).to(tl.float32)
+        qd = tl.load(q + (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :], mask=m, other=0).to(tl.float32) * scale
+        kd = tl.load(k + p_kd, mask=m, other=0).to(tl.float32)
         bd = tl.cumsum(gd, 0)
         fast = fast & _is_fast(gd, C, NG, MAXE)
-        row0 = t0 * H * K + i_h * K + i * BK
-        A += _scores(qd, kd, gd, bd, g + row0, k + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC)
-        hd = tl.load(p_h + o_d[:, None] * V + o_v[None, :]).to(DT)
-        out += tl.dot((qd * tl.exp(bd)).to(DT), hd, input_precision=PREC)     # queries decayed from chunk start
+        row0 = t0 * HK * K + i_kv * K + i * BK
+        A += _scores(qd, kd, gd, bd, g + row0, k + row0, HK * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC)
+        if DV:
+            lhs = kd * tl.exp(tl.sum(gd, 0)[None, :] - bd)                     # keys decayed to the chunk end
+        else:
+            lhs = qd * tl.exp(bd)                                              # queries decayed from chunk start
+        acc += tl.dot(lhs.to(DT), tl.load(p_s + o_d[:, None] * V + o_v[None, :]).to(DT), input_precision=PREC)
     if not PAIRWISE:
         tl.store(slow + i_c * H + i_h, tl.where(fast, 0, 1).to(tl.int8))
         if fast == 0:
             return
-    p_v = (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :]
     A = tl.where(rows[:, None] >= cols[None, :], A, 0.0).to(DT)
-    out += tl.dot(A, tl.load(v + p_v, mask=m, other=0).to(DT), input_precision=PREC)
-    tl.store(o + p_v, out.to(o.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _bwd_dv_kernel(q, k, g, do, dh, dv, slow, cu_seqlens, chunk_indices, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                   NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr):
-    """dv = A^T do + k_out dh for one chunk of one head (k_out: keys decayed to the chunk end, dh: grad of
-    the state leaving the chunk). Launched twice like _fwd_kernel; the fast launch sets `slow`."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    if PAIRWISE:
-        if tl.load(slow + i_c * H + i_h) == 0:
-            return
-    t0, eos = _chunk_setup(chunk_indices, cu_seqlens, i_c, C)
-    rows, cols, o_v = tl.arange(0, C), tl.arange(0, C), tl.arange(0, V)
-    m = (t0 + rows < eos)[:, None]
-    p_dh = dh + (i_c * H + i_h).to(tl.int64) * K * V
-    A = tl.zeros([C, C], dtype=tl.float32)
-    dvv = tl.zeros([C, V], dtype=tl.float32)
-    fast = True
-    for i in tl.static_range(K // BK):
-        o_d = i * BK + tl.arange(0, BK)
-        p_d = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
-        gd = tl.load(g + p_d, mask=m, other=0).to(tl.float32)
-        qd = tl.load(q + p_d, mask=m, other=0).to(tl.float32) * scale
-        kd = tl.load(k + p_d, mask=m, other=0).to(tl.float32)
-        bd = tl.cumsum(gd, 0)
-        fast = fast & _is_fast(gd, C, NG, MAXE)
-        row0 = t0 * H * K + i_h * K + i * BK
-        A += _scores(qd, kd, gd, bd, g + row0, k + row0, H * K, eos - t0, C, BK, NG, MAXE, PAIRWISE, DT, PREC)
-        k_out = (kd * tl.exp(tl.sum(gd, 0)[None, :] - bd)).to(DT)
-        dvv += tl.dot(k_out, tl.load(p_dh + o_d[:, None] * V + o_v[None, :]).to(DT), input_precision=PREC)
-    if not PAIRWISE:
-        tl.store(slow + i_c * H + i_h, tl.where(fast, 0, 1).to(tl.int8))
-        if fast == 0:
-            return
-    p_v = (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :]
-    A = tl.where(rows[:, None] >= cols[None, :], A, 0.0).to(DT)
-    dvv += tl.dot(tl.trans(A), tl.load(do + p_v, mask=m, other=0).to(DT), input_precision=PREC)
-    tl.store(dv + p_v, dvv.to(dv.dtype.element_ty), mask=m)
+    if DV:
+        A = tl.trans(A)
+    p_x = x + (t0 + rows)[:, None] * HK * V + i_kv * V + o_v[None, :]
+    acc += tl.dot(A, tl.load(p_x, mask=m, other=0).to(DT), input_precision=PREC)
+    tl.store(out + (t0 + rows)[:, None] * H * V + i_h * V + o_v[None, :], acc.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -271,7 +244,7 @@ def _bwd_dqkg_kernel(q, k, v, g, h, dh, do, dq, dk, dg, slow, cu_seqlens, chunk_
                      NG: tl.constexpr, MAXE: tl.constexpr, PAIRWISE: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr):
     """dq, dk, dg of one chunk, one head, BK channels (all separable by channel once dA = do v^T is known).
-    Runs after _bwd_dv_kernel, whose flags in `slow` say which of the two launches does each chunk."""
+    Runs after _chunk_kernel's dv launches, whose flags in `slow` say which of the two launches does each chunk."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if (tl.load(slow + i_c * H + i_h) != 0) != PAIRWISE:
         return
@@ -311,9 +284,11 @@ def _bwd_dqkg_kernel(q, k, v, g, h, dh, do, dq, dk, dg, slow, cu_seqlens, chunk_
 
 
 @triton.jit
-def _recurrent_kernel(q, k, v, g, o, s_in, s_out, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, BV: tl.constexpr, HAS_IN: tl.constexpr, STORE_OUT: tl.constexpr):
-    """Step-by-step recurrence for one document, one head, BV columns of the state (decode)."""
+def _recurrent_kernel(q, k, v, g, o, s_in, s_out, cu_seqlens, scale, H: tl.constexpr, G: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_IN: tl.constexpr,
+                      STORE_OUT: tl.constexpr):
+    """Step-by-step recurrence for one document, one kv head (H of them here) and its G query heads, BV columns of
+    the state (decode)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -323,12 +298,14 @@ def _recurrent_kernel(q, k, v, g, o, s_in, s_out, cu_seqlens, scale, H: tl.const
     if HAS_IN:
         S = tl.load(s_in + p_state)
     for t in range(bos, eos):
-        qt = tl.load(q + t * H * K + i_h * K + o_k).to(tl.float32) * scale
         kt = tl.load(k + t * H * K + i_h * K + o_k).to(tl.float32)
         gt = tl.load(g + t * H * K + i_h * K + o_k).to(tl.float32)
         vt = tl.load(v + t * H * V + i_h * V + o_v).to(tl.float32)
         S = S * tl.exp(gt)[:, None] + kt[:, None] * vt[None, :]
-        tl.store(o + t * H * V + i_h * V + o_v, tl.sum(qt[:, None] * S, 0).to(o.dtype.element_ty))
+        for j in tl.static_range(G):
+            i_q = i_h * G + j
+            qt = tl.load(q + t * H * G * K + i_q * K + o_k).to(tl.float32) * scale
+            tl.store(o + t * H * G * V + i_q * V + o_v, tl.sum(qt[:, None] * S, 0).to(o.dtype.element_ty))
     if STORE_OUT:
         tl.store(s_out + p_state, S)
 
@@ -365,15 +342,15 @@ def _chunk_meta(cu_seqlens, B, T, device):
 def _scan(q, k, v, do, g, h0, dht, meta, scale, backward):
     """Run the state scans: forward only (h, final state) or both directions (h, dh, dh0)."""
     cu, offsets, idx = meta
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]                  # the state's heads: k's (q's in the backward)
     N, NC = cu.numel() - 1, idx.shape[0]
     BK, BV = min(CONFIG["scan_bk"], K), min(CONFIG["scan_bv"], V)
     DT, PREC = _dot_types(q.dtype)
     sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    h = q.new_empty(NC, H, K, V, dtype=sdt)
-    dh = q.new_empty(NC, H, K, V, dtype=sdt) if backward else h
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32)
-    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if backward else ht
+    h = k.new_empty(NC, H, K, V, dtype=sdt)
+    dh = k.new_empty(NC, H, K, V, dtype=sdt) if backward else h
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32)
+    dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if backward else ht
     flags = (h0 is not None) | ((not backward) << 1) | ((dht is not None) << 2) | (backward << 3)
     dummy = ht
     grid = (triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H, 2 if backward else 1)
@@ -384,16 +361,19 @@ def _scan(q, k, v, do, g, h0, dht, meta, scale, backward):
 
 
 def _forward(q, k, v, g, scale, h0, meta):
+    """o [1, T, H, V] and the final states; k, v, g and the states have H / G heads (GQA): the scan runs once per
+    kv head, the chunk kernel once per query head."""
     cu, _, idx = meta
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     h, ht = _scan(q, k, v, None, g, h0, None, meta, scale, backward=False)
-    o = torch.empty_like(v)
+    o = v.new_empty(*q.shape[:3], V)
     slow = torch.empty(idx.shape[0] * H, dtype=torch.int8, device=q.device)
     DT, PREC = _dot_types(q.dtype)
     for pairwise in (False, True):
-        _fwd_kernel[(idx.shape[0], H)](q, k, v, g, h, o, slow, cu, idx, scale, H=H, K=K, V=V, C=CHUNK,
-                                       BK=min(CONFIG["fwd_bk"], K), NG=CONFIG["groups"], MAXE=MAX_EXP,
-                                       PAIRWISE=pairwise, DT=DT, PREC=PREC, **_opts("fwd"))
+        _chunk_kernel[(idx.shape[0] * H,)](q, k, g, v, h, o, slow, cu, idx, scale, H=H, G=H // k.shape[2], K=K,
+                                           V=V, C=CHUNK, BK=min(CONFIG["fwd_bk"], K), NG=CONFIG["groups"],
+                                           MAXE=MAX_EXP, PAIRWISE=pairwise, DT=DT, PREC=PREC, DV=False,
+                                           **_opts("fwd"))
     return o, ht
 
 
@@ -406,8 +386,9 @@ def _backward(q, k, v, g, do, scale, h0, dht, meta):
     DT, PREC = _dot_types(q.dtype)
     common = dict(H=H, K=K, V=V, C=CHUNK, NG=CONFIG["groups"], MAXE=MAX_EXP, DT=DT, PREC=PREC)
     for pairwise in (False, True):
-        _bwd_dv_kernel[(idx.shape[0], H)](q, k, g, do, dh, dv, slow, cu, idx, scale, BK=min(CONFIG["dv_bk"], K),
-                                          PAIRWISE=pairwise, **common, **_opts("dv"))
+        _chunk_kernel[(idx.shape[0] * H,)](q, k, g, do, dh, dv, slow, cu, idx, scale, G=1,
+                                           BK=min(CONFIG["dv_bk"], K), PAIRWISE=pairwise, DV=True, **common,
+                                           **_opts("dv"))
     BK = min(CONFIG["dqkg_bk"], K)
     for pairwise in (False, True):
         _bwd_dqkg_kernel[(idx.shape[0], H, K // BK)](q, k, v, g, h, dh, do, dq, dk, dg, slow, cu, idx, scale, BK=BK,
@@ -429,9 +410,20 @@ class ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        """With GQA the backward runs on G copies of each kv head (its state recomputed per query head), and the
+        copies' gradients are summed: the same numbers as the forward's shared state, at the forward's cost x G."""
         q, k, v, g, h0, *meta = ctx.saved_tensors
+        G = q.shape[2] // k.shape[2]
+        if G > 1:    # the final state is each copy's: its gradient is shared among them
+            k, v, g = (x.repeat_interleave(G, 2) for x in (k, v, g))
+            h0 = None if h0 is None else h0.repeat_interleave(G, 1)
+            dht = None if dht is None else dht.repeat_interleave(G, 1) / G
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dh0 = _backward(q, k, v, g, do.contiguous(), ctx.scale, h0, dht, meta)
+        if G > 1:
+            def fold(x, dim):   # the sum over each kv head's G copies
+                return x.unflatten(dim, (-1, G)).sum(dim + 1, dtype=torch.float32).to(x.dtype)
+            dk, dv, dg, dh0 = fold(dk, 2), fold(dv, 2), fold(dg, 2), fold(dh0, 1)
         return dq, dk, dv, dg, None, (dh0 if h0 is not None else None), None, None
 
 
@@ -441,10 +433,12 @@ def _check(q, k, v, g, initial_state, cu_seqlens):
     if q.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(v.shape)}")
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    if k.shape != q.shape or g.shape != q.shape or v.shape[:3] != q.shape[:3]:
+    Hkv, V = k.shape[2] if k.dim() == 4 else 0, v.shape[-1]
+    if (k.shape != (B, T, Hkv, K) or g.shape != k.shape or v.shape[:3] != k.shape[:3] or Hkv == 0
+            or H % Hkv):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"g {tuple(g.shape)} (k, g must equal q; v must share B, T, H)")
+                         f"g {tuple(g.shape)} (q [B, T, H, K]; k, g [B, T, Hkv, K] and v [B, T, Hkv, V] with "
+                         f"Hkv dividing H)")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
     if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype not in (q.dtype, torch.float32):
@@ -465,8 +459,8 @@ def _check(q, k, v, g, initial_state, cu_seqlens):
         if cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu[:-1], cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0, strictly increase and end at T={T}; got {cu}")
         N = len(cu) - 1
-    if initial_state is not None and initial_state.shape != (N, H, K, V):
-        raise ValueError(f"initial_state must be [N={N}, H, K, V] = {(N, H, K, V)}; got "
+    if initial_state is not None and initial_state.shape != (N, Hkv, K, V):
+        raise ValueError(f"initial_state must be [N={N}, Hkv, K, V] = {(N, Hkv, K, V)}; got "
                          f"{tuple(initial_state.shape)}")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
@@ -478,19 +472,20 @@ def _check(q, k, v, g, initial_state, cu_seqlens):
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Gated linear attention, chunked (training and prefill), with forward and backward.
 
-    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the per-channel log-decay (<= 0), dtype of q or float32.
-    q, k, v: bf16, fp16 or fp32; K, V in (16, 32, 64, 128). scale defaults to K ** -0.5.
-    initial_state: [N, H, K, V] (float32; N = B, or the number of documents with cu_seqlens).
-    cu_seqlens: int32/int64 [N + 1], 0 = cu[0] < cu[1] < ... < cu[N] = T, B must be 1: documents packed
-    along T; the state restarts at every document (from initial_state[n] if given).
-    Returns o [B, T, H, V] (v's dtype) and the final state [N, H, K, V] float32 (None unless
+    q: [B, T, H, K]; k, g: [B, T, Hkv, K]; v: [B, T, Hkv, V], Hkv dividing H (GQA: kv head j serves query
+    heads j * H/Hkv ... (j + 1) * H/Hkv - 1, with one state per kv head; Hkv = H without GQA). g is the
+    per-channel log-decay (<= 0), dtype of q or float32. q, k, v: bf16, fp16 or fp32; K, V in (16, 32, 64, 128).
+    scale defaults to K ** -0.5. initial_state: [N, Hkv, K, V] (float32; N = B, or the number of documents with
+    cu_seqlens). cu_seqlens: int32/int64 [N + 1], 0 = cu[0] < cu[1] < ... < cu[N] = T, B must be 1: documents
+    packed along T; the state restarts at every document (from initial_state[n] if given).
+    Returns o [B, T, H, V] (v's dtype) and the final state [N, Hkv, K, V] float32 (None unless
     output_final_state). Gradients flow to q, k, v, g and initial_state.
     """
     _check(q, k, v, g, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else float(scale)
     meta = _chunk_meta(cu_seqlens, B, T, q.device)
-    flat = [x.reshape(1, B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
+    flat = [x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht = ChunkGLA.apply(*flat, scale, h0, output_final_state, meta)
     return o.view(B, T, H, -1), ht
@@ -500,26 +495,26 @@ def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
     """Gated linear attention one step at a time, for decoding (T = 1 or a few tokens). Forward only:
     no autograd (raises if an input requires grad while grad mode is on; use chunk_gla for training).
 
-    Shapes and arguments as chunk_gla: q, k, g [B, T, H, K], v [B, T, H, V], initial_state [N, H, K, V]
-    float32. Returns o [B, T, H, V] (v's dtype) and the final state [N, H, K, V] float32 (or None).
+    Shapes and arguments as chunk_gla: q [B, T, H, K]; k, g [B, T, Hkv, K]; v [B, T, Hkv, V]; initial_state
+    [N, Hkv, K, V] float32. Returns o [B, T, H, V] (v's dtype) and the final state [N, Hkv, K, V] float32 (or None).
     """
     _check(q, k, v, g, initial_state, cu_seqlens)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, initial_state)):
         raise RuntimeError("fused_recurrent_gla has no backward; use chunk_gla, or call it under torch.no_grad()")
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    Hkv, V = k.shape[2], v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     cu = (torch.arange(0, B * T + 1, T, dtype=torch.int32, device=q.device) if cu_seqlens is None
           else cu_seqlens.to(torch.int32))
     N = cu.numel() - 1
-    q, k, v, g = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g))
-    o = torch.empty_like(v)
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32)
+    q, k, v, g = (x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g))
+    o = v.new_empty(B * T, H, V)
+    ht = q.new_empty(N, Hkv, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     BV = min(32, V)
-    _recurrent_kernel[(V // BV, N * H)](q, k, v, g, o, h0 if h0 is not None else ht, ht, cu, scale, H=H, K=K,
-                                        V=V, BV=BV, HAS_IN=h0 is not None, STORE_OUT=output_final_state,
-                                        num_warps=4)
+    _recurrent_kernel[(V // BV, N * Hkv)](q, k, v, g, o, h0 if h0 is not None else ht, ht, cu, scale, H=Hkv,
+                                          G=H // Hkv, K=K, V=V, BV=BV, HAS_IN=h0 is not None,
+                                          STORE_OUT=output_final_state, num_warps=4)
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 

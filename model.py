@@ -264,13 +264,19 @@ GLA_IMPL = "auto"   # "auto": Triton kernels on CUDA, PyTorch elsewhere; "torch"
 
 
 def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
-    """Dispatch: GLA over [B, T, H, D] with optional packed documents (cu_seqlens, B == 1). Returns (o, state)."""
+    """Dispatch: GLA of q [B, T, H, D] over k, v, g [B, T, Hkv, D] (GQA: one state per kv head, serving H/Hkv
+    query heads) with optional packed documents (cu_seqlens, B == 1). Returns (o, state [B or N, Hkv, D, D])."""
     use_triton = GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
     if use_triton:
         import kernels
         decode = q.shape[1] <= 4 and cu_seqlens is None and not torch.is_grad_enabled()
         fn = kernels.fused_recurrent_gla if decode else kernels.chunk_gla
         return fn(q, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+    G = q.shape[2] // k.shape[2]
+    if G > 1:   # the PyTorch twins keep a state per query head: G equal copies of each kv head's
+        o, state = gla(q, *(t.repeat_interleave(G, 2) for t in (k, v, g)),
+                       None if initial_state is None else initial_state.repeat_interleave(G, 1), cu_seqlens)
+        return o, state[:, ::G]
     fn = gla_recurrent if q.shape[1] <= 4 else gla_chunked
     if cu_seqlens is None:
         return fn(q, k, v, g, initial_state=initial_state, output_final_state=True)
@@ -295,8 +301,9 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
 
 
 ATTN_IMPL = "auto"   # "auto": flex_attention on CUDA past 128 queries, else SDPA with a dense mask. "sdpa" or
-_flex = None         # "flex" force one ("flex" on CPU runs flex_attention uncompiled: its dense reference, tests)
+                     # "flex" force one ("flex" on CPU runs flex_attention uncompiled: its dense reference, tests)
 _swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
+_compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes over the logits
 
 
 def use_flex(q):
@@ -311,15 +318,18 @@ def use_sliding_window(q, window):
     return window is not None and q.shape[1] > 1 and use_flex(q)
 
 
+def compiled(fn):
+    """torch.compile of fn, made once (recompiles once with dynamic shapes on a new size)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
 def flex(q, k, v, block_mask, gqa):
-    """flex_attention, compiled on CUDA (recompiles once with dynamic shapes on a new length). q, k, v [B, H, L, D]."""
-    global _flex
+    """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D]."""
     from torch.nn.attention.flex_attention import flex_attention
-    if not q.is_cuda:
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    if _flex is None:
-        _flex = torch.compile(flex_attention)
-    return _flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return (compiled(flex_attention) if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask,
+                                                                        enable_gqa=gqa)
 
 
 def swa_block_mask(T, S, off, window, device, tile=128):
@@ -384,10 +394,11 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     else:
         mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
                        q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
-        if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
-            Hkv = k.shape[1]
-            o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
-            return o.reshape(B, H, 1, D).transpose(1, 2)
+        if T == 1:   # decode: the query heads of one kv head are rows of one product (K/V read in place), in
+            Hkv = k.shape[1]   # plain matmuls: SDPA's kernels are made for many queries (~5x slower here, H100)
+            s = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)).float() * D ** -0.5   # (B, Hkv, H/Hkv, S)
+            p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+            return (p @ v).reshape(B, H, 1, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return o.transpose(1, 2)
 
@@ -452,7 +463,7 @@ class Cache(nn.Module):
             m = nn.Module()
             for kind in c.mixers(i):
                 if kind in LINEAR_MIXERS:
-                    m.register_buffer("state", torch.zeros(B, c.n_head, c.head_dim, c.head_dim, device=device,
+                    m.register_buffer("state", torch.zeros(B, c.n_kv_head, c.head_dim, c.head_dim, device=device,
                                                            dtype=torch.float32), persistent=False)
                 else:
                     cap = min(c.window + 1, max_len) if kind == "swa" else max_len
@@ -518,8 +529,6 @@ class Attention(nn.Module):
         else:               # "la": sigmoid keys, forget gate tied to the key: decay = 1 - k
             q, g = F.relu(q), F.logsigmoid(-k.to(ft))
             k = torch.sigmoid(k)
-        rep = c.n_head // c.n_kv_head                                    # GQA: kv head j serves q heads j*rep ...
-        k, v, g = (t.repeat_interleave(rep, dim=2) for t in (k, v, g))
         if cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
             return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
         o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state)
@@ -596,6 +605,21 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+def cross_entropy_chunk(logits, targets, grads):
+    """Summed cross-entropy of logits [n, V] (rows with target -100 skipped) and, with grads, dL/dlogits =
+    softmax - onehot in the logits' dtype (0 on skipped rows). Compiled on CUDA, this is two passes over the
+    logits (the log-sum-exp, then the gradient), with no float32 copy of them."""
+    valid = targets != -100
+    t = torch.where(valid, targets, 0)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = x.logsumexp(-1)
+    loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0).sum()
+    if not grads:
+        return loss, None
+    hot = torch.arange(x.shape[1], device=x.device) == t[:, None]
+    return loss, torch.where(valid[:, None], (x - lse[:, None]).exp() - hot.to(x.dtype), 0.0).to(logits.dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of logits x [N, C] @ w [V, C]^T, `chunk` rows at a time. When gradients are wanted
     they are made in the forward pass, chunk by chunk (softmax - onehot is dL/dlogits): the [N, V] logits are
@@ -606,16 +630,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = x.new_zeros((), dtype=torch.float32)
         dx = torch.zeros_like(x) if grads else None
         dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        xent = compiled(cross_entropy_chunk) if x.is_cuda else cross_entropy_chunk
         for i in range(0, x.shape[0], chunk):
-            xc, tc = x[i:i + chunk], targets[i:i + chunk]
-            logits = (xc @ w.T).float()                                  # (n, V)
-            lse, valid = logits.logsumexp(-1), tc != -100
-            tc = torch.where(valid, tc, 0)
-            total += torch.where(valid, lse - logits.gather(1, tc[:, None])[:, 0], 0.0).sum()
+            xc = x[i:i + chunk]
+            loss, p = xent(xc @ w.T, targets[i:i + chunk], grads)          # logits (n, V) in x's dtype
+            total += loss
             if grads:
-                p = logits.sub_(lse[:, None]).exp_()                     # softmax, in place of the logits
-                p[torch.arange(len(tc), device=x.device), tc] -= 1.0
-                p = (p * valid[:, None]).to(x.dtype)
                 dx[i:i + chunk] = p @ w
                 dw += p.T @ xc
         if grads:

@@ -308,6 +308,22 @@ def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
     assert gen.extend(prompt, io.StringIO())[0] == eager
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+def test_gpu_compiled_generation_equals_eager(name, tok_dir):
+    """On CUDA, float32: compiled blocks (flex prefill past 128 tokens, Triton GLA) and the decode step compiled
+    with CUDA graphs and tuned matrix-vector reductions (generate.compile_decode) give the eager greedy tokens,
+    over two turns (the second extends the cache the first left)."""
+    m, tok = tiny(name).float().cuda(), tokenizer.Tokenizer(tok_dir)
+    turns = [list(bytes(range(32, 232))), list(b"and then")]                 # 200 tokens, then 8 more
+    ref = greedy(m, tok, max_new_tokens=10)
+    eager = [ref.extend(t, io.StringIO())[0] for t in turns]
+    torch._dynamo.reset()
+    gen = Generator(m, tok, temperature=0, stop=[], max_new_tokens=10, compile=True, err=io.StringIO())
+    assert [gen.extend(t, io.StringIO())[0] for t in turns] == eager
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_compiled_blocks_equal_eager(name, monkeypatch):
     """generate.compile_blocks (and train.py's compiled, checkpointed blocks): chunked prefill through the cache and a

@@ -27,14 +27,15 @@ def rms_err(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def inputs(B, T, H, K, V, gate=1.0, h0=False, dtype=torch.float32, dev=DEV, g_min=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
-    v = torch.randn(B, T, H, V, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) * gate)
+def inputs(B, T, H, K, V, gate=1.0, h0=False, dtype=torch.float32, dev=DEV, g_min=None, seed=0, Hkv=None):
+    """q [B, T, H, K]; k, g [B, T, Hkv, K]; v [B, T, Hkv, V] (Hkv = H unless given: GQA); s0 [B, Hkv, K, V]."""
+    gen, Hkv = torch.Generator().manual_seed(seed), Hkv or H
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, Hkv, K, generator=gen)
+    v = torch.randn(B, T, Hkv, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, Hkv, K, generator=gen) * gate)
     if g_min is not None:
         g = g.clamp_min(g_min)
-    s0 = torch.randn(B, H, K, V, generator=gen) if h0 else None
+    s0 = torch.randn(B, Hkv, K, V, generator=gen) if h0 else None
     return [x.to(dev, dtype) for x in (q, k, v, g)], (None if s0 is None else s0.to(dev))
 
 
@@ -49,12 +50,25 @@ def run_and_grad(fn, q, k, v, g, h0, seed=1, **kw):
     return o, ht, grads
 
 
+def gqa(fn):
+    """fn over GQA inputs through one state per query head: k, v, g, h0 repeated per group (gradients summed
+    over the copies by autograd), the final state read from the first copy of each group."""
+    def wrapped(q, k, v, g, initial_state=None, output_final_state=True, **kw):
+        G = q.shape[2] // k.shape[2]
+        k, v, g = (x.repeat_interleave(G, 2) for x in (k, v, g))
+        h = None if initial_state is None else initial_state.repeat_interleave(G, 1)
+        o, st = fn(q, k, v, g, initial_state=h, output_final_state=True, **kw)
+        return o, st[:, ::G]
+    return wrapped
+
+
 def reference(q, k, v, g, h0, cu_seqlens=None, **kw):
-    """float64 per-step recurrence; a loop over documents when cu_seqlens is given."""
+    """float64 per-step recurrence (GQA: per query head, on repeated k, v, g); a loop over documents when
+    cu_seqlens is given."""
     args = [x.double() for x in (q, k, v, g)]
     s0 = None if h0 is None else h0.double()
     if cu_seqlens is None:
-        return run_and_grad(gla_recurrent, *args, s0, **kw)
+        return run_and_grad(gqa(gla_recurrent), *args, s0, **kw)
 
     def loop(q, k, v, g, initial_state=None, output_final_state=True):
         outs, states = [], []
@@ -65,7 +79,7 @@ def reference(q, k, v, g, h0, cu_seqlens=None, **kw):
             outs.append(o)
             states.append(st)
         return torch.cat(outs, 1), torch.cat(states, 0)
-    return run_and_grad(loop, *args, s0, **kw)
+    return run_and_grad(gqa(loop), *args, s0, **kw)
 
 
 def assert_close(got, want, tol):
@@ -86,6 +100,24 @@ def assert_close(got, want, tol):
 def test_chunk_gla_matches_recurrent(T, K, V, h0):
     (q, k, v, g), s0 = inputs(2, T, 3, K, V, gate=0.5, h0=h0, seed=T + K)
     assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("H,Hkv,h0", [(4, 2, True), (6, 1, False)])
+def test_chunk_gla_gqa(H, Hkv, h0):
+    """GQA: one state per kv head serving H/Hkv query heads, against the per-query-head recurrence on repeated
+    k, v, g (outputs, final states, and every gradient, summed over each group)."""
+    (q, k, v, g), s0 = inputs(2, 100, H, 16, 32, gate=0.5, h0=h0, seed=H, Hkv=Hkv)
+    assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_gqa_varlen():
+    (q, k, v, g), _ = inputs(1, 90, 4, 16, 16, gate=0.5, seed=13, Hkv=2)
+    cu = torch.tensor([0, 30, 31, 90], device=DEV)
+    s0 = torch.randn(3, 2, 16, 16, device=DEV)
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0, cu_seqlens=cu)
+    assert_close(got, reference(q, k, v, g, s0, cu_seqlens=cu), 1e-4)
 
 
 @needs_triton
@@ -155,6 +187,15 @@ def test_fused_recurrent_matches_recurrent(varlen):
         kernels.fused_recurrent_gla(q.requires_grad_(), k, v, g, cu_seqlens=cu)
 
 
+@needs_triton
+def test_fused_recurrent_gqa():
+    (q, k, v, g), s0 = inputs(2, 3, 6, 16, 32, gate=1.0, h0=True, seed=14, Hkv=2)
+    o, ht = kernels.fused_recurrent_gla(q, k, v, g, initial_state=s0, output_final_state=True)
+    ro, rht, _ = reference(q, k, v, g, s0)
+    assert o.shape == q.shape[:3] + (32,) and ht.shape == (2, 2, 16, 32)
+    assert rms_err(o, ro) < 1e-5 and rms_err(ht, rht) < 1e-5
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_raise_before_launch():
@@ -174,6 +215,8 @@ def test_bad_inputs_raise_before_launch():
         kernels.chunk_gla(q24, q24, v, q24)
     with pytest.raises(ValueError, match="initial_state"):
         kernels.chunk_gla(q, k, v, g, initial_state=torch.zeros(2, 2, 16, 16))
+    with pytest.raises(ValueError, match="initial_state"):      # GQA: one state per kv head, not per query head
+        kernels.chunk_gla(torch.randn(1, 8, 4, 16), k, v, g, initial_state=torch.zeros(1, 4, 16, 16))
     for cu in ([1, 8], [0, 5, 5, 8], [0, 9], [0, 6, 3, 8]):
         with pytest.raises(ValueError, match="cu_seqlens"):
             kernels.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor(cu))
@@ -184,6 +227,9 @@ def test_bad_inputs_raise_before_launch():
         kernels.chunk_gla(q2, q2, q2, q2, cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="shape"):
         kernels.fused_recurrent_gla(q, k, v, g[..., :8])
+    q3 = torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match="Hkv dividing H"):
+        kernels.chunk_gla(q3, k, v, g)                            # 2 kv heads cannot serve 3 query heads
 
 
 # ----------------------------------------------------------------------------- spike quantization
@@ -218,6 +264,17 @@ def test_gpu_bf16_real_shapes(D):
     g = (g.float() / 16).bfloat16()                                 # the model's gate normalizer
     got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
     want = run_and_grad(gla_recurrent, *(x.float() for x in (q, k, v, g)), s0)
+    assert_close(got, want, 2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_gqa_model_shapes():
+    """SpikingBrain-7B's GLA: 28 query heads over 4 kv heads, D = 128, gates / 16."""
+    (q, k, v, g), s0 = inputs(1, 2048 + 13, 28, 128, 128, gate=1.0, h0=True, seed=15, dtype=torch.bfloat16, Hkv=4)
+    g = (g.float() / 16).bfloat16()
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
+    want = run_and_grad(gqa(gla_recurrent), *(x.float() for x in (q, k, v, g)), s0)
     assert_close(got, want, 2e-2)
 
 

@@ -371,6 +371,25 @@ def test_chunked_loss_equals_full_cross_entropy():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_chunked_loss_bf16():
+    """The compiled loss passes on CUDA, bf16, chunks of two sizes (a recompile): loss and gradients vs float64."""
+    torch.manual_seed(12)
+    x = torch.randn(300, 128, device="cuda").bfloat16().requires_grad_()
+    head = torch.nn.Linear(128, 5000, bias=False).cuda().bfloat16()
+    t = torch.randint(0, 5000, (300,), device="cuda")
+    t[:9] = -100
+    loss = model.chunked_cross_entropy(head, x, t, chunk=128)
+    g = torch.autograd.grad(2.0 * loss, (x, head.weight))
+    xd, wd = x.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
+    ref = F.cross_entropy(xd @ wd.T, t, ignore_index=-100)
+    g_ref = torch.autograd.grad(2.0 * ref, (xd, wd))
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-3)
+    for a, b in zip(g, g_ref):
+        assert rms_err(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_gpu_packed_documents_train_like_cpu(name):
     """On CUDA, packed rows longer than 128 tokens take flex_attention (document masks, sinks for tiny-moe) and
