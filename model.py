@@ -394,11 +394,10 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     else:
         mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
                        q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
-        if T == 1:   # decode: the query heads of one kv head are rows of one product (K/V read in place), in
-            Hkv = k.shape[1]   # plain matmuls: SDPA's kernels are made for many queries (~5x slower here, H100)
-            s = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)).float() * D ** -0.5   # (B, Hkv, H/Hkv, S)
-            p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-            return (p @ v).reshape(B, H, 1, D).transpose(1, 2)
+        if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
+            Hkv = k.shape[1]
+            o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+            return o.reshape(B, H, 1, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return o.transpose(1, 2)
 
