@@ -615,8 +615,12 @@ def cross_entropy_chunk(logits, targets, grads):
     loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0).sum()
     if not grads:
         return loss, None
-    hot = torch.arange(x.shape[1], device=x.device) == t[:, None]
-    return loss, torch.where(valid[:, None], (x - lse[:, None]).exp() - hot.to(x.dtype), 0.0).to(logits.dtype)
+    p = (x - lse[:, None]).exp_()                                        # softmax
+    if torch.compiler.is_compiling():   # the one-hot as a comparison: all of it one fused pass
+        p = p - (torch.arange(x.shape[1], device=x.device) == t[:, None]).to(p.dtype)
+    else:                               # eager: in place, no further [n, V] temporaries
+        p[torch.arange(len(t), device=x.device), t] -= 1.0
+    return loss, (p * valid[:, None]).to(logits.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -369,6 +369,24 @@ def test_chunked_loss_equals_full_cross_entropy():
         assert model.chunked_cross_entropy(m.lm_head, x, t, chunk=7).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def test_cross_entropy_chunk_traced_equals_eager_and_reference():
+    """The loss pass as torch.compile traces it (its fused one-hot) and as it runs eagerly (in place) agree with
+    float64 cross-entropy and its gradient."""
+    torch.manual_seed(13)
+    logits, t = torch.randn(20, 50), torch.randint(0, 50, (20,))
+    t[3] = -100
+    ld = logits.double().requires_grad_()
+    ref = F.cross_entropy(ld, t, ignore_index=-100, reduction="sum")
+    ref_grad = torch.autograd.grad(ref, ld)[0]
+    torch._dynamo.reset()
+    traced = torch.compile(model.cross_entropy_chunk, backend="eager")
+    for fn in (model.cross_entropy_chunk, traced):
+        loss, p = fn(logits.clone(), t, True)
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+        torch.testing.assert_close(p.double(), ref_grad, atol=1e-6, rtol=1e-5)
+        assert fn(logits, t, False)[1] is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_chunked_loss_bf16():
