@@ -619,7 +619,8 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     kernel: matmuls, attention, GLA, optimizer, elementwise) of one training step (first n_layer layers, bf16,
     AdamW, no checkpointing), of one cached prefill chunk of `chunk` tokens after a first chunk (first two
     layers; for the 7B one GLA and one SWA layer) and of 16 decode steps after it. compile: the prefill's blocks
-    and the decode step compiled as generate.py --compile does (the decode step eager otherwise). On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
+    and the decode step compiled as generate.py --compile does (the decode step eager otherwise).
+    On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -215,7 +215,8 @@ def _chunk_kernel(q, k, g, x, s, out, slow, cu_seqlens, chunk_indices, scale,
         o_d = i * BK + tl.arange(0, BK)
         p_kd = (t0 + rows)[:, None] * HK * K + i_kv * K + o_d[None, :]
         gd = tl.load(g + p_kd, mask=m, other=0).to(tl.float32)
-        qd = tl.load(q + (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :], mask=m, other=0).to(tl.float32) * scale
+        p_qd = (t0 + rows)[:, None] * H * K + i_h * K + o_d[None, :]
+        qd = tl.load(q + p_qd, mask=m, other=0).to(tl.float32) * scale
         kd = tl.load(k + p_kd, mask=m, other=0).to(tl.float32)
         bd = tl.cumsum(gd, 0)
         fast = fast & _is_fast(gd, C, NG, MAXE)
@@ -410,8 +411,8 @@ class ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        """With GQA the backward runs on G copies of each kv head (its state recomputed per query head), and the
-        copies' gradients are summed: the same numbers as the forward's shared state, at the forward's cost x G."""
+        """With GQA the backward runs on G copies of each kv head (its state recomputed per query head) and sums
+        the copies' gradients: the gradients of the shared state, at the cost of the backward on repeated heads."""
         q, k, v, g, h0, *meta = ctx.saved_tensors
         G = q.shape[2] // k.shape[2]
         if G > 1:    # the final state is each copy's: its gradient is shared among them
