@@ -607,10 +607,10 @@ def print_profile(p, title, rows, cuda):
         if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
             kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
     total = sum(kinds.values())
-    print(f"{'kind':>30} {'ms':>9} {'%':>6}")
+    print(f"{'kind':>34} {'ms':>9} {'%':>6}")
     for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"{k:>30} {t / 1e3:9.2f} {100 * t / total:5.1f}%")
-    print(f"{'total':>30} {total / 1e3:9.2f}")
+        print(f"{k:>34} {t / 1e3:9.2f} {100 * t / total:5.1f}%")
+    print(f"{'total':>34} {total / 1e3:9.2f}")
 
 
 def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,
