@@ -4,8 +4,8 @@
     python bench.py ttft      # time to first token: spikingbrain-7b vs qwen2.5-7b
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py train     # training tokens/s and MFU
-    python bench.py profile   # top kernels of a training step and of a prefill chunk
-    python bench.py swa       # sliding-window attention: inference path vs the band-masked training path
+    python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
+    python bench.py swa       # sliding-window attention on flex_attention vs causal flash SDPA
 """
 
 
@@ -583,7 +583,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
 
 KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
          ("softmax attention", ("flex", "fmha", "sdpa", "flash", "attention")),
-         ("GLA kernels", ("_scan_kernel", "_fwd_kernel", "_bwd_dv_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
+         ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
          ("optimizer", ("multi_tensor", "adam")),
          ("compiled (elementwise, reductions)", ("triton_",)))
 

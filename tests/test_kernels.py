@@ -232,6 +232,13 @@ def test_bad_inputs_raise_before_launch():
         kernels.chunk_gla(q3, k, v, g)                            # 2 kv heads cannot serve 3 query heads
 
 
+def test_bench_profile_counts_every_gla_kernel():
+    """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel."""
+    import bench
+    names = [n for n in dir(kernels) if n.endswith("_kernel")]
+    assert len(names) >= 4 and all(bench.kind_of(n) == "GLA kernels" for n in names), names
+
+
 # ----------------------------------------------------------------------------- spike quantization
 
 @pytest.mark.parametrize("shape", [(3, 5, 300), (4, 4096 + 7)])
