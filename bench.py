@@ -550,11 +550,19 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
               flush=True)
 
 
-def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128) -> None:
-    """model.sliding_window_attention (flex_attention, the band's tiles only) in bf16, forward and forward +
-    backward, without a ring in front (off = 0) and with the ring of a later prefill chunk (off = window + 1,
-    forward only), beside causal flash SDPA over the same T (more work: T^2/2 scores vs ~T * window); TFLOP/s
-    count the band's 4 * scores * D multiply-adds forward, 2.5x that backward (accuracy: tests/test_model.py)."""
+def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128,
+              kernel_options: list[dict] | None = None, decode: tuple[tuple[int, int], ...] = ((1, 4097), (8, 4097),
+                                                                                         (1, 131072))) -> None:
+    """Softmax attention alone, bf16. model.sliding_window_attention (flex_attention, the band's tiles only),
+    forward and forward + backward, without a ring in front (off = 0) and with the ring of a later prefill chunk
+    (off = window + 1, forward only), beside causal flash SDPA over the same T (more work: T^2/2 scores vs
+    ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that backward.
+    --kernel_options '[{}, {"BLOCK_M": 128, ...}]': the prefill chunk's forward once per flex_attention
+    kernel_options (model.FLEX_OPTIONS), to tune them. Then decode attention, one query per row over (B, S)
+    cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto") vs SDPA with the dense mask
+    ("sdpa"), mask making included, replayed from a CUDA graph as in compiled decoding, with K/V bytes read per
+    second. Accuracy: tests/test_model.py and
+    tests/test_kernels.py."""
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
@@ -562,6 +570,38 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
     import model as M
     torch.manual_seed(0)
     header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}")
+    for opts in kernel_options or ():
+        q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T + window + 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        M.FLEX_OPTIONS = opts
+        torch._dynamo.reset()                   # a fresh compile per option set (no recompile limit)
+        try:
+            with torch.no_grad():
+                t = do_bench(lambda: M.sliding_window_attention(q, k, v, window + 1, 0, window))
+            print(f"SWA T={T} off={window + 1} kernel_options={opts}: forward {t:.2f} ms "
+                  f"({4 * H * T * (window + 1) * D / t / 1e9:.0f} TFLOP/s)", flush=True)
+        except Exception as e:   # an option this torch or GPU does not take: say so, go on
+            print(f"SWA kernel_options={opts}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        M.FLEX_OPTIONS = {}
+    for B, S in decode:
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k_pos = torch.arange(S, device="cuda").expand(B, -1).masked_fill(torch.arange(S, device="cuda") >= S * 2 // 3,
+                                                                          M.KVCache.EMPTY)
+        q_pos, doc = torch.full((B, 1), S, device="cuda"), torch.zeros(B, S, dtype=torch.long, device="cuda")
+        row, w = [], (window if S <= window + 1 else None)              # a ring, or a full-attention cache
+        for impl in ("auto", "sdpa"):   # in a CUDA graph, as the compiled decode step runs: no launch overhead
+            M.ATTN_IMPL = impl
+            with torch.no_grad():
+                M.attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    M.attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
+                row.append(do_bench(graph.replay, return_mode="median") * 1e3)
+        M.ATTN_IMPL = "auto"
+        print(f"decode attention B={B} S={S}: Triton kernel {row[0]:.1f} us "
+              f"({2 * k.numel() * 2 / row[0] / 1e3:.0f} GB/s K/V), SDPA with a dense mask {row[1]:.1f} us",
+              flush=True)
     for off in (0, window + 1):
         q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, T + off, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))

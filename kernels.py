@@ -1,6 +1,7 @@
 """Triton kernels for gated linear attention: chunked forward + backward (packed documents too) and a
-decode step; plus the spike-quantization fast path. Each has a pure-PyTorch twin in model.py
-(gla_recurrent / gla_chunked, spike_quant) that the tests compare against.
+decode step; softmax attention of one query over a cache (decode); plus the spike-quantization fast path.
+Each has a pure-PyTorch twin in model.py (gla_recurrent / gla_chunked, attention, spike_quant) that the
+tests compare against.
 
 Layout everywhere: [B, T, H, D]. GLA recurrence per head, with log-decay g <= 0:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (q_t * scale) S_t.
@@ -311,6 +312,40 @@ def _recurrent_kernel(q, k, v, g, o, s_in, s_out, cu_seqlens, scale, H: tl.const
         tl.store(s_out + p_state, S)
 
 
+@triton.jit
+def _decode_attention_kernel(q, k, v, bias, o, lse, qk_scale, S, SPLIT, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+                             H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                             BN: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
+    """One query per row over one split of a kv head's S cache slots: the G query heads of kv head i_h are the
+    rows of a [GP, D] block (GP >= 16 for tl.dot). Stores the split's normalized output and its log2-sum-exp."""
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    rows, o_d = tl.arange(0, GP), tl.arange(0, D)
+    qb = tl.load(q + (i_bh * G + rows[:, None]) * D + o_d[None, :], mask=rows[:, None] < G, other=0.0)
+    m = tl.full([GP], -1e30, tl.float32)                  # finite: a split whose keys are all hidden stays 0
+    l = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    lo = i_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, S)
+    for start in range(lo, hi, BN):
+        n = start + tl.arange(0, BN)
+        kb = tl.load(k + i_b * sk_b + n[:, None] * sk_s + i_h * sk_h + o_d[None, :], mask=n[:, None] < hi,
+                     other=0.0)
+        s = (tl.dot(qb, tl.trans(kb), input_precision=PREC) * qk_scale).to(tl.float32)   # [GP, BN], log2 units
+        s += tl.load(bias + i_b * S + n, mask=n < hi, other=float("-inf"))[None, :]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        vb = tl.load(v + i_b * sv_b + n[:, None] * sv_s + i_h * sv_h + o_d[None, :], mask=n[:, None] < hi,
+                     other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+        l = l * alpha + tl.sum(p, 1)
+        m = m_new
+    part = (i_bh * NS + i_s) * G + rows
+    tl.store(o + part[:, None] * D + o_d[None, :], acc / tl.maximum(l, 1e-30)[:, None], mask=rows[:, None] < G)
+    tl.store(lse + part, tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf")), mask=rows < G)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _dot_types(dtype):
@@ -517,6 +552,41 @@ def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
                                           G=H // Hkv, K=K, V=V, BV=BV, HAS_IN=h0 is not None,
                                           STORE_OUT=output_final_state, num_warps=4)
     return o.view(B, T, H, V), (ht if output_final_state else None)
+
+
+def decode_attention(q, k, v, bias, scale=None, splits=None):
+    """Softmax attention of one new query per row over a cache (decode), split along the cache (flash-decoding).
+
+    q [B, H, D]; k, v [B, S, Hkv, D] (the cache's layout, last dim contiguous; Hkv dividing H: GQA reads each kv
+    head once for its H/Hkv query heads); bias [B, S] float32, added to the scores (0 for a visible slot, -inf
+    for a hidden one; every row needs a visible slot). Each of `splits` programs per (row, kv head) covers a
+    run of slots (default: enough to fill the GPU twice), and a weighted sum by each run's log-sum-exp joins
+    them. Forward only. Returns [B, H, D] in q's dtype. Twin: model.attention with a dense mask (SDPA).
+    """
+    B, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if k.shape != (B, S, Hkv, D) or v.shape != k.shape or Hkv == 0 or H % Hkv or bias.shape != (B, S):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, bias "
+                         f"{tuple(bias.shape)} (q [B, H, D]; k, v [B, S, Hkv, D] with Hkv dividing H; bias [B, S])")
+    if D not in HEAD_DIMS or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"head dim {D} must be one of {HEAD_DIMS}, with contiguous last dims of k and v")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+    G, BN = H // Hkv, 64
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        splits = max(1, 2 * sms // (B * Hkv))
+    split = triton.cdiv(triton.cdiv(S, min(splits, triton.cdiv(S, BN))), BN) * BN   # slots per program
+    NS = triton.cdiv(S, split)
+    o = q.new_empty(B * Hkv, NS, G, D, dtype=torch.float32)
+    lse = q.new_empty(B * Hkv, NS, G, dtype=torch.float32)
+    scale = (D ** -0.5 if scale is None else float(scale)) * 1.4426950408889634     # log2(e): exp2 in the kernel
+    _decode_attention_kernel[(B * Hkv, NS)](
+        q.contiguous(), k, v, bias.float().contiguous(), o, lse, scale, S, split, *k.stride()[:3],
+        *v.stride()[:3], H=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BN=BN, NS=NS,
+        PREC=_dot_types(q.dtype)[1], num_warps=4, num_stages=2)
+    w = torch.softmax(lse * 0.6931471805599453, 1)                    # the splits' weights (log2 -> ln)
+    return (w[..., None] * o).sum(1).view(B, H, D).to(q.dtype)
 
 
 def spike_quant_torch(x, k=3.0, int8=False):

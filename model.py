@@ -1,7 +1,8 @@
 """SpikingBrain in one file: config presets, every layer, the model and its generation caches.
 
-Pure PyTorch; runs on CPU. On CUDA the GLA recurrence dispatches to our Triton kernels (kernels.py)
-and masked attention to flex_attention; `GLA_IMPL` / `ATTN_IMPL` force either path.
+Pure PyTorch; runs on CPU. On CUDA the GLA recurrence dispatches to our Triton kernels (kernels.py),
+masked attention to flex_attention and decode attention (one query over the cache) to our Triton kernel;
+`GLA_IMPL` / `ATTN_IMPL` force either path.
 
 Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
 - each layer's token mixer is named by `Config.layout`: "gla" (gated linear attention, 7B),
@@ -300,8 +301,13 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
     return (k_doc == -1) | seen
 
 
-ATTN_IMPL = "auto"   # "auto": flex_attention on CUDA past 128 queries, else SDPA with a dense mask. "sdpa" or
-                     # "flex" force one ("flex" on CPU runs flex_attention uncompiled: its dense reference, tests)
+ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and our Triton kernel for one query (decode),
+                     # else SDPA with a dense mask. "sdpa" or "flex" force one ("flex" on CPU runs flex_attention
+                     # uncompiled: its dense reference, tests)
+# flex_attention's kernel_options ("fwd_" keys: the forward only). The forward reads tiles through Hopper's tensor
+# memory accelerator (TMA; ignored on older GPUs): 7% faster for the SWA prefill on an H100, while TMA made the
+# backward slower (BENCHMARKS.md). Measured on torch 2.11; older versions keep torch's defaults.
+FLEX_OPTIONS = {"fwd_USE_TMA": True} if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {}
 _swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
 _compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes over the logits
 
@@ -329,7 +335,8 @@ def flex(q, k, v, block_mask, gqa):
     """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D]."""
     from torch.nn.attention.flex_attention import flex_attention
     return (compiled(flex_attention) if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask,
-                                                                        enable_gqa=gqa)
+                                                                        enable_gqa=gqa,
+                                                                        kernel_options=FLEX_OPTIONS or None)
 
 
 def swa_block_mask(T, S, off, window, device, tile=128):
@@ -384,6 +391,11 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
         if window is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
         q_doc = k_doc = torch.zeros_like(q_pos)
+    if T == 1 and q.is_cuda and ATTN_IMPL == "auto" and not (torch.is_grad_enabled() and q.requires_grad):
+        import kernels   # decode: split along the cache, so a short ring or a long cache both fill the GPU
+        seen = visible(q_pos, k_pos, q_doc, k_doc, window)                            # (B, S)
+        bias = torch.zeros(seen.shape, device=q.device, dtype=torch.float32).masked_fill(~seen, float("-inf"))
+        return kernels.decode_attention(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), bias)[:, None]
     if fl:
         from torch.nn.attention.flex_attention import create_block_mask
 

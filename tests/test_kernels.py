@@ -233,10 +233,12 @@ def test_bad_inputs_raise_before_launch():
 
 
 def test_bench_profile_counts_every_gla_kernel():
-    """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel."""
+    """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel,
+    except the decode attention kernel (softmax attention)."""
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
-    assert len(names) >= 4 and all(bench.kind_of(n) == "GLA kernels" for n in names), names
+    kinds = {n: "softmax attention" if n == "_decode_attention_kernel" else "GLA kernels" for n in names}
+    assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
 
 # ----------------------------------------------------------------------------- spike quantization
@@ -318,3 +320,69 @@ def test_gpu_spike_quant_bf16():
     counts, vth = kernels.spike_quant(x, 3.0)                       # the torch.compile path
     rc, rv = spike_quant_ref(x, 3.0)
     assert torch.allclose(vth, rv, rtol=1e-5, atol=0) and (counts != rc).float().mean() < 1e-5
+
+
+def decode_reference(q, k, v, bias, scale=None):
+    """float64 softmax over the visible slots, the query heads of kv head j = the j-th group of H/Hkv."""
+    G = q.shape[1] // k.shape[2]
+    k, v = (x.double().repeat_interleave(G, 2) for x in (k, v))                     # [B, S, H, D]
+    s = torch.einsum("bhd,bshd->bhs", q.double(), k) * (scale or q.shape[-1] ** -0.5) + bias.double()[:, None]
+    return torch.einsum("bhs,bshd->bhd", s.softmax(-1), v)
+
+
+@needs_triton
+@pytest.mark.parametrize("H,Hkv,S,splits", [(4, 4, 37, None), (7, 1, 200, 3), (6, 2, 130, 64), (8, 2, 64, 1)])
+def test_decode_attention_matches_float64(H, Hkv, S, splits):
+    gen = torch.Generator().manual_seed(S)
+    B, D = 2, 32
+    q = torch.randn(B, H, D, generator=gen)
+    k, v = torch.randn(B, S, Hkv, D, generator=gen), torch.randn(B, S, Hkv, D, generator=gen)
+    hidden = torch.rand(B, S, generator=gen) < 0.3
+    hidden[:, 0] = False                                        # every row sees at least one slot
+    hidden[1, 5:100] = True                                     # whole splits of row 1 hidden
+    bias = torch.zeros(B, S).masked_fill(hidden, float("-inf"))
+    q, k, v, bias = (x.to(DEV) for x in (q, k, v, bias))
+    o = kernels.decode_attention(q, k, v, bias, splits=splits)
+    assert o.shape == (B, H, D) and o.dtype == q.dtype
+    assert rms_err(o, decode_reference(q, k, v, bias)) < 1e-5
+
+
+@needs_triton
+def test_decode_attention_reads_the_cache_layout_in_place():
+    """k, v as slices of a bigger cache buffer (strided along S and heads), a scale, one visible slot."""
+    gen = torch.Generator().manual_seed(1)
+    buf = torch.randn(2, 3, 90, 4, 16, generator=gen)                            # [kv, B, S, Hkv, D]
+    k, v = buf[0, :, :80, 1:3], buf[1, :, :80, 1:3]                            # [3, 80, 2, 16], not contiguous
+    q = torch.randn(3, 4, 16, generator=gen)
+    bias = torch.full((3, 80), float("-inf"))
+    bias[:, 41] = 0.0
+    bias[0] = 0.0
+    q, k, v, bias = (x.to(DEV) for x in (q, k, v, bias))
+    o = kernels.decode_attention(q, k, v, bias, scale=0.3)
+    assert rms_err(o, decode_reference(q, k, v, bias, scale=0.3)) < 1e-5
+    assert torch.allclose(o[1:], v[1:, 41].repeat_interleave(2, 1), atol=1e-6)   # one slot: its value
+
+
+def test_decode_attention_bad_inputs():
+    q, k = torch.zeros(1, 6, 32), torch.zeros(1, 10, 4, 32)
+    with pytest.raises(ValueError, match="Hkv dividing H"):
+        kernels.decode_attention(q, k, k, torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="bias"):
+        kernels.decode_attention(q[:, :4], k, k, torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.decode_attention(q[:, :4, :24], k[..., :24], k[..., :24], torch.zeros(1, 10))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B,S", [(1, 4097), (8, 4097), (1, 131072)])
+def test_gpu_decode_attention_bf16_model_shapes(B, S):
+    """The 7B's decode attention (28 query / 4 kv heads of 128) over an SWA ring or a long full-attention cache
+    with empty slots, bf16, against float64."""
+    gen = torch.Generator().manual_seed(S)
+    q = torch.randn(B, 28, 128, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(B, S, 4, 128, generator=gen).cuda().bfloat16() for _ in range(2))
+    bias = torch.zeros(B, S, device="cuda")
+    bias[:, S - S // 3:] = float("-inf")                          # a cache not yet full
+    o = kernels.decode_attention(q, k, v, bias)
+    assert rms_err(o.float(), decode_reference(q, k, v, bias).float()) < 1e-2

@@ -454,3 +454,20 @@ def test_gpu_sliding_window_attention_bf16_real_shapes(off):
     assert rms_err(o[:, rows].float(), ref) < 1e-2
     for a, b in ((q.grad, qf.grad), (k.grad, kf.grad), (v.grad, vf.grad)):
         assert rms_err(a.float(), b) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-qwen"])
+def test_gpu_decode_kernel_in_model(name):
+    """On CUDA, decode steps take the Triton decode-attention kernel (the SWA ring wrapping, sinks for tiny-moe,
+    a growing full-attention cache for tiny-qwen): logits equal the CPU float32 forward of the whole sequence."""
+    torch.manual_seed(3)
+    m = GPT(Config.from_name(name)).eval()
+    idx = torch.randint(0, 512, (2, 53))
+    with torch.no_grad():
+        full = m(idx)[0]
+        m.cuda()
+        cache = m.new_cache(2, 64)
+        steps = [m(idx[:, t:t + 1].cuda(), cache=cache)[0] for t in range(53)]
+    torch.testing.assert_close(torch.cat(steps, 1).cpu(), full, atol=1e-4, rtol=1e-3)
