@@ -553,36 +553,43 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
 def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128,
               kernel_options: list[dict] | None = None, decode: tuple[tuple[int, int], ...] = ((1, 4097), (8, 4097),
                                                                                          (1, 131072))) -> None:
-    """Softmax attention alone, bf16. model.sliding_window_attention (flex_attention, the band's tiles only),
-    forward and forward + backward, without a ring in front (off = 0) and with the ring of a later prefill chunk
-    (off = window + 1, forward only), beside causal flash SDPA over the same T (more work: T^2/2 scores vs
-    ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that backward.
-    --kernel_options '[{}, {"BLOCK_M": 128, ...}]': the prefill chunk's forward once per flex_attention
-    kernel_options (model.FLEX_OPTIONS), to tune them. Then decode attention, one query per row over (B, S)
-    cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto") vs SDPA with the dense mask
-    ("sdpa"), mask making included, replayed from a CUDA graph as in compiled decoding, with K/V bytes read per
-    second. Accuracy: tests/test_model.py and
-    tests/test_kernels.py."""
+    """Softmax attention alone, bf16. model.sliding_window_attention (flex_attention, the band's tiles only, with
+    model.FLEX_OPTIONS), forward and forward + backward, without a ring in front (off = 0) and with the ring of a
+    later prefill chunk (off = window + 1, forward only), beside causal flash SDPA over the same T (more work:
+    T^2/2 scores vs ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that
+    backward. --kernel_options '[{"BLOCK_M": 128, ...}, ...]' first times the prefill chunk's forward once per set
+    of flex_attention kernel_options, after torch's defaults, with the output's difference from theirs (an option
+    that assumes what our mask does not hold, e.g. BLOCKS_ARE_CONTIGUOUS, shows there). Then decode attention,
+    one query per row over (B, S) cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto")
+    vs SDPA with the dense mask ("sdpa"), mask making included, replayed from a CUDA graph as compiled decoding
+    runs, with the K/V bytes read per second. Accuracy: tests/test_model.py and tests/test_kernels.py."""
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
 
     import model as M
     torch.manual_seed(0)
-    header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}")
-    for opts in kernel_options or ():
+    header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}; "
+           f"flex kernel_options {M.FLEX_OPTIONS}")
+    if kernel_options:   # the prefill chunk's forward per option set; each checked against torch's defaults
         q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, T + window + 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        M.FLEX_OPTIONS = opts
-        torch._dynamo.reset()                   # a fresh compile per option set (no recompile limit)
-        try:
-            with torch.no_grad():
-                t = do_bench(lambda: M.sliding_window_attention(q, k, v, window + 1, 0, window))
-            print(f"SWA T={T} off={window + 1} kernel_options={opts}: forward {t:.2f} ms "
-                  f"({4 * H * T * (window + 1) * D / t / 1e9:.0f} TFLOP/s)", flush=True)
-        except Exception as e:   # an option this torch or GPU does not take: say so, go on
-            print(f"SWA kernel_options={opts}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        M.FLEX_OPTIONS = {}
+        chosen, ref = M.FLEX_OPTIONS, None
+        for opts in [{}] + list(kernel_options):
+            M.FLEX_OPTIONS = opts
+            torch._dynamo.reset()               # a fresh compile per option set (no recompile limit)
+            try:
+                with torch.no_grad():
+                    o = M.sliding_window_attention(q, k, v, window + 1, 0, window).float()
+                    t = do_bench(lambda: M.sliding_window_attention(q, k, v, window + 1, 0, window))
+                ref = o if ref is None else ref
+                print(f"SWA T={T} off={window + 1} kernel_options={opts}: forward {t:.2f} ms "
+                      f"({4 * H * T * (window + 1) * D / t / 1e9:.0f} TFLOP/s), relative difference from torch's "
+                      f"defaults {((o - ref).norm() / ref.norm()).item():.1e}", flush=True)
+            except Exception as e:   # an option this torch or GPU does not take: say so, go on
+                print(f"SWA kernel_options={opts}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        M.FLEX_OPTIONS = chosen
+        torch._dynamo.reset()
     for B, S in decode:
         q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
