@@ -257,7 +257,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                 sync()
                 t0 = time.perf_counter()
                 if cached:
-                    logits = prefill(m, m.new_cache(1, c.n_sink + T), ids, ch)
+                    logits = prefill(m, m.new_cache(1, T), ids, ch)
                 else:
                     logits = m(ids, last_only=True)[0][:, -1]
                 logits.argmax(-1).item()
@@ -375,7 +375,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         speed = {}
         for B in batches:
             for ctx in contexts:
-                max_len = c.n_sink + (ctx + warm + steps if has_full_attention(c) else c.max_seq_len)
+                max_len = ctx + warm + steps if has_full_attention(c) else c.max_seq_len
                 need = weights + cache_bytes(m.new_cache(B, max_len, device="meta"))
                 if need > 0.92 * mem:
                     print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {need / 2**30:.0f} GiB", flush=True)

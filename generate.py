@@ -255,7 +255,7 @@ class Generator:
         """Make the cache hold n positions. A GLA/SWA cache has one size for any length beyond the window, so it
         is allocated for config.max_seq_len at once; a full-attention cache doubles when it must grow."""
         c = self.config
-        need, top = c.n_sink + n, c.n_sink + c.max_seq_len
+        need, top = n, c.max_seq_len                           # tokens; the sinks' slots come on top
         if self.cache is not None and self.cache_len >= need:
             return
         if not has_full_attention(c):
