@@ -302,10 +302,11 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
 
 
 ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and our Triton kernel for one query (decode),
-                     # else SDPA with a dense mask. "sdpa" or "flex" force one ("flex" on CPU runs flex_attention
-                     # uncompiled: its dense reference, tests)
+                     # else SDPA with a dense mask. "sdpa", "flex" or "triton" force one ("flex" on CPU runs
+                     # flex_attention uncompiled, its dense reference; "triton" is the decode kernel for one query
+                     # and SDPA otherwise, on CPU under TRITON_INTERPRET=1: tests)
 # flex_attention's kernel_options ("fwd_" keys: the forward only). The forward reads tiles through Hopper's tensor
-# memory accelerator (TMA; ignored on older GPUs): 7% faster for the SWA prefill on an H100, while TMA made the
+# memory accelerator (TMA; ignored on older GPUs): 7-9% faster for the SWA prefill on an H100, while TMA made the
 # backward slower (BENCHMARKS.md). Measured on torch 2.11; older versions keep torch's defaults.
 FLEX_OPTIONS = {"fwd_USE_TMA": True} if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {}
 _swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
@@ -384,6 +385,12 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     window=None is full causal attention; doc None means one document, no sinks. Returns [B, T, H, D].
     """
     B, T, H, D = q.shape
+    if (T == 1 and q_doc is not None and (ATTN_IMPL == "triton" or (ATTN_IMPL == "auto" and q.is_cuda))
+            and not (torch.is_grad_enabled() and q.requires_grad)):
+        import kernels   # decode: split along the cache, so a short ring or a long cache both fill the GPU
+        seen = visible(q_pos, k_pos, q_doc, k_doc, window)                            # (B, S)
+        bias = torch.zeros(seen.shape, device=q.device, dtype=torch.float32).masked_fill(~seen, float("-inf"))
+        return kernels.decode_attention(q[:, 0], k, v, bias)[:, None]
     fl = use_flex(q)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
     gqa = bool(H != k.shape[1])                                        # a plain bool, also for symbolic shapes
@@ -391,11 +398,6 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
         if window is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
         q_doc = k_doc = torch.zeros_like(q_pos)
-    if T == 1 and q.is_cuda and ATTN_IMPL == "auto" and not (torch.is_grad_enabled() and q.requires_grad):
-        import kernels   # decode: split along the cache, so a short ring or a long cache both fill the GPU
-        seen = visible(q_pos, k_pos, q_doc, k_doc, window)                            # (B, S)
-        bias = torch.zeros(seen.shape, device=q.device, dtype=torch.float32).masked_fill(~seen, float("-inf"))
-        return kernels.decode_attention(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), bias)[:, None]
     if fl:
         from torch.nn.attention.flex_attention import create_block_mask
 

@@ -121,6 +121,25 @@ def test_forward_equals_chunked_prefill_equals_decode(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-qwen"])
+def test_decode_kernel_in_model(name, monkeypatch):
+    """ATTN_IMPL="triton" (CUDA's default for one query) under the interpreter: decode steps through the Triton
+    decode-attention kernel (the SWA ring wrapping, sinks for tiny-moe, a full-attention cache for tiny-qwen)
+    equal the forward of the whole sequence on the dense-mask path."""
+    import kernels
+    if not kernels.INTERPRET:
+        pytest.skip("the Triton decode kernel on CPU needs TRITON_INTERPRET=1")
+    torch.manual_seed(3)
+    m = GPT(Config.from_name(name)).eval()
+    idx = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        full = m(idx)[0]
+        monkeypatch.setattr(model, "ATTN_IMPL", "triton")
+        cache = m.new_cache(2, 48)
+        steps = [m(idx[:, t:t + 1], cache=cache)[0] for t in range(40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_causality(name):
     torch.manual_seed(4)
