@@ -5,7 +5,7 @@
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
-    python bench.py swa       # sliding-window attention on flex_attention vs causal flash SDPA
+    python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
 """
 
 
@@ -167,6 +167,18 @@ def first_layers(preset, n_layer=None):
     c = M.Config.from_name(preset)
     n = n_layer or c.n_layer
     return M.Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
+
+
+def greedy_steps(step, m, cache, tok, n, compiled):
+    """n greedy decode steps from tok [B, 1] through `cache` with `step` (generate.decode_step, or it compiled by
+    generate.compile_decode: then each step begins a new CUDA-graph replay). Returns the last token."""
+    import torch
+    for _ in range(n):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        tok = step(m, cache, tok, torch.full((tok.shape[0], 1), cache.seen, device=tok.device)).argmax(-1, keepdim=True)
+        cache.seen += 1
+    return tok
 
 
 def random_model(name, device, dt):
@@ -353,7 +365,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 
     import torch
 
-    from generate import cache_bytes, compile_decode, decode_step, has_full_attention
+    from generate import cache_bytes, compile_decode, decode_step, has_full_attention, static_cache
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, sync, mem = setup(device, gla)
@@ -399,22 +411,16 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                         del kv
                         cache.seen = c.n_sink + ctx
                         if compile:
-                            for b in cache.buffers():
-                                torch._dynamo.mark_static_address(b)
+                            static_cache(cache)
                         tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
                         if cuda:
                             torch.cuda.reset_peak_memory_stats()
                         t_warm = time.perf_counter()
-                        for i in range(warm + steps):
-                            if i == warm:
-                                sync()
-                                t0 = time.perf_counter()
-                                t_warm = t0 - t_warm
-                            if compile:
-                                torch.compiler.cudagraph_mark_step_begin()
-                            logits = step(m, cache, tok, torch.full((B, 1), cache.seen, device=device))
-                            cache.seen += 1
-                            tok = logits.argmax(-1, keepdim=True)
+                        tok = greedy_steps(step, m, cache, tok, warm, compile)
+                        sync()
+                        t0 = time.perf_counter()
+                        t_warm = t0 - t_warm
+                        greedy_steps(step, m, cache, tok, steps, compile)
                         sync()
                         t = (time.perf_counter() - t0) / steps
                 except torch.OutOfMemoryError:
@@ -596,7 +602,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
         k_pos = torch.arange(S, device="cuda").expand(B, -1).masked_fill(torch.arange(S, device="cuda") >= S * 2 // 3,
                                                                           M.KVCache.EMPTY)
         q_pos, doc = torch.full((B, 1), S, device="cuda"), torch.zeros(B, S, dtype=torch.long, device="cuda")
-        row, w = [], (window if S <= window + 1 else None)              # a ring, or a full-attention cache
+        row, w, impl0 = [], (window if S <= window + 1 else None), M.ATTN_IMPL  # a ring, or a full-attention cache
         for impl in ("auto", "sdpa"):   # in a CUDA graph, as the compiled decode step runs: no launch overhead
             M.ATTN_IMPL = impl
             with torch.no_grad():
@@ -605,7 +611,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
                 with torch.cuda.graph(graph):
                     M.attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
                 row.append(do_bench(graph.replay, return_mode="median") * 1e3)
-        M.ATTN_IMPL = "auto"
+        M.ATTN_IMPL = impl0
         print(f"decode attention B={B} S={S}: Triton kernel {row[0]:.1f} us "
               f"({2 * k.numel() * 2 / row[0] / 1e3:.0f} GB/s K/V), SDPA with a dense mask {row[1]:.1f} us",
               flush=True)
@@ -672,7 +678,7 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     from torch.profiler import ProfilerActivity, profile
 
     import model as M
-    from generate import compile_blocks, compile_decode, decode_step, prefill
+    from generate import compile_blocks, compile_decode, decode_step, prefill, static_cache
     cuda = device.startswith("cuda")
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -712,22 +718,13 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
                   f"{'compiled' if compile else 'eager'}", rows, cuda)
     step = compile_decode(torch.device(device)) if compile else decode_step
     if compile:
-        for b in cache.buffers():
-            torch._dynamo.mark_static_address(b)
-    tok = ids[:, -1:]
-
-    @torch.no_grad()
-    def decode(n):
-        nonlocal tok
-        for _ in range(n):
-            if compile:
-                torch.compiler.cudagraph_mark_step_begin()
-            tok = step(m, cache, tok, torch.full((1, 1), cache.seen, device=device)).argmax(-1, keepdim=True)
-            cache.seen += 1
+        static_cache(cache)
+    with torch.no_grad():
+        tok = greedy_steps(step, m, cache, ids[:, -1:], 4, compile)         # warm-up (and compile)
         sync()
-    decode(4)                                                               # warm-up (and compile)
-    with profile(activities=[act]) as p:
-        decode(16)
+        with profile(activities=[act]) as p:
+            greedy_steps(step, m, cache, tok, 16, compile)
+            sync()
     print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {' + '.join(m.config.layout[:2])}, "
                   f"{'compiled' if compile else 'eager'}", rows, cuda)
 

@@ -148,6 +148,13 @@ def compile_decode(device, gemv=True):
     return torch.compile(decode_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
 
 
+def static_cache(cache):
+    """Mark a cache's buffers static for a decode step compiled with CUDA graphs (compile_decode): the graphs read
+    and write them in place, so they must keep their addresses."""
+    for b in cache.buffers():
+        torch._dynamo.mark_static_address(b)
+
+
 def has_full_attention(config):
     return any("fa" in config.mixers(i) for i in range(config.n_layer))
 
@@ -264,9 +271,8 @@ class Generator:
             size = need if self.cache is None else min(max(need, 2 * self.cache_len), top)
         self.cache = self.model.new_cache(1, size) if self.cache is None else grown(self.model, self.cache, size)
         self.cache_len = size
-        if self.compiled:   # CUDA graphs read and write the cache in place: its buffers keep their addresses
-            for b in self.cache.buffers():
-                torch._dynamo.mark_static_address(b)
+        if self.compiled:
+            static_cache(self.cache)
 
     def check_room(self, n_new, hint=""):
         """The sequence plus n_new tokens and at least one reply token must fit in config.max_seq_len."""
