@@ -636,7 +636,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
 
 KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
          ("softmax attention", ("flex", "fmha", "sdpa", "flash", "attention")),
-         ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
+         ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_chunk_state_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
          ("optimizer", ("multi_tensor", "adam")),
          ("compiled (elementwise, reductions)", ("triton_",)))
 

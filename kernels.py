@@ -12,9 +12,13 @@ Chunked algorithm (chunk C = 64 positions). Inside a chunk, b = cumsum(g) is the
 chunk start, B = b at the last position. With S0 the state entering the chunk:
     o       = (q e^b) S0 + A v,      A[t, s] = sum_d q_td k_sd e^(b_td - b_sd)  (s <= t)
     S_end   = e^B S0 + (k e^(B - b))^T v
-Kernels: _scan_kernel walks the chunks of each document in order and stores every chunk's incoming
-state h (in the backward it also walks them in reverse, in the same launch, for dh, the gradient of
-each chunk's outgoing state). Then kernels over (chunk, head) do the intra-chunk work in parallel:
+Kernels: the forward's state pass is split in two: _chunk_state_kernel computes every chunk's own term
+(k e^(B - b))^T v and B in parallel, then _state_scan_kernel walks the chunks of each document in order,
+S <- e^B S + term, storing every chunk's incoming state h: the serial loop is one multiply-add per chunk
+(3x faster than one kernel doing both at prefill's 4 kv heads, which leave most of the GPU idle). The
+backward's _scan_kernel walks the chunks in both directions in one launch: forward for h again, in reverse
+for dh, the gradient of each chunk's outgoing state. Then kernels over (chunk, head) do the intra-chunk
+work in parallel:
 _chunk_kernel (o, or with DV=True dv = Aᵀ do + k e^(B - b) dh: the same loop), _bwd_dqkg_kernel (dq, dk, dg).
 
 Numerics: every exponent is <= 0 except the key factor k e^(r - b) of the intra-chunk scores, whose
@@ -39,8 +43,13 @@ HEAD_DIMS = (16, 32, 64, 128)
 # Launch settings per kernel, the fastest of a sweep on an H100 (T=16k, H=28, D=128, bf16, gates /16).
 # groups=2 (two reference points per chunk) keeps chunks whose decay exceeds MAX_EXP on the fast path,
 # e.g. raw logsigmoid gates (~60 per chunk), but costs ~25% on SpikingBrain's gates (logsigmoid / 16).
+# split_scan=False runs the forward's state pass as one kernel (_scan_kernel's direction 0): slower, but it
+# needs no float32 buffer for the chunk terms (chunks x kv heads x K x V x 4 bytes: 134 MB at T=32k, 4 heads).
+# The split scan's settings ("terms", "state") are the fastest of a sweep at T=32k, 4 kv heads (prefill).
 CONFIG = dict(scan_bk=64, scan_bv=64, scan_warps=4, scan_stages=3, fwd_bk=64, fwd_warps=4, fwd_stages=1,
-              dv_bk=64, dv_warps=4, dv_stages=1, dqkg_bk=64, dqkg_warps=4, dqkg_stages=1, groups=1)
+              dv_bk=64, dv_warps=4, dv_stages=1, dqkg_bk=64, dqkg_warps=4, dqkg_stages=1, groups=1,
+              split_scan=True, terms_bk=64, terms_bv=64, terms_warps=4, terms_stages=1,
+              state_bk=32, state_bv=32, state_warps=4, state_stages=3)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -90,6 +99,57 @@ def _scan_kernel(q, k, v, do, g, h, dh, s_in, s_in_rev, s_out, s_out_rev, cu_seq
         S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(xk.to(DT)), yv.to(DT), input_precision=PREC)
     if (flags >> (2 * rev + 1)) & 1:
         tl.store(st_out + p_state, S)
+
+
+@triton.jit
+def _chunk_state_kernel(k, v, g, L, logdecay, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """The forward scan's parallel half: every chunk's own term of the state it leaves, L[c] = (k e^(B-b))^T v,
+    and its total log-decay B, one [BK, BV] block per program. Nothing here waits on another chunk."""
+    i_c, i_kv, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)    # chunks first: grid axis 0 is large
+    i_k, i_v = i_kv // (V // BV), i_kv % (V // BV)
+    i_n, i_t = tl.load(chunk_indices + i_c * 2).to(tl.int64), tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    rows = bos + i_t * C + tl.arange(0, C)
+    m = (rows < eos)[:, None]
+    gk = tl.load(g + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+    xk = tl.load(k + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+    yv = tl.load(v + rows[:, None] * H * V + i_h * V + o_v[None, :], mask=m, other=0)
+    b = tl.cumsum(gk, 0)
+    b_last = tl.sum(gk, 0)
+    xk = xk * tl.exp(b_last[None, :] - b)
+    base = (i_c * H + i_h).to(tl.int64)
+    tl.store(L + base * K * V + o_k[:, None] * V + o_v[None, :],
+             tl.dot(tl.trans(xk.to(DT)), yv.to(DT), input_precision=PREC))
+    if i_v == 0:
+        tl.store(logdecay + base * K + o_k, b_last)
+
+
+@triton.jit
+def _state_scan_kernel(L, logdecay, h, s_in, s_out, cu_seqlens, chunk_offsets, flags, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The forward scan's serial half, over the chunks of one document: h[c] = S, then S <- e^B S + L[c].
+    Its loads do not depend on S, so they run ahead of the one multiply-add that does."""
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // (V // BV), i_kv % (V // BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    block = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if flags & 1:
+        S = tl.load(s_in + i_nh * K * V + block)
+    for c in range(tl.cdiv(eos - bos, C)):
+        base = ((c0 + c) * H + i_h).to(tl.int64)
+        tl.store(h + base * K * V + block, S.to(h.dtype.element_ty))
+        S = S * tl.exp(tl.load(logdecay + base * K + o_k))[:, None] + tl.load(L + base * K * V + block)
+    if (flags >> 1) & 1:
+        tl.store(s_out + i_nh * K * V + block, S)
 
 
 @triton.jit
@@ -387,6 +447,17 @@ def _scan(q, k, v, do, g, h0, dht, meta, scale, backward):
     dh = k.new_empty(NC, H, K, V, dtype=sdt) if backward else h
     ht = k.new_empty(N, H, K, V, dtype=torch.float32)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if backward else ht
+    if not backward and CONFIG["split_scan"]:   # forward: chunk terms in parallel, then a short serial pass
+        L = k.new_empty(NC, H, K, V, dtype=torch.float32)
+        logdecay = k.new_empty(NC, H, K, dtype=torch.float32)
+        BK, BV = min(CONFIG["terms_bk"], K), min(CONFIG["terms_bv"], V)
+        _chunk_state_kernel[(NC, triton.cdiv(K, BK) * triton.cdiv(V, BV), H)](
+            k, v, g, L, logdecay, cu, idx, H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts("terms"))
+        BK, BV = min(CONFIG["state_bk"], K), min(CONFIG["state_bv"], V)
+        _state_scan_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H)](
+            L, logdecay, h, h0 if h0 is not None else ht, ht, cu, offsets, int(h0 is not None) | 2, H=H, K=K, V=V,
+            C=CHUNK, BK=BK, BV=BV, **_opts("state"))
+        return h, ht
     flags = (h0 is not None) | ((not backward) << 1) | ((dht is not None) << 2) | (backward << 3)
     dummy = ht
     grid = (triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H, 2 if backward else 1)

@@ -761,10 +761,10 @@ class GPT(nn.Module):
             aux = aux + a
         if cache is not None:
             cache.seen += x.shape[1]
-        x = self.norm(x[:, n_sink:])
+        x = self.norm(x[:, -1:] if last_only else x[:, n_sink:])   # prefill: not the whole chunk's norm
         if targets is not None:   # training: the loss in chunks, never the whole [B, T, vocab] logits
             return None, chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten()), aux
-        return self.lm_head(x[:, -1:] if last_only else x), None, aux
+        return self.lm_head(x), None, aux
 
     def num_params(self, active_only=False, embeddings=True):
         c = self.config

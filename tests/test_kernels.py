@@ -121,6 +121,21 @@ def test_chunk_gla_gqa_varlen():
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [False, True])
+def test_chunk_gla_forward_state_pass(monkeypatch, split):
+    """The forward's state pass both ways (chunk terms in parallel then a serial pass, or one kernel), with state
+    blocks smaller than the head (several programs per state), packed documents and GQA."""
+    monkeypatch.setitem(kernels.CONFIG, "split_scan", split)
+    monkeypatch.setitem(kernels.CONFIG, "state_bk", 16)
+    monkeypatch.setitem(kernels.CONFIG, "state_bv", 16)
+    (q, k, v, g), _ = inputs(1, 200, 4, 32, 32, gate=0.5, seed=21, Hkv=2)
+    cu = torch.tensor([0, 64, 65, 200], device=DEV)
+    s0 = torch.randn(3, 2, 32, 32, device=DEV)
+    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0, cu_seqlens=cu)
+    assert_close(got, reference(q, k, v, g, s0, cu_seqlens=cu), 1e-4)
+
+
+@needs_triton
 def test_chunk_gla_groups(monkeypatch):
     """Two reference points per chunk (CONFIG groups=2), as used for gates with faster decay."""
     monkeypatch.setitem(kernels.CONFIG, "groups", 2)
