@@ -305,10 +305,12 @@ ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and our T
                      # else SDPA with a dense mask. "sdpa", "flex" or "triton" force one ("flex" on CPU runs
                      # flex_attention uncompiled, its dense reference; "triton" is the decode kernel for one query
                      # and SDPA otherwise, on CPU under TRITON_INTERPRET=1: tests)
-# flex_attention's kernel_options ("fwd_" keys: the forward only). The forward reads tiles through Hopper's tensor
-# memory accelerator (TMA; ignored on older GPUs): 7-9% faster for the SWA prefill on an H100, while TMA made the
+# flex_attention's kernel_options on Hopper GPUs (sm90; others keep torch's defaults). "fwd_" keys: the forward
+# only. The forward reads tiles through the tensor memory accelerator (TMA) in 128 x 128 tiles, 8 warps, 3 stages:
+# the SWA prefill's forward 4.6 ms vs 5.4 with torch's defaults (T=32k and its ring, H100), while TMA made the
 # backward slower (BENCHMARKS.md). Measured on torch 2.11; older versions keep torch's defaults.
-FLEX_OPTIONS = {"fwd_USE_TMA": True} if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {}
+FLEX_OPTIONS = (dict(fwd_USE_TMA=True, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3)
+                if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {})
 _swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
 _compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes over the logits
 
@@ -335,9 +337,11 @@ def compiled(fn):
 def flex(q, k, v, block_mask, gqa):
     """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D]."""
     from torch.nn.attention.flex_attention import flex_attention
-    return (compiled(flex_attention) if q.is_cuda else flex_attention)(q, k, v, block_mask=block_mask,
-                                                                        enable_gqa=gqa,
-                                                                        kernel_options=FLEX_OPTIONS or None)
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    hopper = torch.cuda.get_device_capability(q.device) == (9, 0)
+    return compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
+                                    kernel_options=(FLEX_OPTIONS if hopper else None) or None)
 
 
 def swa_block_mask(T, S, off, window, device, tile=128):
