@@ -55,6 +55,17 @@ CONFIG = dict(scan_bk=64, scan_bv=64, scan_warps=4, scan_stages=3, fwd_bk=64, fw
 # ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
+def _chunk_rows(g, x, y, rows, eos, i_h, o_k, o_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One chunk's rows of head i_h (rows past eos read as 0): the log-decay b = cumsum(g) from the chunk start
+    and its total B, x's [C, BK] block (float32) and y's [C, BV] block."""
+    m = (rows < eos)[:, None]
+    gk = tl.load(g + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+    xk = tl.load(x + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
+    yv = tl.load(y + rows[:, None] * H * V + i_h * V + o_v[None, :], mask=m, other=0)
+    return tl.cumsum(gk, 0), tl.sum(gk, 0), xk, yv
+
+
+@triton.jit
 def _scan_kernel(q, k, v, do, g, h, dh, s_in, s_in_rev, s_out, s_out_rev, cu_seqlens, chunk_offsets, scale,
                  flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
@@ -87,13 +98,7 @@ def _scan_kernel(q, k, v, do, g, h, dh, s_in, s_in_rev, s_out, s_out_rev, cu_seq
         c = i + rev * (n_chunks - 1 - 2 * i)                      # chunk index, reversed for direction 1
         tl.store(buf + ((c0 + c) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                  S.to(buf.dtype.element_ty))
-        rows = bos + c * C + o_c
-        m = (rows < eos)[:, None]
-        gk = tl.load(g + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
-        xk = tl.load(x + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
-        yv = tl.load(y + rows[:, None] * H * V + i_h * V + o_v[None, :], mask=m, other=0)
-        b = tl.cumsum(gk, 0)
-        b_last = tl.sum(gk, 0)
+        b, b_last, xk, yv = _chunk_rows(g, x, y, bos + c * C + o_c, eos, i_h, o_k, o_v, H, K, V)
         # forward: decay from each position to the chunk end; backward: from the chunk start to it
         xk = xk * (tl.exp(tl.where(rev == 0, b_last[None, :] - b, b)) * mult)
         S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(xk.to(DT)), yv.to(DT), input_precision=PREC)
@@ -113,13 +118,7 @@ def _chunk_state_kernel(k, v, g, L, logdecay, cu_seqlens, chunk_indices, H: tl.c
     bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    rows = bos + i_t * C + tl.arange(0, C)
-    m = (rows < eos)[:, None]
-    gk = tl.load(g + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
-    xk = tl.load(k + rows[:, None] * H * K + i_h * K + o_k[None, :], mask=m, other=0).to(tl.float32)
-    yv = tl.load(v + rows[:, None] * H * V + i_h * V + o_v[None, :], mask=m, other=0)
-    b = tl.cumsum(gk, 0)
-    b_last = tl.sum(gk, 0)
+    b, b_last, xk, yv = _chunk_rows(g, k, v, bos + i_t * C + tl.arange(0, C), eos, i_h, o_k, o_v, H, K, V)
     xk = xk * tl.exp(b_last[None, :] - b)
     base = (i_c * H + i_h).to(tl.int64)
     tl.store(L + base * K * V + o_k[:, None] * V + o_v[None, :],
