@@ -564,7 +564,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
     later prefill chunk (off = window + 1, forward only), beside causal flash SDPA over the same T (more work:
     T^2/2 scores vs ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that
     backward. --kernel_options '[{"BLOCK_M": 128, ...}, ...]' first times the prefill chunk's forward once per set
-    of flex_attention kernel_options, after torch's defaults, with the output's difference from theirs (an option
+    of flex_attention kernel_options (model.flex passes them on Hopper GPUs only), after torch's defaults, with the output's difference from theirs (an option
     that assumes what our mask does not hold, e.g. BLOCKS_ARE_CONTIGUOUS, shows there). Then decode attention,
     one query per row over (B, S) cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto")
     vs SDPA with the dense mask ("sdpa"), mask making included, replayed from a CUDA graph as compiled decoding

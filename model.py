@@ -341,7 +341,7 @@ def flex(q, k, v, block_mask, gqa):
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     hopper = torch.cuda.get_device_capability(q.device) == (9, 0)
     return compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
-                                    kernel_options=(FLEX_OPTIONS if hopper else None) or None)
+                                    kernel_options=FLEX_OPTIONS if hopper and FLEX_OPTIONS else None)
 
 
 def swa_block_mask(T, S, off, window, device, tile=128):

@@ -111,13 +111,19 @@ def test_chunk_gla_gqa(H, Hkv, h0):
     assert_close(run_and_grad(kernels.chunk_gla, q, k, v, g, s0), reference(q, k, v, g, s0), 1e-4)
 
 
-@needs_triton
-def test_chunk_gla_gqa_varlen():
-    (q, k, v, g), _ = inputs(1, 90, 4, 16, 16, gate=0.5, seed=13, Hkv=2)
-    cu = torch.tensor([0, 30, 31, 90], device=DEV)
-    s0 = torch.randn(3, 2, 16, 16, device=DEV)
+def check_gqa_varlen(T, D, cu, seed):
+    """chunk_gla over packed documents (cu) with GQA, 4 query heads on 2 kv heads of D, an initial state per
+    document: outputs, final states and gradients against the reference recurrence."""
+    (q, k, v, g), _ = inputs(1, T, 4, D, D, gate=0.5, seed=seed, Hkv=2)
+    cu = torch.tensor(cu, device=DEV)
+    s0 = torch.randn(len(cu) - 1, 2, D, D, device=DEV)
     got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0, cu_seqlens=cu)
     assert_close(got, reference(q, k, v, g, s0, cu_seqlens=cu), 1e-4)
+
+
+@needs_triton
+def test_chunk_gla_gqa_varlen():
+    check_gqa_varlen(90, 16, [0, 30, 31, 90], seed=13)
 
 
 @needs_triton
@@ -128,11 +134,7 @@ def test_chunk_gla_forward_state_pass(monkeypatch, split):
     monkeypatch.setitem(kernels.CONFIG, "split_scan", split)
     monkeypatch.setitem(kernels.CONFIG, "state_bk", 16)
     monkeypatch.setitem(kernels.CONFIG, "state_bv", 16)
-    (q, k, v, g), _ = inputs(1, 200, 4, 32, 32, gate=0.5, seed=21, Hkv=2)
-    cu = torch.tensor([0, 64, 65, 200], device=DEV)
-    s0 = torch.randn(3, 2, 32, 32, device=DEV)
-    got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0, cu_seqlens=cu)
-    assert_close(got, reference(q, k, v, g, s0, cu_seqlens=cu), 1e-4)
+    check_gqa_varlen(200, 32, [0, 64, 65, 200], seed=21)
 
 
 @needs_triton
