@@ -452,7 +452,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
                 seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
                 accum: int = 1, steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
-                activation_checkpointing: bool = True, compile: bool = False, docs: int = 1,
+                activation_checkpointing: bool = True, compile: bool = False, docs: int = 4,
                 peak_flops: float | None = None, device: str = "auto") -> None:
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
@@ -465,7 +465,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     grads and AdamW state), "bf16-mixed" (fp32 weights, autocast) or "32-true". n_layer: keep the first n layers
     of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU). docs: documents
     packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
-    restarting at each; flex_attention on CUDA).
+    restarting at each; flex_attention on CUDA), as train.py's recipes run; the one-document figure (docs = 1,
+    no masks) follows in the same table.
     On CPU, e.g.: python bench.py train --preset tiny --baseline tiny-qwen --seq_len 256 --long_seq_lens [1024]
     """
     import datetime
@@ -484,12 +485,12 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
-          f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row, activation checkpointing "
+          f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row (and 1), activation checkpointing "
           f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
 
-    def measure(p, T, full_loss, steps, warmup, accum):
+    def measure(p, T, full_loss, steps, warmup, accum, docs):
         c = first_layers(p, n_layer)
         torch.manual_seed(0)
         with torch.device(dev):
@@ -527,9 +528,9 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
         mfu = model.flops_per_token(T) * tok_s / peak if peak else float("nan")
         return c, tok_s, mfu, mem, est
 
-    def run(p, T, full_loss, steps=steps, warmup=warmup, accum=accum):
+    def run(p, T, full_loss, steps=steps, warmup=warmup, accum=accum, docs=docs):
         try:
-            return measure(p, T, full_loss, steps, warmup, accum)
+            return measure(p, T, full_loss, steps, warmup, accum, docs)
         except torch.OutOfMemoryError as e:
             print(f"  {p} at {T}: OOM ({str(e)[:100]})")
             return None
@@ -537,17 +538,20 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
-    print("| model | layers | seq | tokens/s | MFU | peak memory GB (measured / estimated) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | layers | seq | documents per row | tokens/s | MFU | peak memory GB (measured / estimated) |")
+    print("|---|---|---|---|---|---|---|")
     res = {}
-    for p in (preset, baseline):
-        r = res[p] = run(p, seq_len, True)
-        if r:
-            c, tok_s, mfu, mem, est = r
-            mfu, mem = f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f}" if dev.type == "cuda" else "n/a"
-            print(f"| {p} | {c.n_layer} | {seq_len} | {tok_s:.0f} | {mfu} | {mem} / {est:.1f} |", flush=True)
-    if res[preset] and res[baseline]:
-        print(f"\n{preset} / {baseline} at {seq_len}: {res[preset][1] / res[baseline][1]:.2f}x tokens/s")
+    for d in dict.fromkeys((docs, 1)):   # the recipe's layout first, then one document per row
+        for p in (preset, baseline):
+            r = res[p, d] = run(p, seq_len, True, docs=d)
+            if r:
+                c, tok_s, mfu, mem, est = r
+                mfu, mem = f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f}" if dev.type == "cuda" else "n/a"
+                print(f"| {p} | {c.n_layer} | {seq_len} | {d} | {tok_s:.0f} | {mfu} | {mem} / {est:.1f} |", flush=True)
+    for d in dict.fromkeys((docs, 1)):
+        if res[preset, d] and res[baseline, d]:
+            print(f"{preset} / {baseline} at {seq_len}, {d} document(s) per row: "
+                  f"{res[preset, d][1] / res[baseline, d][1]:.2f}x tokens/s")
     for T in long_seq_lens:
         a, b = (run(p, T, False, long_steps, 1, 1) for p in (preset, baseline))
         speeds = [f"{r[1]:.0f}" if r else "OOM" for r in (a, b)]
@@ -560,7 +564,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
               kernel_options: list[dict] | None = None, decode: tuple[tuple[int, int], ...] = ((1, 4097), (8, 4097),
                                                                                          (1, 131072))) -> None:
     """Softmax attention alone, bf16. model.sliding_window_attention (flex_attention, the band's tiles only, with
-    model.FLEX_OPTIONS), forward and forward + backward, without a ring in front (off = 0) and with the ring of a
+    model.FLEX_OPTIONS["band"]), forward and forward + backward, without a ring in front (off = 0) and with the ring of a
     later prefill chunk (off = window + 1, forward only), beside causal flash SDPA over the same T (more work:
     T^2/2 scores vs ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that
     backward. --kernel_options '[{"BLOCK_M": 128, ...}, ...]' first times the prefill chunk's forward once per set
@@ -569,10 +573,13 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
     one query per row over (B, S) cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto")
     vs SDPA with the dense mask ("sdpa"), mask making included, replayed from a CUDA graph as compiled decoding
     runs, with the K/V bytes read per second. Accuracy: tests/test_model.py and tests/test_kernels.py."""
+    import warnings
+
     import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
 
+    import kernels
     import model as M
     torch.manual_seed(0)
     header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}; "
@@ -582,10 +589,12 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
         k, v = (torch.randn(1, T + window + 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         chosen, ref = M.FLEX_OPTIONS, None
         for opts in [{}] + list(kernel_options):
-            M.FLEX_OPTIONS = opts
+            M.FLEX_OPTIONS = {**chosen, "band": opts}
+            kernels.options_failed.clear()
             torch._dynamo.reset()               # a fresh compile per option set (no recompile limit)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("error")   # an option set that falls back is a failure here
                     o = M.sliding_window_attention(q, k, v, window + 1, 0, window).float()
                     t = do_bench(lambda: M.sliding_window_attention(q, k, v, window + 1, 0, window))
                 ref = o if ref is None else ref
@@ -595,6 +604,7 @@ def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, 
             except Exception as e:   # an option this torch or GPU does not take: say so, go on
                 print(f"SWA kernel_options={opts}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         M.FLEX_OPTIONS = chosen
+        kernels.options_failed.clear()
         torch._dynamo.reset()
     for B, S in decode:
         q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)

@@ -166,6 +166,12 @@ def read_headers(src):
     return files, headers
 
 
+def read_tensor(src, headers, name):
+    """One tensor of a checkpoint directory, by the file its header entry names."""
+    with safe_open(os.path.join(src, headers[name][2]), "pt") as h:
+        return h.get_tensor(name)
+
+
 def check_shapes(want, have, source, hint=""):
     """One error listing every missing, unexpected and mis-shaped tensor. want/have: {name: shape}."""
     problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
@@ -192,6 +198,9 @@ def atomic_dir(out, overwrite=True):
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes 0700; the directory it becomes gets the user's usual mode
     try:
         yield tmp
         if os.path.exists(out):
@@ -365,13 +374,36 @@ def checked_files(path, config):
     return files
 
 
+def check_device(device):
+    """Name an unusable device before any weights are read: safetensors failing on it reads like a bad file."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name: use cpu or cuda (cuda:N)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); "
+                         f"use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    if d.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=d)
+        except Exception as e:
+            raise ValueError(f"device {device!r} cannot be used here ({str(e).splitlines()[0]}); "
+                             f"use --device cpu") from None
+
+
 def read_state(path, files, device="cpu"):
     """{name: tensor} of the safetensors files of a checkpoint directory; an error names a corrupt file."""
+    check_device(device)
     state = {}
     for f in files:
         w_file = os.path.join(path, f)
         try:
             state.update(load_file(w_file, device=str(device)))
+        except torch.OutOfMemoryError:   # the device is full, the file is fine
+            raise
         except Exception as e:
             raise ValueError(f"{w_file} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
     return state
@@ -421,6 +453,72 @@ def upcycle_alpha(c):
 # upcycled layer gives FFN(x) * (S + w(x)) / (S + k/N), w(x) the summed top-k router probability (k/N when the
 # router is uniform).
 UPCYCLE_POWER = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+QWEN2_ROPE_THETA = 10000.0   # Qwen2Config's theta when config.json names none (transformers 4 and 5)
+
+
+def read_rope(hf, default_theta):
+    """(theta, problems) of a config.json's RoPE in either layout: top-level rope_theta (+ rope_scaling) as
+    transformers < 5 writes it, or rope_parameters {"rope_type": "default", "rope_theta": ...} as transformers 5
+    does. Only plain RoPE is implemented: a scaling kind (linear, dynamic, yarn, llama3, ...) is a problem, never
+    ignored, and so are two thetas that disagree (transformers would silently prefer rope_parameters')."""
+    problems, thetas = [], {}
+    if hf.get("rope_theta") is not None:
+        thetas["rope_theta"] = hf["rope_theta"]
+    for key in ("rope_scaling", "rope_parameters"):
+        p = hf.get(key)
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            problems.append(f"{key} {p!r} (expected a mapping with rope_type and rope_theta)")
+            continue
+        kind = p.get("rope_type", p.get("type"))
+        other = sorted(k for k in p if k not in ("rope_type", "type", "rope_theta")
+                       and not (k == "partial_rotary_factor" and p[k] == 1))
+        if kind not in (None, "default"):
+            fix = "remove rope_scaling" if key == "rope_scaling" else "set its rope_type to 'default'"
+            problems.append(f"{key} rope_type {kind!r} (only plain RoPE, rope_type 'default', is implemented; "
+                            f"{fix} to convert with plain RoPE)")
+        elif other:
+            problems.append(f"{key} sets {other} (only rope_type 'default' and rope_theta are implemented)")
+        if p.get("rope_theta") is not None:
+            thetas[f"{key}.rope_theta"] = p["rope_theta"]
+    if hf.get("partial_rotary_factor", 1) != 1:
+        problems.append(f"partial_rotary_factor {hf['partial_rotary_factor']} (RoPE on every channel is implemented)")
+    if len(set(thetas.values())) > 1:
+        problems.append(f"RoPE theta given twice with different values {thetas}: keep one")
+    theta = next(iter(thetas.values()), default_theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        problems.append(f"RoPE theta {theta!r} is not a positive number")
+        theta = default_theta
+    return float(theta), problems
+
+
+def qwen2_sliding_layers(hf):
+    """Layers Qwen2 runs with anything but full attention, as transformers decides: layer_types when config.json
+    has it (transformers 5 writes it), else layers max_window_layers.. when use_sliding_window is true and
+    sliding_window is set."""
+    if hf.get("layer_types") is not None:
+        return [i for i, t in enumerate(hf["layer_types"]) if t != "full_attention"]
+    if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        return list(range(hf.get("max_window_layers", 28), hf["num_hidden_layers"]))
+    return []
+
+
+def tied_head(hf, src, headers, embed):
+    """Whether lm_head.weight must be made from the input embedding `embed`: tie_word_embeddings true and no
+    lm_head.weight stored. Tied but stored and different, the model depends on who loads it (transformers 5 keeps
+    the stored head, a plain tie would not), so that is an error, not a silent choice; both tensors are read to
+    compare them (tied models are the small ones)."""
+    if not hf.get("tie_word_embeddings", False):
+        return False
+    if "lm_head.weight" not in headers:
+        return True
+    if headers["lm_head.weight"][0] == headers.get(embed, (None,))[0]:   # else check_shapes names the shape
+        if not torch.equal(read_tensor(src, headers, embed), read_tensor(src, headers, "lm_head.weight")):
+            raise ValueError(f"{src}: config.json has tie_word_embeddings true but lm_head.weight differs from "
+                             f"{embed}: set tie_word_embeddings false to keep the stored lm_head.weight, or delete "
+                             f"lm_head.weight to tie it to the embedding")
+    return False
 
 
 def check_qwen2(hf, src):
@@ -429,13 +527,19 @@ def check_qwen2(hf, src):
         hint = "; for the released SpikingBrain-7B use `convert.py release`" if mt == "gla_swa" else ""
         raise ValueError(f"{src} holds a {mt!r} checkpoint (architectures {arch}), not Qwen2: this converter reads "
                          f"Qwen2/Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM){hint}")
-    problems = []
+    # Qwen2's q/k/v always have biases and o_proj none, whatever attention_bias says (transformers ignores it):
+    # the tensors decide, and check_shapes names a missing bias
+    problems = read_rope(hf, QWEN2_ROPE_THETA)[1]
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (our MLP is SwiGLU: silu)")
-    if hf.get("use_sliding_window"):
-        problems.append("use_sliding_window true (Qwen2's own sliding window is not modeled)")
-    if hf.get("rope_scaling"):
-        problems.append(f"rope_scaling {hf['rope_scaling']} (our RoPE is unscaled; drop rope_scaling to convert)")
+    sliding, lt = qwen2_sliding_layers(hf), hf.get("layer_types")
+    if lt is not None and len(lt) != hf["num_hidden_layers"]:
+        problems.append(f"layer_types has {len(lt)} entries for {hf['num_hidden_layers']} layers")
+    if sliding:
+        problems.append(f"sliding-window attention in layers {sliding} (use_sliding_window "
+                        f"{hf.get('use_sliding_window')}, sliding_window {hf.get('sliding_window')}, max_window_layers "
+                        f"{hf.get('max_window_layers')}, layer_types {lt}): only full attention converts; Qwen2's "
+                        f"sliding window is not reproduced")
     if problems:
         raise ValueError(f"{src}/config.json: unsupported settings:\n  " + "\n  ".join(problems))
 
@@ -456,7 +560,7 @@ def qwen_config(hf, to, n_expert=None, n_sink=None):
              n_kv_head=hf.get("num_key_value_heads") or heads,
              head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
              intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-             rope_theta=hf.get("rope_theta", 10000.0),
+             rope_theta=read_rope(hf, QWEN2_ROPE_THETA)[0],
              bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
     if to == "qwen2.5":
         d.update(layout=["fa"] * n, max_seq_len=hf.get("max_position_embeddings", d["max_seq_len"]))
@@ -539,7 +643,7 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
     dense = Config.from_dict(dict(config.to_dict(), layout=["fa"] * config.n_layer, moe_layers=[], n_sink=0))
     inverse = {v: k for k, v in QWEN2_MAP.items()}
     want = {rename(k, inverse): s for k, s in model_shapes(dense).items()}
-    tied = "lm_head.weight" not in have and hf.get("tie_word_embeddings", False)
+    tied = tied_head(hf, src, headers, "model.embed_tokens.weight")
     if tied:
         del want["lm_head.weight"]
     check_shapes(want, have, src, hint=" (expected a Qwen2 checkpoint of the dims in its config.json)")
@@ -574,23 +678,39 @@ def release_to_config(hf, src):
     if mt != "gla_swa":
         raise ValueError(f"{src} holds a {mt!r} checkpoint (architectures {arch}), not the SpikingBrain-7B release "
                          f"(model_type 'gla_swa', GLAswaForCausalLM)")
-    problems = []
+    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    # defaults: GLAswaConfig's, for fields config.json omits
+    theta, problems = read_rope(hf, 1e6)
     if hf.get("use_short_conv", False):
         problems.append("use_short_conv true (short convolutions are not modeled)")
     if hf.get("hidden_act", "swish") not in ("swish", "silu"):
         problems.append(f"hidden_act {hf['hidden_act']!r} (our MLP is SwiGLU: swish/silu)")
     if not hf.get("elementwise_affine", True):
         problems.append("elementwise_affine false (our norms have weights)")
+    if hf.get("enable_spike", False):
+        problems.append("enable_spike true (the release's spiking path is not converted; ours is spike_k)")
+    if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+        problems.append(f"head_dim {hf['head_dim']} (the release's layers use hidden_size / num_attention_heads = "
+                        f"{hf['hidden_size'] // heads})")
+    for key, fixed in (("gate_low_rank_dim", RELEASE_GATE_RANK), ("gate_logit_normalizer", RELEASE_GATE_NORM)):
+        if hf.get(key, fixed) != fixed:
+            problems.append(f"{key} {hf[key]} (the release's GLA layers fix it at {fixed:g})")
+    window = hf.get("sliding_window", 4096)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        problems.append(f"sliding_window {window!r} (the attn_layers need a window of at least 1 token)")
+    attn = hf.get("attn_layers", list(range(1, n, 2)))   # the release's default when config.json omits it
+    bad = [i for i in attn if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        problems.append(f"attn_layers {attn}: {bad} are not layer indices 0..{n - 1}")
     if problems:
         raise ValueError(f"{src}/config.json: unsupported settings:\n  " + "\n  ".join(problems))
-    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-    attn = set(hf.get("attn_layers", range(1, n, 2)))   # the release's default when config.json omits it
+    attn = set(attn)
     config = Config(name="custom", vocab_size=hf["vocab_size"], n_layer=n, n_embd=hf["hidden_size"],
                     n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
                     head_dim=hf["hidden_size"] // heads, intermediate_size=hf["intermediate_size"],
-                    norm_eps=hf.get("norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 1e6),
+                    norm_eps=hf.get("norm_eps", 1e-6), rope_theta=theta,
                     max_seq_len=hf.get("max_position_embeddings", 131072),
-                    layout=["swa" if i in attn else "gla" for i in range(n)], window=hf.get("sliding_window", 4096),
+                    layout=["swa" if i in attn else "gla" for i in range(n)], window=window,
                     gate_rank=RELEASE_GATE_RANK, gate_norm=RELEASE_GATE_NORM,
                     init_std=hf.get("initializer_range", 0.02),
                     bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
@@ -655,7 +775,7 @@ def read_release(src):
     files, headers = read_headers(src)
     inverse = {v: k for k, v in RELEASE_MAP.items()}
     want = {rename(k, inverse): s for k, s in model_shapes(config).items()}
-    tied = hf.get("tie_word_embeddings", False) and "lm_head.weight" not in headers
+    tied = tied_head(hf, src, headers, "model.embeddings.weight")
     if tied:   # the release ties nothing, but its config allows it; ours keeps lm_head separate
         del want["lm_head.weight"]
     check_shapes(want, {k: s for k, (s, _, _) in headers.items()}, src)
@@ -892,9 +1012,13 @@ def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:
 if __name__ == "__main__":
     from jsonargparse import CLI
 
-    # jsonargparse reads a dot in a subcommand name as nesting, so "qwen2.5" is registered as "qwen"
-    args = ["qwen" if a == "qwen2.5" else a for a in sys.argv[1:2]] + sys.argv[2:]
+    # jsonargparse reads a dot in a subcommand name as nesting: it lists and helps "qwen2.5" but cannot run it. So
+    # help and every other command see "qwen2.5", and a Qwen conversion (qwen2.5 or qwen) runs under "qwen".
+    args = sys.argv[1:]
+    runs_qwen = args[:1] in (["qwen"], ["qwen2.5"]) and not {"-h", "--help"} & set(args)
+    qwen = "qwen" if runs_qwen else "qwen2.5"
+    args = [qwen if a in ("qwen", "qwen2.5") else a for a in args[:1]] + args[1:]
     try:
-        CLI({"qwen": convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer}, args=args)
+        CLI({qwen: convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer}, args=args)
     except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")

@@ -31,6 +31,7 @@ Backward of g: with dG = q*dq - k*dk per position, dg_t = sum_{u >= t in chunk} 
 and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), all at hand in one chunk.
 """
 import os
+import warnings
 
 import torch
 import triton
@@ -40,7 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CHUNK = 64
 MAX_EXP = 50.0        # largest exponent of any exp on the fast path (e^50 ~ 5e21, far from fp32/bf16 overflow)
 HEAD_DIMS = (16, 32, 64, 128)
-# Launch settings per kernel, the fastest of a sweep on an H100 (T=16k, H=28, D=128, bf16, gates /16).
+# Launch settings per kernel, the fastest of a sweep on an H100 (T=16k, H=28, D=128, bf16, gates /16). On a device
+# where they do not fit (a GPU with less shared memory or fewer registers per SM), `tuned` falls back to SAFE_CONFIG
+# with one warning: a tuning constant never stops a run.
 # groups=2 (two reference points per chunk) keeps chunks whose decay exceeds MAX_EXP on the fast path,
 # e.g. raw logsigmoid gates (~60 per chunk), but costs ~25% on SpikingBrain's gates (logsigmoid / 16).
 # split_scan=False runs the forward's state pass as one kernel (_scan_kernel's direction 0): slower, but it
@@ -50,6 +53,32 @@ CONFIG = dict(scan_bk=64, scan_bv=64, scan_warps=4, scan_stages=3, fwd_bk=64, fw
               dv_bk=64, dv_warps=4, dv_stages=1, dqkg_bk=64, dqkg_warps=4, dqkg_stages=1, groups=1,
               split_scan=True, terms_bk=64, terms_bv=64, terms_warps=4, terms_stages=1,
               state_bk=32, state_bv=32, state_warps=4, state_stages=3)
+SAFE_CONFIG = dict(CONFIG, **{k: 32 for k in CONFIG if k.endswith(("_bk", "_bv"))},
+                   **{k: 1 for k in CONFIG if k.endswith("_stages")}, **{k: 4 for k in CONFIG if k.endswith("_warps")})
+options_failed = set()   # keys of kernel calls whose tuned options did not compile on this device (with_fallback)
+
+
+def with_fallback(call, opts, key, what):
+    """call(opts), or call(None) (the defaults) for a key whose options did not compile: the first failure (Triton's
+    OutOfResources: shared memory, registers) is caught, warned about once and remembered per key."""
+    if not opts or key in options_failed:
+        return call(None)
+    if torch.compiler.is_compiling():   # traced into a compiled graph, a failure would surface outside this call
+        return call(opts)
+    try:
+        return call(opts)
+    except Exception as e:
+        if "OutOfResources" not in f"{type(e).__name__} {e}" and "No valid triton configs" not in str(e):
+            raise
+        options_failed.add(key)
+        warnings.warn(f"{what}: kernel options {opts} do not compile here ({str(e).splitlines()[0][:160]}); "
+                      f"using the defaults", stacklevel=3)
+        return call(None)
+
+
+def tuned(run, device, what):
+    """run(CONFIG), or run(SAFE_CONFIG) on a device where CONFIG's launches do not fit."""
+    return with_fallback(lambda cfg: run(cfg or SAFE_CONFIG), CONFIG, ("gla", str(device)), what)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -415,8 +444,8 @@ def _dot_types(dtype):
     return tl.float32, ("tf32" if dtype == torch.float16 else "ieee")
 
 
-def _opts(kernel):
-    return dict(num_warps=CONFIG[kernel + "_warps"], num_stages=CONFIG[kernel + "_stages"])
+def _opts(cfg, kernel):
+    return dict(num_warps=cfg[kernel + "_warps"], num_stages=cfg[kernel + "_stages"])
 
 
 def _chunk_meta(cu_seqlens, B, T, device):
@@ -434,71 +463,71 @@ def _chunk_meta(cu_seqlens, B, T, device):
     return cu_seqlens.to(torch.int32), offsets.to(device), idx.to(device)
 
 
-def _scan(q, k, v, do, g, h0, dht, meta, scale, backward):
+def _scan(q, k, v, do, g, h0, dht, meta, scale, backward, cfg):
     """Run the state scans: forward only (h, final state) or both directions (h, dh, dh0)."""
     cu, offsets, idx = meta
     H, K, V = k.shape[2], k.shape[3], v.shape[3]                  # the state's heads: k's (q's in the backward)
     N, NC = cu.numel() - 1, idx.shape[0]
-    BK, BV = min(CONFIG["scan_bk"], K), min(CONFIG["scan_bv"], V)
+    BK, BV = min(cfg["scan_bk"], K), min(cfg["scan_bv"], V)
     DT, PREC = _dot_types(q.dtype)
     sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     h = k.new_empty(NC, H, K, V, dtype=sdt)
     dh = k.new_empty(NC, H, K, V, dtype=sdt) if backward else h
     ht = k.new_empty(N, H, K, V, dtype=torch.float32)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if backward else ht
-    if not backward and CONFIG["split_scan"]:   # forward: chunk terms in parallel, then a short serial pass
+    if not backward and cfg["split_scan"]:   # forward: chunk terms in parallel, then a short serial pass
         L = k.new_empty(NC, H, K, V, dtype=torch.float32)
         logdecay = k.new_empty(NC, H, K, dtype=torch.float32)
-        BK, BV = min(CONFIG["terms_bk"], K), min(CONFIG["terms_bv"], V)
+        BK, BV = min(cfg["terms_bk"], K), min(cfg["terms_bv"], V)
         _chunk_state_kernel[(NC, triton.cdiv(K, BK) * triton.cdiv(V, BV), H)](
-            k, v, g, L, logdecay, cu, idx, H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts("terms"))
-        BK, BV = min(CONFIG["state_bk"], K), min(CONFIG["state_bv"], V)
+            k, v, g, L, logdecay, cu, idx, H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts(cfg, "terms"))
+        BK, BV = min(cfg["state_bk"], K), min(cfg["state_bv"], V)
         _state_scan_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H)](
             L, logdecay, h, h0 if h0 is not None else ht, ht, cu, offsets, int(h0 is not None) | 2, H=H, K=K, V=V,
-            C=CHUNK, BK=BK, BV=BV, **_opts("state"))
+            C=CHUNK, BK=BK, BV=BV, **_opts(cfg, "state"))
         return h, ht
     flags = (h0 is not None) | ((not backward) << 1) | ((dht is not None) << 2) | (backward << 3)
     dummy = ht
     grid = (triton.cdiv(K, BK) * triton.cdiv(V, BV), N * H, 2 if backward else 1)
     _scan_kernel[grid](q, k, v, do if do is not None else v, g, h, dh, h0 if h0 is not None else dummy,
                        dht if dht is not None else dummy, ht, dh0, cu, offsets, scale, flags,
-                       H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts("scan"))
+                       H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, DT=DT, PREC=PREC, **_opts(cfg, "scan"))
     return (h, dh, dh0) if backward else (h, ht)
 
 
-def _forward(q, k, v, g, scale, h0, meta):
+def _forward(q, k, v, g, scale, h0, meta, cfg):
     """o [1, T, H, V] and the final states; k, v, g and the states have H / G heads (GQA): the scan runs once per
     kv head, the chunk kernel once per query head."""
     cu, _, idx = meta
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    h, ht = _scan(q, k, v, None, g, h0, None, meta, scale, backward=False)
+    h, ht = _scan(q, k, v, None, g, h0, None, meta, scale, False, cfg)
     o = v.new_empty(*q.shape[:3], V)
     slow = torch.empty(idx.shape[0] * H, dtype=torch.int8, device=q.device)
     DT, PREC = _dot_types(q.dtype)
     for pairwise in (False, True):
         _chunk_kernel[(idx.shape[0] * H,)](q, k, g, v, h, o, slow, cu, idx, scale, H=H, G=H // k.shape[2], K=K,
-                                           V=V, C=CHUNK, BK=min(CONFIG["fwd_bk"], K), NG=CONFIG["groups"],
+                                           V=V, C=CHUNK, BK=min(cfg["fwd_bk"], K), NG=cfg["groups"],
                                            MAXE=MAX_EXP, PAIRWISE=pairwise, DT=DT, PREC=PREC, DV=False,
-                                           **_opts("fwd"))
+                                           **_opts(cfg, "fwd"))
     return o, ht
 
 
-def _backward(q, k, v, g, do, scale, h0, dht, meta):
+def _backward(q, k, v, g, do, scale, h0, dht, meta, cfg):
     cu, _, idx = meta
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    h, dh, dh0 = _scan(q, k, v, do, g, h0, dht, meta, scale, backward=True)
+    h, dh, dh0 = _scan(q, k, v, do, g, h0, dht, meta, scale, True, cfg)
     dq, dk, dv, dg = (torch.empty_like(x) for x in (q, k, v, g))
     slow = torch.empty(idx.shape[0] * H, dtype=torch.int8, device=q.device)
     DT, PREC = _dot_types(q.dtype)
-    common = dict(H=H, K=K, V=V, C=CHUNK, NG=CONFIG["groups"], MAXE=MAX_EXP, DT=DT, PREC=PREC)
+    common = dict(H=H, K=K, V=V, C=CHUNK, NG=cfg["groups"], MAXE=MAX_EXP, DT=DT, PREC=PREC)
     for pairwise in (False, True):
         _chunk_kernel[(idx.shape[0] * H,)](q, k, g, do, dh, dv, slow, cu, idx, scale, G=1,
-                                           BK=min(CONFIG["dv_bk"], K), PAIRWISE=pairwise, DV=True, **common,
-                                           **_opts("dv"))
-    BK = min(CONFIG["dqkg_bk"], K)
+                                           BK=min(cfg["dv_bk"], K), PAIRWISE=pairwise, DV=True, **common,
+                                           **_opts(cfg, "dv"))
+    BK = min(cfg["dqkg_bk"], K)
     for pairwise in (False, True):
         _bwd_dqkg_kernel[(idx.shape[0], H, K // BK)](q, k, v, g, h, dh, do, dq, dk, dg, slow, cu, idx, scale, BK=BK,
-                                                     PAIRWISE=pairwise, **common, **_opts("dqkg"))
+                                                     PAIRWISE=pairwise, **common, **_opts(cfg, "dqkg"))
     return dq, dk, dv, dg, dh0
 
 
@@ -509,7 +538,7 @@ class ChunkGLA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, h0, output_final_state, meta):
-        o, ht = _forward(q, k, v, g, scale, h0, meta)
+        o, ht = tuned(lambda cfg: _forward(q, k, v, g, scale, h0, meta, cfg), q.device, "chunk_gla forward")
         ctx.save_for_backward(q, k, v, g, h0, *meta)
         ctx.scale = scale
         return o, (ht if output_final_state else None)
@@ -525,7 +554,9 @@ class ChunkGLA(torch.autograd.Function):
             h0 = None if h0 is None else h0.repeat_interleave(G, 1)
             dht = None if dht is None else dht.repeat_interleave(G, 1) / G
         dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, do.contiguous(), ctx.scale, h0, dht, meta)
+        do = do.contiguous()
+        dq, dk, dv, dg, dh0 = tuned(lambda cfg: _backward(q, k, v, g, do, ctx.scale, h0, dht, meta, cfg), q.device,
+                                    "chunk_gla backward")
         if G > 1:
             def fold(x, dim):   # the sum over each kv head's G copies
                 return x.unflatten(dim, (-1, G)).sum(dim + 1, dtype=torch.float32).to(x.dtype)

@@ -15,6 +15,7 @@ Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (ar
 - optional spiking activations: with `spike_k` set, every projection's input becomes integer spike
   counts times a per-token threshold (straight-through in training).
 """
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -54,6 +55,36 @@ PRESETS = {
 }
 
 
+def _typed(key, value, tp):
+    """A config value as its field's type tp (int, float, str, list, or X | None). Command lines and YAML give "3",
+    3 or "null" where a float or None is meant; those are converted, anything else is an error naming the key."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next(t for t in args if t is not type(None)) if optional else tp
+    base = typing.get_origin(base) or base   # list[str] -> list
+    if optional and (value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        return None
+    if isinstance(value, str) and base in (int, float):
+        try:
+            return base(value)
+        except ValueError:
+            pass
+    elif isinstance(value, str) and base is list:
+        import yaml
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, base) and not (isinstance(value, bool) and base is not bool):
+        return value
+    want = base.__name__ + (" or null" if optional else "")
+    raise ValueError(f"config key {key}={value!r} must be {want}: fix it in model_config or the config.yaml")
+
+
 @dataclass
 class Config:
     name: str = "custom"
@@ -83,6 +114,9 @@ class Config:
     eos_id: int = 151643
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):   # YAML files and command lines give "3", "null" or 3 for a float field
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
         self.layout, self.moe_layers = list(self.layout), sorted(self.moe_layers)
         if len(self.layout) != self.n_layer:
             raise ValueError(f"layout has {len(self.layout)} entries but n_layer={self.n_layer}: give one per layer")
@@ -127,11 +161,17 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path):
+        """A saved config (a checkpoint's config.yaml, as to_yaml writes it). Every field must be there: one filled
+        in from a preset or a default would change the model without a word (the name says nothing about dims)."""
         import yaml
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if "name" in d and d["name"] in PRESETS and len(d) < len(fields(cls)):
-            return cls.from_name(d.pop("name"), **d)   # a preset plus overrides
+            d = yaml.safe_load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds {type(d).__name__}, not a mapping of config fields")
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ValueError(f"{path} lacks config field(s) {missing}: a saved config names every field of "
+                             f"model.Config; add them with the values the weights were made with")
         return cls.from_dict(d)
 
     def to_dict(self):
@@ -305,11 +345,14 @@ ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and our T
                      # else SDPA with a dense mask. "sdpa", "flex" or "triton" force one ("flex" on CPU runs
                      # flex_attention uncompiled, its dense reference; "triton" is the decode kernel for one query
                      # and SDPA otherwise, on CPU under TRITON_INTERPRET=1: tests)
-# flex_attention's kernel_options on Hopper GPUs (sm90; others keep torch's defaults). "fwd_" keys: the forward
-# only. The forward reads tiles through the tensor memory accelerator (TMA) in 128 x 128 tiles, 8 warps, 3 stages:
-# the SWA prefill's forward 4.6 ms vs 5.4 with torch's defaults (T=32k and its ring, H100), while TMA made the
-# backward slower (BENCHMARKS.md). Measured on torch 2.11; older versions keep torch's defaults.
-FLEX_OPTIONS = (dict(fwd_USE_TMA=True, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3)
+# flex_attention's kernel_options on Hopper GPUs (sm90; other GPUs keep torch's defaults), by path, forward only
+# ("fwd_" keys). "band" (sliding_window_attention, one document): 128 x 128 tiles, 8 warps, 3 stages, read through
+# the tensor memory accelerator (TMA). "mask" (any other block mask: packed documents, sinks, a cache): TMA with
+# torch's tiles; its mask_mod reads position and document tensors, and the band's 3-stage tiles then need more
+# shared memory than a Hopper SM has. Options that fail to compile on a device fall back to torch's defaults with one
+# warning (kernels.with_fallback), so a tuning constant never stops a run. Older torch versions keep the defaults.
+FLEX_OPTIONS = ({"band": dict(fwd_USE_TMA=True, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3),
+                 "mask": dict(fwd_USE_TMA=True)}
                 if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {})
 _swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
 _compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes over the logits
@@ -334,14 +377,18 @@ def compiled(fn):
     return _compiled[fn]
 
 
-def flex(q, k, v, block_mask, gqa):
-    """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D]."""
+def flex(q, k, v, block_mask, gqa, path="mask"):
+    """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D].
+    path: "band" or "mask", which of FLEX_OPTIONS to try (on Hopper)."""
     from torch.nn.attention.flex_attention import flex_attention
     if not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    hopper = torch.cuda.get_device_capability(q.device) == (9, 0)
-    return compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
-                                    kernel_options=FLEX_OPTIONS if hopper and FLEX_OPTIONS else None)
+    opts = FLEX_OPTIONS.get(path) if torch.cuda.get_device_capability(q.device) == (9, 0) else None
+    import kernels
+    key = ("flex", str(q.device), path, q.dtype, q.shape[-1], gqa, q.requires_grad)
+    return kernels.with_fallback(lambda o: compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
+                                                            kernel_options=o),
+                         opts, key, f"flex_attention ({path} mask, head dim {q.shape[-1]}, {q.dtype})")
 
 
 def swa_block_mask(T, S, off, window, device, tile=128):
@@ -380,7 +427,7 @@ def sliding_window_attention(q, k, v, q_start, k_start, window):
     at positions k_start ..., ending with the last query. Returns [B, T, H, D]."""
     bm = swa_block_mask(q.shape[1], k.shape[1], q_start - k_start, window, q.device)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    return flex(q, k, v, bm, bool(q.shape[1] != k.shape[1])).transpose(1, 2)
+    return flex(q, k, v, bm, bool(q.shape[1] != k.shape[1]), "band").transpose(1, 2)
 
 
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):

@@ -27,6 +27,7 @@ Departures from the release (BICLab/SpikingBrain-7B, W8ASpike/):
 """
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -372,45 +373,75 @@ def spike_raster(train, scale=1):
 # ----------------------------------------------------------------------------- W8ASpike
 
 def _group(in_features, group_size):
-    """Group width for a layer: group_size must divide in_features; a layer narrower than one group (the GLA
-    gate's 16 -> kv projection) is one group per row."""
+    """Group width for a layer: group_size, or in_features for a layer narrower than one group (the GLA gate's
+    16 -> kv projection: one group per row). Where group_size does not divide in_features (the demo's 688), the
+    last group of each row is shorter: ceil(in / g) groups, the same INT8 symmetric scheme in each."""
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} must be a positive int")
-    if in_features <= group_size:
-        return in_features
-    if in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
-    return group_size
+    return min(in_features, group_size)
+
+
+def _n_groups(in_features, g):
+    return -(-in_features // g)
+
+
+def _grouped(t, g):
+    """[rows, in] -> [rows, ceil(in / g), g], the last partial group padded with zeros (which change no max|w|,
+    no sum and no product)."""
+    rows, in_f = t.shape
+    n = _n_groups(in_f, g)
+    return F.pad(t, (0, n * g - in_f)).view(rows, n, g)
+
+
+def _group_width(in_features, scales, group_size):
+    """The group width of a layer from its scales [out, G]: group_size checked against G, or, given None, the
+    width of G equal groups (a layer with a partial group needs its group_size: several widths give G groups)."""
+    n = scales.shape[1]
+    if group_size is None:
+        if n < 1 or in_features % n:
+            raise ValueError(f"{n} scale groups do not split in_features={in_features} evenly: pass group_size")
+        return in_features // n
+    g = _group(in_features, group_size)
+    if _n_groups(in_features, g) != n:
+        raise ValueError(f"scales hold {n} groups per row; in_features={in_features} in groups of {g} needs "
+                         f"{_n_groups(in_features, g)}")
+    return g
 
 
 def quantize_weight(w, group_size=128, scales=None):
-    """Symmetric INT8 per group of input channels: w [out, in] -> q int8 [out, in], scales float32 [out, in/g].
+    """Symmetric INT8 per group of input channels: w [out, in] -> q int8 [out, in], scales float32 [out, G].
 
-    scales=None: max|w| / 127 per (row, group), so |w - q * s| <= s / 2. Given scales (e.g. calibrated clip
-    ratios) are used as they are, q clamped to [-127, 127]. An all-zero group gets scale 1 (and q = 0).
+    G = ceil(in / g) groups of g = min(group_size, in) channels; the last group of a row holds the remaining
+    in - (G - 1) g channels when g does not divide in. scales=None: max|w| / 127 per (row, group), so
+    |w - q * s| <= s / 2. Given scales (e.g. calibrated clip ratios) are used as they are, q clamped to
+    [-127, 127]. An all-zero group gets scale 1 (and q = 0).
     """
     out_f, in_f = w.shape
     g = _group(in_f, group_size)
-    wg = w.float().view(out_f, in_f // g, g)
+    wg = _grouped(w.float(), g)
     scales = wg.abs().amax(-1) / 127 if scales is None else scales.float().to(w.device)
     if scales.shape != wg.shape[:2]:
         raise ValueError(f"scales of shape {tuple(scales.shape)}, need {tuple(wg.shape[:2])}")
     s = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(wg / s[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.view(out_f, in_f), s
+    return q.view(out_f, -1)[:, :in_f].contiguous(), s
 
 
-def dequantize_weight(q, scales):
-    """q int8 [out, in], scales [out, G] -> float32 weight [out, in] (groups of in / G channels)."""
+def dequantize_weight(q, scales, group_size=None):
+    """q int8 [out, in], scales [out, G] -> float32 weight [out, in]: groups of group_size channels, the last
+    one possibly shorter (None: G equal groups)."""
     out_f, in_f = q.shape
-    return (q.float().view(out_f, scales.shape[1], -1) * scales.float()[..., None]).view(out_f, in_f)
+    g = _group_width(in_f, scales, group_size)
+    return (_grouped(q.float(), g) * scales.float()[..., None]).view(out_f, -1)[:, :in_f]
 
 
 class W8ASpikeLinear(nn.Module):
     """Linear with INT8 group-quantized weights and spike-count inputs: y = W_q (counts * vth) + b.
 
-    Buffers: qweight int8 [out, in], scales float32 [out, in / group_size], bias [out] or None.
-    spike_k=None turns the input spikes off (INT8 weights, float activations). Inference only.
+    Buffers: qweight int8 [out, in], scales float32 [out, ceil(in / group_size)], bias [out] or None; the
+    group width is saved beside them (extra state `<name>._extra_state`, an int64 scalar), as with a partial
+    last group the scales' shape does not determine it. spike_k=None turns the input spikes off (INT8 weights,
+    float activations). Inference only.
     """
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
@@ -420,7 +451,7 @@ class W8ASpikeLinear(nn.Module):
         self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
         self.group_size = _group(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, in_features // self.group_size, device=device))
+        self.register_buffer("scales", torch.ones(out_features, _n_groups(in_features, self.group_size), device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
 
     @classmethod
@@ -436,29 +467,41 @@ class W8ASpikeLinear(nn.Module):
         if self.spike_k is not None:
             counts, vth = spike_quant(x, self.spike_k)
             x = (counts * vth).to(x.dtype)
-        w = dequantize_weight(self.qweight, self.scales).to(x.dtype)
+        w = dequantize_weight(self.qweight, self.scales, self.group_size).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def get_extra_state(self):
+        return torch.tensor(self.group_size)
+
+    def set_extra_state(self, state):
+        g = int(state)
+        if _n_groups(self.in_features, g) != self.scales.shape[1]:
+            raise ValueError(f"saved group width {g} does not fit {self.scales.shape[1]} scale groups of "
+                             f"in_features={self.in_features}")
+        self.group_size = g
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"group_size={self.group_size}, spike_k={self.spike_k}"
 
 
-def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirectional"):
+def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirectional", group_size=None):
     """The naive twin of W8ASpikeLinear, as an event-driven chip computes it, in float64.
 
     x [..., in] -> counts -> spike train [T, ..., in]; per step each spike adds (or subtracts) one INT8
     weight into an integer accumulator per (output, group) - additions only -; the step's place value,
-    the group scale and the token's vth multiply the sums at the end. Returns [..., out].
+    the group scale and the token's vth multiply the sums at the end. group_size: the layer's group width
+    (a partial last group needs it; None: G equal groups). Returns [..., out].
     """
     counts, vth = spike_quant(x, k)
     train = encode(counts, coding)
     out_f, in_f = qweight.shape
-    G = scales.shape[1]
-    qg = qweight.double().view(out_f, G, in_f // G)
-    acc = torch.zeros(*x.shape[:-1], out_f, G, dtype=torch.float64, device=x.device)
+    g = _group_width(in_f, scales, group_size)
+    cols = [slice(j, min(j + g, in_f)) for j in range(0, in_f, g)]     # the last one may be shorter
+    acc = torch.zeros(*x.shape[:-1], out_f, len(cols), dtype=torch.float64, device=x.device)
     for s, p in zip(train, place_values(coding, train.shape[0]).tolist()):
-        acc += p * torch.einsum("...gc,ogc->...og", s.double().unflatten(-1, (G, -1)), qg)
+        for j, c in enumerate(cols):
+            acc[..., j] += p * (s[..., c].double() @ qweight[:, c].double().T)
     y = (acc * scales.double()).sum(-1) * vth.double()
     return y if bias is None else y + bias.double()
 
@@ -475,7 +518,8 @@ def _swap(model, name, new):
 def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     """Swap every model.Linear (all projections of the blocks; not lm_head or the router) for a W8ASpikeLinear.
 
-    k: activation threshold parameter (None: float activations). scales: {module name: [out, in / g]} from
+    k: activation threshold parameter (None: float activations). group_size: input channels per scale; the
+    last group of a row is shorter where it does not divide in_features. scales: {module name: [out, G]} from
     `calibrate`; default max|w| / 127 per group. Works in place and returns the model; every layer is checked
     before any is replaced.
     """
@@ -483,12 +527,9 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
         raise ValueError(f"spike k={k} must be > 0 (or None)")
     targets = _linears(model)
     for name, m in targets:
-        try:
-            g = _group(m.in_features, group_size)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        g = _group(m.in_features, group_size)
         if scales is not None:
-            want = (m.out_features, m.in_features // g)
+            want = (m.out_features, _n_groups(m.in_features, g))
             if name not in scales or tuple(scales[name].shape) != want:
                 raise ValueError(f"scales for {name}: need shape {want}, got "
                                  f"{tuple(scales[name].shape) if name in scales else 'none'}")
@@ -506,18 +547,18 @@ def search_scales(w, sq, group_size=128, grid=CLIP_GRID):
     """Per (row, group), the scale a * max|w| / 127 (a in grid) minimizing sum_i sq_i (w_i - q_i s)^2.
 
     w [out, in]; sq [in]: sum of squared inputs per channel (the output error's weight). Ties keep the
-    earlier grid entry, so with 1.0 first an unused channel group keeps the max scale. -> float32 [out, in/g].
+    earlier grid entry, so with 1.0 first an unused channel group keeps the max scale. -> float32 [out, G]
+    (groups as quantize_weight).
     """
     if not grid or min(grid) <= 0:
         raise ValueError(f"grid {grid!r} must be non-empty and positive")
-    out_f, in_f = w.shape
-    g = _group(in_f, group_size)
-    wg, h = w.float().view(out_f, -1, g), sq.float().to(w.device).view(1, -1, g)
+    g = _group(w.shape[1], group_size)
+    wg, h = _grouped(w.float(), g), _grouped(sq.float().to(w.device).view(1, -1), g)
     base = wg.abs().amax(-1) / 127
     best, best_err = None, None
     for a in grid:
         q, s = quantize_weight(w, g, a * base)
-        err = (h * (wg - dequantize_weight(q, s).view_as(wg)) ** 2).sum(-1)
+        err = (h * (wg - _grouped(dequantize_weight(q, s, g), g)) ** 2).sum(-1)
         if best is None:
             best, best_err = s, err
         else:
@@ -543,11 +584,7 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
     targets = _linears(model)
     if not targets:
         raise ValueError("the model has no model.Linear to calibrate (already replaced?)")
-    for name, m in targets:
-        try:
-            _group(m.in_features, group_size)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    _group(1, group_size)   # a bad group_size fails before the forward passes
     sq = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in targets}
 
     def record(name, module, args):
@@ -585,8 +622,9 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
 def load_model(path, device="cpu", dtype=None):
     """A checkpoint directory (model.safetensors + config.yaml), float or W8ASpike -> (model, config).
 
-    W8ASpike checkpoints are recognised by their `.qweight` tensors; each layer's group width comes from its
-    scales' shape; scales stay float32 whatever `dtype` is. Save them with convert.save_checkpoint(model,
+    W8ASpike checkpoints are recognised by their `.qweight` tensors; each layer's group width is its saved
+    `._extra_state` (files without it, written before partial groups existed, have equal groups: the scales'
+    shape gives it); scales stay float32 whatever `dtype` is. Save them with convert.save_checkpoint(model,
     model.config, out), which writes the same layout.
     """
     import convert
@@ -597,13 +635,17 @@ def load_model(path, device="cpu", dtype=None):
     if not any(key.endswith(".qweight") for key in headers):
         return convert.load_checkpoint(path, device, dtype)
     config = Config.from_yaml(os.path.join(path, "config.yaml"))
+    state = convert.read_state(path, files, device)
     with torch.device("meta"):
         model = GPT(config)
-        for name, m in _linears(model):
-            if name + ".qweight" in headers:
-                g = m.in_features // headers[name + ".scales"][0][1]
-                _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, config.spike_k))
-    state = convert.read_state(path, files, device)
+    for name, m in _linears(model):
+        if name + ".qweight" not in state:
+            continue
+        if name + "._extra_state" not in state and name + ".scales" in state:
+            state[name + "._extra_state"] = torch.tensor(_group_width(m.in_features, state[name + ".scales"], None))
+        g = int(state.get(name + "._extra_state", m.in_features))   # missing: check_state names it below
+        with torch.device("meta"):
+            _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, config.spike_k))
     if dtype is not None:
         state = {key: v.to(dtype) if v.is_floating_point() and not key.endswith(".scales") else v
                  for key, v in state.items()}
@@ -645,6 +687,7 @@ def spike_sweep(model, rows, ks, *, batch_size=8, coding="bidirectional", window
     Returns one dict per k (the baseline first): k, ppl, dppl (ppl - baseline), and for spiking rows the
     SpikeStats.summary() fields. The model's spike_k settings are restored afterwards.
     """
+    _check_sweep(ks, coding, window)
     saved = [(m, m.spike_k) for m in model.modules() if isinstance(m, (Linear, W8ASpikeLinear))]
     saved_cfg = getattr(getattr(model, "config", None), "spike_k", None)
     was_training = model.training
@@ -682,10 +725,25 @@ def format_table(results, window=3):
     return "\n".join(lines)
 
 
+def _check_sweep(ks, coding, window):
+    """The sweep's arguments, checked before a model is loaded or run (a bad one would fail after the baseline)."""
+    if any(k is None or k <= 0 for k in ks):
+        raise ValueError(f"k={list(ks)}: every k must be a number > 0")
+    with collect_stats(nn.Module(), coding=coding, window=window):   # its argument checks; hooks nothing
+        pass
+
+
 def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
-    """Tokenize a text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short)."""
-    with open(text_file, encoding="utf-8") as f:
-        ids = tokenizer.encode(f.read())
+    """Tokenize a UTF-8 text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    try:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{text_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8 {text_file}") from None
+    ids = tokenizer.encode(text)
     ids = ids[:max_tokens] if max_tokens else ids
     if len(ids) < 2:
         raise ValueError(f"{text_file} gives {len(ids)} tokens: need at least 2 to measure perplexity")
@@ -694,10 +752,19 @@ def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
     return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
 
 
-def _open(ckpt, tokenizer, device, dtype):
+def _tokenizer(ckpt, tokenizer):
+    """--tokenizer, else the checkpoint's; loaded (and the text read) before the model, so bad input fails fast."""
     from tokenizer import Tokenizer
-    model, _ = load_model(ckpt, device, getattr(torch, dtype) if dtype else None)
-    return model, Tokenizer(tokenizer or ckpt)
+    if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory: it has no config.yaml (train.py and "
+                                f"convert.py write one)")
+    return Tokenizer(tokenizer or ckpt)
+
+
+def _load(ckpt, device, dtype):
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype: use e.g. bfloat16, float16 or float32")
+    return load_model(ckpt, device, getattr(torch, dtype) if dtype else None)[0]
 
 
 # ----------------------------------------------------------------------------- commands
@@ -720,8 +787,9 @@ def sweep(*, ckpt: str, text: str, k: list[float] = [2.0, 3.0, 4.0], seq_len: in
         dtype: e.g. bfloat16; default: as saved
         tokenizer: tokenizer directory, if not the checkpoint's
     """
-    model, tok = _open(ckpt, tokenizer, device, dtype)
-    rows = text_rows(tok, text, seq_len, max_tokens)
+    _check_sweep(k, coding, window)
+    rows = text_rows(_tokenizer(ckpt, tokenizer), text, seq_len, max_tokens)
+    model = _load(ckpt, device, dtype)
     results = spike_sweep(model, rows, k, batch_size=batch_size, coding=coding, window=window)
     print(f"{ckpt}: {rows.numel()} tokens of {text}, {coding} coding")
     print(format_table(results, window))
@@ -737,7 +805,7 @@ def w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int 
         out: directory to write
         text: calibration text, cut into n_samples rows of seq_len tokens
         k: activation threshold parameter
-        group_size: input channels per INT8 weight scale
+        group_size: input channels per INT8 weight scale (the last group of a row may be shorter)
         n_samples: calibration rows
         seq_len: tokens per calibration row
         batch_size: rows per forward
@@ -747,10 +815,19 @@ def w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int 
         tokenizer: tokenizer directory, if not the checkpoint's
     """
     import convert
-    model, tok = _open(ckpt, tokenizer, device, dtype)
+    if k <= 0:                       # the arguments and files are checked before the model loads
+        raise ValueError(f"k={k} must be > 0")
+    if calibrated and n_samples < 1:
+        raise ValueError(f"n_samples={n_samples} must be >= 1")
+    _group(1, group_size)
+    if calibrated:
+        rows = text_rows(_tokenizer(ckpt, tokenizer), text, seq_len, n_samples * (seq_len + 1))
+    convert.check_paths(ckpt, out)   # --out must not replace the float checkpoint it reads
+    model = _load(ckpt, device, dtype)
+    if any(isinstance(m, W8ASpikeLinear) for m in model.modules()):
+        raise ValueError(f"{ckpt} is already a W8ASpike checkpoint: quantize the float checkpoint it came from")
     scales, n_rows = None, 0
     if calibrated:
-        rows = text_rows(tok, text, seq_len, n_samples * (seq_len + 1))
         scales = calibrate(model, rows.split(batch_size), n_samples=n_samples, k=k, group_size=group_size)
         n_rows = min(n_samples, rows.shape[0])
     replace_linears(model, k=k, group_size=group_size, scales=scales)
@@ -765,4 +842,7 @@ def w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int 
 if __name__ == "__main__":
     from jsonargparse import CLI
 
-    CLI({"sweep": sweep, "w8aspike": w8aspike})
+    try:
+        CLI({"sweep": sweep, "w8aspike": w8aspike})
+    except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
+        sys.exit(f"error: {e}")

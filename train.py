@@ -24,16 +24,17 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -45,44 +46,80 @@ from tokenizer import save as save_tokenizer
 
 @dataclass
 class DataArgs:
-    path: Path = Path("data/pydoc")     # a directory written by `train.py prepare`
-    inputs: Optional[list[str]] = None  # if `path` is not prepared yet, prepare it from these first (see `prepare`)
-    val_fraction: float = 0.1           # used when preparing from `inputs`
-    doc_mask: bool = True               # pass document ids: attention and GLA state stop at document boundaries
+    """Training data.
+
+    Args:
+        path: a directory written by `train.py prepare` (token shards, document index, meta.json).
+        inputs: if `path` is not prepared yet, prepare it from these files, directories or 'pydoc' first.
+        val_fraction: share of the documents held out for validation when preparing from `inputs`.
+        doc_mask: pass document ids: attention and GLA state stop at document boundaries.
+    """
+    path: Path = Path("data/pydoc")
+    inputs: Optional[list[str]] = None
+    val_fraction: float = 0.1
+    doc_mask: bool = True
 
 
 @dataclass
 class TrainArgs:
-    seq_len: int = 256                  # tokens per row
-    micro_batch_size: int = 8           # rows per device per forward/backward
-    global_batch_size: int = 8          # rows per optimizer step over all devices; accumulation makes up the rest
-    max_tokens: Optional[int] = None    # training length in tokens (the report's budgets) ...
-    max_steps: Optional[int] = None     # ... or in optimizer steps (wins if both are given)
+    """Optimization.
+
+    Args:
+        seq_len: tokens per row.
+        micro_batch_size: rows per device per forward/backward (lowered to fit global_batch_size if it must be).
+        global_batch_size: rows per optimizer step over all devices; gradient accumulation makes up the rest.
+        max_tokens: training length in tokens (the report's budgets), or ...
+        max_steps: ... in optimizer steps (wins if both are given).
+        lr: peak learning rate, reached after the warmup.
+        min_lr: the cosine schedule ends here.
+        warmup_steps: optimizer steps of linear warmup from 0 to lr.
+        weight_decay: AdamW decay on matrices only, not on norms, biases, sinks.
+        betas: AdamW betas.
+        grad_clip: the gradient norm is clipped to this.
+        activation_checkpointing: recompute each block in backward: memory per layer = its input only.
+        compile: torch.compile each block.
+        log_interval: optimizer steps between TensorBoard points.
+        save_interval: optimizer steps between checkpoints (and one at the end).
+        keep_last: checkpoints kept in out_dir (older ones are deleted).
+    """
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    max_tokens: Optional[int] = None
+    max_steps: Optional[int] = None
     lr: float = 1e-3
-    min_lr: float = 1e-4                # the cosine ends here
+    min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1           # on matrices only, not on norms, biases, sinks
+    weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    activation_checkpointing: bool = False  # recompute each block in backward: memory per layer = its input only
-    compile: bool = False               # torch.compile each block
-    log_interval: int = 10              # optimizer steps between TensorBoard points
-    save_interval: Optional[int] = 1000  # optimizer steps between checkpoints (and one at the end)
-    keep_last: int = 2                  # checkpoints kept in out_dir (older ones are deleted)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_interval: int = 10
+    save_interval: Optional[int] = 1000
+    keep_last: int = 2
 
 
 @dataclass
 class EvalArgs:
-    interval: int = 500                 # optimizer steps between validation runs (and one at the end)
-    max_batches: int = 20               # validation micro-batches per device
-    sample_prompt: str = "The"          # printed continuation at the end (empty: no sample)
+    """Validation and the closing sample.
+
+    Args:
+        interval: optimizer steps between validation runs (and one at the end).
+        max_batches: validation micro-batches per device.
+        sample_prompt: the prompt of the continuation printed at the end (empty: no sample).
+        sample_tokens: length of that continuation in tokens (0: no sample).
+    """
+    interval: int = 500
+    max_batches: int = 20
+    sample_prompt: str = "The"
     sample_tokens: int = 100
 
 
 def main(
     *,
     model: Optional[str] = None,
-    model_config: Optional[dict] = None,
+    model_config: Optional[dict[str, Any]] = None,
     init_from: Optional[Path] = None,
     tokenizer_dir: Optional[Path] = None,
     out_dir: Path = Path("out/tiny"),
@@ -90,6 +127,7 @@ def main(
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
     devices: int = 1,
     num_nodes: int = 1,
     accelerator: str = "auto",
@@ -104,18 +142,24 @@ def main(
 
     Args:
         model: preset name (see model.PRESETS); with init_from, the checkpoint's config is used and must agree.
-        model_config: overrides of Config fields, e.g. {n_layer: 4, spike_k: 3.0} (unknown keys are an error).
+        model_config: overrides of Config fields, e.g. {n_layer: 4, spike_k: 3.0} (unknown keys are an error). On
+            the command line `--model_config.spike_k 3` or `--model_config '{...}'` merge into the config file's.
         init_from: a checkpoint directory (convert.py's, or a run's final/) whose weights start the run (CPT, SFT).
         tokenizer_dir: tokenizer directory; default: init_from's, else assets/tokenizer.
         out_dir: checkpoints, logs and the final export go here.
         resume: True or "auto": the newest checkpoint in out_dir ("auto": start fresh if none); or a checkpoint path.
-        devices: devices per node. num_nodes: nodes. accelerator: "cpu", "cuda" or "auto".
+        overwrite: start fresh in an out_dir that holds another run, deleting its step-*, final/ and logs/ first
+            (without it, or resume, such an out_dir is an error).
+        devices: devices per node.
+        num_nodes: nodes (the same command runs on each).
+        accelerator: "cpu", "cuda" or "auto".
         strategy: "auto" = fsdp for more than one device; "ddp"; "fsdp" (FSDP2, per-block sharding, CPU gloo too).
         precision: "bf16-mixed" (bf16 compute, fp32 weights and optimizer), "bf16-true", "32-true"; default:
             bf16-mixed on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16), else 32-true (AVX2 CPUs
             emulate bf16 matmuls about 10x slower than fp32).
         peak_flops: device peak FLOP/s for MFU when the device is not in PEAK_FLOPS.
         export_dtype: dtype of final/model.safetensors.
+        seed: seed of the initialization and of the order of the training rows.
         dry_run: print parameters, FLOPs/token and estimated memory per device for devices x num_nodes; no allocation.
     """
     init_from, out_dir = Path(init_from) if init_from else None, Path(out_dir)
@@ -124,15 +168,18 @@ def main(
     precision = precision or ("bf16-mixed" if dry_run else default_precision(accelerator))   # plans are for GPUs
     world_size = devices * num_nodes
     strategy = ("fsdp" if world_size > 1 else "single") if strategy == "auto" else strategy
-    if train.global_batch_size % (train.micro_batch_size * world_size):
-        raise ValueError(f"train.global_batch_size={train.global_batch_size} must be a multiple of micro_batch_size "
-                         f"x devices = {train.micro_batch_size} x {world_size}")
+    for k in ("seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(train, k) <= 0:
+            raise ValueError(f"train.{k}={getattr(train, k)} must be >= 1")
     if eval.interval <= 0 or train.log_interval <= 0:
         raise ValueError("eval.interval and train.log_interval must be >= 1")
+    train, batch_note = fit_micro_batch(train, world_size)
     if dry_run:
-        print(plan(config, train, world_size, strategy, precision))
+        print("\n".join(filter(None, [batch_note, plan(config, train, world_size, strategy, precision)])))
         return
 
+    check_writable(out_dir)   # before Fabric starts: its logger would fail later with a less useful message
+    check_out_dir(out_dir, resume, overwrite)   # before Fabric starts: a refused run spawns no processes
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
     from lightning.fabric.strategies import ModelParallelStrategy
@@ -145,6 +192,9 @@ def main(
                       loggers=TensorBoardLogger(root_dir=out_dir, name="logs"))
     fabric.launch()
     fabric.seed_everything(seed)
+    if batch_note:
+        fabric.print(batch_note)
+    clean_out_dir(fabric, out_dir, overwrite)
 
     tokenizer_dir = tokenizer_dir or (init_from if init_from and os.path.isfile(init_from / "tokenizer.json")
                                       else Path("assets/tokenizer"))
@@ -185,11 +235,11 @@ def main(
     if resume:
         path = latest_checkpoint(out_dir) if resume in (True, "auto") else Path(resume)
         if path is None and resume is True:
-            raise FileNotFoundError(f"resume=True but {out_dir} has no step-* checkpoint: use resume=auto to start "
-                                    f"fresh when there is none")
+            raise FileNotFoundError(f"resume=True but {out_dir} has no complete step-* checkpoint: use resume=auto "
+                                    f"to start fresh when there is none")
         if path is not None:
             fabric.print(f"resuming from {path}")
-            fabric.load(path / "state", state)
+            load_state(fabric, path, state)
             if state["data"] != train_data.fingerprint:
                 raise ValueError(f"{path} was trained on other data ({state['data']}); this run has "
                                  f"{train_data.fingerprint}: point data.path at the original data or start fresh")
@@ -218,6 +268,9 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     max_steps = train.max_steps or math.ceil((train.max_tokens or 0) / (train.global_batch_size * train.seq_len))
     if max_steps <= 0:
         raise ValueError("set train.max_steps or train.max_tokens")
+    if state["step"] > max_steps:
+        raise ValueError(f"the checkpoint resumed is at step {state['step']}, beyond train.max_steps={max_steps}: "
+                         f"raise max_steps (or max_tokens) to train it further, or start fresh with overwrite=true")
     tokens_per_step = train.global_batch_size * train.seq_len
     epochs = max_steps * tokens_per_step / (len(train_data) * train.seq_len)
     fabric.print(f"{config.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -233,6 +286,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     bar = tqdm(total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
     speeds, mems = [], [0.0]   # tokens/s per device and peak GB at each log, for the summary at the end
     t0, step0 = time.perf_counter(), state["step"]
+    step_loss = 0.0   # the step's micro-batch losses, summed on the device for the finiteness check
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     while state["step"] < max_steps:
@@ -247,6 +301,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
                 h.remove()
             fabric.backward((loss + config.aux_loss_coef * aux) / accum)
         loss_avg.update(loss.detach())
+        step_loss = step_loss + loss.detach()
         state["iter_num"] += 1
         if is_accumulating:
             continue
@@ -254,7 +309,10 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
         lr = get_lr(state["step"], train.lr, train.min_lr, train.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip)
+        # our check below names the step and the checkpoint to go back to; Lightning's error would name neither
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
+        check_finite(fabric, state["step"] + 1, step_loss, grad_norm, out_dir, train.lr)
+        step_loss = 0.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -300,6 +358,21 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
         fabric.print(f"median {tok_s:.0f} tokens/s per device{mfu}{mem} ({flops_per_token:.3g} FLOP/token)")
 
 
+def check_finite(fabric, step, loss, grad_norm, out_dir, lr):
+    """Stop before a NaN or inf loss or gradient reaches the weights. One host sync per optimizer step: the local
+    loss plus this rank's part of the gradient norm, summed over ranks (a NaN or inf anywhere stays one), so every
+    rank stops at the same step."""
+    local = getattr(grad_norm, "to_local", lambda: grad_norm)()   # FSDP: a DTensor
+    if math.isfinite(fabric.all_reduce(loss + local.float(), reduce_op="sum").item()):
+        return
+    ckpt = latest_checkpoint(out_dir)
+    raise FloatingPointError(
+        f"step {step}: the loss ({float(loss):.4g}) or the gradient norm ({float(local):.4g}) is not finite; stopped "
+        f"before the optimizer step, nothing of it was saved. The last good checkpoint is kept: "
+        f"{ckpt or f'none in {out_dir} (no checkpoint was saved yet)'}. Lower train.lr (now {lr:g}) or raise "
+        f"train.warmup_steps, then continue with resume=auto")
+
+
 def get_lr(step, lr, min_lr, warmup_steps, max_steps):
     """Linear warmup to lr over warmup_steps, then cosine down to min_lr at max_steps."""
     warmup_steps = min(warmup_steps, max_steps // 2)
@@ -332,6 +405,33 @@ def validate(fabric, model, data, micro_batch_size, max_batches):
 
 
 # ----------------------------------------------------------------------------- model setup
+
+def fit_micro_batch(train, world_size):
+    """train with a micro_batch_size that divides each device's share of global_batch_size (the largest that does,
+    at most the one asked for), and a line saying so when it was lowered (None otherwise)."""
+    g, m = train.global_batch_size, train.micro_batch_size
+    if g % world_size:
+        raise ValueError(f"train.global_batch_size={g} must be a multiple of the {world_size} devices (devices x "
+                         f"num_nodes): every device takes the same number of rows")
+    rows = g // world_size
+    fit = max(d for d in range(1, min(m, rows) + 1) if rows % d == 0)
+    if fit == m:
+        return train, None
+    return replace(train, micro_batch_size=fit), (f"train.micro_batch_size {m} -> {fit}: global_batch_size {g} over "
+                                                  f"{world_size} device(s) is {rows} rows per device")
+
+
+def check_writable(out_dir):
+    """Make out_dir and write a file there (os.access misses read-only mounts and answers yes to root)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"out_dir {out_dir} is not writable ({e.strerror or e}): choose another out_dir or "
+                              f"fix its permissions") from None
+
 
 def default_precision(accelerator):
     gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
@@ -429,8 +529,12 @@ def named_modules(model):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+COMPLETE = "complete"   # the file a checkpoint gets last, once every rank's part of it is on disk
+
+
 def save(fabric, state, config, out_dir, keep_last):
-    """out_dir/step-XXXXXXX/{state, config.yaml}: written under a temp name, renamed when complete."""
+    """out_dir/step-XXXXXXX/{state, config.yaml, complete}: written under a temp name, renamed when complete. Older
+    checkpoints are deleted oldest first, each renamed away first: a kill never leaves half of one as step-*."""
     name = f"step-{state['step']:07d}"
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if fabric.global_rank == 0:
@@ -442,16 +546,104 @@ def save(fabric, state, config, out_dir, keep_last):
     fabric.save(tmp / "state", state)
     fabric.barrier()
     if fabric.global_rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        (tmp / COMPLETE).touch()
+        if final.exists():
+            remove_dir(final)
         os.replace(tmp, final)
-        for old in sorted(out_dir.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+        # higher steps can only be there when resuming from an older path: that history is not this run's to prune
+        older = [p for p in sorted(out_dir.glob("step-*")) if p.name < name]
+        keep = [p for p in older if is_complete(p)][-(keep_last - 1):] if keep_last > 1 else []
+        for old in older if keep_last > 0 else []:
+            if old not in keep:
+                remove_dir(old)
     fabric.barrier()
 
 
 def latest_checkpoint(out_dir):
-    steps = sorted(Path(out_dir).glob("step-*"))
-    return steps[-1] if steps else None
+    """The newest complete step-* checkpoint in out_dir, or None."""
+    done = [p for p in sorted(Path(out_dir).glob("step-*")) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def is_complete(path):
+    """save() wrote it to the end. Checkpoints from before the marker count when their state file, or a sharded
+    state's .metadata, is there."""
+    return (path / COMPLETE).is_file() or (path / "state").is_file() or (path / "state" / ".metadata").is_file()
+
+
+def remove_dir(path):
+    """Rename, then delete: a kill midway leaves a .trash-* directory (cleared at the next start), not half of path."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A fresh run must not start among another run's checkpoints: pruning by step number would delete the new ones,
+    final/ would be replaced, and resume=auto would later pick the old run's newest step."""
+    if resume and overwrite:
+        raise ValueError(f"resume={resume} continues the run in {out_dir} and overwrite=true deletes it: choose one")
+    old = [p.name for p in sorted(Path(out_dir).glob("step-*"))][-2:] + ["final"] * (Path(out_dir) / "final").exists()
+    if old and not resume and not overwrite:
+        raise FileExistsError(f"out_dir {out_dir} holds another run ({', '.join(old)}): continue it with resume=auto "
+                              f"(--resume auto), delete it and start fresh with overwrite=true (--overwrite true), "
+                              f"or choose another out_dir")
+
+
+def clean_out_dir(fabric, out_dir, overwrite):
+    """Rank 0 deletes what killed runs leave (temp checkpoints and exports, half-deleted checkpoints) and, with
+    overwrite, the previous run; the other ranks wait."""
+    if fabric.global_rank == 0 and out_dir.is_dir():
+        for p in [p for pattern in (".tmp-step-*", ".final.tmp-*", ".trash-*") for p in out_dir.glob(pattern)]:
+            shutil.rmtree(p)
+        for p in [p for pattern in ("step-*", "final", "logs") for p in out_dir.glob(pattern)] if overwrite else []:
+            remove_dir(p)
+    fabric.barrier()
+
+
+def load_state(fabric, path, state):
+    """fabric.load(path/state) unpickling only tensors and plain values, so that a checkpoint cannot run code.
+
+    Every torch.load inside is forced to weights_only (Lightning before 2.6 does not ask for it, and
+    torch.distributed.checkpoint reads non-tensor items with weights_only=False); the .metadata of a sharded
+    checkpoint, a plain pickle, is read first with only torch.distributed.checkpoint's own classes allowed.
+    """
+    file, env = path / "state", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        if (file / ".metadata").is_file():
+            with open(file / ".metadata", "rb") as f:
+                MetadataUnpickler(f).load()
+        fabric.load(file, state)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"{file} holds objects other than tensors and plain values, which can run code "
+                                     f"when loaded: refused. Resume only from checkpoints that train.py wrote") from e
+    finally:
+        if env is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = env
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """A sharded checkpoint's .metadata (torch.distributed.checkpoint unpickles it without restriction): only its
+    record classes, torch.Size, dtypes, layouts and paths may appear."""
+
+    def find_class(self, module, name):
+        import pathlib
+
+        from torch.distributed.checkpoint import filesystem, metadata
+
+        modules = {"torch": torch, "torch.serialization": torch.serialization, "pathlib": pathlib,
+                   "pathlib._local": pathlib, metadata.__name__: metadata, filesystem.__name__: filesystem}
+        obj = getattr(modules.get(module), name, None)
+        if (isinstance(obj, type) and obj.__module__ == metadata.__name__) or isinstance(obj, torch.dtype) or any(
+                obj is o for o in (torch.Size, filesystem._StorageInfo, torch.serialization._get_layout,
+                                   pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                                   pathlib.PureWindowsPath)):
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
 
 
 def get_rng_state():
@@ -578,8 +770,10 @@ def prepare(*, inputs: list[str], out: Path, tokenizer_dir: Path = Path("assets/
             `pydoc` (the documentation topics that ship with Python, one document per topic: the offline demo corpus).
         out: directory to write: {train,val}-NNNNN.bin (uint32 tokens), .idx (int64 document starts + end),
             .mask (uint8, 1 = take a loss: chat data only) and meta.json. Written under a temp name, then renamed.
+        tokenizer_dir: the tokenizer of the model to train (a different one makes training refuse the data).
         val_fraction: every round(1/val_fraction)-th document goes to validation (there must be one).
         shard_tokens: tokens per shard file at most (documents never span shards).
+        threads: encoding threads (the tokenizer releases the GIL).
     Every document ends with <|endoftext|>; chat documents are ChatML, loss on assistant tokens only. The same inputs
     and tokenizer give the same bytes.
     """
@@ -595,10 +789,11 @@ def prepare(*, inputs: list[str], out: Path, tokenizer_dir: Path = Path("assets/
     with atomic_dir(out) as tmp:
         tmp = Path(tmp)
         writers = {s: ShardWriter(tmp, s, shard_tokens) for s in ("train", "val")}
-        bar = tqdm(total=sum(size for _, size in files), unit="B", unit_scale=True, desc="tokenizing")
         n_doc = 0
         chat = False
-        with ThreadPoolExecutor(threads) as pool:   # tiktoken releases the GIL while it encodes
+        # tiktoken releases the GIL while it encodes; the bar closes before an input error is printed
+        with ThreadPoolExecutor(threads) as pool, tqdm(total=sum(size for _, size in files), unit="B",
+                                                       unit_scale=True, desc="tokenizing") as bar:
             for batch in document_batches(files, bar):
                 encoded = pool.map(tok.encode, [d for d in batch if isinstance(d, str)])
                 for d in batch:
@@ -610,7 +805,6 @@ def prepare(*, inputs: list[str], out: Path, tokenizer_dir: Path = Path("assets/
                     split = "val" if n_doc % every == every - 1 else "train"
                     writers[split].add(ids + [tok.eos_id], None if mask is None else mask + [False])
                     n_doc += 1
-        bar.close()
         if n_doc == 0:
             raise ValueError(f"no documents in {inputs}: text files must be non-empty, jsonl lines need a 'text' or "
                              f"'messages' field")
@@ -691,8 +885,8 @@ def document_batches(files, bar, size=256):
         elif f.endswith((".jsonl", ".json")):
             docs = jsonl_documents(f)
         else:
-            with open(f, encoding="utf-8") as fh:
-                docs = [(fh.read(), nbytes)]
+            with open(f, "rb") as fh:
+                docs = [(utf8(fh.read(), f), nbytes)]
         for doc, n in docs:
             bar.update(n)
             if doc:
@@ -704,20 +898,34 @@ def document_batches(files, bar, size=256):
         yield batch
 
 
+def utf8(data, where):
+    """Text of a file's bytes; a binary or non-UTF-8 input is an error that names the file (and line)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x}): convert it to UTF-8 "
+                         f"or leave it out of the inputs") from None
+    if "\0" in text:
+        raise ValueError(f"{where}: holds NUL bytes, a binary file rather than text: leave it out of the inputs")
+    return text
+
+
 def jsonl_documents(path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:   # bytes: a decoding error can then name its line
+        for n, raw in enumerate(f, 1):
+            line = utf8(raw, f"{path}:{n}")
             if not line.strip():
-                yield None, len(line.encode())
+                yield None, len(raw)
                 continue
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+                raise ValueError(f"{path}:{n}: not JSON ({e}): .json and .jsonl inputs hold one JSON object per "
+                                 f"line") from None
             if isinstance(d, dict) and isinstance(d.get("text"), str):
-                yield d["text"], len(line.encode())
+                yield d["text"], len(raw)
             elif isinstance(d, dict) and isinstance(d.get("messages"), list):
-                yield d["messages"], len(line.encode())
+                yield d["messages"], len(raw)
             else:
                 raise ValueError(f"{path}:{n}: need {{'text': str}} or {{'messages': [{{'role', 'content'}}, ...]}}")
 
@@ -740,7 +948,13 @@ def tokenizer_hash(tok):
 
 def build_tokenizer(*, out: Path = Path("assets/tokenizer"), vocab_size: int = 2048,
                     inputs: list[str] = ["pydoc"]) -> None:
-    """Train a byte-level BPE (Qwen's pre-tokenizer, vocab_size - 3 ranks + the ChatML specials) and write it to out."""
+    """Train a byte-level BPE (Qwen's pre-tokenizer, vocab_size - 3 ranks + the ChatML specials) and write it to out.
+
+    Args:
+        out: directory to write tokenizer.tiktoken and tokenizer.json to.
+        vocab_size: tokens in all, the 3 ChatML specials included.
+        inputs: training text, as for `train.py prepare` (default: the documentation that ships with Python).
+    """
     from tqdm import tqdm
 
     files = list_inputs(inputs)
@@ -865,11 +1079,63 @@ def plan(config, train, world_size, strategy, precision):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- command line
+
+def cli_args(argv):
+    """The shell's forms of two options that jsonargparse takes as one YAML value each:
+    `--inputs a.txt b.jsonl corpus/` (every value up to the next option) -> `--inputs '["a.txt", ...]'`, and
+    `--model_config '{n_layer: 2}'` -> `--model_config.n_layer 2`, which merges into the config file's model_config
+    (as dotted overrides do) instead of replacing it."""
+    import yaml
+
+    def load(s):
+        try:
+            return yaml.safe_load(s)
+        except yaml.YAMLError:
+            return s
+
+    out, i = [], 0
+    while i < len(argv):
+        key, eq, value = argv[i].partition("=")
+        if key in ("--inputs", "--data.inputs", "--model_config"):
+            j = i + 1   # the option's values: after "=", or every argument up to the next option
+            while not eq and j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values = [value] if eq else argv[i + 1:j]
+            one = load(values[0]) if len(values) == 1 else ""
+            if key == "--model_config" and isinstance(one, dict):
+                out += [a for k, v in one.items() for a in (f"--model_config.{k}", json.dumps(v, default=str))]
+            elif key != "--model_config" and values and not (one is None or isinstance(one, list)):
+                out += [key, json.dumps(values)]
+            else:   # already a list, null, or missing: as given (jsonargparse takes it or says what is wrong)
+                out += argv[i:j]
+            i = j
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+COMMANDS_HELP = """other commands (each has its own --help):
+  train.py prepare --inputs PATHS --out DIR [--tokenizer_dir DIR]
+        text files, .jsonl and directories -> the token shards that --data.path reads
+  train.py tokenizer --out DIR
+        rebuild the demo tokenizer (assets/tokenizer)"""
+
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    import argparse
+
+    from jsonargparse import CLI, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the lines of COMMANDS_HELP as written."""
 
     commands = {"prepare": prepare, "tokenizer": build_tokenizer}
-    if len(sys.argv) > 1 and sys.argv[1] in commands:
-        CLI(commands[sys.argv[1]], args=sys.argv[2:], prog=f"train.py {sys.argv[1]}")
-    else:
-        CLI(main)
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in commands else None
+    try:
+        if command:
+            CLI(commands[command], args=cli_args(sys.argv[2:]), prog=f"train.py {command}")
+        else:
+            CLI(main, args=cli_args(sys.argv[1:]), epilog=COMMANDS_HELP, formatter_class=HelpFormatter)
+    except (ValueError, OSError, FloatingPointError, pickle.UnpicklingError) as e:   # the message says what, and the fix
+        sys.exit(f"error: {e}")   # as convert.py, generate.py and spiking.py: one line, exit status 1

@@ -1,5 +1,6 @@
 """convert.py on tiny checkpoints built here: Qwen2 -> ours (logits vs a float64 Qwen2 forward written below, and
 transformers when installed), the 7B and 76B layouts, release <-> ours bit-exact, errors, and the tokenizer."""
+import dataclasses
 import inspect
 import json
 import math
@@ -201,6 +202,106 @@ def test_qwen_reference_agrees_with_transformers(tmp_path):
         torch.testing.assert_close(hf(ids[None]).logits[0], qwen2_forward(src_t, c, ids), rtol=1e-5, atol=1e-5)
 
 
+def write_config(path, c):
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(c, f)
+
+
+def v5_layout(c):
+    """A config.json as transformers 5 writes it: rope_parameters instead of rope_theta, layer_types, dtype."""
+    c = {k: v for k, v in c.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    return dict(c, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, dtype="float32",
+                layer_types=["full_attention"] * c["num_hidden_layers"])
+
+
+@pytest.mark.parametrize("layout", ["rope_theta", "rope_parameters"])
+def test_qwen_rope_theta_read_in_either_config_layout(tmp_path, layout):
+    c, src_t = make_qwen(tmp_path / "qwen", rope_theta=1e6)
+    if layout == "rope_parameters":
+        write_config(tmp_path / "qwen", v5_layout(c))
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "ours"), to="qwen2.5", dtype="float64")
+    model, config = convert.load_checkpoint(str(tmp_path / "ours"))
+    assert config.rope_theta == 1e6
+    ids = torch.randint(0, c["vocab_size"], (21,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids[None])[0][0]
+    torch.testing.assert_close(ours, qwen2_forward(src_t, c, ids), rtol=1e-5, atol=1e-5)
+    # the theta reaches the logits: converted with Qwen2's default 10000, the match above would fail
+    assert (ours - qwen2_forward(src_t, dict(c, rope_theta=10000.0), ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+     "rope_scaling rope_type 'yarn'"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling rope_type 'dynamic'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}),
+     "rope_parameters rope_type 'linear'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_parameters rope_type 'llama3'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}),
+     r"rope_parameters sets \['mrope_section'\]"),
+    (dict(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+     "RoPE theta given twice"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
+    (dict(use_sliding_window=True, sliding_window=8, max_window_layers=2), r"sliding-window attention in layers \[2, 3\]"),
+    (dict(layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"]),
+     r"sliding-window attention in layers \[1\]"),
+    (dict(layer_types=["full_attention"] * 3), "layer_types has 3 entries for 4 layers"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_qwen_config_settings_that_change_the_math_are_refused(tmp_path, change, match):
+    make_qwen(tmp_path / "qwen", **change)
+    with pytest.raises(ValueError, match=match):
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), to="qwen2.5")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_qwen_inert_settings_are_accepted(tmp_path):
+    # use_sliding_window with max_window_layers >= the depth slides no layer; rope_type default is plain RoPE
+    make_qwen(tmp_path / "qwen", use_sliding_window=True, sliding_window=8, max_window_layers=4, rope_theta=None,
+              rope_scaling={"type": "default", "rope_theta": 5e5})
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), to="qwen2.5")
+    assert Config.from_yaml(tmp_path / "out" / "config.yaml").rope_theta == 5e5
+
+
+def test_qwen_tied_config_with_a_different_stored_head_is_an_error(tmp_path):
+    c, t = make_qwen(tmp_path / "qwen", n_shards=1)   # lm_head.weight stored, random: not the embedding
+    write_config(tmp_path / "qwen", dict(c, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="tie_word_embeddings true but lm_head.weight differs"):
+        convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), to="qwen2.5")
+    assert not os.path.exists(tmp_path / "out")
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()   # stored and equal: what transformers ties
+    os.remove(tmp_path / "qwen" / "model-00001-of-00001.safetensors")
+    write_sharded(tmp_path / "qwen", t, 1)
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), to="qwen2.5")
+    got = read_dir(tmp_path / "out")
+    assert torch.equal(got["lm_head.weight"], t["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen_saved_by_transformers_converts_to_its_logits(tmp_path, tied):
+    """The oracle: a Qwen2 written by transformers' own save_pretrained (its config.json layout, whatever the
+    installed version writes) converts to a model with transformers' logits."""
+    transformers = pytest.importorskip("transformers")
+    c = dict(QWEN_CFG, rope_theta=1e6, tie_word_embeddings=tied)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings")
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: c[k] for k in keys}))
+    src_t = random_tensors(qwen_shapes(c), seed=4)
+    hf.load_state_dict(src_t, strict=not tied)   # tied: lm_head is the embedding
+    hf.save_pretrained(str(tmp_path / "qwen"))
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "ours"), to="qwen2.5", dtype="float64")
+    model, config = convert.load_checkpoint(str(tmp_path / "ours"))
+    assert config.rope_theta == 1e6
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "qwen"), dtype=torch.float64,
+                                                       attn_implementation="eager").eval()
+    ids = torch.randint(0, c["vocab_size"], (21,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = model(ids[None])[0][0], hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours - qwen2_forward(src_t, dict(c, rope_theta=10000.0), ids)).abs().max() > 1e-3
+
+
 def test_load_checkpoint_reads_shards(tmp_path):
     config = Config.from_name("tiny")
     state = GPT(config).state_dict()
@@ -370,8 +471,12 @@ def test_ours_to_release_to_ours_bit_exact(tmp_path):
     assert dict(again.to_dict(), name="tiny") == config.to_dict()
 
 
-def test_release_logits_match_the_release_architecture(tmp_path):
-    c, src = make_release(tmp_path / "rel", dtype=torch.float64)
+@pytest.mark.parametrize("layout", ["rope_theta", "rope_parameters"])
+def test_release_logits_match_the_release_architecture(tmp_path, layout):
+    c, src = make_release(tmp_path / "rel", dtype=torch.float64, rope_theta=3e3)
+    if layout == "rope_parameters":   # as transformers 5 would write it; the reader's default (1e6) must not win
+        write_config(tmp_path / "rel", dict({k: v for k, v in c.items() if k != "rope_theta"},
+                                            rope_parameters={"rope_type": "default", "rope_theta": 3e3}))
     convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
     model, _ = convert.load_checkpoint(str(tmp_path / "ours"))
     direct, _ = convert.load_release(str(tmp_path / "rel"))   # the same, renamed in memory
@@ -380,6 +485,38 @@ def test_release_logits_match_the_release_architecture(tmp_path):
         ref = release_forward(src, c, ids)
         torch.testing.assert_close(model(ids[None])[0][0], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(direct(ids[None])[0][0], ref, rtol=1e-5, atol=1e-5)
+        assert (ref - release_forward(src, dict(c, rope_theta=1e6), ids)).abs().max() > 1e-3   # theta matters
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling rope_type 'linear'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}), "RoPE theta given twice"),
+    (dict(attn_layers=[1, 4]), r"attn_layers \[1, 4\]: \[4\] are not layer indices 0..3"),
+    (dict(sliding_window=None), "sliding_window None"),
+    (dict(head_dim=16), "head_dim 16"),
+    (dict(gate_low_rank_dim=32), "gate_low_rank_dim 32"),
+    (dict(gate_logit_normalizer=8), "gate_logit_normalizer 8"),
+    (dict(enable_spike=True), "enable_spike true"),
+    (dict(elementwise_affine=False), "elementwise_affine false"),
+])
+def test_release_config_settings_that_change_the_math_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        convert.release_to_config(release_config(**change), "rel")
+
+
+def test_release_tied_head(tmp_path):
+    c, t = make_release(tmp_path / "rel")
+    write_config(tmp_path / "rel", dict(c, tie_word_embeddings=True))   # lm_head stored and different
+    with pytest.raises(ValueError, match="tie_word_embeddings true but lm_head.weight differs"):
+        convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
+    del t["lm_head.weight"]   # not stored: made from the embedding
+    for f in os.listdir(tmp_path / "rel"):
+        if f != "config.json":
+            os.remove(tmp_path / "rel" / f)
+    write_sharded(tmp_path / "rel", t, 2)
+    convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
+    got = read_dir(tmp_path / "ours")
+    assert torch.equal(got["lm_head.weight"], t["model.embeddings.weight"])
 
 
 def test_release_export_refuses_what_it_cannot_say(tmp_path):
@@ -474,6 +611,60 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "release", "--src", str(tmp_path / "sb"),
                         "--to", "release", "--out", str(tmp_path / "sb")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "would replace the source" in r.stderr
+
+
+def test_cli_help_says_the_readme_commands():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read().split("## Converting checkpoints")[1].split("\n## ")[0]
+    commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("python convert.py ")]
+    assert {c[2] for c in commands} == {"qwen2.5", "release", "tokenizer"}
+
+    def help_of(*args):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    assert "{qwen2.5,release,tokenizer}" in help_of()
+    helps = {sub: help_of(sub) for sub in {c[2] for c in commands}}
+    assert "convert.py [options] qwen2.5 " in helps["qwen2.5"]
+    for c in commands:   # every option the README gives, and every --to value, is in its subcommand's help
+        for i, a in enumerate(c[3:], 3):
+            assert not a.startswith("--") or a in helps[c[2]], (c, a)
+            assert c[i - 1] != "--to" or a in helps[c[2]], (c, a)
+
+
+def test_checkpoint_config_missing_a_field_is_an_error(tmp_path):
+    import yaml
+
+    import spiking
+    config = Config.from_name("tiny", window=7)
+    convert.save_checkpoint(GPT(config), config, str(tmp_path / "ck"))
+    with open(tmp_path / "ck" / "config.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert list(saved) == [f.name for f in dataclasses.fields(Config)]   # to_yaml writes every field
+    assert convert.load_checkpoint(str(tmp_path / "ck"))[1] == config
+    del saved["window"]   # a preset's window (16) would otherwise fill in silently
+    with open(tmp_path / "ck" / "config.yaml", "w") as f:
+        yaml.safe_dump(saved, f)
+    for load in (convert.load_checkpoint, spiking.load_model):
+        with pytest.raises(ValueError, match=r"lacks config field\(s\) \['window'\]: .* add them"):
+            load(str(tmp_path / "ck"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_load_on_a_missing_device_names_the_device_not_the_file(tmp_path, monkeypatch):
+    import spiking
+    config = Config.from_name("tiny")
+    convert.save_checkpoint(GPT(config), config, str(tmp_path / "ck"))
+    make_release(tmp_path / "rel")
+    monkeypatch.setattr(convert, "load_file", lambda *a, **k: pytest.fail("weights read for an unusable device"))
+    for load, path in ((convert.load_checkpoint, "ck"), (spiking.load_model, "ck"), (convert.load_release, "rel")):
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match=r"CUDA is not available here .*use --device cpu") as e:
+                load(str(tmp_path / path), device=device)
+            assert "corrupt" not in str(e.value)
+    with pytest.raises(ValueError, match="'gpu' is not a device name"):
+        convert.load_checkpoint(str(tmp_path / "ck"), device="gpu")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -138,6 +138,58 @@ def test_chunk_gla_forward_state_pass(monkeypatch, split):
 
 
 @needs_triton
+def test_launch_settings_that_do_not_fit_fall_back(monkeypatch):
+    """A launch that runs out of GPU resources under CONFIG (here: its 64-wide blocks) reruns under SAFE_CONFIG with
+    one warning, remembered per device; the result is still exact."""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    real = kernels._chunk_kernel
+
+    class TooBig:   # the chunk kernel as a GPU with less shared memory would launch it
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BK"] == 64:
+                    raise OutOfResources(233528, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_chunk_kernel", TooBig())
+    monkeypatch.setattr(kernels, "options_failed", set())
+    (q, k, v, g), s0 = inputs(1, 70, 2, 64, 64, gate=0.5, h0=True, seed=5)
+    with pytest.warns(UserWarning, match="chunk_gla forward: kernel options .* do not compile"):
+        got = run_and_grad(kernels.chunk_gla, q, k, v, g, s0)
+    assert_close(got, reference(q, k, v, g, s0), 1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # remembered: no second warning, no second failed launch
+        kernels.chunk_gla(q, k, v, g, initial_state=s0)
+
+
+def test_with_fallback_only_catches_resource_errors():
+    calls = []
+
+    def call(opts):
+        calls.append(opts)
+        if opts == {"big": 1}:
+            raise RuntimeError("InductorError: No valid triton configs. OutOfResources: shared memory")
+        if opts == {"bad": 1}:
+            raise ValueError("a real bug")
+        return opts
+
+    failed = set()
+    kernels.options_failed, saved = failed, kernels.options_failed
+    try:
+        with pytest.warns(UserWarning, match="flex: kernel options"):
+            assert kernels.with_fallback(call, {"big": 1}, "k1", "flex") is None
+        assert kernels.with_fallback(call, {"big": 1}, "k1", "flex") is None and calls == [{"big": 1}, None, None]
+        with pytest.raises(ValueError, match="a real bug"):
+            kernels.with_fallback(call, {"bad": 1}, "k2", "flex")
+        assert failed == {"k1"}
+    finally:
+        kernels.options_failed = saved
+
+
+@needs_triton
 def test_chunk_gla_groups(monkeypatch):
     """Two reference points per chunk (CONFIG groups=2), as used for gates with faster decay."""
     monkeypatch.setitem(kernels.CONFIG, "groups", 2)

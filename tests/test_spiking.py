@@ -5,6 +5,9 @@ Every expected number is worked out by hand (in the comments) or by an independe
 """
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from spiking import (W8ASpikeLinear, calibrate, coding_range, collect_stats, dec
                      w8aspike, w8aspike_reference)
 
 T_ = torch.tensor
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -345,10 +349,44 @@ def test_group_quantization_error_bound():
     err = (w.double().view(16, 2, 32) - q.double().view(16, 2, 32) * s.double()[..., None]).abs()
     assert (err <= s.double()[..., None] / 2 * (1 + 1e-6)).all()
     assert q.abs().max() == 127 and (q.view(16, 2, 32).abs().amax(-1) == 127).all()
-    # a layer narrower than the group is one group per row; a group size that does not divide is an error
+    # a layer narrower than the group is one group per row; a bad group size is an error
     assert quantize_weight(torch.randn(2, 16), 128)[1].shape == (2, 1)
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize_weight(torch.randn(4, 200), 128)
+    with pytest.raises(ValueError, match="positive int"):
+        quantize_weight(torch.randn(4, 200), 0)
+
+
+def test_partial_group_hand_example():
+    # 6 channels in groups of 4: the second group holds the last 2 channels
+    w = T_([[0.5, -1.27, 0.2, 0.3, 2.54, -1.0]])
+    q, s = quantize_weight(w, group_size=4)
+    # group 0: scale 1.27 / 127 = 0.01, q = 50, -127, 20, 30; group 1: scale 2.54 / 127 = 0.02, q = 127, -50
+    assert q.tolist() == [[50, -127, 20, 30, 127, -50]] and q.is_contiguous()
+    assert s.shape == (1, 2) and s[0].tolist() == pytest.approx([0.01, 0.02], rel=1e-6)
+
+
+@pytest.mark.parametrize("in_f", [688, 16])   # the demo's MLP width (5 groups of 128 and one of 48); the gate rank
+def test_w8aspike_partial_groups_match_float64(in_f):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, 24)
+    m = W8ASpikeLinear.from_linear(lin, group_size=128, spike_k=3.0)
+    G = math.ceil(in_f / 128)
+    assert m.group_size == min(in_f, 128) and m.qweight.shape == (24, in_f) and m.scales.shape == (24, G)
+    for j in range(G):                        # each group is quantized on its own, as a layer of its width
+        c = slice(128 * j, min(128 * j + 128, in_f))
+        q, s = quantize_weight(lin.weight.detach()[:, c], 128)
+        assert torch.equal(m.qweight[:, c], q) and torch.equal(m.scales[:, j:j + 1], s)
+    # float64: each INT8 weight times its group's scale, times the spike counts * vth
+    w = m.qweight.double() * m.scales.double()[:, torch.arange(in_f) // 128]
+    assert ((lin.weight.double() - w).abs() <= m.scales.double()[:, torch.arange(in_f) // 128] / 2 * (1 + 1e-6)).all()
+    x = torch.randn(2, 5, in_f, dtype=torch.float64)
+    counts, vth = spike_quant(x, 3.0)
+    ref = (counts.double() * vth.double()) @ w.T + lin.bias.double()
+    assert torch.allclose(m(x), ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(w8aspike_reference(x, m.qweight, m.scales, m.bias, 3.0, group_size=128), ref,
+                          rtol=1e-6, atol=1e-6)
+    if in_f == 688:   # 6 scales per row fit groups of 115 .. 137: the width must be given
+        with pytest.raises(ValueError, match="pass group_size"):
+            w8aspike_reference(x, m.qweight, m.scales, m.bias, 3.0)
 
 
 @pytest.mark.parametrize("coding", ["bidirectional", "ternary", "twos"])
@@ -395,8 +433,8 @@ def test_moe_model_stats_and_w8aspike():
 
 
 def test_replace_linears_bad_input():
-    with pytest.raises(ValueError, match="does not divide"):          # tiny: in_features 64, 160
-        replace_linears(_tiny(), group_size=48)
+    with pytest.raises(ValueError, match="positive int"):
+        replace_linears(_tiny(), group_size=0)
     model = _tiny()
     with pytest.raises(ValueError, match="k"):
         replace_linears(model, k=0)
@@ -450,8 +488,8 @@ def test_calibrate():
         calibrate(_tiny(), [], group_size=32)
     with pytest.raises(ValueError, match="no data"):
         calibrate(_tiny(), [torch.zeros(0, 8, dtype=torch.long)], group_size=32)
-    with pytest.raises(ValueError, match="does not divide"):
-        calibrate(_tiny(), [torch.zeros(1, 8, dtype=torch.long)], group_size=48)
+    with pytest.raises(ValueError, match="positive int"):
+        calibrate(_tiny(), [torch.zeros(1, 8, dtype=torch.long)], group_size=0)
     with pytest.raises(ValueError, match="k"):
         calibrate(_tiny(), [torch.zeros(1, 8, dtype=torch.long)], k=-1.0, group_size=32)
 
@@ -469,6 +507,39 @@ def test_w8aspike_save_load(tmp_path):
         assert torch.equal(loaded(idx)[0], model(idx)[0])
     bf, _ = load_model(str(tmp_path / "q"), dtype=torch.bfloat16)
     assert bf.embed.weight.dtype == torch.bfloat16 and bf.get_submodule("blocks.1.mlp.up_proj").scales.dtype == torch.float32
+
+
+def test_w8aspike_partial_groups_save_load(tmp_path):
+    model = _tiny(intermediate_size=688)   # group 128: n_embd 64 and the gate's 16 are one group; 688 is 6
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(9))
+    replace_linears(model, k=3.0, scales=calibrate(model, [idx], k=3.0))
+    down = model.get_submodule("blocks.0.mlp.down_proj")
+    assert down.group_size == 128 and down.scales.shape == (64, 6)
+    convert.save_checkpoint(model, model.config, str(tmp_path / "q"))
+    _, headers = convert.read_headers(str(tmp_path / "q"))
+    assert headers["blocks.0.mlp.down_proj._extra_state"][:2] == ((), "I64")   # the group width is in the file
+    loaded, _ = load_model(str(tmp_path / "q"))
+    ld = loaded.get_submodule("blocks.0.mlp.down_proj")
+    assert ld.group_size == 128 and torch.equal(ld.qweight, down.qweight) and torch.equal(ld.scales, down.scales)
+    assert loaded.get_submodule("blocks.0.attn.gk_proj.1").group_size == 16
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+def test_w8aspike_loads_files_without_group_width(tmp_path):
+    # files written before the width was saved had equal groups only: the scales' shape gives the width
+    model = replace_linears(_tiny(), k=3.0, group_size=32)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+    convert.save_checkpoint(state, model.config, str(tmp_path / "old"))
+    loaded, _ = load_model(str(tmp_path / "old"))
+    assert loaded.get_submodule("blocks.0.mlp.down_proj").group_size == 32
+    idx = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    state["blocks.0.mlp.down_proj._extra_state"] = torch.tensor(48)   # 160 / 48: 4 groups, the file holds 5
+    convert.save_checkpoint(state, model.config, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=re.escape("blocks.0.mlp.down_proj.scales: file (64, 5), expected (64, 4)")):
+        load_model(str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("w8", [False, True])
@@ -573,3 +644,34 @@ def test_sweep_and_w8aspike_commands(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "q" / "tokenizer.json")
     sweep(ckpt=str(tmp_path / "q"), text=text, k=[3.0], seq_len=32, max_tokens=256)
     assert len(capsys.readouterr().out.splitlines()) == 5
+
+
+def test_commands_user_errors(tmp_path):
+    ckpt, text = _checkpoint(tmp_path)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 na\u00efve".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    args = dict(ckpt=ckpt, out=str(tmp_path / "q"), text=text, n_samples=2, seq_len=16)
+    for kw, err, msg in [(dict(k=0.0), ValueError, "k=0.0 must be > 0"),
+                         (dict(group_size=0), ValueError, "group_size=0 must be a positive int"),
+                         (dict(text=str(tmp_path / "empty.txt")), ValueError, "empty.txt gives 0 tokens"),
+                         (dict(text=str(latin)), ValueError, r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+                         (dict(text=str(tmp_path / "none.txt")), FileNotFoundError, "none.txt"),
+                         (dict(ckpt=str(tmp_path)), FileNotFoundError, "not a checkpoint directory"),
+                         (dict(out=ckpt), ValueError, "would replace the source")]:
+        with pytest.raises(err, match=msg):
+            w8aspike(**{**args, **kw})
+    assert not os.path.exists(tmp_path / "q")
+    with pytest.raises(ValueError, match="every k must be"):
+        sweep(ckpt=ckpt, text=text, k=[3.0, 0.0])
+    w8aspike(**args)
+    with pytest.raises(ValueError, match="already a W8ASpike checkpoint"):
+        w8aspike(**{**args, "ckpt": str(tmp_path / "q"), "out": str(tmp_path / "q2")})
+    # the command line: one line on stderr, no traceback, as generate.py and convert.py
+    for cmd, msg in [(["w8aspike", "--ckpt", str(tmp_path / "nope"), "--text", text, "--out", str(tmp_path / "q3")],
+                      "not a checkpoint directory"),
+                     (["sweep", "--ckpt", ckpt, "--text", str(latin)], f"{latin} is not UTF-8")]:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "spiking.py"), *cmd], capture_output=True, text=True,
+                           cwd=ROOT)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1

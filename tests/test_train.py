@@ -33,13 +33,14 @@ def scalars(out_dir, tag="train/loss"):
     return runs
 
 
-def run(data_dir, out_dir, model="tiny", model_config=None, data=None, init_from=None, **train_kw):
+def run(data_dir, out_dir, model="tiny", model_config=None, data=None, init_from=None, resume=False, overwrite=False,
+        **train_kw):
     args = dict(seq_len=32, micro_batch_size=2, global_batch_size=4, max_steps=6, lr=3e-3, min_lr=3e-4,
                 warmup_steps=2, log_interval=1, save_interval=3)
     train.main(model=model, model_config=model_config or {"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=out_dir,
                data=data or train.DataArgs(path=data_dir), train=train.TrainArgs(**{**args, **train_kw}),
                eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0), precision="32-true",
-               accelerator="cpu", init_from=init_from)
+               accelerator="cpu", init_from=init_from, resume=resume, overwrite=overwrite)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,54 @@ def test_sft_loss_only_on_assistant_tokens(tmp_path):
     want = [ids[t + 1] if t + 1 in loss_at else -100 for t in range(len(ids) - 1)] + [-100]   # eos -> next doc
     want += text_ids[1:]
     assert y[0].tolist() == want
+
+
+def train_py(cwd, *commands):
+    """`python train.py ARGS` for each ARGS, all at once (each process imports torch: seconds); results in order."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def test_prepare_command_takes_paths_as_a_shell_gives_them(tmp_path):
+    docs = [f"Document {i}: some words to tokenize. " * (i + 1) for i in range(6)]
+    write(tmp_path / "a.txt", docs[0])
+    write(tmp_path / "b.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs[1:3]))
+    (tmp_path / "corpus" / "d").mkdir(parents=True)   # a directory's files are taken sorted by path, recursively
+    for name, d in (("c.txt", docs[3]), ("d/e.md", docs[4]), ("f.txt", docs[5])):
+        write(tmp_path / "corpus" / name, d)
+    cases = {"one": (["b.jsonl"], [1, 2]), "several": (["a.txt", "b.jsonl", "corpus/"], [0, 1, 2, 3, 4, 5]),
+             "dir": (["corpus"], [3, 4, 5])}
+    results = train_py(tmp_path, *(["prepare", "--inputs", *paths, "--out", out, "--tokenizer_dir", str(TOK),
+                                    "--val_fraction", "0.5"] for out, (paths, _) in cases.items()))
+    tok = Tokenizer(TOK)
+    for (out, (paths, which)), p in zip(cases.items(), results):
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads((tmp_path / out / "meta.json").read_text())["inputs"] == paths
+        for split, idx in (("train", which[0::2]), ("val", which[1::2])):   # every 2nd document validates
+            tokens = np.concatenate([np.fromfile(s, np.uint32) for s in sorted((tmp_path / out).glob(f"{split}-*.bin"))])
+            assert tokens.tolist() == sum((tok.encode(docs[i]) + [tok.eos_id] for i in idx), []), (out, split)
+    # the other spellings: after "=", and a list already written as one value
+    assert train.cli_args(["--inputs=a b.txt", "--out", "o"]) == ["--inputs", '["a b.txt"]', "--out", "o"]
+    assert train.cli_args(["--inputs", "[a.txt, b.txt]"]) == ["--inputs", "[a.txt, b.txt]"]
+
+
+def test_prepared_data_gets_the_users_umask(tmp_path):
+    import stat
+
+    files = [write(tmp_path / f"{i}.txt", f"document {i}") for i in range(2)]
+    old = os.umask(0o027)   # neither the usual 022 nor the 0700 of a temp directory
+    try:
+        train.prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.5)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "d").iterdir()} == {0o640}
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -273,6 +322,95 @@ def test_missing_tokenizer_file_is_named(tmp_path, pydoc):
                    out_dir=tmp_path / "o", data=train.DataArgs(path=pydoc), accelerator="cpu")
 
 
+def test_config_values_take_their_field_types(tmp_path):
+    import yaml
+
+    c = Config.from_name("tiny", spike_k="3", n_embd="128", norm_eps=1, moe_layers="[1, 3]")
+    assert (c.spike_k, c.n_embd, c.norm_eps, c.moe_layers) == (3.0, 128, 1.0, [1, 3])
+    assert type(c.spike_k) is float and type(c.n_embd) is int and type(c.norm_eps) is float
+    assert Config.from_name("tiny", spike_k="null").spike_k is None and Config.from_name("tiny", spike_k="None").spike_k is None
+    for key, value, want in (("n_embd", "abc", "int"), ("n_embd", 64.5, "int"), ("spike_k", "three", "float or null"),
+                             ("layout", "gla", "list")):
+        with pytest.raises(ValueError, match=f"{key}={value!r} must be {want}"):
+            Config.from_name("tiny", **{key: value})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**Config.from_name("tiny").to_dict(), "n_embd": "abc"}))
+    with pytest.raises(ValueError, match="n_embd='abc' must be int"):   # a checkpoint's config
+        Config.from_yaml(tmp_path / "config.yaml")
+
+
+def test_batch_sizes_are_checked_and_the_micro_batch_fits_the_devices(capsys):
+    def plan(devices, micro, batch):
+        train.main(model="tiny", train=train.TrainArgs(micro_batch_size=micro, global_batch_size=batch),
+                   devices=devices, dry_run=True)
+        return capsys.readouterr().out
+    out = plan(2, 8, 8)                                        # configs/tiny.yaml on 2 processes: 4 rows per device
+    assert "train.micro_batch_size 8 -> 4" in out and "micro batch 4 x" in out
+    assert "micro batch 3 x" in plan(2, 4, 12)                 # 6 rows per device: 4 does not divide them, 3 does
+    assert "micro batch 1 x" in plan(1, 4, 7)                  # 7 rows: only 1 divides them
+    out = plan(2, 4, 16)
+    assert "micro batch 4 x" in out and "micro_batch_size 4 ->" not in out   # it fits: unchanged, nothing said
+    with pytest.raises(ValueError, match="global_batch_size=9 must be a multiple of the 2 devices"):
+        plan(2, 1, 9)
+    for k in ("seq_len", "micro_batch_size", "global_batch_size"):
+        with pytest.raises(ValueError, match=f"train.{k}=0 must be >= 1"):
+            train.main(model="tiny", train=train.TrainArgs(**{k: 0}), dry_run=True)
+
+
+def test_input_errors_name_the_file(tmp_path):
+    import re
+
+    (tmp_path / "img.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    write(tmp_path / "nul.txt", "text\0more")
+    write(tmp_path / "docs.json", json.dumps([{"text": "a"}, {"text": "b"}], indent=1))   # not one object a line
+    ok = write(tmp_path / "ok.txt", "fine text")
+    for name, message in (("img.bin", "img.bin: not UTF-8 text"), ("latin1.jsonl", "latin1.jsonl:2: not UTF-8 text"),
+                          ("nul.txt", "nul.txt: holds NUL bytes"), ("docs.json", "docs.json:1: not JSON")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.prepare(inputs=[ok, str(tmp_path / name)], out=tmp_path / "d", tokenizer_dir=TOK)
+    assert not (tmp_path / "d").exists()
+    write(tmp_path / "file", "")
+    unwritable = [tmp_path / "file" / "out"]                   # below a file: no user can write there
+    if os.geteuid() != 0:                                      # root writes into a read-only directory anyway
+        (tmp_path / "ro").mkdir(mode=0o500)
+        unwritable.append(tmp_path / "ro")
+    for out_dir in unwritable:
+        with pytest.raises(PermissionError, match=f"out_dir {re.escape(str(out_dir))} is not writable"):
+            train.main(model="tiny", model_config={"vocab_size": 2048}, out_dir=out_dir, accelerator="cpu")
+
+
+def test_command_line_merges_typed_model_config_lists_every_option_and_reports_user_errors(tmp_path):
+    import re
+
+    import yaml
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    (tmp_path / "bad.yaml").write_text("model: tiny\nmodel_config:\n  n_embd: abc\n")
+    merged, bad, help_ = train_py(
+        tmp_path, ["--config", str(tiny), "--model_config", "{window: 32}", "--model_config.spike_k", "3",
+                   "--print_config"],
+        ["--config", "bad.yaml", "--dry_run", "true"], ["--help"])
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    cfg = yaml.safe_load(merged.stdout)
+    config = train.resolve_config(cfg["model"], cfg["model_config"], None)
+    for k, v in {**yaml.safe_load(tiny.read_text())["model_config"], "window": 32, "spike_k": 3.0}.items():
+        assert getattr(config, k) == v and type(getattr(config, k)) is type(v), k   # tiny.yaml's, plus the two
+    # a user error: one line, exit status 2, no traceback
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == "error: config key n_embd='abc' must be int: fix it in model_config " \
+                                                  "or the config.yaml"
+    assert help_.returncode == 0
+    options = [e for e in re.split(r"\n  (?=--)", help_.stdout) if "(type:" in e]   # main's, data.*, train.*, eval.*
+    assert len(options) == len(train.DataArgs.__dataclass_fields__) + len(train.TrainArgs.__dataclass_fields__) + \
+        len(train.EvalArgs.__dataclass_fields__) + sum(k not in ("data", "train", "eval")
+                                                       for k in train.main.__kwdefaults__)
+    for e in options:   # every one says what it does, not only its type
+        head, _, rest = e.partition("\n")
+        text = (re.split(r" {2,}", head.strip(), maxsplit=1) + [""])[1] + " " + rest
+        assert text.split("(type:")[0].strip(), e
+    assert re.search(r"train\.py prepare --inputs", help_.stdout) and "train.py tokenizer" in help_.stdout
+
+
 # ----------------------------------------------------------------------------- dry run, configs, bench
 
 def params_7b():
@@ -346,7 +484,7 @@ def launcher(pydoc, tmp_path, seq_len, micro, batch, *more):
             "--train.global_batch_size", str(batch), "--train.max_steps", "4", "--train.warmup_steps", "1",
             "--train.lr", "3e-3", "--train.min_lr", "3e-4", "--train.log_interval", "1", "--train.save_interval", "2",
             "--eval.interval", "1000", "--eval.max_batches", "1", "--eval.sample_tokens", "0", *more]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
     def launch(out, *extra):
         p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(out), *extra],
@@ -387,10 +525,23 @@ def test_fsdp_moe_with_idle_experts(pydoc, tmp_path):
                         "--eval.max_batches", "1", "--eval.sample_tokens", "0", "--precision", "32-true",
                         "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp",
                         "--out_dir", str(tmp_path / "moe")],
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+                           "PYTHONPATH", "")])}, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert scalars(tmp_path / "moe", "moe/max_load.blocks.1.mlp")[0]
+
+
+@pytest.mark.slow
+def test_readme_fsdp_command_fits_the_micro_batch_to_two_processes(pydoc, tmp_path):
+    # tiny.yaml's 8 x 8 rows cannot run as 8 rows on each of 2 devices: each takes 4
+    p, = train_py(ROOT, ["--config", "configs/tiny.yaml", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp",
+                         "--train.max_steps", "2", "--train.seq_len", "32", "--eval.max_batches", "1",
+                         "--eval.sample_tokens", "0", "--out_dir", str(tmp_path / "out"), "--data.path", str(pydoc)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("train.micro_batch_size 8 -> 4") == 1   # said once, by rank 0
+    assert sorted(scalars(tmp_path / "out", "val/loss")[0]) == [2]
+    assert (tmp_path / "out" / "step-0000002").is_dir() and (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
 def test_validate_equals_perplexity_of_all_target_tokens(pydoc):
@@ -422,3 +573,103 @@ def test_gpu_fsdp_matches_single_device_and_resumes(pydoc, tmp_path):
     resumed = launch(tmp_path / "cut", "--strategy", "fsdp", "--resume", "auto")[0]
     assert sorted(resumed) == [3, 4]
     assert np.allclose([resumed[s] for s in (3, 4)], [fsdp[s] for s in (3, 4)], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- out_dir safety
+
+def test_fresh_run_into_another_runs_out_dir_is_refused_or_overwritten(pydoc, tmp_path):
+    from convert import load_checkpoint
+
+    run(pydoc, tmp_path)                                        # the old run: step-3, step-6, final
+    old_final = (tmp_path / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{tmp_path} .*step-0000006, final.*resume=auto.*overwrite=true"):
+        run(pydoc, tmp_path, max_steps=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000003", "step-0000006"]
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == old_final
+    # overwrite: the old run goes; keep_last prunes the new run's own checkpoints, not the old higher steps' way
+    run(pydoc, tmp_path, max_steps=2, save_interval=1, keep_last=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000002"]
+    assert [sorted(s) for s in scalars(tmp_path)] == [[1, 2]]   # the old run's curves are gone too
+    model, _ = load_checkpoint(tmp_path / "final")
+    state = torch.load(tmp_path / "step-0000002" / "state", weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="at step 2, beyond train.max_steps=1"):
+        run(pydoc, tmp_path, max_steps=1, resume="auto")
+    run(pydoc, tmp_path, max_steps=2, resume="auto")           # at max_steps: nothing to train, exported again
+    assert torch.equal(load_checkpoint(tmp_path / "final")[0].lm_head.weight, model.lm_head.weight)
+
+
+def test_kills_while_pruning_or_exporting_leave_no_half_checkpoint(pydoc, tmp_path, monkeypatch):
+    rmtree = shutil.rmtree
+
+    def die_midway(path, *args, **kw):   # the kill lands inside the deletion of step-3 (keep_last=1, at step 6)
+        if "step-0000003" in str(path) and ".tmp-" not in str(path) and os.path.isfile(os.path.join(path, "state")):
+            os.remove(os.path.join(path, "state"))
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kw)
+    monkeypatch.setattr(shutil, "rmtree", die_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run(pydoc, tmp_path, keep_last=1)
+    monkeypatch.undo()
+    assert not (tmp_path / "step-0000003").exists()            # renamed away before its files went
+    # what other kills leave: a half-deleted newest step (config.yaml only), a temp checkpoint, an export's temps
+    (tmp_path / "step-0000009").mkdir()
+    shutil.copy(tmp_path / "step-0000006" / "config.yaml", tmp_path / "step-0000009")
+    for d in (".tmp-step-0000007", ".final.tmp-x1y2", ".final.tmp-x1y2.old"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "model.safetensors").write_bytes(b"partial")
+    os.remove(tmp_path / "step-0000006" / train.COMPLETE)      # as written before the marker: still complete
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "step-0000006"
+    run(pydoc, tmp_path, max_steps=9, keep_last=1, resume="auto")
+    assert sorted(scalars(tmp_path)[-1]) == [7, 8, 9]
+    assert sorted(os.listdir(tmp_path)) == ["final", "logs", "step-0000009"]
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(pydoc, tmp_path, monkeypatch):
+    forward, calls = train.GPT.forward, []
+
+    def nan_at_step_5(self, *args, **kw):
+        logits, loss, aux = forward(self, *args, **kw)
+        calls.append(1)
+        return logits, (loss * float("nan") if len(calls) == 9 else loss), aux   # step 5's first micro-batch
+    monkeypatch.setattr(train.GPT, "forward", nan_at_step_5)
+    with pytest.raises(FloatingPointError, match=r"step 5: the loss \(nan\).*not finite.*step-0000003"):
+        run(pydoc, tmp_path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-0000003"] and not (tmp_path / "final").exists()
+    run(pydoc, tmp_path, resume="auto")                         # the checkpoint is intact: step 4 repeats exactly
+    cut, resumed = scalars(tmp_path)
+    assert sorted(cut) == [1, 2, 3, 4] and sorted(resumed) == [4, 5, 6] and resumed[4] == cut[4]
+
+
+class RunsCode:
+    """Unpickling it creates a file: a stand-in for a checkpoint that calls os.system."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(pydoc, tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    marker, ckpt = tmp_path / "ran", tmp_path / "evil" / "step-0000003"
+    ckpt.mkdir(parents=True)
+    torch.save({"iter_num": RunsCode(str(marker)), "step": 3}, ckpt / "state")
+    with pytest.raises(pickle.UnpicklingError, match=f"{ckpt / 'state'} holds objects other than tensors"):
+        run(pydoc, tmp_path / "out", resume=ckpt)
+    assert not marker.exists()
+    # a sharded (FSDP) checkpoint's .metadata is read with plain pickle by torch.distributed.checkpoint
+    dcp.save({"w": torch.ones(3), "lr": 0.1}, checkpoint_id=tmp_path / "shards")
+    with open(tmp_path / "shards" / ".metadata", "rb") as f:
+        train.MetadataUnpickler(f).load()                       # a real one passes
+    (tmp_path / "shards" / ".metadata").write_bytes(pickle.dumps(RunsCode(str(marker))))
+    with open(tmp_path / "shards" / ".metadata", "rb") as f, pytest.raises(pickle.UnpicklingError, match="open"):
+        train.MetadataUnpickler(f).load()
+    assert not marker.exists()
+    torch.load(ckpt / "state", weights_only=False)              # the exploit is real: unrestricted loading runs it
+    assert marker.exists()
