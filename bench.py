@@ -6,7 +6,191 @@
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
+    python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
+
+Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
+train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
+blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL).
 """
+import datetime
+import gc
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+import triton
+from jsonargparse import CLI
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+import kernels
+from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent
+
+try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
+    import fla
+    from fla.ops.gla import chunk_gla as fla_chunk_gla
+except ModuleNotFoundError as e:
+    if e.name != "fla":
+        raise
+    fla = fla_chunk_gla = None
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def setup(device, gla):
+    """Sets kernels.GLA_IMPL for the run; returns (cuda, dtype, device memory in bytes)."""
+    kernels.GLA_IMPL = gla
+    cuda = device.startswith("cuda")
+    return (cuda, torch.bfloat16 if cuda else torch.float32,
+            torch.cuda.get_device_properties(device).total_memory if cuda else float("inf"))
+
+
+def synchronize(device):
+    """Wait for the work queued on a CUDA device (before reading a clock); nothing to wait for on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def header(device, dt, gla, compile, what):
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__} {dt}; GLA_IMPL={gla}; "
+          f"compile={compile}; {what}")
+
+
+def device_rate(device, what):
+    """Measured in this run, beside every figure: "matmul" FLOP/s of an 8192^3 bf16 product, or "copy" bytes/s
+    read + written by a 1 GiB device copy (small fp32 stand-ins on CPU)."""
+    cuda = device.startswith("cuda")
+    if what == "matmul":
+        n = 8192 if cuda else 512
+        dt = torch.bfloat16 if cuda else torch.float32
+        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+        fn, work, reps = (lambda: a @ b), 2 * n ** 3, (5, 50)
+    else:
+        a = torch.empty(2 ** 30 if cuda else 2 ** 24, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        fn, work, reps = (lambda: b.copy_(a)), 2 * a.numel(), (2, 10)
+    for r in reps:                           # warm-up, then timed
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(r):
+            fn()
+        synchronize(device)
+    return work * reps[-1] / (time.perf_counter() - t0)
+
+
+def first_layers(preset, n_layer=None):
+    """The preset's config cut to its first n_layer layers (None: all), its layout and MoE layers with it."""
+    c = Config.from_name(preset)
+    n = n_layer or c.n_layer
+    return Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
+
+
+def random_model(name, device, dt):
+    """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):
+            return GPT(Config.from_name(name)).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def linear_time(c):
+    """No full-attention layer: the model prefills through its cache in chunks and its cache has one size."""
+    return not any("fa" in c.mixers(i) for i in range(c.n_layer))
+
+
+def prefill(m, cache, ids, chunk):
+    """generate.py's prefill loop: ids [B, T] into the cache, `chunk` positions a forward. Returns the last
+    position's logits [B, V]."""
+    for a in range(0, ids.shape[1], chunk):
+        logits = m(ids[:, a:a + chunk], cache=cache, last_only=True)[0]
+    return logits[:, -1]
+
+
+def greedy_steps(step, cache, tok, n, compiled):
+    """n greedy decode steps from tok [B, 1] through `cache`, as generate.py's decode loop: `step` is model.forward,
+    or it compiled by kernels.compile_decode (then each step begins a new CUDA-graph replay). Returns the last
+    token."""
+    for _ in range(n):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        pos = torch.full((tok.shape[0], 1), cache.seen, device=tok.device)
+        tok = step(tok, cache=cache, input_pos=pos, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
+        cache.seen += 1
+    return tok
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def kernel_ms(fn, fwd_only, grads):
+    """Median ms of fn by triton.testing.do_bench (CUDA events, after warm-up); forward only under no_grad,
+    else with `grads` zeroed between calls. NaN (and a note) when it runs out of memory."""
+    try:
+        if fwd_only:
+            with torch.no_grad():
+                return do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
+    except torch.OutOfMemoryError as e:
+        print(f"  OOM: {str(e)[:120]}")
+        torch.cuda.empty_cache()
+        return float("nan")
+
+
+def gla_kernel_times(t, B, H, Hkv, D, gate_norm):
+    """Yields (impl, forward ms, forward+backward ms) of each GLA implementation at T = t on random bf16 inputs."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(t)
+    q = torch.randn(B, t, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, t, Hkv, D, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    g = (F.logsigmoid(torch.randn(B, t, Hkv, D, device=dev, generator=gen)) / gate_norm).bfloat16()
+    kr, vr, gr = (x.repeat_interleave(H // Hkv, 2) for x in (k, v, g))
+    do = torch.randn_like(q)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, kr, vr, gr)]
+    impls = {"ours": lambda: kernels.chunk_gla(q, k, v, g)[0]}
+    if Hkv < H:
+        impls["ours-rep"] = lambda: kernels.chunk_gla(q, kr, vr, gr)[0]
+    if fla_chunk_gla is not None:                   # fla autotunes on its first call: minutes
+        impls["fla"] = lambda: fla_chunk_gla(q, kr, vr, gr)[0]
+    impls["torch"] = lambda: gla_chunked(q, kr, vr, gr)[0]
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, kr, vr))
+    impls["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    for name, fn in impls.items():
+        grads, dout = ([qt, kt, vt], do.transpose(1, 2)) if name == "sdpa" else (leaves, do)
+        yield name, kernel_ms(fn, True, grads), kernel_ms(lambda: fn().backward(dout), False, grads)
+
+
+def decode_kernel_times(b, H, Hkv, D, gate_norm):
+    """One decode token for b sequences with a state of [Hkv, D, D] each: ms of fused_recurrent_gla (GQA) and of
+    the PyTorch gla_recurrent on states repeated to H heads."""
+    q = torch.randn(b, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g = (F.logsigmoid(torch.randn(b, 1, Hkv, D, device="cuda")) / gate_norm).bfloat16()
+    s = torch.randn(b, Hkv, D, D, device="cuda")
+    ours = do_bench(lambda: kernels.fused_recurrent_gla(q, k, v, g, initial_state=s, output_final_state=True),
+                    return_mode="median")
+    G = H // Hkv
+    kr, vr, gr = (x.repeat_interleave(G, 2) for x in (k, v, g))
+    sr = s.repeat_interleave(G, 1)
+    ref = do_bench(lambda: gla_recurrent(q, kr, vr, gr, initial_state=sr, output_final_state=True),
+                   return_mode="median")
+    return ours, ref
+
+
+def spike_quant_times(shape):
+    """ms of spike quantization of bf16 activations [tokens, features]: kernels.spike_quant (torch.compile on
+    CUDA) and its eager twin, fp32 counts then int8 counts."""
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    return [do_bench(lambda: fn(x, 3.0, int8=int8), return_mode="median")
+            for int8 in (False, True) for fn in (kernels.spike_quant, kernels.spike_quant_torch)]
 
 
 def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: int = 28, Hkv: int = 4, D: int = 128,
@@ -18,36 +202,9 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
     Gates are logsigmoid(randn) / gate_norm (16 is the model's normalizer). Times: median of
     triton.testing.do_bench (CUDA events, after warm-up), forward under no_grad. extras=False skips the
     decode and spike rows."""
-    import datetime
-
-    import torch
-    import torch.nn.functional as F
-    import triton
-    from triton.testing import do_bench
-
-    import kernels
-    import model
-    try:
-        from fla.ops.gla import chunk_gla as fla_chunk_gla
-        import fla
-        fla_version = fla.__version__
-    except ImportError:
-        fla_chunk_gla, fla_version = None, "not installed"
-    dev = "cuda"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()} torch {torch.__version__} "
-          f"triton {triton.__version__} fla {fla_version}; B={B} H={H} Hkv={Hkv} D={D} bf16, "
-          f"g = logsigmoid(randn)/{gate_norm}")
-
-    def timed(fn, fwd_only, grads):
-        try:
-            if fwd_only:
-                with torch.no_grad():
-                    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-            return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
-        except torch.OutOfMemoryError as e:
-            print(f"  OOM: {str(e)[:120]}")
-            torch.cuda.empty_cache()
-            return float("nan")
+          f"triton {triton.__version__} fla {fla.__version__ if fla else 'not installed'}; B={B} H={H} Hkv={Hkv} "
+          f"D={D} bf16, g = logsigmoid(randn)/{gate_norm}")
 
     def flops(t):                                 # fwd+bwd matmul flops of our chunked algorithm, C = 64
         C, n = kernels.CHUNK, B * H * triton.cdiv(t, kernels.CHUNK)
@@ -55,150 +212,96 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
 
     print(f"{'T':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'GB/s':>7}  (ours: fwd+bwd matmul "
           "flops, min bytes; fla row: ours / fla fwd+bwd)")
+    io = B * H * D * 2                            # bytes of one [B, T, H, D] bf16 tensor, per position
     for t in T:
-        gen = torch.Generator(device=dev).manual_seed(t)
-        q = torch.randn(B, t, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
-        k, v = (torch.randn(B, t, Hkv, D, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-        g = (F.logsigmoid(torch.randn(B, t, Hkv, D, device=dev, generator=gen)) / gate_norm).bfloat16()
-        kr, vr, gr = (x.repeat_interleave(H // Hkv, 2) for x in (k, v, g))
-        do = torch.randn_like(q)
-        leaves = [x.requires_grad_() for x in (q, k, v, g, kr, vr, gr)]
-        impls = {"ours": lambda: kernels.chunk_gla(q, k, v, g)[0]}
-        if Hkv < H:
-            impls["ours-rep"] = lambda: kernels.chunk_gla(q, kr, vr, gr)[0]
-        if fla_chunk_gla is not None:                   # fla autotunes on its first call: minutes
-            impls["fla"] = lambda: fla_chunk_gla(q, kr, vr, gr)[0]
-        impls["torch"] = lambda: model.gla_chunked(q, kr, vr, gr)[0]
-        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, kr, vr))
-        impls["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         res = {}
-        for name, fn in impls.items():
-            grads = [qt, kt, vt] if name == "sdpa" else leaves
-            fwd = timed(fn, True, grads)
-            both = timed(lambda: fn().backward(do if name != "sdpa" else do.transpose(1, 2)), False, grads)
+        for name, fwd, both in gla_kernel_times(t, B, H, Hkv, D, gate_norm):
             res[name] = (fwd, both)
-            io = q.numel() * q.element_size()                         # bytes of one [B, T, H, D] tensor
-            extra = ""
-            if name == "ours":
-                extra = f"{flops(t) / both / 1e9:8.1f} {14 * io / both / 1e6:7.0f}"   # fwd+bwd, min bytes
+            extra = f"{flops(t) / both / 1e9:8.1f} {14 * io * t / both / 1e6:7.0f}" if name == "ours" else ""
             ratio = f"  ours {res['ours'][1] / both:.2f}x" if name == "fla" else ""
             print(f"{t:>6} {name:>8} {fwd:9.3f} {both:11.3f} {extra:>16}{ratio}", flush=True)
-        del q, k, v, g, kr, vr, gr, do, leaves, qt, kt, vt, impls
         torch.cuda.empty_cache()
     if not extras:
         return
-    # decode: one token for a batch of sequences with a state of [Hkv, D, D] each
     for b in (1, 32):
-        q = torch.randn(b, 1, H, D, device=dev, dtype=torch.bfloat16)
-        k, v = (torch.randn(b, 1, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        g = (F.logsigmoid(torch.randn(b, 1, Hkv, D, device=dev)) / gate_norm).bfloat16()
-        s = torch.randn(b, Hkv, D, D, device=dev)
-        ours = do_bench(lambda: kernels.fused_recurrent_gla(q, k, v, g, initial_state=s, output_final_state=True),
-                        return_mode="median")
-        G = H // Hkv
-        kr, vr, gr, sr = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), g.repeat_interleave(G, 2), \
-            s.repeat_interleave(G, 1)
-        ref = do_bench(lambda: model.gla_recurrent(q, kr, vr, gr, initial_state=sr, output_final_state=True),
-                       return_mode="median")
+        ours, ref = decode_kernel_times(b, H, Hkv, D, gate_norm)
         print(f"decode step, batch {b}: fused_recurrent_gla {ours * 1e3:.1f} us, PyTorch gla_recurrent "
               f"{ref * 1e3:.1f} us "
               f"({2 * b * Hkv * D * D * 4 / ours / 1e6:.0f} GB/s state read+write)")
-    # spike quantization of activations [tokens, features]: kernels.spike_quant is torch.compile on CUDA
     for shape in ((16384, 3584),):
-        x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
-        row = []
-        for int8 in (False, True):
-            row += [do_bench(lambda: kernels.spike_quant(x, 3.0, int8=int8), return_mode="median"),
-                    do_bench(lambda: kernels.spike_quant_torch(x, 3.0, int8=int8), return_mode="median")]
+        row = spike_quant_times(shape)
         print(f"spike_quant {shape}: fp32 counts compiled {row[0]:.3f} / eager {row[1]:.3f} ms; "
               f"int8 counts {row[2]:.3f} / {row[3]:.3f} ms")
 
 
+# ----------------------------------------------------------------------------- time to first token
 
-def device_rate(device, what):
-    """Measured in this run, beside every figure: "matmul" FLOP/s of an 8192^3 bf16 product, or "copy" bytes/s
-    read + written by a 1 GiB device copy (small fp32 stand-ins on CPU)."""
-    import time
-
-    import torch
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if what == "matmul":
-        n = 8192 if cuda else 512
-        dt = torch.bfloat16 if cuda else torch.float32
-        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-        fn, work, reps = (lambda: a @ b), 2 * n ** 3, (5, 50)
-    else:
-        a = torch.empty(2 ** 30 if cuda else 2 ** 24, dtype=torch.uint8, device=device)
-        b = torch.empty_like(a)
-        fn, work, reps = (lambda: b.copy_(a)), 2 * a.numel(), (2, 10)
-    for r in reps:                           # warm-up, then timed
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(r):
-            fn()
-        sync()
-    return work * reps[-1] / (time.perf_counter() - t0)
-
-
-def setup(device, gla):
-    """Sets model.GLA_IMPL for the run; returns (cuda, dtype, sync, device memory in bytes)."""
-    import torch
-
-    import model as M
-    M.GLA_IMPL = gla
-    cuda = device.startswith("cuda")
-    return (cuda, torch.bfloat16 if cuda else torch.float32, torch.cuda.synchronize if cuda else (lambda: None),
-            torch.cuda.get_device_properties(device).total_memory if cuda else float("inf"))
-
-
-def header(device, dt, gla, compile, what):
-    import datetime
-
-    import torch
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__} {dt}; GLA_IMPL={gla}; "
-          f"compile={compile}; {what}")
-
-
-def first_layers(preset, n_layer=None):
-    """The preset's config cut to its first n_layer layers (None: all), its layout and MoE layers with it."""
-    import model as M
-    c = M.Config.from_name(preset)
-    n = n_layer or c.n_layer
-    return M.Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
-
-
-def greedy_steps(step, m, cache, tok, n, compiled):
-    """n greedy decode steps from tok [B, 1] through `cache` with `step` (generate.decode_step, or it compiled by
-    generate.compile_decode: then each step begins a new CUDA-graph replay). Returns the last token."""
-    import torch
-    for _ in range(n):
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        tok = step(m, cache, tok, torch.full((tok.shape[0], 1), cache.seen, device=tok.device)).argmax(-1, keepdim=True)
-        cache.seen += 1
-    return tok
-
-
-def random_model(name, device, dt):
-    """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
-    import gc
-
-    import torch
-
-    import model as M
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dt)
+@torch.no_grad()
+def time_to_first_token(m, T, chunk, layers=None):
+    """Seconds from a random T-token prompt to its first greedy token on m's first `layers` blocks (None: all), and
+    the peak device bytes (0 off CUDA). A linear-time model prefills through a cache, `chunk` tokens a forward; a
+    full-attention model runs the prompt in one forward without a cache."""
+    c, device = m.config, m.lm_head.weight.device
+    cuda = device.type == "cuda"
+    ids = torch.randint(0, c.vocab_size, (1, T), device=device)
+    blocks, m.blocks = m.blocks, m.blocks[:layers]
     try:
-        with torch.device(device):
-            return M.GPT(M.Config.from_name(name)).eval()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        synchronize(device)
+        t0 = time.perf_counter()
+        if linear_time(c):
+            logits = prefill(m, m.new_cache(1, T), ids, chunk)
+        else:
+            logits = m(ids, last_only=True)[0][:, -1]
+        logits.argmax(-1).item()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0
     finally:
-        torch.set_default_dtype(default)
+        m.blocks = blocks
+
+
+def extrapolate(done, T):
+    """Seconds at T from a*T + b*T^2 through the last two (T, seconds, peak) measurements in done, b >= 0."""
+    if len(done) == 1:
+        return done[0][1] * (T / done[0][0]) ** 2    # all quadratic: an upper bound
+    (T1, t1, _), (T2, t2, _) = done[-2], done[-1]
+    b = max((t2 / T2 - t1 / T1) / (T2 - T1), 0.0)
+    return (t2 / T2 - b * T2) * T + b * T * T
+
+
+def ttft_at(m, T, done, chunk, budget_s, mem, compile):
+    """TTFT of m at T: (seconds, peak bytes or None, note), or None when out of memory. Measured when the guess
+    from `done` (the (T, seconds, peak) measured so far, which this extends) fits budget_s and memory `mem`; else
+    a linear-time model is timed on fewer layers and scaled, a full-attention model extrapolated (also when its
+    activations run out of memory). The note says so."""
+    c, cached = m.config, linear_time(m.config)
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    guess, need = 0.0, 0.0
+    if done:
+        T1, t1, p1 = done[-1]
+        guess = t1 * T / T1 if cached else extrapolate(done, T)
+        need = weights + (p1 - weights) * T / T1
+    through = f"a*T + b*T^2 through T={done[-2][0]}, {done[-1][0]}" if len(done) >= 2 else ""
+    try:
+        if not cached and len(done) >= 2 and (guess > budget_s or need > 0.92 * mem):
+            why = f"> {budget_s:.0f} s" if guess > budget_s else f"needs ~{need / 2**30:.0f} GiB"
+            return extrapolate(done, T), None, f"extrapolated ({why}): {through}"
+        if cached and guess > budget_s:
+            k = max(2, int(c.n_layer * budget_s / guess) // 2 * 2)   # an even count keeps the layer mix
+            t, peak = time_to_first_token(m, T, chunk, k)
+            return t * c.n_layer / k, peak, f"measured on {k} of {c.n_layer} layers, scaled by {c.n_layer / k:.1f}"
+        t, peak = time_to_first_token(m, T, chunk)
+        if compile:                              # a first length past a size guard recompiles: time it again
+            t = min(t, time_to_first_token(m, T, chunk)[0])
+        done.append((T, t, peak))
+        return t, peak, ""
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        if cached or len(done) < 2:
+            return None
+        return extrapolate(done, T), None, f"extrapolated (out of memory): {through}"
+
 
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
@@ -219,30 +322,15 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         chunk: prefill chunk of the cached (linear-time) path.
         budget_s: longest single measurement.
         sweep: chunk sizes to time first, each on a min(128k, longest)-token prompt (e.g. '[8192,16384,32768,65536]').
-        gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         compile: torch.compile every block of both models, as generate.py --compile (compiled in the warm-up;
             each length is timed twice, the faster counts: a new size may recompile once).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
     """
-    import gc
-    import time
-
-    import torch
-
-    from generate import compile_blocks, has_full_attention, prefill
-
-    def fit(done, T):
-        """Seconds at T from a*T + b*T^2 through the last two (T, seconds, peak) measurements, b >= 0."""
-        if len(done) == 1:
-            return done[0][1] * (T / done[0][0]) ** 2    # all quadratic: an upper bound
-        (T1, t1, _), (T2, t2, _) = done[-2], done[-1]
-        b = max((t2 / T2 - t1 / T1) / (T2 - T1), 0.0)
-        return (t2 / T2 - b * T2) * T + b * T * T
-
     if tiny:
         models, lengths, chunk, budget_s, device = ("tiny", "tiny-qwen"), (64, 256, 1024), 128, 5.0, "cpu"
-    cuda, dt, sync, mem = setup(device, gla)
+    cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
     header(device, dt, gla, compile, f"{8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; "
            f"budget {budget_s:.0f} s")
@@ -251,75 +339,29 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
     ttft = {}
     for name in models:
         m = random_model(name, device, dt)
-        c, params = m.config, m.num_params(embeddings=False)
-        weights = sum(p.numel() * p.element_size() for p in m.parameters())
-        cached = not has_full_attention(c)
+        cached = linear_time(m.config)
         if compile:
             torch._dynamo.reset()
-            compile_blocks(m)
-
-        @torch.no_grad()
-        def run(T, layers=c.n_layer, ch=chunk):
-            """Seconds to the first token of a T-token prompt (on the first `layers` blocks) and peak bytes."""
-            ids = torch.randint(0, c.vocab_size, (1, T), device=device)
-            blocks, m.blocks = m.blocks, m.blocks[:layers]
-            try:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                sync()
-                t0 = time.perf_counter()
-                if cached:
-                    logits = prefill(m, m.new_cache(1, T), ids, ch)
-                else:
-                    logits = m(ids, last_only=True)[0][:, -1]
-                logits.argmax(-1).item()
-                return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0
-            finally:
-                m.blocks = blocks
-
+            kernels.compile_blocks(m)
         t0 = time.perf_counter()
-        run(min(lengths))                    # warm-up: kernel compilation and autotuning at every shape used
+        time_to_first_token(m, min(lengths), chunk)       # warm-up: kernel compilation and autotuning at every shape
         if cached and max(lengths) > chunk:
-            run(2 * chunk)
-        if compile:                          # a second length: torch.compile's graphs for any length
-            run(min(lengths) // 2)
+            time_to_first_token(m, 2 * chunk, chunk)
+        if compile:                                       # a second length: torch.compile's graphs for any length
+            time_to_first_token(m, min(lengths) // 2, chunk)
         print(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         for ch in sweep if cached else ():
             T = min(131072, max(lengths))
-            run(min(T, 2 * ch), ch=ch)       # compile this chunk size's shapes first
-            print(f"{name:>16} {T:>8} {run(T, ch=ch)[0]:9.3f} s with chunk {ch}", flush=True)
+            time_to_first_token(m, min(T, 2 * ch), ch)    # compile this chunk size's shapes first
+            print(f"{name:>16} {T:>8} {time_to_first_token(m, T, ch)[0]:9.3f} s with chunk {ch}", flush=True)
         done, ttft[name] = [], {}
         for T in lengths:
-            note, peak = "", None
-            if done:
-                (T1, t1, p1) = done[-1]
-                guess = t1 * T / T1 if cached else fit(done, T)
-                need = weights + (p1 - weights) * T / T1
-            else:
-                guess, need = 0.0, 0.0
-            try:
-                if not cached and len(done) >= 2 and (guess > budget_s or need > 0.92 * mem):
-                    t = fit(done, T)
-                    why = f"> {budget_s:.0f} s" if guess > budget_s else f"needs ~{need / 2**30:.0f} GiB"
-                    note = f"extrapolated ({why}): a*T + b*T^2 through T={done[-2][0]}, {done[-1][0]}"
-                elif cached and guess > budget_s:
-                    k = max(2, int(c.n_layer * budget_s / guess) // 2 * 2)   # an even count keeps the layer mix
-                    t, peak = run(T, k)
-                    t, note = t * c.n_layer / k, f"measured on {k} of {c.n_layer} layers, scaled by {c.n_layer / k:.1f}"
-                else:
-                    t, peak = run(T)
-                    if compile:              # a first length past a size guard recompiles: time it again
-                        t = min(t, run(T)[0])
-                    done.append((T, t, peak))
-            except torch.OutOfMemoryError:
-                gc.collect()
-                torch.cuda.empty_cache()
-                if cached or len(done) < 2:
-                    print(f"{name:>16} {T:>8} out of memory", flush=True)
-                    continue
-                t, note = fit(done, T), f"extrapolated (out of memory): a*T + b*T^2 through T={done[-2][0]}, {done[-1][0]}"
-            ttft[name][T] = (t, note)
-            floor = 2 * params * T / rate
+            r = ttft_at(m, T, done, chunk, budget_s, mem, compile)
+            if r is None:
+                print(f"{name:>16} {T:>8} out of memory", flush=True)
+                continue
+            t, peak, note = ttft[name][T] = r
+            floor = 2 * m.num_params(embeddings=False) * T / rate
             mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
             print(f"{name:>16} {T:>8} {t:9.3f} {T / t:9.0f} {floor:8.3f} {t / floor:7.2f} {mem_s}  {note}", flush=True)
         del m
@@ -328,20 +370,61 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         print(f"\n{'T':>8} {lin:>16} {base:>16} {'speedup':>8}   (* = scaled or extrapolated)")
         for T in lengths:
             if T in ttft[lin] and T in ttft[base]:
-                (a, na), (b, nb) = ttft[lin][T], ttft[base][T]
+                (a, _, na), (b, _, nb) = ttft[lin][T], ttft[base][T]
                 print(f"{T:>8} {a:15.3f}{'*' if na else ' '} {b:15.3f}{'*' if nb else ' '} {b / a:8.1f}x")
-    if not tiny:
-        print("reference, not this run: Hugging Face transformers Qwen2 (SDPA), Qwen2.5-7B dims, H100 "
-              "(MACHINE-NOTES.md): 8k 0.27 s, 32k 1.29 s, 128k 9.54 s")
+
+
+# ----------------------------------------------------------------------------- decode
+
+@torch.no_grad()
+def synthetic_cache(m, B, ctx, max_len):
+    """A cache of max_len positions per row holding ctx tokens of context as a prefill would leave it: random keys
+    and values in the slots it would have written, with their positions; random GLA states."""
+    c, w = m.config, m.lm_head.weight
+    cache, kv = m.new_cache(B, max_len), {}
+    for layer in cache.layers:
+        if hasattr(layer, "state"):
+            layer.state.normal_()
+        if hasattr(layer, "kv"):
+            n = min(ctx, layer.kv.capacity)
+            if n not in kv:
+                kv[n] = torch.randn(B, n, c.n_kv_head, c.head_dim, device=w.device, dtype=w.dtype)
+            pos = torch.arange(c.n_sink + ctx - n, c.n_sink + ctx, device=w.device)
+            layer.kv.write(kv[n], kv[n], pos, torch.zeros_like(pos))
+            if c.n_sink:
+                sink = torch.arange(c.n_sink, device=w.device)
+                layer.kv.write(kv[n][:, :c.n_sink], kv[n][:, :c.n_sink], sink, sink * 0 - 1)
+    cache.seen = c.n_sink + ctx
+    return cache
+
+
+@torch.no_grad()
+def time_decode(step, cache, tok, warm, steps, compiled):
+    """Seconds per greedy decode step of `step` through `cache` from tok [B, 1], timed over `steps` steps after
+    `warm` warm-up steps, the warm-up's seconds (with compile: the compile) and the peak device bytes (0 off
+    CUDA)."""
+    device = tok.device
+    if compiled:
+        kernels.static_cache(cache)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_warm = time.perf_counter()
+    tok = greedy_steps(step, cache, tok, warm, compiled)
+    synchronize(device)
+    t0 = time.perf_counter()
+    greedy_steps(step, cache, tok, steps, compiled)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return (time.perf_counter() - t0) / steps, t0 - t_warm, peak
 
 
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
                  compile: bool = False, gemv: bool = True, gla: str = "auto", device: str = "cuda",
                  tiny: bool = False) -> None:
-    """Decode speed at each context length and batch size (greedy, generate.decode_step), random weights (bf16 on
-    GPU), beside the bandwidth bound: (weight bytes + cache bytes) read per step / the HBM bandwidth measured in
-    this run by a large device copy. Also peak memory.
+    """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
+    generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
+    read per step / the HBM bandwidth measured in this run by a large device copy. Also peak memory.
 
     The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
     length would have written (with their positions) and random GLA states; a step's cost depends on those
@@ -355,20 +438,14 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         steps: timed decode steps (after 3 warm-up steps).
         compile: torch.compile the step with CUDA graphs, as generate.py --compile (compiles once per model
             and batch shape; the first compile takes minutes).
-        gemv: with compile, batch-1 matmuls as inductor's tuned reductions (generate.compile_decode); false: cuBLAS.
-        gla: model.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        gemv: with compile, batch-1 matmuls as inductor's tuned reductions (kernels.compile_decode); false: cuBLAS.
+        gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
-    import gc
-    import time
-
-    import torch
-
-    from generate import cache_bytes, compile_decode, decode_step, has_full_attention, static_cache
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
-    cuda, dt, sync, mem = setup(device, gla)
+    cuda, dt, mem = setup(device, gla)
     bw = device_rate(device, "copy")
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps")
@@ -380,63 +457,32 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         c = m.config
         # every weight is read once per step, except the embedding table (B rows of it)
         weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "embed.weight")
-        step = decode_step
+        step = m.forward
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
-            step = compile_decode(torch.device(device), gemv)
+            step = kernels.compile_decode(m.forward, torch.device(device), gemv)
         speed = {}
         for B in batches:
             for ctx in contexts:
-                max_len = ctx + warm + steps if has_full_attention(c) else c.max_seq_len
-                need = weights + cache_bytes(m.new_cache(B, max_len, device="meta"))
-                if need > 0.92 * mem:
-                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {need / 2**30:.0f} GiB", flush=True)
+                max_len = c.max_seq_len if linear_time(c) else ctx + warm + steps
+                cb = m.new_cache(B, max_len, device="meta").nbytes()
+                if weights + cb > 0.92 * mem:
+                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(weights + cb) / 2**30:.0f} "
+                          "GiB", flush=True)
                     continue
+                tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
                 try:
-                    with torch.no_grad():
-                        cache = m.new_cache(B, max_len)
-                        kv = {}
-                        for layer in cache.layers:
-                            if hasattr(layer, "state"):
-                                layer.state.normal_()
-                            if hasattr(layer, "kv"):
-                                n = min(ctx, layer.kv.capacity)
-                                if n not in kv:
-                                    kv[n] = torch.randn(B, n, c.n_kv_head, c.head_dim, device=device, dtype=dt)
-                                pos = torch.arange(c.n_sink + ctx - n, c.n_sink + ctx, device=device)
-                                layer.kv.write(kv[n], kv[n], pos, torch.zeros_like(pos))
-                                if c.n_sink:
-                                    sink = torch.arange(c.n_sink, device=device)
-                                    layer.kv.write(kv[n][:, :c.n_sink], kv[n][:, :c.n_sink], sink, sink * 0 - 1)
-                        del kv
-                        cache.seen = c.n_sink + ctx
-                        if compile:
-                            static_cache(cache)
-                        tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
-                        if cuda:
-                            torch.cuda.reset_peak_memory_stats()
-                        t_warm = time.perf_counter()
-                        tok = greedy_steps(step, m, cache, tok, warm, compile)
-                        sync()
-                        t0 = time.perf_counter()
-                        t_warm = t0 - t_warm
-                        greedy_steps(step, m, cache, tok, steps, compile)
-                        sync()
-                        t = (time.perf_counter() - t0) / steps
+                    t, t_warm, peak = time_decode(step, synthetic_cache(m, B, ctx, max_len), tok, warm, steps, compile)
                 except torch.OutOfMemoryError:
-                    cache = None
                     gc.collect()
                     torch.cuda.empty_cache()
                     print(f"{name:>16} {B:>3} {ctx:>8} out of memory", flush=True)
                     continue
-                cb = cache_bytes(cache)
                 bound = bw / (weights + cb)                          # steps/s if every byte is read once
-                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0
                 speed[B, ctx] = 1 / t
                 print(f"{name:>16} {B:>3} {ctx:>8} {1 / t:10.1f} {B / t:8.1f} {bound:10.1f} {100 / t / bound:6.0f}% "
-                      f"{cb / 2**30:10.2f} {peak:9.1f}" + (f"  (warm-up and compile {t_warm:.0f} s)" if compile else ""),
-                      flush=True)
-                del cache
+                      f"{cb / 2**30:10.2f} {peak / 2**30:9.1f}" +
+                      (f"  (warm-up and compile {t_warm:.0f} s)" if compile else ""), flush=True)
         for B in batches:
             have = [ctx for ctx in contexts if (B, ctx) in speed]
             if len(have) >= 2:
@@ -444,9 +490,51 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 print(f"{name:>16} {B:>3} flatness: tok/s at {hi} / at {lo} = {speed[B, hi] / speed[B, lo]:.2f}",
                       flush=True)
         del m, step
-    if not tiny:
-        print("reference, not this run: Hugging Face transformers Qwen2 with its cache, Qwen2.5-7B dims, H100, "
-              "batch 1 (MACHINE-NOTES.md): ~11.5 tok/s")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, warmup, full_loss, precision,
+                activation_checkpointing, compile, device):
+    """Training tokens/s of the preset's first n_layer layers (None: all) on rows of T tokens: `warmup`, then
+    `steps` timed optimizer steps, each of `accum` micro-batches (forward, loss, backward) and AdamW. full_loss:
+    the loss over every position and the whole vocabulary (else on the last position only). docs > 1: that many
+    equal documents per row, with document masks. Returns (config, tokens/s, training FLOPs per token, peak memory
+    GB: nan off CUDA)."""
+    c = first_layers(preset, n_layer)
+    dtype = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32, "32-true": torch.float32}[precision]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(c).to(dtype)
+    if compile:                     # as train.py: compiled blocks inside checkpoint wrappers
+        kernels.compile_blocks(model)
+    if activation_checkpointing:
+        kernels.checkpoint_blocks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=device)
+    doc = (torch.arange(T, device=device) * docs // T).expand(micro_batch_size, T) if docs > 1 else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            t0 = time.perf_counter()
+        for _ in range(accum):
+            with autocast:
+                if full_loss:
+                    _, loss, aux = model(x, x, doc_ids=doc)
+                else:
+                    logits, _, aux = model(x, doc_ids=doc, last_only=True)
+                    loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
+            (loss + c.aux_loss_coef * aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    synchronize(device)
+    tok_s = steps * accum * micro_batch_size * T / (time.perf_counter() - t0)
+    mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return c, tok_s, model.flops_per_token(T), mem
 
 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
@@ -457,8 +545,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
     At seq_len: full training steps (`accum` micro-batches of forward, loss over the whole vocabulary and backward,
-    then AdamW) and the peak memory measured beside train.py's estimate. accum: micro-batches per optimizer step
-    (the 7B recipe on 8 GPUs accumulates 64: configs/cpt-7b-8k.yaml); steps and warmup count optimizer steps.
+    then AdamW) and the peak memory measured. accum: micro-batches per optimizer step (the 7B recipe on 8 GPUs
+    accumulates 64: configs/cpt-7b-8k.yaml); steps and warmup count optimizer steps.
     At long_seq_lens: the throughput ratio only, over long_steps after one warm-up step; there the loss is taken
     on the last position (128k positions x 152k classes of logits alone would need 40 GB, and the output layer
     costs both models the same). precision: "bf16-true" (bf16 weights,
@@ -466,71 +554,23 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU). docs: documents
     packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
     restarting at each; flex_attention on CUDA), as train.py's recipes run; the one-document figure (docs = 1,
-    no masks) follows in the same table.
+    no masks) follows in the same table. peak_flops: the MFU denominator (default: kernels.peak_flops).
     On CPU, e.g.: python bench.py train --preset tiny --baseline tiny-qwen --seq_len 256 --long_seq_lens [1024]
     """
-    import datetime
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    import train
-    from generate import compile_blocks
-    from model import GPT
-
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    peak = peak_flops or train.PEAK_FLOPS.get(train.device_name(dev))
-    dtype = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32, "32-true": torch.float32}[precision]
-    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16-mixed")
+    peak = peak_flops or kernels.peak_flops(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {name} torch {torch.__version__}; {precision}, micro batch "
           f"{micro_batch_size} x {accum} accumulated, {docs} document(s) per row (and 1), activation checkpointing "
           f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
-
-    def measure(p, T, full_loss, steps, warmup, accum, docs):
-        c = first_layers(p, n_layer)
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = GPT(c).to(dtype)
-        if compile:                     # as train.py: compiled blocks inside checkpoint wrappers
-            compile_blocks(model)
-        if activation_checkpointing:
-            train.checkpoint_blocks(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
-        x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=dev)
-        doc = (torch.arange(T, device=dev) * docs // T).expand(micro_batch_size, T) if docs > 1 else None
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                t0 = time.perf_counter()
-            for _ in range(accum):
-                with autocast:
-                    if full_loss:
-                        _, loss, aux = model(x, x, doc_ids=doc)
-                    else:
-                        logits, _, aux = model(x, doc_ids=doc, last_only=True)
-                        loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
-                (loss + c.aux_loss_coef * aux).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync()
-        tok_s = steps * accum * micro_batch_size * T / (time.perf_counter() - t0)
-        mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
-        est = train.estimate_memory(c, model.num_params(), micro_batch_size, T, 1, "single", precision,
-                                    activation_checkpointing)["total"] / 1e9
-        mfu = model.flops_per_token(T) * tok_s / peak if peak else float("nan")
-        return c, tok_s, mfu, mem, est
+    fixed = dict(n_layer=n_layer, micro_batch_size=micro_batch_size, precision=precision, compile=compile,
+                 activation_checkpointing=activation_checkpointing, device=dev)
 
     def run(p, T, full_loss, steps=steps, warmup=warmup, accum=accum, docs=docs):
         try:
-            return measure(p, T, full_loss, steps, warmup, accum, docs)
+            return train_speed(p, T, full_loss=full_loss, steps=steps, warmup=warmup, accum=accum, docs=docs, **fixed)
         except torch.OutOfMemoryError as e:
             print(f"  {p} at {T}: OOM ({str(e)[:100]})")
             return None
@@ -538,16 +578,17 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
-    print("| model | layers | seq | documents per row | tokens/s | MFU | peak memory GB (measured / estimated) |")
+    print("| model | layers | seq | documents per row | tokens/s | MFU | peak memory GB |")
     print("|---|---|---|---|---|---|---|")
     res = {}
     for d in dict.fromkeys((docs, 1)):   # the recipe's layout first, then one document per row
         for p in (preset, baseline):
             r = res[p, d] = run(p, seq_len, True, docs=d)
             if r:
-                c, tok_s, mfu, mem, est = r
-                mfu, mem = f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f}" if dev.type == "cuda" else "n/a"
-                print(f"| {p} | {c.n_layer} | {seq_len} | {d} | {tok_s:.0f} | {mfu} | {mem} / {est:.1f} |", flush=True)
+                c, tok_s, flops, mem = r
+                mfu = f"{flops * tok_s / peak:.1%}" if peak else "n/a"
+                mem = f"{mem:.1f}" if dev.type == "cuda" else "n/a"
+                print(f"| {p} | {c.n_layer} | {seq_len} | {d} | {tok_s:.0f} | {mfu} | {mem} |", flush=True)
     for d in dict.fromkeys((docs, 1)):
         if res[preset, d] and res[baseline, d]:
             print(f"{preset} / {baseline} at {seq_len}, {d} document(s) per row: "
@@ -560,93 +601,119 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
               flush=True)
 
 
-def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128,
-              kernel_options: list[dict] | None = None, decode: tuple[tuple[int, int], ...] = ((1, 4097), (8, 4097),
-                                                                                         (1, 131072))) -> None:
-    """Softmax attention alone, bf16. model.sliding_window_attention (flex_attention, the band's tiles only, with
-    model.FLEX_OPTIONS["band"]), forward and forward + backward, without a ring in front (off = 0) and with the ring of a
-    later prefill chunk (off = window + 1, forward only), beside causal flash SDPA over the same T (more work:
-    T^2/2 scores vs ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x that
-    backward. --kernel_options '[{"BLOCK_M": 128, ...}, ...]' first times the prefill chunk's forward once per set
-    of flex_attention kernel_options (model.flex passes them on Hopper GPUs only), after torch's defaults, with the output's difference from theirs (an option
-    that assumes what our mask does not hold, e.g. BLOCKS_ARE_CONTIGUOUS, shows there). Then decode attention,
-    one query per row over (B, S) cache slots, a third of them empty: the Triton kernel (model.ATTN_IMPL "auto")
-    vs SDPA with the dense mask ("sdpa"), mask making included, replayed from a CUDA graph as compiled decoding
-    runs, with the K/V bytes read per second. Accuracy: tests/test_model.py and tests/test_kernels.py."""
-    import warnings
+# ----------------------------------------------------------------------------- softmax attention alone
 
-    import torch
-    import torch.nn.functional as F
-    from triton.testing import do_bench
-
-    import kernels
-    import model as M
-    torch.manual_seed(0)
-    header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}; "
-           f"flex kernel_options {M.FLEX_OPTIONS}")
-    if kernel_options:   # the prefill chunk's forward per option set; each checked against torch's defaults
-        q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, T + window + 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        chosen, ref = M.FLEX_OPTIONS, None
-        for opts in [{}] + list(kernel_options):
-            M.FLEX_OPTIONS = {**chosen, "band": opts}
+def flex_option_times(T, window, H, Hkv, D, option_sets):
+    """The SWA forward of a later prefill chunk per set of the band's kernel_options, torch's defaults ({}) first.
+    Yields (options, ms, relative difference from the defaults' output) or (options, None, the error)."""
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, T + window + 1, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    chosen, ref = kernels.FLEX_OPTIONS, None
+    try:
+        for opts in [{}] + list(option_sets):
+            kernels.FLEX_OPTIONS = {**chosen, "band": opts}
             kernels.options_failed.clear()
             torch._dynamo.reset()               # a fresh compile per option set (no recompile limit)
             try:
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("error")   # an option set that falls back is a failure here
-                    o = M.sliding_window_attention(q, k, v, window + 1, 0, window).float()
-                    t = do_bench(lambda: M.sliding_window_attention(q, k, v, window + 1, 0, window))
-                ref = o if ref is None else ref
-                print(f"SWA T={T} off={window + 1} kernel_options={opts}: forward {t:.2f} ms "
-                      f"({4 * H * T * (window + 1) * D / t / 1e9:.0f} TFLOP/s), relative difference from torch's "
-                      f"defaults {((o - ref).norm() / ref.norm()).item():.1e}", flush=True)
+                    o = kernels.sliding_window_attention(q, k, v, window + 1, 0, window).float()
+                    t = do_bench(lambda: kernels.sliding_window_attention(q, k, v, window + 1, 0, window))
             except Exception as e:   # an option this torch or GPU does not take: say so, go on
-                print(f"SWA kernel_options={opts}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        M.FLEX_OPTIONS = chosen
+                yield opts, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            ref = o if ref is None else ref
+            yield opts, t, ((o - ref).norm() / ref.norm()).item()
+    finally:
+        kernels.FLEX_OPTIONS = chosen
         kernels.options_failed.clear()
         torch._dynamo.reset()
-    for B, S in decode:
-        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        k_pos = torch.arange(S, device="cuda").expand(B, -1).masked_fill(torch.arange(S, device="cuda") >= S * 2 // 3,
-                                                                          M.KVCache.EMPTY)
-        q_pos, doc = torch.full((B, 1), S, device="cuda"), torch.zeros(B, S, dtype=torch.long, device="cuda")
-        row, w, impl0 = [], (window if S <= window + 1 else None), M.ATTN_IMPL  # a ring, or a full-attention cache
+
+
+def decode_attention_times(B, S, window, H, Hkv, D):
+    """Decode attention over (B, S) cache slots (a SWA ring when S <= window + 1, else a full-attention cache),
+    replayed from a CUDA graph: (us with the Triton kernel, us with SDPA and a dense mask, K/V bytes)."""
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k_pos = torch.arange(S, device="cuda").expand(B, -1).masked_fill(torch.arange(S, device="cuda") >= S * 2 // 3,
+                                                                      KVCache.EMPTY)
+    q_pos, doc = torch.full((B, 1), S, device="cuda"), torch.zeros(B, S, dtype=torch.long, device="cuda")
+    row, w, impl0 = [], (window if S <= window + 1 else None), kernels.ATTN_IMPL
+    try:
         for impl in ("auto", "sdpa"):   # in a CUDA graph, as the compiled decode step runs: no launch overhead
-            M.ATTN_IMPL = impl
+            kernels.ATTN_IMPL = impl
             with torch.no_grad():
-                M.attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
+                attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    M.attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
+                    attention(q, k, v, q_pos, k_pos, doc[:, :1], doc, w)
                 row.append(do_bench(graph.replay, return_mode="median") * 1e3)
-        M.ATTN_IMPL = impl0
-        print(f"decode attention B={B} S={S}: Triton kernel {row[0]:.1f} us "
-              f"({2 * k.numel() * 2 / row[0] / 1e3:.0f} GB/s K/V), SDPA with a dense mask {row[1]:.1f} us",
-              flush=True)
+    finally:
+        kernels.ATTN_IMPL = impl0
+    return row[0], row[1], 2 * k.numel() * 2
+
+
+def swa_times(T, off, window, H, Hkv, D):
+    """sliding_window_attention of T queries after `off` ring keys: (forward ms, forward + backward ms for off = 0
+    else None, causal flash SDPA's forward ms over the T queries, the band's scores)."""
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, T + off, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    scores = H * sum(min(t + off, window) + 1 for t in range(T))       # query t sees min(t + off, W) + 1 keys
+    with torch.no_grad():
+        t_fwd = do_bench(lambda: kernels.sliding_window_attention(q, k, v, off, 0, window))
+        t_causal = do_bench(lambda: F.scaled_dot_product_attention(
+            *(x[:, -T:].transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True))
+    t_fb = None
+    if off == 0:
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        do = torch.randn_like(q)
+        t_fb = do_bench(lambda: kernels.sliding_window_attention(q, k, v, 0, 0, window).backward(do),
+                        grad_to_none=[q, k, v])
+    return t_fwd, t_fb, t_causal, scores
+
+
+def bench_swa(*, T: int = 32768, window: int = 4096, H: int = 28, Hkv: int = 4, D: int = 128,
+              kernel_options: list[dict] | None = None, decode: tuple[tuple[int, int], ...] = ((1, 4097), (8, 4097),
+                                                                                         (1, 131072))) -> None:
+    """Softmax attention alone, bf16. kernels.sliding_window_attention (flex_attention, the band's tiles only,
+    with kernels.FLEX_OPTIONS["band"]), forward and forward + backward, without a ring in front (off = 0) and with
+    the ring of a later prefill chunk (off = window + 1, forward only), beside causal flash SDPA over the same T
+    (more work: T^2/2 scores vs ~T * window); TFLOP/s count the band's 4 * scores * D multiply-adds forward, 2.5x
+    that backward. --kernel_options '[{"BLOCK_M": 128, ...}, ...]' first times the prefill chunk's forward once
+    per set of flex_attention kernel_options (kernels.flex passes them on Hopper GPUs only), after torch's
+    defaults, with the output's difference from theirs (an option that assumes what our mask does not hold, e.g.
+    BLOCKS_ARE_CONTIGUOUS, shows there). Then decode attention, one query per row over (B, S) cache slots, a third
+    of them empty: the Triton kernel (kernels.ATTN_IMPL "auto") vs SDPA with the dense mask ("sdpa"), mask making
+    included, replayed from a CUDA graph as compiled decoding runs, with the K/V bytes read per second.
+    Accuracy: tests/test_model.py and tests/test_kernels.py."""
+    torch.manual_seed(0)
+    header("cuda", torch.bfloat16, "-", True, f"T={T} window={window} H={H} Hkv={Hkv} D={D}; "
+           f"flex kernel_options {kernels.FLEX_OPTIONS}")
+    for opts, t, diff in flex_option_times(T, window, H, Hkv, D, kernel_options) if kernel_options else ():
+        if t is None:
+            print(f"SWA kernel_options={opts}: failed: {diff}")
+        else:
+            print(f"SWA T={T} off={window + 1} kernel_options={opts}: forward {t:.2f} ms "
+                  f"({4 * H * T * (window + 1) * D / t / 1e9:.0f} TFLOP/s), relative difference from torch's "
+                  f"defaults {diff:.1e}", flush=True)
+    for B, S in decode:
+        triton_us, sdpa_us, kv_bytes = decode_attention_times(B, S, window, H, Hkv, D)
+        print(f"decode attention B={B} S={S}: Triton kernel {triton_us:.1f} us "
+              f"({kv_bytes / triton_us / 1e3:.0f} GB/s K/V), SDPA with a dense mask {sdpa_us:.1f} us", flush=True)
     for off in (0, window + 1):
-        q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, T + off, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        scores = H * sum(min(t + off, window) + 1 for t in range(T))       # query t sees min(t + off, W) + 1 keys
-        with torch.no_grad():
-            t_fwd = do_bench(lambda: M.sliding_window_attention(q, k, v, off, 0, window))
-            t_causal = do_bench(lambda: F.scaled_dot_product_attention(
-                *(x[:, -T:].transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True))
-        line = (f"SWA T={T} off={off}: forward {t_fwd:.2f} ms "
-                f"({4 * scores * D / t_fwd / 1e9:.0f} TFLOP/s)")
-        if off == 0:
-            q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-            do = torch.randn_like(q)
-            t_fb = do_bench(lambda: M.sliding_window_attention(q, k, v, 0, 0, window).backward(do),
-                            grad_to_none=[q, k, v])
+        t_fwd, t_fb, t_causal, scores = swa_times(T, off, window, H, Hkv, D)
+        line = f"SWA T={T} off={off}: forward {t_fwd:.2f} ms ({4 * scores * D / t_fwd / 1e9:.0f} TFLOP/s)"
+        if t_fb is not None:
             line += f", forward + backward {t_fb:.2f} ms ({14 * scores * D / t_fb / 1e9:.0f} TFLOP/s)"
         print(line + f"; causal flash SDPA over T: forward {t_causal:.2f} ms", flush=True)
 
 
+# ----------------------------------------------------------------------------- profile
+
 KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
          ("softmax attention", ("flex", "fmha", "sdpa", "flash", "attention")),
-         ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_chunk_state_kernel", "_bwd_dqkg_kernel", "_recurrent_kernel")),
+         ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_chunk_state_kernel", "_bwd_dqkg_kernel",
+                          "_recurrent_kernel")),
          ("optimizer", ("multi_tensor", "adam")),
          ("compiled (elementwise, reductions)", ("triton_",)))
 
@@ -657,6 +724,24 @@ def kind_of(kernel):
     return next((name for name, keys in KINDS if any(s.lower() in k for s in keys)), "other elementwise / copies")
 
 
+def profiled(fn, activity, device):
+    """torch.profiler over one call of fn, from a synchronized device to a synchronized device."""
+    synchronize(device)
+    with profile(activities=[activity]) as p:
+        fn()
+        synchronize(device)
+    return p
+
+
+def device_time_by_kind(p):
+    """A profile's CUDA kernel time in microseconds summed by kind_of, largest first."""
+    kinds = {}
+    for e in p.key_averages():
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def print_profile(p, title, rows, cuda):
     """A profiler's top kernels and, on CUDA, their device time summed by kind of kernel."""
     print(f"## {title}")
@@ -664,14 +749,10 @@ def print_profile(p, title, rows, cuda):
                                  max_name_column_width=60))
     if not cuda:
         return
-    from torch.autograd import DeviceType
-    kinds = {}
-    for e in p.key_averages():
-        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
+    kinds = device_time_by_kind(p)
     total = sum(kinds.values())
     print(f"{'kind':>34} {'ms':>9} {'%':>6}")
-    for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    for k, t in kinds.items():
         print(f"{k:>34} {t / 1e3:9.2f} {100 * t / total:5.1f}%")
     print(f"{'total':>34} {total / 1e3:9.2f}")
 
@@ -684,63 +765,46 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     layers; for the 7B one GLA and one SWA layer) and of 16 decode steps after it. compile: the prefill's blocks
     and the decode step compiled as generate.py --compile does (the decode step eager otherwise).
     On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    import model as M
-    from generate import compile_blocks, compile_decode, decode_step, prefill, static_cache
     cuda = device.startswith("cuda")
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     with torch.device(device):
-        m = M.GPT(first_layers(preset, n_layer)).to(dt)
+        m = GPT(first_layers(preset, n_layer)).to(dt)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=cuda)
     x = torch.randint(0, m.config.vocab_size, (1, seq_len), device=device)
 
-    def step():
+    def train_step():
         m(x, x)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     for _ in range(3):
-        step()
-    sync()
-    with profile(activities=[act]) as p:
-        step()
-        sync()
-    print_profile(p, f"training step: {preset}, {n_layer} layers, {seq_len} tokens, {dt}", rows, cuda)
-    del opt
+        train_step()
+    print_profile(profiled(train_step, act, device), f"training step: {preset}, {n_layer} layers, {seq_len} tokens, "
+                  f"{dt}", rows, cuda)
+    opt = None   # frees the optimizer state before the prefill
     m.blocks = m.blocks[:2]
     m.eval()
+    layers, how = " + ".join(m.config.layout[:2]), "compiled" if compile else "eager"
     if compile:
-        compile_blocks(m)
+        kernels.compile_blocks(m)
     ids = torch.randint(0, m.config.vocab_size, (1, 2 * chunk), device=device)
     with torch.no_grad():
         for _ in range(2):                                                  # warm-up (and compile)
             prefill(m, m.new_cache(1, 2 * chunk), ids, chunk)
         cache = m.new_cache(1, 2 * chunk)
         prefill(m, cache, ids[:, :chunk], chunk)
-        sync()
-        with profile(activities=[act]) as p:
-            prefill(m, cache, ids[:, chunk:], chunk)
-            sync()
-    print_profile(p, f"prefill: a chunk of {chunk} after {chunk}, layers {' + '.join(m.config.layout[:2])}, "
-                  f"{'compiled' if compile else 'eager'}", rows, cuda)
-    step = compile_decode(torch.device(device)) if compile else decode_step
+        p = profiled(lambda: prefill(m, cache, ids[:, chunk:], chunk), act, device)
+    print_profile(p, f"prefill: a chunk of {chunk} after {chunk}, layers {layers}, {how}", rows, cuda)
+    step = m.forward
     if compile:
-        static_cache(cache)
+        step = kernels.compile_decode(m.forward, torch.device(device))
+        kernels.static_cache(cache)
     with torch.no_grad():
-        tok = greedy_steps(step, m, cache, ids[:, -1:], 4, compile)         # warm-up (and compile)
-        sync()
-        with profile(activities=[act]) as p:
-            greedy_steps(step, m, cache, tok, 16, compile)
-            sync()
-    print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {' + '.join(m.config.layout[:2])}, "
-                  f"{'compiled' if compile else 'eager'}", rows, cuda)
+        tok = greedy_steps(step, cache, ids[:, -1:], 4, compile)         # warm-up (and compile)
+        p = profiled(lambda: greedy_steps(step, cache, tok, 16, compile), act, device)
+    print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {layers}, {how}", rows, cuda)
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
     CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
          "profile": bench_profile, "swa": bench_swa})

@@ -1,4 +1,5 @@
-"""Checkpoint formats and conversions. Every Hugging Face tensor name lives here, in one literal map per format.
+"""Checkpoint formats: loading every kind, and conversions. Every Hugging Face tensor name lives here, in one
+literal map per format.
 
     python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-7b  --out ckpt/sb7b-init
     python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-76b --out ckpt/sb76b-init
@@ -6,14 +7,19 @@
     python convert.py release   --src V1-7B-base  --to ours    --out ckpt/sb7b
     python convert.py release   --src ckpt/sb7b   --to release --out export/sb7b --tokenizer V1-7B-base
     python convert.py tokenizer --src Qwen2.5-7B  --out assets/qwen-tokenizer
+    python convert.py w8aspike  --ckpt ckpt/sb7b  --text calib.txt --out ckpt/sb7b-w8a   # INT8 weights, spikes
 
 (`qwen` is the same subcommand as `qwen2.5`.)
 
+    model, tokenizer = load("ckpt/sb7b")            # any kind below; load_checkpoint(path) for the model alone
+
 Our checkpoint is a directory: config.yaml, one model.safetensors, and the tokenizer files of tokenizer.py
-(load_checkpoint also reads Hugging Face style shards + model.safetensors.index.json). Conversions stream tensor
-by tensor: our model.safetensors is laid out from the target's shapes first and each tensor is written at its
-offset as it arrives, so memory holds one source tensor (and, for the release's sharded format, the shard being
-filled), never a whole model. The output directory appears only when complete.
+(load_checkpoint also reads Hugging Face style shards + model.safetensors.index.json). Its weights are float, or
+W8ASpike (spiking.py's INT8 layers, recognised by their `.qweight` tensors). A released SpikingBrain-7B Hugging
+Face directory (config.json) loads directly too, renamed in memory. Conversions stream tensor by tensor: our
+model.safetensors is laid out from the target's shapes first and each tensor is written at its offset as it
+arrives, so memory holds one source tensor (and, for the release's sharded format, the shard being filled),
+never a whole model. The output directory appears only when complete.
 """
 import json
 import math
@@ -31,12 +37,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import spiking
 import tokenizer as tok
-from model import PRESETS, GPT, Config
+from model import PRESETS, GPT, Config, check_spike_k
 
-TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json")
-HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json", "added_tokens.json")
 DType = Literal["bfloat16", "float16", "float32", "float64"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}  # header names
@@ -189,12 +193,17 @@ def model_shapes(config):
         return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
 
 
+def check_out(out, overwrite):
+    """An existing non-empty `out` is replaced only with overwrite."""
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{os.path.abspath(out)} exists and is not empty; pass --overwrite true to replace it")
+
+
 @contextmanager
 def atomic_dir(out, overwrite=True):
     """Yield a temp directory beside `out`; on success it replaces `out` in one rename, on failure it is removed."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_out(out, overwrite)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -330,32 +339,36 @@ def resolve_dtype(dtype):
     return None if dtype is None else DTYPES[dtype]
 
 
-def check_paths(src, out):
+def check_paths(src, out, overwrite=True):
+    """Before any work: the source exists, --out is not it (nor holds it), and --out may be written."""
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src} does not exist")
     s, o = os.path.realpath(src), os.path.realpath(out)
     if o == s or s.startswith(o + os.sep):
         raise ValueError(f"--out {out} would replace the source {src}; choose another directory")
+    check_out(out, overwrite)
 
 
 # ----------------------------------------------------------------------------- our checkpoint directory
 
-def save_checkpoint(model_or_state, config, out, tokenizer_dir=None):
-    """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`."""
+def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=True):
+    """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`. A model
+    with W8ASpike layers saves them as they are (qweight, scales, group width); load_checkpoint reads them back."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SINGLE),
                   metadata={"format": "pt"})
         config.to_yaml(os.path.join(tmp, "config.yaml"))
         if tokenizer_dir is not None:
-            for f in TOKENIZER_FILES:
+            for f in tok.TOKENIZER_FILES:
                 shutil.copy(os.path.join(tokenizer_dir, f), tmp)
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
-    """Our checkpoint directory (one model.safetensors or shards + index) -> (model, config).
+def load_ours(path, device="cpu", dtype=None):
+    """Our checkpoint directory (one model.safetensors or shards + index), float or W8ASpike -> (model, config).
 
-    Errors name what is missing or mis-shaped.
+    A float checkpoint's shapes are checked from the file headers before any weight is read; errors name what is
+    missing or mis-shaped.
     """
     cfg_file = os.path.join(path, "config.yaml")
     has_weights = os.path.isfile(os.path.join(path, SINGLE)) or os.path.isfile(os.path.join(path, INDEX))
@@ -364,7 +377,10 @@ def load_checkpoint(path, device="cpu", dtype=None):
                                 f"with its shards); train.py writes them, `python convert.py` makes them from "
                                 f"Hugging Face files")
     config = Config.from_yaml(cfg_file)
-    return build_model(config, read_state(path, checked_files(path, config), device), device, dtype)
+    files, headers = read_headers(path)   # a corrupt or truncated file: an error that names it
+    if not any(k.endswith(".qweight") for k in headers):
+        check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
+    return build_model(config, read_state(path, files, device), device, dtype, path)
 
 
 def checked_files(path, config):
@@ -409,13 +425,19 @@ def read_state(path, files, device="cpu"):
     return state
 
 
-def build_model(config, state, device, dtype):
-    """(model, config): GPT(config) holding `state`'s tensors (assigned, not copied), in dtype on device, eval mode."""
+def build_model(config, state, device, dtype, source):
+    """(model, config): GPT(config) holding `state`'s tensors (assigned, not copied), in dtype on device, eval mode.
+
+    W8ASpike layers in `state` (`.qweight`) become spiking.W8ASpikeLinear modules; their INT8 weights and float32
+    scales keep their dtypes whatever `dtype` is.
+    """
     with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(state, assign=True)
+        model = spiking.replace_linears_for_state(GPT(config), state, config.spike_k)
+    check_state(model, state, source)
     if dtype is not None:
-        model.to(dtype)
+        keep = {n + ".scales" for n, m in model.named_modules() if isinstance(m, spiking.W8ASpikeLinear)}
+        state = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
     return model.to(device).eval(), config
 
 
@@ -632,7 +654,7 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
         n_sink: sink tokens (spikingbrain-76b; default 128).
         overwrite: replace `out` if it exists.
     """
-    check_paths(src, out)
+    check_paths(src, out, overwrite)
     resolve_dtype(dtype)
     hf = read_json(os.path.join(src, "config.json"), "a Hugging Face checkpoint directory has config.json")
     check_qwen2(hf, src)
@@ -648,7 +670,7 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
         del want["lm_head.weight"]
     check_shapes(want, have, src, hint=" (expected a Qwen2 checkpoint of the dims in its config.json)")
     out_dtype = output_dtype(dtype, {k: headers[k] for k in have}, src)
-    hf_tokenizer = read_hf_tokenizer(src, optional=True)   # before the weights: a bad tokenizer fails at once
+    hf_tokenizer = tok.read_hf_tokenizer(src, optional=True)   # before the weights: a bad tokenizer fails at once
     target = model_shapes(config)
     alpha = upcycle_alpha(config) if config.moe_layers else 1.0
     with atomic_dir(out, overwrite) as tmp:
@@ -788,7 +810,7 @@ def load_release(path, device="cpu", dtype=None):
     state = {rename(k, RELEASE_MAP): v for k, v in read_state(path, files, device).items()}
     if tied:
         state["lm_head.weight"] = state["embed.weight"].clone()
-    return build_model(config, state, device, dtype)
+    return build_model(config, state, device, dtype, path)
 
 
 def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype: DType | None = None,
@@ -807,13 +829,13 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
         max_shard_gb: shard size limit in GB of the release format (ours is one file).
         overwrite: replace `out` if it exists.
     """
-    check_paths(src, out)
+    check_paths(src, out, overwrite)
     out_dtype = resolve_dtype(dtype)
     if to == "ours":
         config, files, headers, tied = read_release(src)
         out_dtype = output_dtype(dtype, headers, src)
         # before the weights: a bad tokenizer, or --tokenizer without one, fails at once
-        hf_tokenizer = read_hf_tokenizer(tokenizer or src, optional=tokenizer is None)
+        hf_tokenizer = tok.read_hf_tokenizer(tokenizer or src, optional=tokenizer is None)
         with atomic_dir(out, overwrite) as tmp:
             plan = {k: (s, out_dtype) for k, s in model_shapes(config).items()}
             with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
@@ -832,7 +854,7 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
         # before writing anything: can the release's config.json say this model, is the tokenizer there?
         written = out_dtype or st_dtype(headers["embed.weight"][1])
         release = config_to_release(config, str(written).removeprefix("torch."))
-        if tokenizer is not None and not has_hf_tokenizer(tokenizer):
+        if tokenizer is not None and not tok.has_hf_tokenizer(tokenizer):
             raise FileNotFoundError(f"--tokenizer {tokenizer} holds no Hugging Face tokenizer (vocab.json + "
                                     f"merges.txt or tokenizer.json)")
         to_release = {v: k for k, v in RELEASE_MAP.items()}
@@ -843,7 +865,7 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
             w.close()
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(release, f, indent=2)
-            for f in HF_TOKENIZER_FILES if tokenizer else ():
+            for f in tok.HF_TOKENIZER_FILES if tokenizer else ():
                 if os.path.isfile(os.path.join(tokenizer, f)):
                     shutil.copy(os.path.join(tokenizer, f), tmp)
     else:
@@ -851,147 +873,126 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
     print(f"wrote {out} ({'our checkpoint' if to == 'ours' else 'release format'}, {len(headers)} tensors)")
 
 
-# ----------------------------------------------------------------------------- tokenizer: vocab.json + merges.txt -> tiktoken
+# ----------------------------------------------------------------------------- loading any checkpoint
 
-def bytes_to_unicode():
-    """The byte -> printable character map byte-level BPE files (GPT-2, Qwen) write tokens in: printable
-    Latin-1 bytes stand for themselves, the other 68 bytes map to chr(256), chr(257), ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def has_hf_tokenizer(src):
-    if all(os.path.isfile(os.path.join(src, f)) for f in ("vocab.json", "merges.txt")):
-        return True
-    tj = os.path.join(src, "tokenizer.json")   # ours has that name too; Hugging Face's holds a "model"
-    return os.path.isfile(tj) and "model" in read_json(tj, "")
+def checkpoint_kind(path):
+    """'ours' (config.yaml: float or W8ASpike) or 'release' (a released SpikingBrain-7B directory, config.json)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: give one written by train.py or convert.py, "
+                                f"or a released SpikingBrain-7B directory")
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        return "ours"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "release"
+    raise FileNotFoundError(f"{path} is not a checkpoint directory: it holds neither config.yaml (ours: train.py and "
+                            f"convert.py write one) nor config.json (a released SpikingBrain-7B Hugging Face directory)")
 
 
-def read_hf_tokenizer(src, optional=False):
-    """A Hugging Face byte-level BPE tokenizer directory -> (ranks, specials, pat_str, eos, normalize), the
-    arguments of tokenizer.save after the path; optional: None when src holds no Hugging Face tokenizer (as
-    has_hf_tokenizer decides), instead of an error.
+def load_checkpoint(path, device="cpu", dtype=None):
+    """Any checkpoint directory -> (model, config), eval mode, on `device`: ours (config.yaml + model.safetensors or
+    shards + index), float or W8ASpike, or a released SpikingBrain-7B Hugging Face directory (config.json).
 
-    Reads vocab.json + merges.txt (or the BPE model inside tokenizer.json), added tokens from tokenizer.json,
-    tokenizer_config.json and added_tokens.json, and the pre-tokenizer and normalizer from tokenizer.json; without
-    tokenizer.json the Qwen2 tokenizer's (tokenizer.QWEN_PAT, NFC) are assumed.
+    dtype: a torch dtype or its name (default: as saved); W8ASpike scales stay float32 and INT8 weights INT8.
     """
-    def opt(name):
-        p = os.path.join(src, name)
-        return read_json(p, "") if os.path.isfile(p) else None
-    tj, tc, at = opt("tokenizer.json"), opt("tokenizer_config.json") or {}, opt("added_tokens.json") or {}
-    bpe_files = os.path.isfile(os.path.join(src, "vocab.json")) and os.path.isfile(os.path.join(src, "merges.txt"))
-    if optional and not bpe_files and "model" not in (tj or {}):
-        return None
-    if bpe_files:
-        vocab = read_json(os.path.join(src, "vocab.json"), "")
-        with open(os.path.join(src, "merges.txt"), encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-    elif tj is not None and tj.get("model", {}).get("type") == "BPE":
-        vocab = tj["model"]["vocab"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
+    kind = checkpoint_kind(path)
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    return (load_ours if kind == "ours" else load_release)(path, device, dtype)
+
+
+def load_tokenizer(ckpt, tokenizer_dir=None):
+    """The tokenizer of checkpoint directory `ckpt` (our files, or Hugging Face ones converted on the fly), or the one
+    in tokenizer_dir; checked against the checkpoint's vocabulary before any weight is read."""
+    kind = checkpoint_kind(ckpt)
+    src = tokenizer_dir or ckpt
+    tokenizer = tok.open_tokenizer(src)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer in {src} (tokenizer.tiktoken + tokenizer.json, or Hugging Face "
+                                f"vocab.json + merges.txt): pass --tokenizer DIR")
+    if kind == "ours":
+        config = Config.from_yaml(os.path.join(ckpt, "config.yaml"))
     else:
-        raise FileNotFoundError(f"{src} holds no Hugging Face BPE tokenizer: need vocab.json + merges.txt, or a "
-                                f"tokenizer.json with a BPE model")
-    bad = [m for m in merges if len(m) != 2]
-    if bad:
-        raise ValueError(f"{src}: merges must be pairs 'a b'; got {bad[:3]}")
-
-    # pre-tokenizer (split pattern) and normalizer; without tokenizer.json, those of Qwen2Tokenizer
-    pat_str, normalize = tok.QWEN_PAT, "NFC"
-    if tj is None and not tc.get("tokenizer_class", "Qwen2Tokenizer").startswith("Qwen2Tokenizer"):
-        raise ValueError(f"{src}: tokenizer_class {tc['tokenizer_class']!r} without a tokenizer.json: its split "
-                         f"pattern is unknown (Qwen2Tokenizer's is assumed only for Qwen2)")
-    if tj is not None:
-        pre, norm = tj.get("pre_tokenizer") or {}, tj.get("normalizer")
-        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-        split = [s for s in steps if s.get("type") == "Split"]
-        byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-        if len(split) != 1 or "Regex" not in split[0].get("pattern", {}) or split[0].get("behavior") != "Isolated" \
-                or len(byte_level) != 1 or byte_level[0].get("use_regex") or byte_level[0].get("add_prefix_space"):
-            raise ValueError(f"{src}/tokenizer.json: pre_tokenizer {pre} is not the Qwen2 form (Split by a regex, "
-                             f"isolated, then ByteLevel without its own regex or prefix space)")
-        pat_str = split[0]["pattern"]["Regex"]
-        if norm is None:
-            normalize = None
-        elif norm.get("type") == "NFC":
-            normalize = "NFC"
-        else:
-            raise ValueError(f"{src}/tokenizer.json: normalizer {norm} is not supported (NFC or none)")
-
-    # mergeable tokens: vocab ids are the ranks
-    b2u = bytes_to_unicode()
-    u2b = {c: b for b, c in b2u.items()}
-    ranks, problems = {}, []
-    for s, i in vocab.items():
-        try:
-            ranks[bytes(u2b[ch] for ch in s)] = i
-        except KeyError:
-            problems.append(f"vocab entry {s!r} ({i}) is not in the byte-level alphabet")
-    problems += [f"byte {b} ({c!r}) has no token" for b, c in b2u.items() if bytes([b]) not in ranks]
-    if len(set(ranks.values())) != len(ranks):
-        problems.append("two vocab entries share an id")
-    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; Hugging Face the pair listed first
-    # in merges.txt. They agree when each merge's result outranks its parts and results rise in merges order.
-    prev, made = -1, set()
-    for n, (a, b) in enumerate(merges):
-        try:
-            ta, tb = bytes(u2b[ch] for ch in a), bytes(u2b[ch] for ch in b)
-        except KeyError:
-            problems.append(f"merge {n} ({a} {b}) is not in the byte-level alphabet")
-            continue
-        r = ranks.get(ta + tb)
-        if ta not in ranks or tb not in ranks or r is None:
-            problems.append(f"merge {n} ({a} {b}): a part or the result is not in vocab.json")
-            continue
-        if r <= prev or ranks[ta] >= r or ranks[tb] >= r:
-            problems.append(f"merge {n} ({a} {b}) makes id {r}: ids must rise with merges order and exceed their "
-                            f"parts' (previous merge made {prev}), else tiktoken would merge in another order")
-        prev = r
-        made.add(ta + tb)
-    unmade = [t for t in ranks if len(t) > 1 and t not in made]
-    problems += [f"token {t!r} ({ranks[t]}) is made by no merge" for t in unmade[:10]]
-    if len(unmade) > 10:
-        problems.append(f"... {len(unmade) - 10} more tokens made by no merge")
-
-    # added tokens (special or not, Hugging Face matches them in text before BPE)
-    specials = {}
-    entries = [dict(a) for a in (tj or {}).get("added_tokens", [])]
-    entries += [dict(v, id=int(k)) for k, v in tc.get("added_tokens_decoder", {}).items()]
-    problems += [f"added token {a['content']!r} has {f}: true (tiktoken matches special tokens exactly)"
-                 for a in entries for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
-    found = [(a["content"], a["id"]) for a in entries] + list(at.items())
-    by_id = {i: t for t, i in ranks.items()}
-    for content, i in found:
-        if by_id.get(i) == content.encode():
-            continue   # an ordinary vocab token listed again
-        if i in by_id:
-            problems.append(f"added token {content!r} has id {i}, which vocab.json gives to {by_id[i]!r}")
-        elif specials.get(content, i) != i:
-            problems.append(f"added token {content!r} has two ids: {specials[content]} and {i}")
-        specials[content] = i
-    if len(set(specials.values())) != len(specials):
-        problems.append("two added tokens share an id")
-    if problems:
-        more = f"\n  ... {len(problems) - 30} more" if len(problems) > 30 else ""
-        raise ValueError(f"{src}: cannot convert this tokenizer to tiktoken ranks ({len(problems)} problems):\n  "
-                         + "\n  ".join(problems[:30]) + more)
-    eos = tc.get("eos_token") or "<|endoftext|>"
-    eos = eos["content"] if isinstance(eos, dict) else eos
-    if eos not in specials:
-        raise ValueError(f"{src}: eos token {eos!r} is not among the added tokens {sorted(specials)}")
-    return ranks, specials, pat_str, eos, normalize
+        config = release_to_config(read_json(os.path.join(ckpt, "config.json"), ""), ckpt)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise ValueError(f"tokenizer of {src} has {tokenizer.n_vocab} tokens but the model of {ckpt} only "
+                         f"{config.vocab_size}: they do not belong together")
+    return tokenizer
 
 
-def write_tokenizer(src, path):
-    tok.save(path, *read_hf_tokenizer(src))
+def load(ckpt, device="cpu", dtype=None, tokenizer_dir=None):
+    """Any checkpoint directory -> (model, tokenizer): load_tokenizer (first: it fails fast), then load_checkpoint."""
+    tokenizer = load_tokenizer(ckpt, tokenizer_dir)
+    return load_checkpoint(ckpt, device, dtype)[0], tokenizer
 
+
+# ----------------------------------------------------------------------------- float -> W8ASpike
+
+def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
+    """Tokenize a UTF-8 text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short):
+    calibration here, perplexity in eval.py."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    try:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{text_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8 {text_file}") from None
+    ids = tokenizer.encode(text)
+    ids = ids[:max_tokens] if max_tokens else ids
+    if len(ids) < 2:
+        raise ValueError(f"{text_file} gives {len(ids)} tokens: need at least 2 to measure perplexity")
+    n = max(1, len(ids) // (seq_len + 1))
+    width = min(seq_len + 1, len(ids))
+    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+
+
+def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int = 128,
+                     n_samples: int = 128, seq_len: int = 512, batch_size: int = 4, calibrated: bool = True,
+                     device: str = "cpu", dtype: DType | None = None, tokenizer: str | None = None,
+                     overwrite: bool = False) -> None:
+    """A float checkpoint -> W8ASpike (spiking.py: INT8 weights in groups of input channels, spike-count inputs),
+    saved as our checkpoint with the tokenizer files.
+
+    Args:
+        ckpt: float checkpoint directory (ours, or a released SpikingBrain-7B directory)
+        out: directory to write
+        text: calibration text, cut into n_samples rows of seq_len tokens
+        k: activation threshold parameter
+        group_size: input channels per INT8 weight scale (the last group of a row may be shorter)
+        n_samples: calibration rows
+        seq_len: tokens per calibration row
+        batch_size: rows per forward
+        calibrated: search clip ratios on the text (False: plain max|w| / 127 scales)
+        device: cpu or cuda
+        dtype: e.g. bfloat16; default: as saved
+        tokenizer: tokenizer directory, if not the checkpoint's
+        overwrite: replace `out` if it exists.
+    """
+    check_spike_k(k, "k")            # the arguments and files are checked before the model loads
+    if calibrated and n_samples < 1:
+        raise ValueError(f"n_samples={n_samples} must be >= 1")
+    spiking.check_group_size(group_size)
+    resolve_dtype(dtype)
+    if calibrated:
+        rows = text_rows(load_tokenizer(ckpt, tokenizer), text, seq_len, n_samples * (seq_len + 1))
+    check_paths(ckpt, out, overwrite)   # --out must not replace the float checkpoint it reads
+    model, config = load_checkpoint(ckpt, device, dtype)
+    if any(isinstance(m, spiking.W8ASpikeLinear) for m in model.modules()):
+        raise ValueError(f"{ckpt} is already a W8ASpike checkpoint: quantize the float checkpoint it came from")
+    scales, n_rows = None, 0
+    if calibrated:
+        scales = spiking.calibrate(model, rows.split(batch_size), n_samples=n_samples, k=k, group_size=group_size)
+        n_rows = min(n_samples, rows.shape[0])
+    spiking.replace_linears(model, k=k, group_size=group_size, scales=scales)
+    tok_dir = tokenizer or ckpt
+    has_tok = all(os.path.isfile(os.path.join(tok_dir, f)) for f in tok.TOKENIZER_FILES)
+    save_checkpoint(model, config, out, tok_dir if has_tok else None, overwrite)
+    n = sum(isinstance(m, spiking.W8ASpikeLinear) for m in model.modules())
+    print(f"wrote {out}: {n} W8ASpike layers, k={k}, group_size={group_size}, "
+          f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
+
+
+# ----------------------------------------------------------------------------- tokenizer: vocab.json + merges.txt -> tiktoken
 
 def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:
     """Hugging Face vocab.json + merges.txt (+ added tokens) -> our tokenizer directory (tokenizer.tiktoken with the
@@ -1002,8 +1003,8 @@ def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:
         out: directory to create.
         overwrite: replace `out` if it exists.
     """
-    check_paths(src, out)
-    ranks, specials, pat_str, eos, normalize = read_hf_tokenizer(src)
+    check_paths(src, out, overwrite)
+    ranks, specials, pat_str, eos, normalize = tok.read_hf_tokenizer(src)
     with atomic_dir(out, overwrite) as tmp:
         tok.save(tmp, ranks, specials, pat_str=pat_str, eos=eos, normalize=normalize)
     print(f"wrote {out}: {len(ranks)} ranks, {len(specials)} special tokens")
@@ -1019,6 +1020,7 @@ if __name__ == "__main__":
     qwen = "qwen" if runs_qwen else "qwen2.5"
     args = [qwen if a in ("qwen", "qwen2.5") else a for a in args[:1]] + args[1:]
     try:
-        CLI({qwen: convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer}, args=args)
+        CLI({qwen: convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer,
+             "w8aspike": convert_w8aspike}, args=args)
     except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")

@@ -16,90 +16,27 @@ the cache between turns: each turn prefills only its new tokens.
 """
 import codecs
 import contextlib
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import torch
 
 import convert
+import kernels
 import spiking
-from model import rope_table
-from tokenizer import Tokenizer
+from model import check_spike_k, sample
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load(ckpt, device, dtype, tokenizer_dir=None):
-    """A checkpoint directory -> (model, tokenizer).
-
-    Ours (config.yaml: float or W8ASpike, through spiking.load_model) or a released SpikingBrain-7B Hugging Face
-    directory (config.json). The tokenizer comes from tokenizer_dir, else from the checkpoint directory (our files,
-    or Hugging Face vocab.json + merges.txt converted on the fly).
-    """
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"checkpoint {ckpt!r} is not a directory: give one written by train.py or "
-                                f"convert.py, or a released SpikingBrain-7B directory")
-    if os.path.isfile(os.path.join(ckpt, "config.yaml")):
-        model, config = spiking.load_model(ckpt, device, dtype)
-    elif os.path.isfile(os.path.join(ckpt, "config.json")):
-        model, config = convert.load_release(ckpt, device, dtype)
-    else:
-        raise FileNotFoundError(f"{ckpt} holds neither config.yaml (our checkpoint) nor config.json (a released "
-                                f"Hugging Face directory)")
-    src = tokenizer_dir or ckpt
-    if os.path.isfile(os.path.join(src, "tokenizer.tiktoken")):
-        tok = Tokenizer(src)
-    elif convert.has_hf_tokenizer(src):
-        with tempfile.TemporaryDirectory() as tmp:
-            convert.write_tokenizer(src, tmp)
-            tok = Tokenizer(tmp)
-    else:
-        raise FileNotFoundError(f"no tokenizer in {src} (tokenizer.tiktoken + tokenizer.json, or Hugging Face "
-                                f"vocab.json + merges.txt): pass --tokenizer DIR")
-    if tok.n_vocab > config.vocab_size:
-        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {config.vocab_size}: "
-                         f"they do not belong together")
-    return model, tok
-
-
 # ----------------------------------------------------------------------------- sampling
-
-def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> probabilities [B, V] after temperature, top-k and top-p (nucleus) filtering.
-
-    top_k keeps every token at least as likely as the k-th; top_p keeps the most likely tokens until their
-    mass reaches top_p (the token that crosses it included, so the top token always stays).
-    """
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:
-        p, idx = probs.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx, p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
 
 def penalize(logits, seen, penalty):
     """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
     are divided by `penalty` when positive and multiplied when negative."""
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -115,46 +52,6 @@ def prefill(model, cache, ids, chunk, stop=()):
     return logits[:, -1]
 
 
-def decode_step(model, cache, tok, pos):
-    """One token per row through the cache: tok, pos [B, 1] -> logits [B, V]. The caller adds 1 to cache.seen.
-
-    GPT.forward's decode path with the position as a tensor: compiled, it is one graph for every position
-    (GPT.forward derives positions from the Python int cache.seen, a new constant to torch.compile each step).
-    """
-    x = model.embed(tok)
-    doc = torch.zeros_like(pos)
-    c = model.config
-    rot = rope_table(pos, c.head_dim, c.rope_theta, torch.promote_types(x.dtype, torch.float32))
-    for block, layer in zip(model.blocks, cache.layers):
-        x, _ = block(x, pos, rot, doc, None, layer)
-    return model.lm_head(model.norm(x))[:, -1]
-
-
-def compile_blocks(model):
-    """torch.compile every block for prefill: norms, RoPE, gates and activations fuse around the matmuls. The GLA
-    kernels and the sliding-window prefill (flex_attention) run as they are between the compiled pieces; decode_step,
-    compiled on its own, traces through the blocks as usual."""
-    for block in model.blocks:
-        block.compile()
-
-
-def compile_decode(device, gemv=True):
-    """torch.compile of decode_step; on CUDA with CUDA graphs and, with gemv, inductor's coordinate-descent
-    tuning, under which it writes the batch-1 matmuls (matrix-vector products) as its own tuned reduction kernels
-    instead of cuBLAS's (they read the weights nearer the bandwidth: BENCHMARKS.md). The tuning makes the first
-    compile slower; inductor's on-disk cache keeps its results for later runs."""
-    if device.type != "cuda":
-        return torch.compile(decode_step)
-    return torch.compile(decode_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
-
-
-def static_cache(cache):
-    """Mark a cache's buffers static for a decode step compiled with CUDA graphs (compile_decode): the graphs read
-    and write them in place, so they must keep their addresses."""
-    for b in cache.buffers():
-        torch._dynamo.mark_static_address(b)
-
-
 def has_full_attention(config):
     return any("fa" in config.mixers(i) for i in range(config.n_layer))
 
@@ -167,10 +64,6 @@ def grown(model, cache, max_len):
         a[tuple(slice(0, n) for n in b.shape)].copy_(b)
     new.seen = cache.seen
     return new
-
-
-def cache_bytes(cache):
-    return sum(b.numel() * b.element_size() for b in cache.buffers())
 
 
 # ----------------------------------------------------------------------------- streaming and Ctrl-C
@@ -225,18 +118,18 @@ class Generator:
         self.stop = set(stop_ids(tokenizer, stop))
         self.spike_stats, self.compiled = spike_stats, compile
         self.device = model.lm_head.weight.device
-        self.step = decode_step
+        self.step = model.forward   # a decode step: one token per row at positions given as a tensor
         self.reset()
         if compile:
-            compile_blocks(model)
-            self.step = compile_decode(self.device)
+            kernels.compile_blocks(model)
+            self.step = kernels.compile_decode(model.forward, self.device)
             self.warm_up()
 
     def warm_up(self):
         """Compile the prefill and the decode step now rather than inside the first reply, on a cache of the size
         replies use (exactly so for GLA/SWA models; a full-attention cache grows, and a new size compiles once
         more). Two prompt lengths: the second compiles the prefill for any length; on CUDA two more past 128
-        tokens, where sliding-window prefill moves to flex_attention (model.use_flex)."""
+        tokens, where sliding-window prefill moves to flex_attention (kernels.use_flex)."""
         t0 = time.perf_counter()
         lengths = (5, 6, 129, 130) if self.device.type == "cuda" else (5, 6)
         self.room(lengths[-1])
@@ -246,7 +139,8 @@ class Generator:
                 self.model(tok.expand(1, n), cache=self.model.new_cache(1, self.cache_len), last_only=True)
             for _ in range(3):      # CUDA graph trees: a warm-up run, a recording, a replay
                 torch.compiler.cudagraph_mark_step_begin()
-                self.step(self.model, self.cache, tok, torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                self.step(tok, cache=self.cache, input_pos=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                          last_only=True)
         self.reset()
         print(f"compiled the prefill and the decode step in {time.perf_counter() - t0:.1f} s", file=self.err,
               flush=True)
@@ -272,7 +166,7 @@ class Generator:
         self.cache = self.model.new_cache(1, size) if self.cache is None else grown(self.model, self.cache, size)
         self.cache_len = size
         if self.compiled:
-            static_cache(self.cache)
+            kernels.static_cache(self.cache)
 
     def check_room(self, n_new, hint=""):
         """The sequence plus n_new tokens and at least one reply token must fit in config.max_seq_len."""
@@ -325,14 +219,15 @@ class Generator:
                     seen[0, t] = True
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = self.step(self.model, self.cache, tok, torch.full((1, 1), self.cache.seen, device=dev))
+                pos = torch.full((1, 1), self.cache.seen, device=dev)
+                logits = self.step(tok, cache=self.cache, input_pos=pos, last_only=True)[0][:, -1]
                 self.cache.seen += 1
                 steps += 1
             stream.end()
             t_end = time.perf_counter()
         t_first = t_first or t_end
         stats = dict(ttft=t_first - t0, prefill_tokens=n_prefill, decode_steps=steps, decode_s=t_end - t_first,
-                     cache_bytes=cache_bytes(self.cache), stopped=bool(interrupted),
+                     cache_bytes=self.cache.nbytes(), stopped=bool(interrupted),
                      cut=len(reply) == n_new < self.max_new_tokens)
         if st is not None and st.per_layer:
             stats["spikes"] = st.summary()
@@ -463,6 +358,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, prefill_chunk >= 1, repetition_penalty > 0")
     if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need top_k >= 1 and 0 < top_p <= 1; got top_k={top_k}, top_p={top_p}")
+    check_spike_k(spike, "spike")
     dt = convert.resolve_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -471,9 +367,9 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
     if seed is not None:
         torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, tok = load(ckpt, device, dt, tokenizer)
+    model, tok = convert.load(ckpt, device, dt, tokenizer)
     if spike is not None:
-        spiking.set_spike_k(model, spike)
+        model.set_spike_k(spike)
     print(f"loaded {ckpt} ({model.config.name}, {model.num_params() / 1e6:,.1f}M parameters, {dt}, {device}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     gen = Generator(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -491,5 +387,5 @@ if __name__ == "__main__":
     from jsonargparse import CLI
     try:
         CLI(main, as_positional=False)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")

@@ -1,7 +1,14 @@
-"""Triton kernels for gated linear attention: chunked forward + backward (packed documents too) and a
-decode step; softmax attention of one query over a cache (decode); plus the spike-quantization fast path.
-Each has a pure-PyTorch twin in model.py (gla_recurrent / gla_chunked, attention, spike_quant) that the
-tests compare against.
+"""Every fast path of model.py, each beside the switch that chooses it and with a twin in model.py that the tests
+compare against:
+- Triton kernels for gated linear attention: chunked forward + backward (packed documents too) and a decode step
+  (twins: model.gla_recurrent / gla_chunked);
+- softmax attention of one query over a cache (decode_attention), flex_attention with the block masks of a sliding
+  window (only the band's tiles) and of packed documents / sinks / a cache, with kernel options per device and a
+  fallback (twin: model.attention, SDPA with a dense mask);
+- the loss in chunks of rows with its gradient made in the same pass, compiled on CUDA (twin: cross-entropy of the
+  full logits); torch.compile of the blocks and of the decode step; spike quantization (twin: model.spike_quant).
+GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates and
+the ops they guard. Nothing here imports model.py.
 
 Layout everywhere: [B, T, H, D]. GLA recurrence per head, with log-decay g <= 0:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (q_t * scale) S_t.
@@ -15,7 +22,7 @@ chunk start, B = b at the last position. With S0 the state entering the chunk:
 Kernels: the forward's state pass is split in two: _chunk_state_kernel computes every chunk's own term
 (k e^(B - b))^T v and B in parallel, then _state_scan_kernel walks the chunks of each document in order,
 S <- e^B S + term, storing every chunk's incoming state h: the serial loop is one multiply-add per chunk
-(3x faster than one kernel doing both at prefill's 4 kv heads, which leave most of the GPU idle). The
+(one kernel doing both would leave most of the GPU idle at prefill's 4 kv heads). The
 backward's _scan_kernel walks the chunks in both directions in one launch: forward for h again, in reverse
 for dh, the gradient of each chunk's outgoing state. Then kernels over (chunk, head) do the intra-chunk
 work in parallel:
@@ -45,7 +52,8 @@ HEAD_DIMS = (16, 32, 64, 128)
 # where they do not fit (a GPU with less shared memory or fewer registers per SM), `tuned` falls back to SAFE_CONFIG
 # with one warning: a tuning constant never stops a run.
 # groups=2 (two reference points per chunk) keeps chunks whose decay exceeds MAX_EXP on the fast path,
-# e.g. raw logsigmoid gates (~60 per chunk), but costs ~25% on SpikingBrain's gates (logsigmoid / 16).
+# e.g. raw logsigmoid gates (~60 per chunk), but is slower on SpikingBrain's gates (logsigmoid / 16), which never
+# need it.
 # split_scan=False runs the forward's state pass as one kernel (_scan_kernel's direction 0): slower, but it
 # needs no float32 buffer for the chunk terms (chunks x kv heads x K x V x 4 bytes: 134 MB at T=32k, 4 heads).
 # The split scan's settings ("terms", "state") are the fastest of a sweep at T=32k, 4 kv heads (prefill).
@@ -690,6 +698,8 @@ def decode_attention(q, k, v, bias, scale=None, splits=None):
     return (w[..., None] * o).sum(1).view(B, H, D).to(q.dtype)
 
 
+# ----------------------------------------------------------------------------- spike quantization
+
 def spike_quant_torch(x, k=3.0, int8=False):
     """PyTorch twin of spike_quant (the same formula as model.spike_quant)."""
     x = x.float()
@@ -698,22 +708,256 @@ def spike_quant_torch(x, k=3.0, int8=False):
     return (counts.clamp(-127, 127).to(torch.int8) if int8 else counts), vth
 
 
-_spike_compiled = None
-
-
 def spike_quant(x, k=3.0, int8=False):
     """Spike counts of x [..., D]: vth = clamp(mean|x| / k, 1e-5, 1e4) per row (float32 [..., 1]),
     counts = round(x / vth), ties to even, float32 [..., D] (int8, clamped to [-127, 127], if int8).
 
-    On CUDA this is torch.compile of spike_quant_torch: a hand-written Triton kernel (two passes per row)
-    was no faster on an H100 (x [16384, 3584] bf16: 0.124 vs 0.121 ms; int8 out 0.091 vs 0.087 ms), so
-    it was dropped. Elsewhere it runs eagerly.
+    On CUDA this is torch.compile of spike_quant_torch (inductor's fused row reduction is as fast as a
+    hand-written two-pass Triton kernel: BENCHMARKS.md); elsewhere it runs eagerly.
     """
-    global _spike_compiled
-    if k <= 0:
+    if not k > 0:
         raise ValueError(f"spike k={k} must be > 0")
-    if not x.is_cuda:
-        return spike_quant_torch(x, k, int8)
-    if _spike_compiled is None:
-        _spike_compiled = torch.compile(spike_quant_torch)
-    return _spike_compiled(x, k, int8)
+    return (compiled(spike_quant_torch) if x.is_cuda else spike_quant_torch)(x, k, int8)
+
+
+# ----------------------------------------------------------------------------- dispatch: which op takes a fast path
+
+GLA_IMPL = "auto"    # "auto": the Triton GLA kernels on CUDA, model.py's references elsewhere; "torch" or "triton"
+                     # forces one ("triton" on a CPU needs TRITON_INTERPRET=1: tests)
+ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and decode_attention for one query, model.py's
+                     # reference (SDPA with a dense mask) otherwise. "sdpa", "flex" or "triton" force one ("flex" on
+                     # CPU runs flex_attention uncompiled, its dense reference; "triton" is the decode kernel for one
+                     # query and the reference otherwise, on CPU under TRITON_INTERPRET=1: tests)
+
+
+def use_gla(q):
+    return GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
+
+
+def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
+    """model.gla on the kernels: the recurrent one for a few tokens without gradients (decode), else the chunked."""
+    decode = q.shape[1] <= 4 and cu_seqlens is None and not torch.is_grad_enabled()
+    fn = fused_recurrent_gla if decode else chunk_gla
+    return fn(q, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def use_flex(q):
+    """flex_attention for queries q [B, T, ...]? Compiled (CUDA), it needs more than one tile of 128 queries."""
+    if q.is_cuda and q.shape[1] <= 128:
+        return False
+    return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda)
+
+
+def use_band(q, window):
+    """sliding_window_attention for these queries of one document (prefill or training, not decode)?"""
+    return window is not None and q.shape[1] > 1 and use_flex(q)
+
+
+def use_decode_attention(q):
+    """decode_attention for q [B, 1, H, D] (one query per row over a cache, no gradient)?"""
+    return (q.shape[1] == 1 and (ATTN_IMPL == "triton" or (ATTN_IMPL == "auto" and q.is_cuda))
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def masked_decode_attention(q, k, v, seen):
+    """model.attention for one query per row: q [B, 1, H, D]; k, v [B, S, Hkv, D]; seen [B, S] bool."""
+    bias = torch.zeros(seen.shape, device=q.device, dtype=torch.float32).masked_fill(~seen, float("-inf"))
+    return decode_attention(q[:, 0], k, v, bias)[:, None]
+
+
+# ----------------------------------------------------------------------------- flex_attention
+
+# flex_attention's kernel_options on Hopper GPUs (sm90; other GPUs keep torch's defaults), by path, forward only
+# ("fwd_" keys). "band" (sliding_window_attention, one document): 128 x 128 tiles, 8 warps, 3 stages, read through
+# the tensor memory accelerator (TMA), faster than torch's defaults on the SWA prefill (BENCHMARKS.md). "mask" (any
+# other block mask: packed documents, sinks, a cache): TMA with torch's tiles; its mask_mod reads position and
+# document tensors, and the band's 3-stage tiles then need more shared memory than a Hopper SM has. Options that
+# fail to compile on a device fall back to torch's defaults with one warning (with_fallback), so a tuning constant
+# never stops a run. torch versions before 2.11 keep the defaults.
+FLEX_OPTIONS = ({"band": dict(fwd_USE_TMA=True, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3),
+                 "mask": dict(fwd_USE_TMA=True)}
+                if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {})
+_swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
+_compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes, spike quantization
+
+
+def compiled(fn):
+    """torch.compile of fn, made once (recompiles once with dynamic shapes on a new size)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def flex(q, k, v, block_mask, gqa, path="mask"):
+    """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D].
+    path: "band" or "mask", which of FLEX_OPTIONS to try (on Hopper)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    opts = FLEX_OPTIONS.get(path) if torch.cuda.get_device_capability(q.device) == (9, 0) else None
+    key = ("flex", str(q.device), path, q.dtype, q.shape[-1], gqa, q.requires_grad)
+    return with_fallback(lambda o: compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
+                                                            kernel_options=o),
+                         opts, key, f"flex_attention ({path} mask, head dim {q.shape[-1]}, {q.dtype})")
+
+
+def swa_block_mask(T, S, off, window, device, tile=128):
+    """flex_attention's block mask for sliding-window attention of one document, made from the band's edges
+    without a [T, S] mask: query i sees key j iff 0 <= i + off - j <= window. Tiles of 128 x 128 wholly inside
+    the band skip the mask, tiles on its edges apply it, all others are skipped. Cached: every layer reuses it."""
+    from torch.nn.attention.flex_attention import BlockMask
+    key = (T, S, off, window, str(device))
+    if key not in _swa_masks:
+        if len(_swa_masks) >= 64:
+            _swa_masks.clear()
+        m = torch.arange(-(-T // tile), device=device)[:, None]              # query tiles
+        n = torch.arange(-(-S // tile), device=device)[None]                 # key tiles
+        q_lo, q_hi = m * tile + off, (m * tile + tile - 1).clamp(max=T - 1) + off
+        k_lo, k_hi = n * tile, (n * tile + tile - 1).clamp(max=S - 1)
+        some = (k_lo <= q_hi) & (k_hi >= q_lo - window)
+        full = (k_hi <= q_lo) & (k_lo >= q_hi - window) & (m * tile + tile <= T) & (n * tile + tile <= S)
+
+        def ordered(d):   # per query tile: how many key tiles, and which (ascending, padded after)
+            return (d.sum(-1, dtype=torch.int32)[None, None],
+                    torch.argsort((~d).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None])
+        shift = torch.tensor(off, device=device)
+
+        def mask_mod(b, h, qi, ki):
+            d = qi + shift - ki
+            return (d >= 0) & (d <= window)
+        _swa_masks[key] = BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), tile, mask_mod,
+                                                   seq_lengths=(T, S))
+    return _swa_masks[key]
+
+
+@torch.compiler.disable   # the block mask is cached on the host; compiled blocks call this as it is
+def sliding_window_attention(q, k, v, q_start, k_start, window):
+    """Sliding-window attention of one document on flex_attention: only the tiles in the band are computed, and
+    GQA's kv heads are read in place (no copies). q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D]
+    at positions k_start ..., ending with the last query. Returns [B, T, H, D]. Twin: model.attention."""
+    bm = swa_block_mask(q.shape[1], k.shape[1], q_start - k_start, window, q.device)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return flex(q, k, v, bm, bool(q.shape[1] != k.shape[1]), "band").transpose(1, 2)
+
+
+def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
+    """model.attention on flex_attention: `visible` (model.visible) becomes a block mask, never a dense one.
+    q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S]. Returns [B, T, H, D]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T, H, _ = q.shape
+    def mask_mod(b, h, qi, ki):
+        return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
+    bm = create_block_mask(mask_mod, B, None, T, k.shape[1], device=q.device, _compile=q.is_cuda)
+    gqa = bool(H != k.shape[2])
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return flex(q, k, v, bm, gqa).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the loss without full logits
+
+def cross_entropy_chunk(logits, targets, grads):
+    """Summed cross-entropy of logits [n, V] (rows with target -100 skipped) and, with grads, dL/dlogits =
+    softmax - onehot in the logits' dtype (0 on skipped rows). Compiled on CUDA, this is two passes over
+    the logits (the log-sum-exp, then the gradient), with no float32 copy of them."""
+    valid = targets != -100
+    t = torch.where(valid, targets, 0)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = x.logsumexp(-1)
+    loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0).sum()
+    if not grads:
+        return loss, None
+    p = (x - lse[:, None]).exp_()                                        # softmax
+    if torch.compiler.is_compiling():   # the one-hot as a comparison: all of it one fused pass
+        p = p - (torch.arange(x.shape[1], device=x.device) == t[:, None]).to(p.dtype)
+    else:                               # eager: in place, no further [n, V] temporaries
+        p[torch.arange(len(t), device=x.device), t] -= 1.0
+    return loss, (p * valid[:, None]).to(logits.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits x [N, C] @ w [V, C]^T, `chunk` rows at a time. When gradients are wanted
+    they are made in the forward pass, chunk by chunk (softmax - onehot is dL/dlogits): the [N, V] logits are
+    never whole and never recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk, grads):
+        total = x.new_zeros((), dtype=torch.float32)
+        dx = torch.zeros_like(x) if grads else None
+        dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        xent = compiled(cross_entropy_chunk) if x.is_cuda else cross_entropy_chunk
+        for i in range(0, x.shape[0], chunk):
+            xc = x[i:i + chunk]
+            loss, p = xent(xc @ w.T, targets[i:i + chunk], grads)          # logits (n, V) in x's dtype
+            total += loss
+            if grads:
+                dx[i:i + chunk] = p @ w
+                dw += p.T @ xc
+        if grads:
+            ctx.save_for_backward(dx, dw.to(w.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return dx * grad, dw * grad, None, None, None
+
+
+def linear_cross_entropy(x, w, targets, chunk=8192):
+    """Mean next-token loss of x [N, C] through the output layer w [V, C], `chunk` rows at a time (targets -100 are
+    skipped): model.GPT's training loss without the [N, V] logits (128k x 152k of them would take 40 GB). Twin:
+    F.cross_entropy of the full logits."""
+    grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    total = LinearCrossEntropy.apply(x, w, targets, chunk, grads)
+    return total / (targets != -100).sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- how the blocks run: compiled, checkpointed
+
+def compile_blocks(model):
+    """torch.compile every block (prefill and training): norms, RoPE, gates and activations fuse around the
+    matmuls. The GLA kernels and the sliding-window prefill (flex_attention) run as they are between the compiled
+    pieces."""
+    for block in model.blocks:
+        block.compile()
+
+
+def compile_decode(fn, device, gemv=True):
+    """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
+    gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
+    as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
+    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results."""
+    if device.type != "cuda":
+        return torch.compile(fn)
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
+
+
+def checkpoint_blocks(model):
+    """Per-block activation checkpointing: keep each block's input, recompute its inside during backward (after
+    compile_blocks, the wrapper recomputes the compiled block)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)   # no randomness inside a block
+
+
+def static_cache(cache):
+    """Mark a cache's buffers static for a decode step compiled with CUDA graphs (compile_decode): the graphs read
+    and write them in place, so they must keep their addresses."""
+    for b in cache.buffers():
+        torch._dynamo.mark_static_address(b)
+
+
+# ----------------------------------------------------------------------------- device facts
+
+# dense bf16 tensor-core peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name: the MFU denominator
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+              "B200": 2250e12, "L40S": 362e12}
+
+
+def peak_flops(device):
+    """PEAK_FLOPS of a CUDA device (None for a CPU or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((PEAK_FLOPS[k] for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in name), None)

@@ -1,8 +1,9 @@
-"""SpikingBrain in one file: config presets, every layer, the model and its generation caches.
+"""SpikingBrain in one file: config presets, every layer, the model and its generation cache, in pure PyTorch.
 
-Pure PyTorch; runs on CPU. On CUDA the GLA recurrence dispatches to our Triton kernels (kernels.py),
-masked attention to flex_attention and decode attention (one query over the cache) to our Triton kernel;
-`GLA_IMPL` / `ATTN_IMPL` force either path.
+Every op that has a fast path says so in one line, `if kernels and kernels.use_...(q): return kernels.<op>(...)`,
+and runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU); with kernels.py
+beside it, the GLA recurrence runs on Triton kernels, softmax attention on flex_attention and decoding on a
+split-cache kernel (kernels.GLA_IMPL / kernels.ATTN_IMPL force either path).
 
 Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
 - each layer's token mixer is named by `Config.layout`: "gla" (gated linear attention, 7B),
@@ -22,6 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import kernels   # the fast paths; without kernels.py every op runs its reference below
+except ModuleNotFoundError as e:
+    if e.name != "kernels":
+        raise
+    kernels = None
+
 MIXERS = ("gla", "la", "swa", "fa")
 LINEAR_MIXERS = ("gla", "la")
 
@@ -30,19 +38,23 @@ def _alternate(n, kinds):
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
-def _every(n, kind, other, at):
-    return [other if i in at else kind for i in range(n)]
+def layout_76b(n):
+    """The 76B's mixers for n layers: la+fa at every 7th layer (1-indexed 7, 14, 21, 28: full to sliding-window
+    attention 1:6), la+swa elsewhere; a model of fewer than 7 layers has la+fa last."""
+    fa = [i for i in range(n) if (i + 1) % 7 == 0] or [n - 1]
+    return ["la+fa" if i in fa else "la+swa" for i in range(n)]
 
 
-# 0-indexed layers; the 76B keeps a dense FFN in 1-indexed layers 1,2,3,5,7,9,11 and full attention in 7,14,21,28
-_76B_DENSE = (0, 1, 2, 4, 6, 8, 10)
-_76B_FA = (6, 13, 20, 27)
+def moe_layers_76b(n):
+    """The 76B keeps a dense FFN in 1-indexed layers 1, 2, 3, 5, 7, 9, 11 of 28; layer i of n follows layer
+    floor(i * 28 / n) of that pattern, so the dense share and its place near the input scale with depth."""
+    return [i for i in range(n) if i * 28 // n + 1 not in (1, 2, 3, 5, 7, 9, 11)]
+
 
 # https://huggingface.co/Panyuqi/V1-7B-base/blob/main/config.json (SpikingBrain-7B release), Qwen2.5-7B dims
 PRESETS = {
     "spikingbrain-7b": dict(layout=_alternate(28, ["gla", "swa"]), max_seq_len=4 * 1024 * 1024),
-    "spikingbrain-76b": dict(layout=_every(28, "la+swa", "la+fa", _76B_FA), n_sink=128,
-                             moe_layers=[i for i in range(28) if i not in _76B_DENSE]),
+    "spikingbrain-76b": dict(layout=layout_76b(28), n_sink=128, moe_layers=moe_layers_76b(28)),
     # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json: the conversion source and speed baseline
     "qwen2.5-7b": dict(layout=["fa"] * 28, max_seq_len=131072),
     "tiny": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
@@ -58,31 +70,21 @@ PRESETS = {
 def _typed(key, value, tp):
     """A config value as its field's type tp (int, float, str, list, or X | None). Command lines and YAML give "3",
     3 or "null" where a float or None is meant; those are converted, anything else is an error naming the key."""
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = next(t for t in args if t is not type(None)) if optional else tp
-    base = typing.get_origin(base) or base   # list[str] -> list
-    if optional and (value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
-        return None
-    if isinstance(value, str) and base in (int, float):
+    import yaml
+    optional = type(None) in typing.get_args(tp)
+    base = next((t for t in typing.get_args(tp) if t is not type(None)), tp)
+    base = typing.get_origin(base) or base                                       # list[str] -> list
+    if isinstance(value, str) and base is not str:
         try:
-            return base(value)
-        except ValueError:
-            pass
-    elif isinstance(value, str) and base is list:
-        import yaml
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            pass
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is list and isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, base) and not (isinstance(value, bool) and base is not bool):
+            value = base(value) if base in (int, float) else yaml.safe_load(value)   # "1e6" is a float, not YAML's
+        except (ValueError, yaml.YAMLError):
+            value = None if value.strip().lower() in ("null", "none", "~") else value
+    if base is float and type(value) is int or base is list and isinstance(value, tuple):
+        value = base(value)
+    if value is None and optional or isinstance(value, base) and (base is bool or not isinstance(value, bool)):
         return value
-    want = base.__name__ + (" or null" if optional else "")
-    raise ValueError(f"config key {key}={value!r} must be {want}: fix it in model_config or the config.yaml")
+    raise ValueError(f"config key {key}={value!r} must be {base.__name__}{' or null' if optional else ''}: fix it in "
+                     f"model_config or the config.yaml")
 
 
 @dataclass
@@ -134,8 +136,7 @@ class Config:
             raise ValueError(f"moe_layers {self.moe_layers} must lie in 0..{self.n_layer - 1}")
         if self.moe_layers and not 1 <= self.top_k <= self.n_expert:
             raise ValueError(f"top_k={self.top_k} must be in 1..n_expert={self.n_expert}")
-        if self.spike_k is not None and self.spike_k <= 0:
-            raise ValueError(f"spike_k={self.spike_k} must be > 0 (or None to turn spiking off)")
+        check_spike_k(self.spike_k)
         if self.window < 1 or self.head_dim % 2:
             raise ValueError("window must be >= 1 and head_dim even (RoPE)")
 
@@ -185,10 +186,16 @@ class Config:
 
 # ----------------------------------------------------------------------------- spiking activations
 
+def check_spike_k(k, what="spike_k"):
+    """The spiking threshold parameter: > 0, or None for no spikes."""
+    if k is not None and not k > 0:
+        raise ValueError(f"{what}={k} must be > 0 (or None to turn spiking off)")
+    return k
+
+
 def spike_quant(x, k=3.0):
     """Adaptive-threshold spike coding of x [..., C]: counts = round(x / vth), vth = mean|x| / k per token."""
-    if k <= 0:
-        raise ValueError(f"spike k={k} must be > 0")
+    check_spike_k(k, "spike k")
     x = x.float()
     vth = (x.abs().mean(-1, keepdim=True) / k).clamp(1e-5, 1e4)
     return torch.round(x / vth), vth
@@ -301,20 +308,13 @@ def gla_chunked(q, k, v, g, scale=None, initial_state=None, output_final_state=F
     return o.to(dtype), (S if output_final_state else None)
 
 
-GLA_IMPL = "auto"   # "auto": Triton kernels on CUDA, PyTorch elsewhere; "torch" or "triton" to force one
-
-
 def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
-    """Dispatch: GLA of q [B, T, H, D] over k, v, g [B, T, Hkv, D] (GQA: one state per kv head, serving H/Hkv
-    query heads) with optional packed documents (cu_seqlens, B == 1). Returns (o, state [B or N, Hkv, D, D])."""
-    use_triton = GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
-    if use_triton:
-        import kernels
-        decode = q.shape[1] <= 4 and cu_seqlens is None and not torch.is_grad_enabled()
-        fn = kernels.fused_recurrent_gla if decode else kernels.chunk_gla
-        return fn(q, k, v, g, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+    """GLA of q [B, T, H, D] over k, v, g [B, T, Hkv, D] (GQA: one state per kv head, serving H/Hkv query heads),
+    optionally over packed documents (cu_seqlens [N + 1], B == 1). Returns (o, state [B or N, Hkv, D, D])."""
+    if kernels and kernels.use_gla(q):
+        return kernels.gla(q, k, v, g, initial_state, cu_seqlens)
     G = q.shape[2] // k.shape[2]
-    if G > 1:   # the PyTorch twins keep a state per query head: G equal copies of each kv head's
+    if G > 1:   # the references keep a state per query head: G equal copies of each kv head's
         o, state = gla(q, *(t.repeat_interleave(G, 2) for t in (k, v, g)),
                        None if initial_state is None else initial_state.repeat_interleave(G, 1), cu_seqlens)
         return o, state[:, ::G]
@@ -341,131 +341,33 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
     return (k_doc == -1) | seen
 
 
-ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and our Triton kernel for one query (decode),
-                     # else SDPA with a dense mask. "sdpa", "flex" or "triton" force one ("flex" on CPU runs
-                     # flex_attention uncompiled, its dense reference; "triton" is the decode kernel for one query
-                     # and SDPA otherwise, on CPU under TRITON_INTERPRET=1: tests)
-# flex_attention's kernel_options on Hopper GPUs (sm90; other GPUs keep torch's defaults), by path, forward only
-# ("fwd_" keys). "band" (sliding_window_attention, one document): 128 x 128 tiles, 8 warps, 3 stages, read through
-# the tensor memory accelerator (TMA). "mask" (any other block mask: packed documents, sinks, a cache): TMA with
-# torch's tiles; its mask_mod reads position and document tensors, and the band's 3-stage tiles then need more
-# shared memory than a Hopper SM has. Options that fail to compile on a device fall back to torch's defaults with one
-# warning (kernels.with_fallback), so a tuning constant never stops a run. Older torch versions keep the defaults.
-FLEX_OPTIONS = ({"band": dict(fwd_USE_TMA=True, fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3),
-                 "mask": dict(fwd_USE_TMA=True)}
-                if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 11) else {})
-_swa_masks = {}      # block masks of one-document sliding-window attention, by shape and offset
-_compiled = {}       # functions compiled for CUDA: flex_attention, the loss's passes over the logits
-
-
-def use_flex(q):
-    """flex_attention for queries q [B, T, ...]? Compiled (CUDA), it needs more than one tile of 128 queries."""
-    if q.is_cuda and q.shape[1] <= 128:
-        return False
-    return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda)
-
-
-def use_sliding_window(q, window):
-    """sliding_window_attention for these queries of one document (prefill or training, not decode)?"""
-    return window is not None and q.shape[1] > 1 and use_flex(q)
-
-
-def compiled(fn):
-    """torch.compile of fn, made once (recompiles once with dynamic shapes on a new size)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
-
-
-def flex(q, k, v, block_mask, gqa, path="mask"):
-    """flex_attention, compiled on CUDA (uncompiled elsewhere: a dense reference). q, k, v [B, H, L, D].
-    path: "band" or "mask", which of FLEX_OPTIONS to try (on Hopper)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    if not q.is_cuda:
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    opts = FLEX_OPTIONS.get(path) if torch.cuda.get_device_capability(q.device) == (9, 0) else None
-    import kernels
-    key = ("flex", str(q.device), path, q.dtype, q.shape[-1], gqa, q.requires_grad)
-    return kernels.with_fallback(lambda o: compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
-                                                            kernel_options=o),
-                         opts, key, f"flex_attention ({path} mask, head dim {q.shape[-1]}, {q.dtype})")
-
-
-def swa_block_mask(T, S, off, window, device, tile=128):
-    """flex_attention's block mask for sliding-window attention of one document, made from the band's edges
-    without a [T, S] mask: query i sees key j iff 0 <= i + off - j <= window. Tiles of 128 x 128 wholly inside
-    the band skip the mask, tiles on its edges apply it, all others are skipped. Cached: every layer reuses it."""
-    from torch.nn.attention.flex_attention import BlockMask
-    key = (T, S, off, window, str(device))
-    if key not in _swa_masks:
-        if len(_swa_masks) >= 64:
-            _swa_masks.clear()
-        m = torch.arange(-(-T // tile), device=device)[:, None]              # query tiles
-        n = torch.arange(-(-S // tile), device=device)[None]                 # key tiles
-        q_lo, q_hi = m * tile + off, (m * tile + tile - 1).clamp(max=T - 1) + off
-        k_lo, k_hi = n * tile, (n * tile + tile - 1).clamp(max=S - 1)
-        some = (k_lo <= q_hi) & (k_hi >= q_lo - window)
-        full = (k_hi <= q_lo) & (k_lo >= q_hi - window) & (m * tile + tile <= T) & (n * tile + tile <= S)
-
-        def ordered(d):   # per query tile: how many key tiles, and which (ascending, padded after)
-            return (d.sum(-1, dtype=torch.int32)[None, None],
-                    torch.argsort((~d).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None])
-        shift = torch.tensor(off, device=device)
-
-        def mask_mod(b, h, qi, ki):
-            d = qi + shift - ki
-            return (d >= 0) & (d <= window)
-        _swa_masks[key] = BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), tile, mask_mod,
-                                                   seq_lengths=(T, S))
-    return _swa_masks[key]
-
-
-@torch.compiler.disable   # the block mask is cached on the host; compiled blocks call this as it is
-def sliding_window_attention(q, k, v, q_start, k_start, window):
-    """Sliding-window attention of one document on flex_attention: only the tiles in the band are computed, and
-    GQA's kv heads are read in place (no copies). q [B, T, H, D] at positions q_start ...; k, v [B, S, Hkv, D]
-    at positions k_start ..., ending with the last query. Returns [B, T, H, D]."""
-    bm = swa_block_mask(q.shape[1], k.shape[1], q_start - k_start, window, q.device)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    return flex(q, k, v, bm, bool(q.shape[1] != k.shape[1]), "band").transpose(1, 2)
-
-
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     """Masked softmax attention. q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S] int.
 
-    window=None is full causal attention; doc None means one document, no sinks. Returns [B, T, H, D].
+    window=None is full causal attention; doc None means one document, no sinks, no cache. Returns [B, T, H, D].
     """
     B, T, H, D = q.shape
-    if (T == 1 and q_doc is not None and (ATTN_IMPL == "triton" or (ATTN_IMPL == "auto" and q.is_cuda))
-            and not (torch.is_grad_enabled() and q.requires_grad)):
-        import kernels   # decode: split along the cache, so a short ring or a long cache both fill the GPU
-        seen = visible(q_pos, k_pos, q_doc, k_doc, window)                            # (B, S)
-        bias = torch.zeros(seen.shape, device=q.device, dtype=torch.float32).masked_fill(~seen, float("-inf"))
-        return kernels.decode_attention(q[:, 0], k, v, bias)[:, None]
-    fl = use_flex(q)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
-    gqa = bool(H != k.shape[1])                                        # a plain bool, also for symbolic shapes
-    if q_doc is None:   # one document, no sinks, no cache
-        if window is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+    gqa = bool(H != k.shape[2])                                        # a plain bool, also for symbolic shapes
+    if q_doc is None and window is None:
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True,
+                                              enable_gqa=gqa).transpose(1, 2)
+    if q_doc is None:
         q_doc = k_doc = torch.zeros_like(q_pos)
-    if fl:
-        from torch.nn.attention.flex_attention import create_block_mask
+    if kernels and kernels.use_decode_attention(q):   # one query per row over a cache
+        return kernels.masked_decode_attention(q, k, v, visible(q_pos, k_pos, q_doc, k_doc, window))
+    if kernels and kernels.use_flex(q):                # the mask as flex_attention's block mask, never dense
+        return kernels.masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible)
+    mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
+                   q_doc[:, None, :, None], k_doc[:, None, None, :], window)   # (B, 1, T, S)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
+    if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
+        Hkv = k.shape[1]
+        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+        return o.reshape(B, H, 1, D).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
-        def mask_mod(b, h, qi, ki):
-            return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
-        bm = create_block_mask(mask_mod, B, None, T, k.shape[2], device=q.device, _compile=q.is_cuda)
-        o = flex(q, k, v, bm, gqa)
-    else:
-        mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
-                       q_doc[:, None, :, None], k_doc[:, None, None, :], window)  # (B, 1, T, S)
-        if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
-            Hkv = k.shape[1]
-            o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
-            return o.reshape(B, H, 1, D).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return o.transpose(1, 2)
 
+# ----------------------------------------------------------------------------- generation cache
 
 class KVCache(nn.Module):
     """Keys/values of one softmax branch: `n_sink` permanent slots, then a ring of `capacity` slots.
@@ -492,36 +394,19 @@ class KVCache(nn.Module):
         slot = torch.where(doc == -1, pos, self.n_sink + (pos - self.n_sink) % self.capacity)
         self.k[:, slot], self.v[:, slot], self.pos[slot], self.doc[slot] = k, v, pos, doc
 
-    def attend(self, q, k, v, q_pos, q_doc, window):
-        """Attention of new queries (B, L, H, D) over cached + new keys; the new keys are cached."""
-        B, L = q.shape[:2]
-        if self.n_sink == 0 and use_sliding_window(q, window):
-            return self.attend_window(q, k, v, q_pos, q_doc, window)
-        if L == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps: write first
-            self.write(k, v, q_pos[0], q_doc[0])
-            return attention(q, self.k, self.v, q_pos, self.pos.expand(B, -1), q_doc, self.doc.expand(B, -1), window)
-        ks, vs = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
-        k_pos, k_doc = torch.cat([self.pos.expand(B, -1), q_pos], 1), torch.cat([self.doc.expand(B, -1), q_doc], 1)
-        o = attention(q, ks, vs, q_pos, k_pos, q_doc, k_doc, window)
-        self.write(k, v, q_pos[0], q_doc[0])
-        return o
-
-    @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
-    def attend_window(self, q, k, v, q_pos, q_doc, window):
-        """Prefill of one document through sliding_window_attention: the ring in position order, then the new keys."""
+    def ordered(self):
+        """The filled slots' keys and values in position order, (B, n, Hkv, D) each (n is read on the host)."""
         order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
-        o = sliding_window_attention(q, torch.cat([self.k[:, order], k], 1), torch.cat([self.v[:, order], v], 1),
-                                     int(q_pos[0, 0]), int(q_pos[0, 0]) - len(order), window)
-        self.write(k, v, q_pos[0], q_doc[0])
-        return o
+        return self.k[:, order], self.v[:, order]
 
 
 class Cache(nn.Module):
-    """Everything generation keeps: per layer the GLA state and/or a KVCache per softmax branch."""
+    """Everything generation keeps: per layer the GLA state and/or a KVCache per softmax branch; `seen` counts the
+    positions consumed (sinks included)."""
 
     def __init__(self, config, B, max_len, device=None, dtype=None):
         super().__init__()
-        c, self.seen = config, 0   # `seen` counts positions consumed, sinks included
+        c, self.seen = config, 0
         self.layers = nn.ModuleList()
         for i in range(c.n_layer):
             m = nn.Module()
@@ -533,6 +418,9 @@ class Cache(nn.Module):
                     cap = min(c.window + 1, max_len) if kind == "swa" else max_len
                     m.kv = KVCache(B, c.n_kv_head, c.head_dim, c.n_sink, cap, device, dtype)
             self.layers.append(m)
+
+    def nbytes(self):
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 # ----------------------------------------------------------------------------- layers
@@ -575,14 +463,32 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, -1))
 
     def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache):
-        c = self.c
         q, k = rope(q, rot), rope(k, rot)
-        window = c.window if kind == "swa" else None
-        if cache is not None:
-            return cache.kv.attend(q, k, v, pos, doc, window)
-        if doc is None and use_sliding_window(q, window):
-            return sliding_window_attention(q, k, v, 0, 0, window)
-        return attention(q, k, v, pos, pos, doc, doc, window)
+        window = self.c.window if kind == "swa" else None
+        if cache is None:
+            if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
+                return kernels.sliding_window_attention(q, k, v, 0, 0, window)
+            return attention(q, k, v, pos, pos, doc, doc, window)
+        kv, B = cache.kv, q.shape[0]
+        if kv.n_sink == 0 and kernels and kernels.use_band(q, window):   # one document: a band again
+            return self.band_prefill(q, k, v, pos, doc, kv, window)
+        if q.shape[1] == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps
+            kv.write(k, v, pos[0], doc[0])
+            return attention(q, kv.k, kv.v, pos, kv.pos.expand(B, -1), doc, kv.doc.expand(B, -1), window)
+        o = attention(q, torch.cat([kv.k, k], 1), torch.cat([kv.v, v], 1), pos,
+                      torch.cat([kv.pos.expand(B, -1), pos], 1), doc, torch.cat([kv.doc.expand(B, -1), doc], 1), window)
+        kv.write(k, v, pos[0], doc[0])   # after: this chunk's keys may overwrite ring slots its queries still see
+        return o
+
+    @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
+    def band_prefill(self, q, k, v, pos, doc, kv, window):
+        """A prefill chunk of one document on the band: the ring in position order, then the chunk's keys."""
+        ks, vs = kv.ordered()
+        start = int(pos[0, 0])
+        o = kernels.sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
+                                             start - ks.shape[1], window)
+        kv.write(k, v, pos[0], doc[0])
+        return o
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):
         c, (B, T, _) = self.c, x.shape
@@ -669,61 +575,6 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
-def cross_entropy_chunk(logits, targets, grads):
-    """Summed cross-entropy of logits [n, V] (rows with target -100 skipped) and, with grads, dL/dlogits =
-    softmax - onehot in the logits' dtype (0 on skipped rows). Compiled on CUDA, this is two passes over the
-    logits (the log-sum-exp, then the gradient), with no float32 copy of them."""
-    valid = targets != -100
-    t = torch.where(valid, targets, 0)
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = x.logsumexp(-1)
-    loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0).sum()
-    if not grads:
-        return loss, None
-    p = (x - lse[:, None]).exp_()                                        # softmax
-    if torch.compiler.is_compiling():   # the one-hot as a comparison: all of it one fused pass
-        p = p - (torch.arange(x.shape[1], device=x.device) == t[:, None]).to(p.dtype)
-    else:                               # eager: in place, no further [n, V] temporaries
-        p[torch.arange(len(t), device=x.device), t] -= 1.0
-    return loss, (p * valid[:, None]).to(logits.dtype)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits x [N, C] @ w [V, C]^T, `chunk` rows at a time. When gradients are wanted
-    they are made in the forward pass, chunk by chunk (softmax - onehot is dL/dlogits): the [N, V] logits are
-    never whole and never recomputed."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, chunk, grads):
-        total = x.new_zeros((), dtype=torch.float32)
-        dx = torch.zeros_like(x) if grads else None
-        dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
-        xent = compiled(cross_entropy_chunk) if x.is_cuda else cross_entropy_chunk
-        for i in range(0, x.shape[0], chunk):
-            xc = x[i:i + chunk]
-            loss, p = xent(xc @ w.T, targets[i:i + chunk], grads)          # logits (n, V) in x's dtype
-            total += loss
-            if grads:
-                dx[i:i + chunk] = p @ w
-                dw += p.T @ xc
-        if grads:
-            ctx.save_for_backward(dx, dw.to(w.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        dx, dw = ctx.saved_tensors
-        return dx * grad, dw * grad, None, None, None
-
-
-def chunked_cross_entropy(lm_head, x, targets, chunk=8192):
-    """Mean next-token loss of x [N, C] through lm_head (no bias), `chunk` rows at a time; targets -100 are
-    skipped."""
-    grads = torch.is_grad_enabled() and (x.requires_grad or lm_head.weight.requires_grad)
-    total = LinearCrossEntropy.apply(x, lm_head.weight, targets, chunk, grads)
-    return total / (targets != -100).sum().clamp_min(1)
-
-
 def doc_positions(doc_ids):
     """Positions restarting at each document of packed rows. doc_ids [B, T], non-decreasing per row."""
     B, T = doc_ids.shape
@@ -732,6 +583,32 @@ def doc_positions(doc_ids):
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(start, idx, 0).cummax(1).values                # index where each token's doc starts
     return idx - first, start
+
+
+def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits [B, V] -> probabilities [B, V] after temperature, top-k and top-p (nucleus) filtering.
+
+    top_k keeps every token at least as likely as the k-th; top_p keeps the most likely tokens until their
+    mass reaches top_p (the token that crosses it included, so the top token always stays).
+    """
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
 
 
 class GPT(nn.Module):
@@ -760,9 +637,7 @@ class GPT(nn.Module):
 
     def set_spike_k(self, k):
         """Turn spiking activations on (k > 0) or off (None) for every projection of the blocks."""
-        if k is not None and k <= 0:
-            raise ValueError(f"spike_k={k} must be > 0")
-        self.config.spike_k = k
+        self.config.spike_k = check_spike_k(k)
         for m in self.blocks.modules():
             if hasattr(m, "spike_k"):   # model.Linear and its swaps (spiking.W8ASpikeLinear)
                 m.spike_k = k
@@ -772,24 +647,28 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 
-    def forward(self, idx, targets=None, doc_ids=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, input_pos=None, last_only=False):
         """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
 
         targets: [B, T] next-token ids, -100 where no loss is taken; with targets, the mean loss is returned and
         logits are not (they are computed in chunks and dropped: 128k x 152k of them would take 40 GB).
         doc_ids: [B, T] non-decreasing document index of each token in packed rows (attention and the GLA state
         never cross documents).
-        cache: a `new_cache()` to prefill or decode with (one document per row). last_only: logits of the
-        last position only (prefill for generation).
+        cache: a `new_cache()` to prefill or decode with (one document per row); positions follow cache.seen,
+        which this call advances. input_pos: [B, T] positions of a decode step given as a tensor instead (one
+        compiled graph serves every step; the caller advances cache.seen). last_only: logits of the last position
+        only (prefill for generation).
         """
         c, (B, T) = self.config, idx.shape
-        if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():   # one host sync
+        if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
                              f"the tokenizer does not match this model")
         x = self.embed(idx)
-        n_sink = c.n_sink if cache is None or cache.seen == 0 else 0    # sinks enter once per sequence
-        base = n_sink if cache is None else cache.seen + n_sink
-        pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
+        n_sink, pos = 0, input_pos   # input_pos given: cache.seen is not read (a compiled step would guard on it)
+        if input_pos is None:
+            n_sink = c.n_sink if cache is None or cache.seen == 0 else 0             # sinks enter once per sequence
+            base = n_sink if cache is None else cache.seen + n_sink
+            pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
             if cache is not None:
@@ -810,12 +689,29 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i])
             aux = aux + a
-        if cache is not None:
+        if cache is not None and input_pos is None:
             cache.seen += x.shape[1]
         x = self.norm(x[:, -1:] if last_only else x[:, n_sink:])   # prefill: not the whole chunk's norm
-        if targets is not None:   # training: the loss in chunks, never the whole [B, T, vocab] logits
-            return None, chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten()), aux
-        return self.lm_head(x), None, aux
+        if targets is not None and kernels:   # the loss in chunks, never the whole [B, T, vocab] logits
+            return None, kernels.linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten()), aux
+        logits = self.lm_head(x)
+        if targets is not None:
+            return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100), aux
+        return logits, None, aux
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
+        """Up to max_new_tokens ids sampled after idx [1, T] (stopping at eos_id), through a cache: the prompt in one
+        forward, then one token per forward."""
+        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+        logits, out = self(idx, cache=cache, last_only=True)[0], []
+        for _ in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            if nxt.item() == eos_id:
+                break
+            out.append(nxt.item())
+            logits = self(nxt, cache=cache)[0]
+        return out
 
     def num_params(self, active_only=False, embeddings=True):
         c = self.config

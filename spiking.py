@@ -1,4 +1,5 @@
-"""Spiking toolkit: spike codings, integrate-and-fire simulation, statistics, energy, rasters, W8ASpike.
+"""Spiking toolkit: spike codings, integrate-and-fire simulation, statistics, energy, rasters, W8ASpike. A library:
+it reads and writes no files (convert.py loads and saves W8ASpike checkpoints, eval.py measures checkpoints).
 
 The spiking activation itself (`spike_quant`, the straight-through `spike`, `Linear.spike_k`) lives in
 model.py, so training, generation and this file share one definition; it is re-exported here.
@@ -13,9 +14,9 @@ model.py, so training, generation and this file share one definition; it is re-e
     replace_linears(model, k=3.0, scales=scales)
     writer.add_image("raster", spike_raster(train[:, 0, :64]))   # TensorBoard, uint8 [3, H, W]
 
-Commands (CPU by default; --device cuda for a GPU):
-    python spiking.py sweep --ckpt out/ckpt --text data/valid.txt --k '[2,3,4]'
-    python spiking.py w8aspike --ckpt out/ckpt --text data/calib.txt --out out/ckpt-w8aspike
+Commands that use it:
+    python convert.py w8aspike --ckpt out/ckpt --text data/calib.txt --out out/ckpt-w8aspike   # calibrate, quantize
+    python eval.py spikes --ckpt out/ckpt --text data/valid.txt --k '[2,3,4]'   # sparsity, energy, d ppl per k
 
 Departures from the release (BICLab/SpikingBrain-7B, W8ASpike/):
 - its W8ASpike weights come from GPTQ; ours are max-scaled INT8 groups, optionally with a per-group clip
@@ -25,9 +26,6 @@ Departures from the release (BICLab/SpikingBrain-7B, W8ASpike/):
   projections of the blocks (every model.Linear), nothing inside attention;
 - codings take integer counts directly: no zero-point shifting of unsigned data (the release's x_zero).
 """
-import math
-import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,12 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, Config, Linear, spike, spike_quant
+from model import Config, Linear, check_spike_k, spike, spike_quant
 
 __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
-           "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "calibrate", "search_scales",
-           "set_spike_k", "load_model", "perplexity", "spike_sweep", "sweep", "w8aspike"]
+           "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "replace_linears_for_state", "calibrate",
+           "search_scales", "check_group_size"]
 
 # ----------------------------------------------------------------------------- codings: counts <-> spike trains
 
@@ -329,8 +327,7 @@ def collect_stats(model, k=None, coding="bidirectional", window=3, hist_max=64):
     _check_coding(coding)
     if coding not in SIGNED:
         raise ValueError(f"coding {coding!r} is unsigned but activations are signed: use one of {SIGNED}")
-    if k is not None and k <= 0:
-        raise ValueError(f"spike k={k} must be > 0")
+    check_spike_k(k, "spike k")
     if not isinstance(window, int) or not 1 <= window <= MAX_BITS:
         raise ValueError(f"window={window!r}: need an int in 1..{MAX_BITS}")
     if hist_max < 17:
@@ -372,13 +369,18 @@ def spike_raster(train, scale=1):
 
 # ----------------------------------------------------------------------------- W8ASpike
 
+def check_group_size(group_size):
+    """Input channels per INT8 weight scale: a positive int."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    return group_size
+
+
 def _group(in_features, group_size):
     """Group width for a layer: group_size, or in_features for a layer narrower than one group (the GLA gate's
     16 -> kv projection: one group per row). Where group_size does not divide in_features (the demo's 688), the
     last group of each row is shorter: ceil(in / g) groups, the same INT8 symmetric scheme in each."""
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be a positive int")
-    return min(in_features, group_size)
+    return min(in_features, check_group_size(group_size))
 
 
 def _n_groups(in_features, g):
@@ -446,8 +448,7 @@ class W8ASpikeLinear(nn.Module):
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
         super().__init__()
-        if spike_k is not None and spike_k <= 0:
-            raise ValueError(f"spike_k={spike_k} must be > 0 (or None)")
+        check_spike_k(spike_k)
         self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
         self.group_size = _group(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -523,8 +524,7 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     `calibrate`; default max|w| / 127 per group. Works in place and returns the model; every layer is checked
     before any is replaced.
     """
-    if k is not None and k <= 0:
-        raise ValueError(f"spike k={k} must be > 0 (or None)")
+    check_spike_k(k, "spike k")
     targets = _linears(model)
     for name, m in targets:
         g = _group(m.in_features, group_size)
@@ -577,14 +577,13 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
     """
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples} must be >= 1")
-    if k is not None and k <= 0:
-        raise ValueError(f"spike k={k} must be > 0 (or None)")
+    check_spike_k(k, "spike k")
     if not grid or min(grid) <= 0:
         raise ValueError(f"grid {grid!r} must be non-empty and positive")
     targets = _linears(model)
     if not targets:
         raise ValueError("the model has no model.Linear to calibrate (already replaced?)")
-    _group(1, group_size)   # a bad group_size fails before the forward passes
+    check_group_size(group_size)   # a bad group_size fails before the forward passes
     sq = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in targets}
 
     def record(name, module, args):
@@ -617,232 +616,21 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
     return {name: search_scales(m.weight.detach(), sq[name], group_size, grid) for name, m in targets}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- a saved W8ASpike model's modules
 
-def load_model(path, device="cpu", dtype=None):
-    """A checkpoint directory (model.safetensors + config.yaml), float or W8ASpike -> (model, config).
-
-    W8ASpike checkpoints are recognised by their `.qweight` tensors; each layer's group width is its saved
-    `._extra_state` (files without it, written before partial groups existed, have equal groups: the scales'
-    shape gives it); scales stay float32 whatever `dtype` is. Save them with convert.save_checkpoint(model,
-    model.config, out), which writes the same layout.
+def replace_linears_for_state(model, state, k=3.0):
+    """Swap each model.Linear whose entries in `state` are a W8ASpike layer's (`<name>.qweight`) for a
+    W8ASpikeLinear (activation k) of the saved group width, so that model.load_state_dict(state) fits; the other
+    layers stay. The width is the layer's `._extra_state`; states without one (saved before partial groups existed)
+    have equal groups, and the scales' shape gives it (added to state). Under torch.device("meta") nothing is
+    allocated. Returns the model.
     """
-    import convert
-    w_file = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(w_file) or not os.path.isfile(os.path.join(path, "config.yaml")):
-        return convert.load_checkpoint(path, device, dtype)   # it raises the helpful error
-    files, headers = convert.read_headers(path)   # a corrupt or truncated file: an error that names it
-    if not any(key.endswith(".qweight") for key in headers):
-        return convert.load_checkpoint(path, device, dtype)
-    config = Config.from_yaml(os.path.join(path, "config.yaml"))
-    state = convert.read_state(path, files, device)
-    with torch.device("meta"):
-        model = GPT(config)
     for name, m in _linears(model):
         if name + ".qweight" not in state:
             continue
         if name + "._extra_state" not in state and name + ".scales" in state:
-            state[name + "._extra_state"] = torch.tensor(_group_width(m.in_features, state[name + ".scales"], None))
-        g = int(state.get(name + "._extra_state", m.in_features))   # missing: check_state names it below
-        with torch.device("meta"):
-            _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, config.spike_k))
-    if dtype is not None:
-        state = {key: v.to(dtype) if v.is_floating_point() and not key.endswith(".scales") else v
-                 for key, v in state.items()}
-    convert.check_state(model, state, w_file)
-    model.load_state_dict(state, assign=True)
-    return model.to(device).eval(), config
-
-
-# ----------------------------------------------------------------------------- sweep over k
-
-def set_spike_k(model, k):
-    """Spike every model.Linear and W8ASpikeLinear of `model` at k (None: off); also model.config.spike_k."""
-    if k is not None and k <= 0:
-        raise ValueError(f"spike k={k} must be > 0 (or None)")
-    for m in model.modules():
-        if isinstance(m, (Linear, W8ASpikeLinear)):
-            m.spike_k = k
-    if isinstance(getattr(model, "config", None), Config):
-        model.config.spike_k = k
-
-
-@torch.no_grad()
-def perplexity(model, rows, batch_size=8):
-    """rows [N, T + 1] token ids -> exp(mean next-token cross-entropy over all N * T predictions)."""
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for i in range(0, rows.shape[0], batch_size):
-        b = rows[i:i + batch_size].to(device)
-        _, loss, _ = model(b[:, :-1], targets=b[:, 1:])
-        total += loss.item() * b[:, 1:].numel()
-        n += b[:, 1:].numel()
-    return math.exp(total / n)
-
-
-@torch.no_grad()
-def spike_sweep(model, rows, ks, *, batch_size=8, coding="bidirectional", window=3):
-    """Statistics and perplexity at each k, after a non-spiking baseline (k None). rows [N, T + 1] token ids.
-
-    Returns one dict per k (the baseline first): k, ppl, dppl (ppl - baseline), and for spiking rows the
-    SpikeStats.summary() fields. The model's spike_k settings are restored afterwards.
-    """
-    _check_sweep(ks, coding, window)
-    saved = [(m, m.spike_k) for m in model.modules() if isinstance(m, (Linear, W8ASpikeLinear))]
-    saved_cfg = getattr(getattr(model, "config", None), "spike_k", None)
-    was_training = model.training
-    model.eval()
-    try:
-        set_spike_k(model, None)
-        base = perplexity(model, rows, batch_size)
-        out = [dict(k=None, ppl=base, dppl=0.0)]
-        for k in ks:
-            set_spike_k(model, k)
-            with collect_stats(model, coding=coding, window=window) as st:
-                ppl = perplexity(model, rows, batch_size)
-            out.append(dict(k=k, ppl=ppl, dppl=ppl - base, **st.summary()))
-    finally:
-        for m, old in saved:
-            m.spike_k = old
-        if isinstance(getattr(model, "config", None), Config):
-            model.config.spike_k = saved_cfg
-        model.train(was_training)
-    return out
-
-
-def format_table(results, window=3):
-    """The sweep's rows as one fixed-width text table."""
-    head = (f"{'k':>5} {'ppl':>9} {'d ppl':>8} {f'sparsity@{window}':>12} {'spikes/ch':>9} {'silent':>7} "
-            f"{'|c|<=7':>7} {'fire rate':>9} {'save/FP16':>9} {'save/INT8':>9}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if r["k"] is None:
-            lines.append(f"{'off':>5} {r['ppl']:9.3f}")
-            continue
-        lines.append(f"{r['k']:5g} {r['ppl']:9.3f} {r['dppl']:+8.3f} {100 * r['sparsity']:11.2f}% "
-                     f"{r['spikes_per_channel']:9.3f} {100 * r['silent']:6.2f}% {100 * r['share_le7']:6.2f}% "
-                     f"{r['firing_rate']:9.3f} {100 * r['saving_vs_fp16']:8.2f}% {100 * r['saving_vs_int8']:8.2f}%")
-    return "\n".join(lines)
-
-
-def _check_sweep(ks, coding, window):
-    """The sweep's arguments, checked before a model is loaded or run (a bad one would fail after the baseline)."""
-    if any(k is None or k <= 0 for k in ks):
-        raise ValueError(f"k={list(ks)}: every k must be a number > 0")
-    with collect_stats(nn.Module(), coding=coding, window=window):   # its argument checks; hooks nothing
-        pass
-
-
-def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
-    """Tokenize a UTF-8 text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    try:
-        with open(text_file, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{text_file} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
-                         f"convert it first, e.g. iconv -f latin1 -t utf-8 {text_file}") from None
-    ids = tokenizer.encode(text)
-    ids = ids[:max_tokens] if max_tokens else ids
-    if len(ids) < 2:
-        raise ValueError(f"{text_file} gives {len(ids)} tokens: need at least 2 to measure perplexity")
-    n = max(1, len(ids) // (seq_len + 1))
-    width = min(seq_len + 1, len(ids))
-    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
-
-
-def _tokenizer(ckpt, tokenizer):
-    """--tokenizer, else the checkpoint's; loaded (and the text read) before the model, so bad input fails fast."""
-    from tokenizer import Tokenizer
-    if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory: it has no config.yaml (train.py and "
-                                f"convert.py write one)")
-    return Tokenizer(tokenizer or ckpt)
-
-
-def _load(ckpt, device, dtype):
-    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype: use e.g. bfloat16, float16 or float32")
-    return load_model(ckpt, device, getattr(torch, dtype) if dtype else None)[0]
-
-
-# ----------------------------------------------------------------------------- commands
-
-def sweep(*, ckpt: str, text: str, k: list[float] = [2.0, 3.0, 4.0], seq_len: int = 512, batch_size: int = 4,
-          max_tokens: int | None = 65536, coding: str = "bidirectional", window: int = 3, device: str = "cpu",
-          dtype: str | None = None, tokenizer: str | None = None) -> None:
-    """Spike statistics, energy saving and perplexity change of a checkpoint over a text, for each k.
-
-    Args:
-        ckpt: checkpoint directory (model.safetensors + config.yaml, float or W8ASpike; tokenizer files)
-        text: UTF-8 text file to measure on
-        k: threshold parameters to sweep, e.g. --k '[2,3,4]'
-        seq_len: tokens per row
-        batch_size: rows per forward
-        max_tokens: use at most this many tokens of the text (None: all)
-        coding: signed spike coding for spike events and sparsity (ternary, bidirectional, twos)
-        window: time steps of the sparsity window (the report uses 3)
-        device: cpu or cuda
-        dtype: e.g. bfloat16; default: as saved
-        tokenizer: tokenizer directory, if not the checkpoint's
-    """
-    _check_sweep(k, coding, window)
-    rows = text_rows(_tokenizer(ckpt, tokenizer), text, seq_len, max_tokens)
-    model = _load(ckpt, device, dtype)
-    results = spike_sweep(model, rows, k, batch_size=batch_size, coding=coding, window=window)
-    print(f"{ckpt}: {rows.numel()} tokens of {text}, {coding} coding")
-    print(format_table(results, window))
-
-
-def w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int = 128, n_samples: int = 128,
-             seq_len: int = 512, batch_size: int = 4, calibrated: bool = True, device: str = "cpu",
-             dtype: str | None = None, tokenizer: str | None = None) -> None:
-    """Quantize a float checkpoint to W8ASpike and save it (with the tokenizer files) to `out`.
-
-    Args:
-        ckpt: float checkpoint directory
-        out: directory to write
-        text: calibration text, cut into n_samples rows of seq_len tokens
-        k: activation threshold parameter
-        group_size: input channels per INT8 weight scale (the last group of a row may be shorter)
-        n_samples: calibration rows
-        seq_len: tokens per calibration row
-        batch_size: rows per forward
-        calibrated: search clip ratios on the text (False: plain max|w| / 127 scales)
-        device: cpu or cuda
-        dtype: e.g. bfloat16; default: as saved
-        tokenizer: tokenizer directory, if not the checkpoint's
-    """
-    import convert
-    if k <= 0:                       # the arguments and files are checked before the model loads
-        raise ValueError(f"k={k} must be > 0")
-    if calibrated and n_samples < 1:
-        raise ValueError(f"n_samples={n_samples} must be >= 1")
-    _group(1, group_size)
-    if calibrated:
-        rows = text_rows(_tokenizer(ckpt, tokenizer), text, seq_len, n_samples * (seq_len + 1))
-    convert.check_paths(ckpt, out)   # --out must not replace the float checkpoint it reads
-    model = _load(ckpt, device, dtype)
-    if any(isinstance(m, W8ASpikeLinear) for m in model.modules()):
-        raise ValueError(f"{ckpt} is already a W8ASpike checkpoint: quantize the float checkpoint it came from")
-    scales, n_rows = None, 0
-    if calibrated:
-        scales = calibrate(model, rows.split(batch_size), n_samples=n_samples, k=k, group_size=group_size)
-        n_rows = min(n_samples, rows.shape[0])
-    replace_linears(model, k=k, group_size=group_size, scales=scales)
-    tok_dir = tokenizer or ckpt
-    has_tok = all(os.path.isfile(os.path.join(tok_dir, f)) for f in convert.TOKENIZER_FILES)
-    convert.save_checkpoint(model, model.config, out, tok_dir if has_tok else None)
-    n = sum(isinstance(m, W8ASpikeLinear) for m in model.modules())
-    print(f"wrote {out}: {n} W8ASpike layers, k={k}, group_size={group_size}, "
-          f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
-
-
-if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    try:
-        CLI({"sweep": sweep, "w8aspike": w8aspike})
-    except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
-        sys.exit(f"error: {e}")
+            g = _group_width(m.in_features, state[name + ".scales"], None)
+            state[name + "._extra_state"] = torch.tensor(g, device="cpu")   # a value, even under the meta device
+        g = int(state.get(name + "._extra_state", m.in_features))   # missing: the caller's shape check names it
+        _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, k))
+    return model

@@ -1,5 +1,6 @@
 """convert.py on tiny checkpoints built here: Qwen2 -> ours (logits vs a float64 Qwen2 forward written below, and
-transformers when installed), the 7B and 76B layouts, release <-> ours bit-exact, errors, and the tokenizer."""
+transformers when installed), the 7B and 76B layouts, release <-> ours bit-exact, loading every kind (float,
+W8ASpike, the release) with its tokenizer, the w8aspike command, errors, and the tokenizer."""
 import dataclasses
 import inspect
 import json
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import convert
+import spiking
 import tokenizer as tok
 from model import GPT, PRESETS, Config
 
@@ -617,14 +619,14 @@ def test_cli_help_says_the_readme_commands():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read().split("## Converting checkpoints")[1].split("\n## ")[0]
     commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("python convert.py ")]
-    assert {c[2] for c in commands} == {"qwen2.5", "release", "tokenizer"}
+    assert {c[2] for c in commands} == {"qwen2.5", "release", "tokenizer", "w8aspike"}
 
     def help_of(*args):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         return r.stdout
-    assert "{qwen2.5,release,tokenizer}" in help_of()
+    assert "{qwen2.5,release,tokenizer,w8aspike}" in help_of()
     helps = {sub: help_of(sub) for sub in {c[2] for c in commands}}
     assert "convert.py [options] qwen2.5 " in helps["qwen2.5"]
     for c in commands:   # every option the README gives, and every --to value, is in its subcommand's help
@@ -636,7 +638,6 @@ def test_cli_help_says_the_readme_commands():
 def test_checkpoint_config_missing_a_field_is_an_error(tmp_path):
     import yaml
 
-    import spiking
     config = Config.from_name("tiny", window=7)
     convert.save_checkpoint(GPT(config), config, str(tmp_path / "ck"))
     with open(tmp_path / "ck" / "config.yaml") as f:
@@ -646,30 +647,135 @@ def test_checkpoint_config_missing_a_field_is_an_error(tmp_path):
     del saved["window"]   # a preset's window (16) would otherwise fill in silently
     with open(tmp_path / "ck" / "config.yaml", "w") as f:
         yaml.safe_dump(saved, f)
-    for load in (convert.load_checkpoint, spiking.load_model):
-        with pytest.raises(ValueError, match=r"lacks config field\(s\) \['window'\]: .* add them"):
-            load(str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match=r"lacks config field\(s\) \['window'\]: .* add them"):
+        convert.load_checkpoint(str(tmp_path / "ck"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_load_on_a_missing_device_names_the_device_not_the_file(tmp_path, monkeypatch):
-    import spiking
     config = Config.from_name("tiny")
     convert.save_checkpoint(GPT(config), config, str(tmp_path / "ck"))
+    w8 = spiking.replace_linears(GPT(config), k=3.0, group_size=32)
+    convert.save_checkpoint(w8, w8.config, str(tmp_path / "w8"))
     make_release(tmp_path / "rel")
     monkeypatch.setattr(convert, "load_file", lambda *a, **k: pytest.fail("weights read for an unusable device"))
-    for load, path in ((convert.load_checkpoint, "ck"), (spiking.load_model, "ck"), (convert.load_release, "rel")):
+    for path in ("ck", "w8", "rel"):
         for device in ("cuda", "cuda:1"):
             with pytest.raises(ValueError, match=r"CUDA is not available here .*use --device cpu") as e:
-                load(str(tmp_path / path), device=device)
+                convert.load_checkpoint(str(tmp_path / path), device=device)
             assert "corrupt" not in str(e.value)
     with pytest.raises(ValueError, match="'gpu' is not a device name"):
         convert.load_checkpoint(str(tmp_path / "ck"), device="gpu")
 
 
+# ----------------------------------------------------------------------------- loading every kind; float -> W8ASpike
+
+def byte_tokenizer(path):
+    """Our tokenizer files for bytes only (256 ranks + <|endoftext|>): text <-> ids is exact."""
+    tok.save(str(path), {bytes([i]): i for i in range(256)}, {"<|endoftext|>": 256})
+    return str(path)
+
+
+def ours(tmp_path, name="ck", **kw):
+    """A tiny float checkpoint of ours with the byte tokenizer; -> its path."""
+    torch.manual_seed(0)
+    config = Config.from_name("tiny", **kw)
+    convert.save_checkpoint(GPT(config), config, str(tmp_path / name), byte_tokenizer(tmp_path / "bytes"))
+    return str(tmp_path / name)
+
+
+def test_load_reads_every_kind_with_its_tokenizer(tmp_path):
+    ck = ours(tmp_path)
+    model, t = convert.load(ck)
+    assert not model.training and t.n_vocab == 257 and t.decode(t.encode("spikes")) == "spikes"
+    w8 = spiking.replace_linears(convert.load_checkpoint(ck)[0], k=3.0, group_size=32)
+    convert.save_checkpoint(w8, w8.config, str(tmp_path / "w8"), str(tmp_path / "bytes"))
+    q, _ = convert.load(str(tmp_path / "w8"), dtype="bfloat16")        # a dtype by name; INT8 layers keep theirs
+    up = q.get_submodule("blocks.1.mlp.up_proj")
+    assert isinstance(up, spiking.W8ASpikeLinear) and up.qweight.dtype == torch.int8
+    assert up.scales.dtype == torch.float32 and q.embed.weight.dtype == torch.bfloat16
+    assert q.config.spike_k == 3.0 and up.spike_k == 3.0
+    rel = str(tmp_path / "rel")                                         # the release's layout: config.json
+    convert.convert_release(src=ck, out=rel, to="release")
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*pass --tokenizer DIR"):
+        convert.load(rel)
+    release, _ = convert.load(rel, tokenizer_dir=str(tmp_path / "bytes"))
+    a, b = model.state_dict(), release.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    vocab, merges = train_bpe(corpus()[:3000], 20)                     # Hugging Face files: converted on the fly
+    write_hf_tokenizer(rel, vocab, merges)
+    _, t = convert.load(rel)
+    assert t.encode(TEXTS[0]) == reference_encode(TEXTS[0], vocab, merges, {})
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope is not a checkpoint directory: give one"):
+        convert.load(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    for load in (convert.load, convert.load_checkpoint):
+        with pytest.raises(FileNotFoundError, match="holds neither config.yaml .* nor config.json"):
+            load(str(tmp_path / "empty"))
+    small = ours(tmp_path, "small", vocab_size=200)                    # 257 byte tokens do not fit 200 ids
+    with pytest.raises(ValueError, match="257 tokens but the model of .* only 200"):
+        convert.load(small)
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        convert.load(small, tokenizer_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="dtype 'half'"):
+        convert.load_checkpoint(small, dtype="half")
+    os.remove(os.path.join(small, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="need config.yaml and model.safetensors"):
+        convert.load_checkpoint(small)
+
+
+def test_w8aspike_command(tmp_path, capsys):
+    ck = ours(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    convert.convert_w8aspike(ckpt=ck, out=str(tmp_path / "q"), text=str(text), group_size=32, n_samples=4, seq_len=32)
+    assert "32 W8ASpike layers, k=3.0, group_size=32, calibrated on 4 rows of 33 tokens" in capsys.readouterr().out
+    q, t = convert.load(str(tmp_path / "q"))                           # with the tokenizer files
+    w8 = [m for m in q.modules() if isinstance(m, spiking.W8ASpikeLinear)]
+    assert len(w8) == 32 and all(m.spike_k == 3.0 for m in w8) and q.config.spike_k == 3.0
+    with pytest.raises(FileExistsError, match="pass --overwrite true"):
+        convert.convert_w8aspike(ckpt=ck, out=str(tmp_path / "q"), text=str(text), calibrated=False)
+    convert.convert_w8aspike(ckpt=ck, out=str(tmp_path / "q"), text=str(text), k=2.0, calibrated=False,
+                             overwrite=True)
+    assert "k=2.0, group_size=128, max scales" in capsys.readouterr().out
+    assert convert.load_checkpoint(str(tmp_path / "q"))[1].spike_k == 2.0
+
+
+def test_w8aspike_user_errors(tmp_path):
+    ck = ours(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 na\u00efve".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    args = dict(ckpt=ck, out=str(tmp_path / "q"), text=str(text), n_samples=2, seq_len=16)
+    for kw, err, msg in [(dict(k=0.0), ValueError, "k=0.0 must be > 0"),
+                         (dict(group_size=0), ValueError, "group_size=0 must be a positive int"),
+                         (dict(dtype="half"), ValueError, "dtype 'half'"),
+                         (dict(text=str(tmp_path / "empty.txt")), ValueError, "empty.txt gives 0 tokens"),
+                         (dict(text=str(latin)), ValueError, r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
+                         (dict(text=str(tmp_path / "none.txt")), FileNotFoundError, "none.txt"),
+                         (dict(ckpt=str(tmp_path)), FileNotFoundError, "not a checkpoint directory"),
+                         (dict(out=ck), ValueError, "would replace the source")]:
+        with pytest.raises(err, match=msg):
+            convert.convert_w8aspike(**{**args, **kw})
+    assert not os.path.exists(tmp_path / "q")
+    convert.convert_w8aspike(**args)
+    with pytest.raises(ValueError, match="already a W8ASpike checkpoint"):
+        convert.convert_w8aspike(**{**args, "ckpt": str(tmp_path / "q"), "out": str(tmp_path / "q2")})
+    # the command line: one line on stderr, no traceback
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "w8aspike", "--ckpt", str(tmp_path / "nope"),
+                        "--text", str(text), "--out", str(tmp_path / "q3")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "not a checkpoint directory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
-B2U = convert.bytes_to_unicode()
+B2U = tok.bytes_to_unicode()
 CHINESE = ("自然语言处理是人工智能的一个重要方向。我们今天讨论脉冲神经网络，以及线性注意力如何降低长序列的计算成本。"
            "模型在八千个词元的上下文中训练，然后扩展到十二万八千。你好，世界！")
 EMOJI = "I love it 😀👍🏽 🇨🇳🇫🇷 ❤️‍🔥 done ✅✅✅\n"

@@ -11,8 +11,9 @@ import torch
 import convert
 import generate
 import tokenizer
-from generate import Chat, Generator, compile_blocks, penalize, prefill, probs_of
-from model import GPT, Config
+import kernels
+from generate import Chat, Generator, penalize, prefill
+from model import GPT, Config, probs_of, sample
 
 SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +181,7 @@ def test_spiking_and_w8aspike_print_sparsity(ckpt, tmp_path, capsys):
     import spiking
     generate.main(ckpt=ckpt, device="cpu", prompt="spikes", max_new_tokens=3, spike=3.0)
     assert "[spikes: sparsity" in capsys.readouterr()[1]
-    m, _ = generate.load(ckpt, "cpu", torch.float32)
+    m, _ = convert.load(ckpt, "cpu", torch.float32)
     spiking.replace_linears(m, k=3.0, group_size=16)
     convert.save_checkpoint(m, m.config, str(tmp_path / "w8"), ckpt)
     generate.main(ckpt=str(tmp_path / "w8"), device="cpu", prompt="spikes", max_new_tokens=3)
@@ -212,10 +213,10 @@ def test_top_k_top_p_temperature_and_penalty_by_hand():
     torch.testing.assert_close(probs_of(logits, 1.0, top_p=0.3), torch.tensor([[1.0, 0, 0, 0]]))
     seen = torch.tensor([[True, True, False]])
     torch.testing.assert_close(penalize(torch.tensor([[2.0, -1.0, 0.5]]), seen, 2.0), torch.tensor([[1.0, -2.0, 0.5]]))
-    draws = generate.sample(logits.expand(2000, -1), 1.0, top_k=2)
+    draws = sample(logits.expand(2000, -1), 1.0, top_k=2)
     assert set(draws.flatten().tolist()) == {0, 1}
     assert abs((draws == 0).float().mean().item() - 0.625) < 0.05
-    assert generate.sample(torch.tensor([[0.1, 3.0, 2.0]]), 0).item() == 1
+    assert sample(torch.tensor([[0.1, 3.0, 2.0]]), 0).item() == 1
 
 
 def test_streaming_waits_for_whole_utf8_characters(tok_dir):
@@ -235,7 +236,7 @@ def test_errors_are_clear(ckpt, tmp_path, tok_dir):
         generate.main(ckpt=ckpt, device="cpu", prompt="")
     with pytest.raises(ValueError, match="max_seq_len"):
         generate.main(ckpt=ckpt, device="cpu", prompt="x" * 4096)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         generate.main(ckpt=str(tmp_path / "nope"), device="cpu", prompt="hi")
     with pytest.raises(FileNotFoundError, match="neither config.yaml"):
         generate.main(ckpt=str(tmp_path), device="cpu", prompt="hi")
@@ -255,32 +256,34 @@ def test_errors_are_clear(ckpt, tmp_path, tok_dir):
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
-def test_release_directory_loads_directly(ckpt, tok_dir, tmp_path):
+def test_release_directory_generates_directly(ckpt, tok_dir, tmp_path, capsys):
     rel = str(tmp_path / "release")
     convert.convert_release(src=ckpt, out=rel, to="release")          # Hugging Face layout: config.json
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
-        generate.load(rel, "cpu", torch.float32)
-    ours, _ = generate.load(ckpt, "cpu", torch.float32)
-    release, tok = generate.load(rel, "cpu", torch.float32, tok_dir)
-    a, b = ours.state_dict(), release.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert tok.n_vocab == 259
+        generate.main(ckpt=rel, device="cpu", prompt="Once")
+    capsys.readouterr()
+    replies = []
+    for args in (dict(ckpt=ckpt), dict(ckpt=rel, tokenizer=tok_dir)):   # the same weights: the same greedy reply
+        generate.main(**args, device="cpu", prompt="Once", max_new_tokens=6, temperature=0, stop=[])
+        replies.append(capsys.readouterr()[0])
+    assert replies[0] == replies[1] and len(replies[0]) > 1
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
 def test_decode_step_compiles_to_one_graph(name):
+    """GPT.forward with input_pos (generate.py's decode step) is one graph for every position and cache."""
     from torch._dynamo.utils import counters
     m = tiny(name)
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(generate.decode_step, backend="eager", fullgraph=True)   # graph capture, no codegen
+    step = torch.compile(m.forward, backend="eager", fullgraph=True)   # graph capture, no codegen
     with torch.no_grad():
         for _ in range(2):                                   # a second cache object must not recompile either
             cache = m.new_cache(1, 64)
             logits = generate.prefill(m, cache, torch.tensor([[1, 2, 3]]), 16)
             for _ in range(4):
                 tok = logits.argmax(-1, keepdim=True)
-                logits = step(m, cache, tok, torch.full((1, 1), cache.seen))
+                logits = step(tok, cache=cache, input_pos=torch.full((1, 1), cache.seen), last_only=True)[0][:, -1]
                 cache.seen += 1
     assert counters["stats"]["unique_graphs"] == 1
 
@@ -293,6 +296,7 @@ def test_bench_code_paths_on_cpu(capsys):
     out = capsys.readouterr()[0]
     assert "tiny-qwen" in out and "floor" in out and "bound" in out and "with chunk 256" in out
     assert "## training step: tiny" in out and "## prefill: a chunk of 32 after 32, layers gla + swa" in out
+    assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager" in out
 
 
 def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
@@ -326,30 +330,27 @@ def test_gpu_compiled_generation_equals_eager(name, tok_dir):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_compiled_blocks_equal_eager(name, monkeypatch):
-    """generate.compile_blocks (and train.py's compiled, checkpointed blocks): chunked prefill through the cache and a
+    """kernels.compile_blocks (generate.py's and train.py's compiled, checkpointed blocks): chunked prefill through the cache and a
     training step's loss and gradients equal the eager model's, with the graph breaks around the GLA kernels (when
     the interpreter runs them) and the flex_attention SWA prefill."""
     import copy
     import functools
 
-    import kernels
-    import model as M
-    import train
-    monkeypatch.setattr(M, "ATTN_IMPL", "flex")
+    monkeypatch.setattr(kernels, "ATTN_IMPL", "flex")
     if kernels.INTERPRET:
-        monkeypatch.setattr(M, "GLA_IMPL", "triton")
+        monkeypatch.setattr(kernels, "GLA_IMPL", "triton")
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     m = tiny(name).float()
     ids = torch.randint(0, 259, (1, 45), generator=torch.Generator().manual_seed(2))
     ref = prefill(m, m.new_cache(1, 64), ids, 16)
     mc = copy.deepcopy(m)
-    compile_blocks(mc)
+    kernels.compile_blocks(mc)
     for _ in range(2):                          # the second run reuses the compiled graphs
         torch.testing.assert_close(prefill(mc, mc.new_cache(1, 64), ids, 16), ref, rtol=1e-5, atol=1e-5)
     m.train(), mc.train()
-    monkeypatch.setattr(M, "ATTN_IMPL", "auto")  # flex has no backward on CPU: training takes the dense mask
-    train.checkpoint_blocks(mc)
+    monkeypatch.setattr(kernels, "ATTN_IMPL", "auto")  # flex has no backward on CPU: training takes the dense mask
+    kernels.checkpoint_blocks(mc)
     x = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(3))
     losses = []
     for net in (m, mc):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import model
 from model import GPT, Config, gla_chunked, gla_recurrent
 
@@ -126,7 +127,6 @@ def test_decode_kernel_in_model(name, monkeypatch):
     """ATTN_IMPL="triton" (CUDA's default for one query) under the interpreter: decode steps through the Triton
     decode-attention kernel (the SWA ring wrapping, sinks for tiny-moe, a full-attention cache for tiny-qwen)
     equal the forward of the whole sequence on the dense-mask path."""
-    import kernels
     if not kernels.INTERPRET:
         pytest.skip("the Triton decode kernel on CPU needs TRITON_INTERPRET=1")
     torch.manual_seed(3)
@@ -134,7 +134,7 @@ def test_decode_kernel_in_model(name, monkeypatch):
     idx = torch.randint(0, 512, (2, 40))
     with torch.no_grad():
         full = m(idx)[0]
-        monkeypatch.setattr(model, "ATTN_IMPL", "triton")
+        monkeypatch.setattr(kernels, "ATTN_IMPL", "triton")
         cache = m.new_cache(2, 48)
         steps = [m(idx[:, t:t + 1], cache=cache)[0] for t in range(40)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
@@ -160,10 +160,9 @@ def test_packed_documents_are_independent(name, gla_impl, monkeypatch):
     """Each packed document's logits equal the document run alone (tiny-moe: every document also sees the sink
     tokens, and its linear-attention state starts from theirs); gradients reach the sinks."""
     if gla_impl == "triton":
-        import kernels
         if not kernels.INTERPRET or name == "tiny-qwen":
             pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 (and a linear-attention layout)")
-        monkeypatch.setattr(model, "GLA_IMPL", "triton")
+        monkeypatch.setattr(kernels, "GLA_IMPL", "triton")
     torch.manual_seed(5)
     m = GPT(Config.from_name(name))
     idx = torch.randint(0, 512, (2, 48))
@@ -182,6 +181,37 @@ def test_packed_documents_are_independent(name, gla_impl, monkeypatch):
 
 def cache_bytes(cache):
     return sum(b.numel() * b.element_size() for b in cache.buffers())
+
+
+def test_model_runs_without_kernels(tmp_path):
+    """model.py copied alone (no kernels.py beside it, none installed): training loss, packed documents, a chunked
+    prefill and decode steps through the cache run on the references and equal the full forward."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(model.__file__, tmp_path / "model.py")
+    code = """
+import sys
+sys.modules["kernels"] = None   # as if no kernels module existed anywhere (an editable install would provide one)
+import torch, model
+assert model.kernels is None
+torch.manual_seed(0)
+m = model.GPT(model.Config.from_name("tiny-moe")).eval()
+idx = torch.randint(0, 512, (2, 40))
+doc = torch.zeros(2, 40, dtype=torch.long); doc[:, 25:] = 1
+loss = m(idx, targets=idx, doc_ids=doc)[1]
+assert torch.isfinite(loss)
+with torch.no_grad():
+    full = m(idx)[0]
+    cache = m.new_cache(2, 48)
+    parts = [m(idx[:, :30], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache)[0] for t in range(30, 40)]
+torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
 
 
 def test_decode_cache_memory_constant_for_7b_layout():
@@ -309,7 +339,7 @@ def test_token_out_of_vocab_is_a_clear_error():
 def test_swa_block_mask_tiles(T, S, off, W):
     """The band's tiles, from its edges, equal the tiles of the dense mask: a tile is listed iff some query of it
     sees some key of it, and marked full (mask skipped) only if every query sees every key."""
-    bm = model.swa_block_mask(T, S, off, W, "cpu")
+    bm = kernels.swa_block_mask(T, S, off, W, "cpu")
     d = torch.arange(T)[:, None] + off - torch.arange(S)[None]
     vis = F.pad((d >= 0) & (d <= W), (0, -S % 128, 0, -T % 128))           # padding is never visible
     tiles = vis.unflatten(0, (-1, 128)).unflatten(2, (-1, 128)).transpose(1, 2)   # (nq, nk, 128, 128)
@@ -328,7 +358,7 @@ def test_sliding_window_attention_matches_dense_reference(T, S, W, device):
     queries (the ring of a chunked prefill). On CPU flex runs uncompiled (its dense reference, no backward); on
     CUDA compiled, in float32, gradients too."""
     if device == "cuda" and (not torch.cuda.is_available() or T <= 128):
-        pytest.skip("needs CUDA and more than 128 queries (model.use_flex)")
+        pytest.skip("needs CUDA and more than 128 queries (kernels.use_flex)")
     torch.manual_seed(T + S)
     B, H, Hkv, D = 2, 4, 2, 16
     grad = device == "cuda"
@@ -338,7 +368,7 @@ def test_sliding_window_attention_matches_dense_reference(T, S, W, device):
     k_start = 3
     q_start = k_start + S - T                               # the keys end with the last query
     dt = torch.float64 if device == "cpu" else torch.float32
-    o = model.sliding_window_attention(*(x.to(device, dt) for x in (q, k, v)), q_start, k_start, W)
+    o = kernels.sliding_window_attention(*(x.to(device, dt) for x in (q, k, v)), q_start, k_start, W)
     qp, kp = torch.arange(q_start, q_start + T)[:, None], torch.arange(k_start, k_start + S)[None]
     ref = dense_attention(q, k, v, (kp <= qp) & (qp - kp <= W))
     tol = {} if device == "cpu" else dict(atol=1e-4, rtol=1e-4)
@@ -358,7 +388,7 @@ def test_flex_path_in_model_and_cache(monkeypatch):
     idx = torch.randint(0, 512, (2, 75))
     with torch.no_grad():
         ref = m(idx)[0]
-        monkeypatch.setattr(model, "ATTN_IMPL", "flex")
+        monkeypatch.setattr(kernels, "ATTN_IMPL", "flex")
         torch.testing.assert_close(m(idx)[0], ref, atol=2e-5, rtol=1e-4)
         cache = m.new_cache(2, 80)
         parts = [m(idx[:, a:b], cache=cache)[0] for a, b in [(0, 30), (30, 31), (31, 75)]]
@@ -377,7 +407,7 @@ def test_chunked_loss_equals_full_cross_entropy():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     x, t = torch.randn(50, 64, requires_grad=True), tgt.flatten()[:50]
     w = m.lm_head.weight
-    loss = model.chunked_cross_entropy(m.lm_head, x, t, chunk=7)
+    loss = kernels.linear_cross_entropy(x, m.lm_head.weight, t, chunk=7)
     g = torch.autograd.grad(3.0 * loss, (x, w))                         # an outer factor reaches both gradients
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = F.cross_entropy(xd @ wd.T, t, ignore_index=-100)
@@ -386,7 +416,7 @@ def test_chunked_loss_equals_full_cross_entropy():
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-4)
     with torch.no_grad():                                              # no gradients made without grad mode
-        assert model.chunked_cross_entropy(m.lm_head, x, t, chunk=7).item() == pytest.approx(ref.item(), rel=1e-6)
+        assert kernels.linear_cross_entropy(x, m.lm_head.weight, t, chunk=7).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_cross_entropy_chunk_traced_equals_eager_and_reference():
@@ -399,8 +429,8 @@ def test_cross_entropy_chunk_traced_equals_eager_and_reference():
     ref = F.cross_entropy(ld, t, ignore_index=-100, reduction="sum")
     ref_grad = torch.autograd.grad(ref, ld)[0]
     torch._dynamo.reset()
-    traced = torch.compile(model.cross_entropy_chunk, backend="eager")
-    for fn in (model.cross_entropy_chunk, traced):
+    traced = torch.compile(kernels.cross_entropy_chunk, backend="eager")
+    for fn in (kernels.cross_entropy_chunk, traced):
         loss, p = fn(logits.clone(), t, True)
         assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
         torch.testing.assert_close(p.double(), ref_grad, atol=1e-6, rtol=1e-5)
@@ -416,7 +446,7 @@ def test_gpu_chunked_loss_bf16():
     head = torch.nn.Linear(128, 5000, bias=False).cuda().bfloat16()
     t = torch.randint(0, 5000, (300,), device="cuda")
     t[:9] = -100
-    loss = model.chunked_cross_entropy(head, x, t, chunk=128)
+    loss = kernels.linear_cross_entropy(x, head.weight, t, chunk=128)
     g = torch.autograd.grad(2.0 * loss, (x, head.weight))
     xd, wd = x.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
     ref = F.cross_entropy(xd @ wd.T, t, ignore_index=-100)
@@ -462,7 +492,7 @@ def test_gpu_sliding_window_attention_bf16_real_shapes(off):
     T, S, H, Hkv, D, W = 8192, 8192 + off, 28, 4, 128, 4096
     q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    o = model.sliding_window_attention(q, k, v, off, 0, W)
+    o = kernels.sliding_window_attention(q, k, v, off, 0, W)
     rows = torch.cat([torch.arange(0, 300), torch.arange(4000, 4300), torch.arange(T - 300, T)]).cuda()
     do = torch.zeros_like(o)
     do[:, rows] = torch.randn_like(o[:, rows])

@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SCRIPTS = ("train.py", "generate.py", "convert.py", "spiking.py", "bench.py")
+SCRIPTS = ("train.py", "generate.py", "convert.py", "eval.py", "bench.py")
 STARTS = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+ )*(?:python|pip|tensorboard)( |$)")
 
 # the shortening every CPU training run appends (400 steps of 8 x 256 tokens -> 2 steps of 8 x 32)
@@ -180,7 +180,7 @@ def ci_runs_it(cmd):
 
 def check_demo(r, ws):
     tiny = ws.path / "out" / "tiny"
-    is_checkpoint(tiny / "final")                                    # what generate.py and spiking.py load
+    is_checkpoint(tiny / "final")                                    # what generate.py and eval.py load
     assert (tiny / "step-0000002" / "state").exists()                # resumable
     assert list((tiny / "logs").rglob("events.out.tfevents.*"))       # TensorBoard logs
     assert (ws.path / "data" / "pydoc" / "meta.json").is_file()      # Python's docs, prepared on first use
@@ -321,7 +321,7 @@ def check_collects_gpu_tests(r, ws):
 
 DEMO = "python train.py --config configs/tiny.yaml"
 CKPT = "out/tiny/final"
-W8A = "python spiking.py w8aspike --ckpt CKPT --text FILE --out CKPT-w8a"
+W8A = "python convert.py w8aspike --ckpt CKPT --text FILE --out CKPT-w8a"
 QWEN_7B = "python convert.py qwen2.5 --src Qwen2.5-7B --to spikingbrain-7b --out ckpt/sb7b-init"
 RELEASE_IN = "python convert.py release --src V1-7B-base --to ours --out ckpt/sb7b"
 PREPARE = "python train.py prepare --inputs PATHS --out DIR --tokenizer_dir DIR"
@@ -398,12 +398,13 @@ TABLE = {
     "python convert.py release --src ckpt/sb7b --to release --out export/sb7b --tokenizer V1-7B-base": [
         Run(check=check_release_export, needs=((RELEASE_IN, ""),))],
     "python convert.py tokenizer --src Qwen2.5-7B --out assets/qwen-tokenizer": [Run(check=check_hf_tokenizer)],
-    # ---- Spiking (CKPT: the demo's export; FILE: valid.txt, a few kB of Python's docs)
-    "python spiking.py sweep --ckpt CKPT --text FILE --k '[2,3,4]'": [
-        Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--seq_len", "32", "--max_tokens", "128"),
-            check=check_sweep, needs=((DEMO, ""),), slow=True)],
+    # CKPT: the demo's export; FILE: valid.txt, a few kB of Python's docs
     W8A: [Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--n_samples", "4", "--seq_len", "32"),
               check=check_w8aspike, needs=((DEMO, ""),), slow=True)],
+    # ---- Spiking (CKPT, FILE as above)
+    "python eval.py spikes --ckpt CKPT --text FILE --k '[2,3,4]'": [
+        Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--seq_len", "32", "--max_tokens", "128"),
+            check=check_sweep, needs=((DEMO, ""),), slow=True)],
     # ---- Benchmarks: on a GPU, shortened to one size each
     "python bench.py kernels": [Run(gpus=1, slow=True, append=("--T", "[4096]"), check=check_bench())],
     "python bench.py ttft": [Run(gpus=1, slow=True, append=("--lengths", "[8192]"), check=check_bench("floor"))],

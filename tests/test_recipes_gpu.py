@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+from data import prepare
 from model import GPT, Config
 from test_convert import make_qwen
 from test_train import TOK, scalars
@@ -36,7 +36,7 @@ def overrides(shrink):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "pydoc"   # a quarter for validation: more than one row of 8k tokens
-    train.prepare(inputs=["pydoc"], out=out, tokenizer_dir=TOK, val_fraction=0.25)
+    prepare(inputs=["pydoc"], out=out, tokenizer_dir=TOK, val_fraction=0.25)
     return out
 
 

@@ -1,27 +1,24 @@
 """spiking.py: hand-computed thresholds and codings, round trips, the integrate-and-fire statement, statistics,
-energy arithmetic, rasters, W8ASpike, a spiking tiny model that trains and generates, and the sweep command.
+energy arithmetic, rasters, W8ASpike (and its checkpoints, through convert.load_checkpoint), a spiking tiny model
+that trains and generates. The commands that use it are tested in test_convert.py (w8aspike) and test_eval.py.
 
 Every expected number is worked out by hand (in the comments) or by an independent float64 computation.
 """
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import convert
-import tokenizer
+from convert import load_checkpoint
 from model import GPT, Config, Linear
 from spiking import (W8ASpikeLinear, calibrate, coding_range, collect_stats, decode, default_steps, encode,
-                     energy, if_neuron, load_model, quantize_weight, replace_linears, search_scales,
-                     set_spike_k, spike, spike_events, spike_quant, spike_raster, spike_sweep, sweep,
-                     w8aspike, w8aspike_reference)
+                     energy, if_neuron, quantize_weight, replace_linears, replace_linears_for_state,
+                     search_scales, spike, spike_events, spike_quant, spike_raster, w8aspike_reference)
 
 T_ = torch.tensor
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -498,14 +495,14 @@ def test_w8aspike_save_load(tmp_path):
     model = replace_linears(_tiny(), k=3.0, group_size=32)
     idx = torch.randint(0, 512, (2, 12))
     convert.save_checkpoint(model, model.config, str(tmp_path / "q"))
-    loaded, config = load_model(str(tmp_path / "q"))
+    loaded, config = load_checkpoint(str(tmp_path / "q"))
     assert config.spike_k == 3.0
     m = loaded.get_submodule("blocks.1.mlp.up_proj")
     assert isinstance(m, W8ASpikeLinear) and m.qweight.dtype == torch.int8 and m.group_size == 32
     assert loaded.get_submodule("blocks.0.attn.gk_proj.1").group_size == 16
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
-    bf, _ = load_model(str(tmp_path / "q"), dtype=torch.bfloat16)
+    bf, _ = load_checkpoint(str(tmp_path / "q"), dtype=torch.bfloat16)
     assert bf.embed.weight.dtype == torch.bfloat16 and bf.get_submodule("blocks.1.mlp.up_proj").scales.dtype == torch.float32
 
 
@@ -518,7 +515,7 @@ def test_w8aspike_partial_groups_save_load(tmp_path):
     convert.save_checkpoint(model, model.config, str(tmp_path / "q"))
     _, headers = convert.read_headers(str(tmp_path / "q"))
     assert headers["blocks.0.mlp.down_proj._extra_state"][:2] == ((), "I64")   # the group width is in the file
-    loaded, _ = load_model(str(tmp_path / "q"))
+    loaded, _ = load_checkpoint(str(tmp_path / "q"))
     ld = loaded.get_submodule("blocks.0.mlp.down_proj")
     assert ld.group_size == 128 and torch.equal(ld.qweight, down.qweight) and torch.equal(ld.scales, down.scales)
     assert loaded.get_submodule("blocks.0.attn.gk_proj.1").group_size == 16
@@ -531,7 +528,7 @@ def test_w8aspike_loads_files_without_group_width(tmp_path):
     model = replace_linears(_tiny(), k=3.0, group_size=32)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
     convert.save_checkpoint(state, model.config, str(tmp_path / "old"))
-    loaded, _ = load_model(str(tmp_path / "old"))
+    loaded, _ = load_checkpoint(str(tmp_path / "old"))
     assert loaded.get_submodule("blocks.0.mlp.down_proj").group_size == 32
     idx = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
@@ -539,7 +536,23 @@ def test_w8aspike_loads_files_without_group_width(tmp_path):
     state["blocks.0.mlp.down_proj._extra_state"] = torch.tensor(48)   # 160 / 48: 4 groups, the file holds 5
     convert.save_checkpoint(state, model.config, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=re.escape("blocks.0.mlp.down_proj.scales: file (64, 5), expected (64, 4)")):
-        load_model(str(tmp_path / "bad"))
+        load_checkpoint(str(tmp_path / "bad"))
+
+
+def test_replace_linears_for_state_swaps_only_the_saved_w8aspike_layers():
+    quantized = replace_linears(_tiny(), k=2.0, group_size=32).state_dict()
+    plain = _tiny(seed=1).state_dict()
+    # block 0 as W8ASpike (block 0's down_proj without its saved width, as older files), block 1 float
+    state = {k: v for k, v in quantized.items() if k.startswith("blocks.0.") and k != "blocks.0.mlp.down_proj._extra_state"}
+    state.update({k: v for k, v in plain.items() if not k.startswith("blocks.0.")})
+    with torch.device("meta"):
+        model = replace_linears_for_state(GPT(Config.from_name("tiny")), state, k=2.0)
+    assert torch.equal(state["blocks.0.mlp.down_proj._extra_state"], torch.tensor(32))   # from the scales' shape
+    w8 = {n: m for n, m in model.named_modules() if isinstance(m, W8ASpikeLinear)}
+    assert w8 and all(n.startswith("blocks.0.") and m.spike_k == 2.0 for n, m in w8.items())
+    assert w8["blocks.0.mlp.up_proj"].group_size == 32 and w8["blocks.0.attn.gk_proj.1"].group_size == 16
+    assert all(type(m) is Linear for n, m in model.named_modules() if n.startswith("blocks.1.") and "proj" in n)
+    model.load_state_dict(state, assign=True)                          # every tensor has its place
 
 
 @pytest.mark.parametrize("w8", [False, True])
@@ -550,7 +563,7 @@ def test_truncated_weights_file_is_named(tmp_path, w8):
     with open(w_file, "r+b") as f:
         f.truncate(os.path.getsize(w_file) - 100)   # the header intact, the last tensor cut short
     with pytest.raises(ValueError, match="model.safetensors cannot be read as safetensors"):
-        load_model(str(tmp_path / "m"))
+        load_checkpoint(str(tmp_path / "m"))
 
 
 @pytest.mark.gpu
@@ -605,73 +618,3 @@ def test_spiking_tiny_model_generates_with_cache(w8):
     prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert _greedy(model, prompt, 8, True) == _greedy(model, prompt, 8, False)
-
-
-# ----------------------------------------------------------------------------- sweep
-
-def test_spike_sweep_core():
-    model = _tiny()
-    rows = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(7))
-    res = spike_sweep(model, rows, [2.0, 4.0], batch_size=2)
-    assert [r["k"] for r in res] == [None, 2.0, 4.0] and res[0]["dppl"] == 0.0
-    for r in res[1:]:
-        assert r["dppl"] == pytest.approx(r["ppl"] - res[0]["ppl"])
-        assert 0 <= r["sparsity"] <= 1 and 0 <= r["silent"] <= 1 and r["saving_vs_fp16"] > r["saving_vs_int8"]
-    assert model.config.spike_k is None and all(m.spike_k is None for m in model.modules() if isinstance(m, Linear))
-    with pytest.raises(ValueError, match="k"):
-        set_spike_k(model, 0)
-
-
-def _checkpoint(tmp_path):
-    tok_dir = str(tmp_path / "tok")
-    tokenizer.save(tok_dir, {bytes([i]): i for i in range(256)}, {"<|endoftext|>": 256})
-    model = _tiny()
-    convert.save_checkpoint(model, model.config, str(tmp_path / "ckpt"), tok_dir)
-    text = tmp_path / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
-    return str(tmp_path / "ckpt"), str(text)
-
-
-def test_sweep_and_w8aspike_commands(tmp_path, capsys):
-    ckpt, text = _checkpoint(tmp_path)
-    sweep(ckpt=ckpt, text=text, k=[2.0, 3.0], seq_len=32, max_tokens=256)
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert "sparsity@3" in lines[1] and lines[3].split()[0] == "off"
-    assert [ln.split()[0] for ln in lines[4:6]] == ["2", "3"]
-    w8aspike(ckpt=ckpt, out=str(tmp_path / "q"), text=text, group_size=32, n_samples=4, seq_len=32)
-    assert "32 W8ASpike layers" in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / "q" / "tokenizer.json")
-    sweep(ckpt=str(tmp_path / "q"), text=text, k=[3.0], seq_len=32, max_tokens=256)
-    assert len(capsys.readouterr().out.splitlines()) == 5
-
-
-def test_commands_user_errors(tmp_path):
-    ckpt, text = _checkpoint(tmp_path)
-    latin = tmp_path / "latin1.txt"
-    latin.write_bytes("caf\u00e9 na\u00efve".encode("latin-1"))
-    (tmp_path / "empty.txt").write_text("")
-    args = dict(ckpt=ckpt, out=str(tmp_path / "q"), text=text, n_samples=2, seq_len=16)
-    for kw, err, msg in [(dict(k=0.0), ValueError, "k=0.0 must be > 0"),
-                         (dict(group_size=0), ValueError, "group_size=0 must be a positive int"),
-                         (dict(text=str(tmp_path / "empty.txt")), ValueError, "empty.txt gives 0 tokens"),
-                         (dict(text=str(latin)), ValueError, r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"),
-                         (dict(text=str(tmp_path / "none.txt")), FileNotFoundError, "none.txt"),
-                         (dict(ckpt=str(tmp_path)), FileNotFoundError, "not a checkpoint directory"),
-                         (dict(out=ckpt), ValueError, "would replace the source")]:
-        with pytest.raises(err, match=msg):
-            w8aspike(**{**args, **kw})
-    assert not os.path.exists(tmp_path / "q")
-    with pytest.raises(ValueError, match="every k must be"):
-        sweep(ckpt=ckpt, text=text, k=[3.0, 0.0])
-    w8aspike(**args)
-    with pytest.raises(ValueError, match="already a W8ASpike checkpoint"):
-        w8aspike(**{**args, "ckpt": str(tmp_path / "q"), "out": str(tmp_path / "q2")})
-    # the command line: one line on stderr, no traceback, as generate.py and convert.py
-    for cmd, msg in [(["w8aspike", "--ckpt", str(tmp_path / "nope"), "--text", text, "--out", str(tmp_path / "q3")],
-                      "not a checkpoint directory"),
-                     (["sweep", "--ckpt", ckpt, "--text", str(latin)], f"{latin} is not UTF-8")]:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "spiking.py"), *cmd], capture_output=True, text=True,
-                           cwd=ROOT)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1

@@ -1,5 +1,6 @@
-"""train.py on CPU: data preparation and packing, SFT loss masks, the training loop (the loss falls, a resumed run
-repeats an uninterrupted one exactly), clear errors, FSDP over two processes, the dry-run plan, every config."""
+"""train.py with data.py and the demo tokenizer, on CPU: data preparation and packing, SFT loss masks, the training loop
+(the loss falls, a resumed run repeats an uninterrupted one exactly), clear errors, FSDP over two processes, the
+dry-run plan, every config."""
 import glob
 import json
 import math
@@ -15,6 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+import data
+from data import Packed, prepare, train_rows
 from model import GPT, Config
 from tokenizer import Tokenizer
 
@@ -46,7 +49,7 @@ def run(data_dir, out_dir, model="tiny", model_config=None, data=None, init_from
 @pytest.fixture(scope="module")
 def pydoc(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "pydoc"
-    train.prepare(inputs=["pydoc"], out=out, tokenizer_dir=TOK, val_fraction=0.1)
+    prepare(inputs=["pydoc"], out=out, tokenizer_dir=TOK, val_fraction=0.1)
     return out
 
 
@@ -58,7 +61,7 @@ def write(path, text):
 # ----------------------------------------------------------------------------- tokenizer and data
 
 def test_shipped_tokenizer_is_rebuilt_by_its_command(tmp_path):
-    train.build_tokenizer(out=tmp_path / "tok")
+    data.build_tokenizer(out=tmp_path / "tok")
     for f in ("tokenizer.tiktoken", "tokenizer.json"):
         assert (tmp_path / "tok" / f).read_bytes() == (TOK / f).read_bytes()
     tok = Tokenizer(TOK)
@@ -75,7 +78,7 @@ def test_prepare_writes_documents_in_order_with_eos_and_val_split(tmp_path):
     want = [tok.encode(d) + [tok.eos_id] for d in docs]
     for shard_tokens, name in ((1 << 20, "one"), (30, "many")):
         out = tmp_path / name
-        train.prepare(inputs=files, out=out, tokenizer_dir=TOK, val_fraction=0.5, shard_tokens=shard_tokens)
+        prepare(inputs=files, out=out, tokenizer_dir=TOK, val_fraction=0.5, shard_tokens=shard_tokens)
         for split, idx in (("train", [0, 2]), ("val", [1, 3])):   # every 2nd document validates
             shards = sorted(out.glob(f"{split}-*.bin"))
             tokens = np.concatenate([np.fromfile(s, np.uint32) for s in shards])
@@ -85,23 +88,23 @@ def test_prepare_writes_documents_in_order_with_eos_and_val_split(tmp_path):
         assert len(list(out.glob("train-*.bin"))) == (1 if name == "one" else 2)
         assert not list(out.glob("*.mask"))                   # no chat data, no masks
     again = tmp_path / "again"
-    train.prepare(inputs=files, out=again, tokenizer_dir=TOK, val_fraction=0.5)
+    prepare(inputs=files, out=again, tokenizer_dir=TOK, val_fraction=0.5)
     for f in (tmp_path / "one").iterdir():                     # deterministic to the byte
         assert (again / f.name).read_bytes() == f.read_bytes()
 
 
 def test_packed_rows_and_epoch_order(pydoc):
-    data = train.Packed(pydoc, "train", 64, Tokenizer(TOK))
+    data = Packed(pydoc, "train", 64, Tokenizer(TOK))
     tokens = np.fromfile(pydoc / "train-00000.bin", np.uint32)
     x, y, doc = data.row(3)
     assert x.tolist() == tokens[3 * 64:4 * 64].tolist()
     keep = y != -100
     assert (y[keep] == tokens[3 * 64 + 1:4 * 64 + 1][keep]).all()
     n = len(data)
-    epoch = [r for it in range(n // 4) for rank in range(2) for r in train.train_rows(n, it, rank, 2, 2, seed=5)]
+    epoch = [r for it in range(n // 4) for rank in range(2) for r in train_rows(n, it, rank, 2, 2, seed=5)]
     assert len(set(epoch)) == len(epoch) == n // 4 * 4         # within an epoch no row repeats, across ranks too
-    assert train.train_rows(n, 7, 1, 2, 2, seed=5) == train.train_rows(n, 7, 1, 2, 2, seed=5)
-    assert train.train_rows(n, 7, 1, 2, 2, seed=5) != train.train_rows(n, 7, 1, 2, 2, seed=6)
+    assert train_rows(n, 7, 1, 2, 2, seed=5) == train_rows(n, 7, 1, 2, 2, seed=5)
+    assert train_rows(n, 7, 1, 2, 2, seed=5) != train_rows(n, 7, 1, 2, 2, seed=6)
 
 
 def test_packing_a_token_never_sees_the_previous_document(tmp_path):
@@ -111,10 +114,10 @@ def test_packing_a_token_never_sees_the_previous_document(tmp_path):
     B = ("The second document is longer, so that the sliding window of the tiny preset (16 tokens) matters: "
          "while loops, for loops, generators and comprehensions all iterate.")
     files = [write(tmp_path / f"{i}.txt", t) for i, t in enumerate([A, B, "validation text"])]
-    train.prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.34)
+    prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.34)
     a, b = tok.encode(A) + [tok.eos_id], tok.encode(B) + [tok.eos_id]
     T = len(a) + len(b) - 1
-    x, y, doc = train.Packed(tmp_path / "d", "train", T, tok).batch([0], torch.device("cpu"))
+    x, y, doc = Packed(tmp_path / "d", "train", T, tok).batch([0], torch.device("cpu"))
     assert x[0].tolist() == (a + b)[:T] and doc[0].tolist() == [0] * len(a) + [1] * (T - len(a))
     assert y[0, len(a) - 1] == -100                             # <|endoftext|> does not predict B's first token
     model = GPT(Config.from_name("tiny", vocab_size=2048)).eval()
@@ -135,7 +138,7 @@ def test_sft_loss_only_on_assistant_tokens(tmp_path):
     chat = '{"messages": [%s]}' % ", ".join('{"role": "%s", "content": "%s"}' % m for m in msgs)
     text = "Plain text after the chat, trained on every token. " * 3
     (tmp_path / "sft.jsonl").write_text(f'{chat}\n{{"text": "{text}"}}\n{{"text": "held out"}}\n')
-    train.prepare(inputs=[str(tmp_path / "sft.jsonl")], out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.34)
+    prepare(inputs=[str(tmp_path / "sft.jsonl")], out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.34)
     # the expected stream and loss positions, from ChatML text encoded piece by piece (not encode_chat)
     ids, loss_at, s = [], set(), ""
     for role, content in msgs:
@@ -148,7 +151,7 @@ def test_sft_loss_only_on_assistant_tokens(tmp_path):
     ids = tok.encode(s, specials=True) + [tok.eos_id]
     text_ids = tok.encode(text) + [tok.eos_id]
     T = len(ids) + len(text_ids) - 1
-    x, y, _ = train.Packed(tmp_path / "d", "train", T, tok).batch([0], torch.device("cpu"))
+    x, y, _ = Packed(tmp_path / "d", "train", T, tok).batch([0], torch.device("cpu"))
     assert x[0].tolist() == ids + text_ids[:-1]
     want = [ids[t + 1] if t + 1 in loss_at else -100 for t in range(len(ids) - 1)] + [-100]   # eos -> next doc
     want += text_ids[1:]
@@ -196,7 +199,7 @@ def test_prepared_data_gets_the_users_umask(tmp_path):
     files = [write(tmp_path / f"{i}.txt", f"document {i}") for i in range(2)]
     old = os.umask(0o027)   # neither the usual 022 nor the 0700 of a temp directory
     try:
-        train.prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.5)
+        prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK, val_fraction=0.5)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
@@ -292,14 +295,14 @@ def test_unknown_keys_are_named(tmp_path, capsys):
 def test_empty_dataset_is_an_error(tmp_path):
     files = [write(tmp_path / "empty.txt", ""), write(tmp_path / "blank.jsonl", "\n\n")]
     with pytest.raises(ValueError, match="no documents"):
-        train.prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK)
+        prepare(inputs=files, out=tmp_path / "d", tokenizer_dir=TOK)
     assert not (tmp_path / "d").exists()
     with pytest.raises(FileNotFoundError, match="train.py prepare"):
-        train.Packed(tmp_path / "d", "train", 32)
+        Packed(tmp_path / "d", "train", 32)
     with pytest.raises(ValueError, match="seq_len"):   # data shorter than one row
-        train.prepare(inputs=[write(tmp_path / "a.txt", "a b"), write(tmp_path / "b.txt", "c")], out=tmp_path / "e",
-                      tokenizer_dir=TOK, val_fraction=0.5)
-        train.Packed(tmp_path / "e", "train", 32)
+        prepare(inputs=[write(tmp_path / "a.txt", "a b"), write(tmp_path / "b.txt", "c")], out=tmp_path / "e",
+                tokenizer_dir=TOK, val_fraction=0.5)
+        Packed(tmp_path / "e", "train", 32)
 
 
 def test_bad_jsonl_line_leaves_the_old_data_and_no_temp_dir(tmp_path):
@@ -307,7 +310,7 @@ def test_bad_jsonl_line_leaves_the_old_data_and_no_temp_dir(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text("old")
     with pytest.raises(ValueError, match="d.jsonl:2: not JSON"):
-        train.prepare(inputs=[bad], out=tmp_path / "data", tokenizer_dir=TOK)
+        prepare(inputs=[bad], out=tmp_path / "data", tokenizer_dir=TOK)
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "data"]
     assert os.listdir(tmp_path / "data") == ["meta.json"] and (tmp_path / "data" / "meta.json").read_text() == "old"
 
@@ -316,7 +319,7 @@ def test_missing_tokenizer_file_is_named(tmp_path, pydoc):
     shutil.copytree(TOK, tmp_path / "tok")
     os.remove(tmp_path / "tok" / "tokenizer.tiktoken")
     with pytest.raises(FileNotFoundError, match="tokenizer.tiktoken"):
-        train.prepare(inputs=["pydoc"], out=tmp_path / "d", tokenizer_dir=tmp_path / "tok")
+        prepare(inputs=["pydoc"], out=tmp_path / "d", tokenizer_dir=tmp_path / "tok")
     with pytest.raises(FileNotFoundError, match="tokenizer.tiktoken"):
         train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=tmp_path / "tok",
                    out_dir=tmp_path / "o", data=train.DataArgs(path=pydoc), accelerator="cpu")
@@ -367,7 +370,7 @@ def test_input_errors_name_the_file(tmp_path):
     for name, message in (("img.bin", "img.bin: not UTF-8 text"), ("latin1.jsonl", "latin1.jsonl:2: not UTF-8 text"),
                           ("nul.txt", "nul.txt: holds NUL bytes"), ("docs.json", "docs.json:1: not JSON")):
         with pytest.raises(ValueError, match=re.escape(message)):
-            train.prepare(inputs=[ok, str(tmp_path / name)], out=tmp_path / "d", tokenizer_dir=TOK)
+            prepare(inputs=[ok, str(tmp_path / name)], out=tmp_path / "d", tokenizer_dir=TOK)
     assert not (tmp_path / "d").exists()
     write(tmp_path / "file", "")
     unwritable = [tmp_path / "file" / "out"]                   # below a file: no user can write there
@@ -549,7 +552,7 @@ def test_validate_equals_perplexity_of_all_target_tokens(pydoc):
 
     torch.manual_seed(0)
     model = GPT(Config.from_name("tiny", vocab_size=2048)).eval()
-    data = train.Packed(pydoc, "val", 32, Tokenizer(TOK))
+    data = Packed(pydoc, "val", 32, Tokenizer(TOK))
     fabric = SimpleNamespace(world_size=1, global_rank=0, device=torch.device("cpu"))
     loss, ppl = train.validate(fabric, model, data, micro_batch_size=2, max_batches=3)
     x, y, doc = data.batch(list(range(6)), torch.device("cpu"))
