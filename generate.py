@@ -26,17 +26,9 @@ import torch
 import convert
 import kernels
 import spiking
-from model import check_spike_k, sample
+from model import check_spike_k, penalize, sample
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def penalize(logits, seen, penalty):
-    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
-    are divided by `penalty` when positive and multiplied when negative."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -2,8 +2,8 @@
 
 Every op that has a fast path says so in one line, `if kernels and kernels.use_...(q): return kernels.<op>(...)`,
 and runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU); with kernels.py
-beside it, the GLA recurrence runs on Triton kernels, softmax attention on flex_attention and decoding on a
-split-cache kernel (kernels.GLA_IMPL / kernels.ATTN_IMPL force either path).
+beside it, the GLA recurrence runs on Triton kernels, softmax attention on flex_attention, decoding on a
+split-cache kernel and MoE experts as grouped GEMMs (kernels.GLA_IMPL / ATTN_IMPL / MOE_IMPL force either path).
 
 Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
 - each layer's token mixer is named by `Config.layout`: "gla" (gated linear attention, 7B),
@@ -373,7 +373,8 @@ class KVCache(nn.Module):
     """Keys/values of one softmax branch: `n_sink` permanent slots, then a ring of `capacity` slots.
 
     SWA keeps capacity = window + 1 (memory independent of context); full attention keeps the whole context.
-    Slot positions are stored, so the attention mask needs no slot order; empty slots have a huge position.
+    Slot positions are stored per row, so the attention mask needs no slot order and rows may stand at different
+    positions (serve.py decodes unrelated conversations together); empty slots have a huge position.
     """
     EMPTY = 1 << 62
 
@@ -383,20 +384,25 @@ class KVCache(nn.Module):
         S = n_sink + capacity
         self.register_buffer("k", torch.zeros(B, S, n_kv, hd, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(B, S, n_kv, hd, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("pos", torch.full((S,), self.EMPTY, device=device, dtype=torch.long), persistent=False)
-        self.register_buffer("doc", torch.zeros(S, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("pos", torch.full((B, S), self.EMPTY, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("doc", torch.zeros(B, S, device=device, dtype=torch.long), persistent=False)
 
     def write(self, k, v, pos, doc):
-        """Store new keys k, v (B, L, Hkv, D) at positions pos, doc (L,): sinks (doc -1) in their own slots."""
-        if k.shape[1] > 1:   # prefill: skip ring entries that later entries of this call overwrite anyway
-            keep = (doc == -1) | (pos > pos.max() - self.capacity)
-            k, v, pos, doc = k[:, keep], v[:, keep], pos[keep], doc[keep]
-        slot = torch.where(doc == -1, pos, self.n_sink + (pos - self.n_sink) % self.capacity)
-        self.k[:, slot], self.v[:, slot], self.pos[slot], self.doc[slot] = k, v, pos, doc
+        """Store new keys k, v (B, L, Hkv, D) at positions pos, doc (B, L), or (L,) for every row: sinks (doc -1) in
+        their own slots."""
+        B = k.shape[0]
+        pos, doc = pos.expand(B, -1), doc.expand(B, -1)
+        if k.shape[1] > 1:   # prefill (rows at the same positions): skip ring entries this call overwrites anyway
+            keep = (doc[0] == -1) | (pos[0] > pos[0].max() - self.capacity)
+            k, v, pos, doc = k[:, keep], v[:, keep], pos[:, keep], doc[:, keep]
+        slot = torch.where(doc == -1, pos, self.n_sink + (pos - self.n_sink) % self.capacity)   # (B, L)
+        row = torch.arange(B, device=slot.device)[:, None]
+        self.k[row, slot], self.v[row, slot], self.pos[row, slot], self.doc[row, slot] = k, v, pos, doc
 
     def ordered(self):
-        """The filled slots' keys and values in position order, (B, n, Hkv, D) each (n is read on the host)."""
-        order = self.pos.argsort()[:int((self.pos != self.EMPTY).sum())]
+        """The filled slots' keys and values in position order, (B, n, Hkv, D) each (n is read on the host), for rows
+        prefilled together (they hold the same positions)."""
+        order = self.pos[0].argsort()[:int((self.pos[0] != self.EMPTY).sum())]
         return self.k[:, order], self.v[:, order]
 
 
@@ -421,6 +427,12 @@ class Cache(nn.Module):
 
     def nbytes(self):
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def copy_row(self, i, src, j=0):
+        """Row i := row j of `src` (a cache of the same config and max_len). Every buffer is [B, ...], so a sequence
+        prefilled alone joins a batch without touching the other rows (serve.py); `seen` is the caller's."""
+        for a, b in zip(self.buffers(), src.buffers()):
+            a[i].copy_(b[j])
 
 
 # ----------------------------------------------------------------------------- layers
@@ -469,15 +481,15 @@ class Attention(nn.Module):
             if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
                 return kernels.sliding_window_attention(q, k, v, 0, 0, window)
             return attention(q, k, v, pos, pos, doc, doc, window)
-        kv, B = cache.kv, q.shape[0]
+        kv = cache.kv
         if kv.n_sink == 0 and kernels and kernels.use_band(q, window):   # one document: a band again
             return self.band_prefill(q, k, v, pos, doc, kv, window)
         if q.shape[1] == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps
-            kv.write(k, v, pos[0], doc[0])
-            return attention(q, kv.k, kv.v, pos, kv.pos.expand(B, -1), doc, kv.doc.expand(B, -1), window)
-        o = attention(q, torch.cat([kv.k, k], 1), torch.cat([kv.v, v], 1), pos,
-                      torch.cat([kv.pos.expand(B, -1), pos], 1), doc, torch.cat([kv.doc.expand(B, -1), doc], 1), window)
-        kv.write(k, v, pos[0], doc[0])   # after: this chunk's keys may overwrite ring slots its queries still see
+            kv.write(k, v, pos, doc)
+            return attention(q, kv.k, kv.v, pos, kv.pos, doc, kv.doc, window)
+        o = attention(q, torch.cat([kv.k, k], 1), torch.cat([kv.v, v], 1), pos, torch.cat([kv.pos, pos], 1), doc,
+                      torch.cat([kv.doc, doc], 1), window)
+        kv.write(k, v, pos, doc)   # after: this chunk's keys may overwrite ring slots its queries still see
         return o
 
     @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
@@ -487,7 +499,7 @@ class Attention(nn.Module):
         start = int(pos[0, 0])
         o = kernels.sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
                                              start - ks.shape[1], window)
-        kv.write(k, v, pos[0], doc[0])
+        kv.write(k, v, pos, doc)
         return o
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):
@@ -533,7 +545,8 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts plus always-on shared experts; returns (out, load-balancing loss)."""
+    """Top-k routed SwiGLU experts plus always-on shared experts; returns (out, load-balancing loss, share of tokens
+    per expert)."""
 
     def __init__(self, c):
         super().__init__()
@@ -547,14 +560,21 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])                                        # (N, C)
         probs = F.softmax(self.router(x).float(), -1)                       # (N, E)
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
-        out = sum(m(x) for m in self.shared)
-        for e, expert in enumerate(self.experts):   # every expert runs, even on no tokens: under FSDP/DDP all
-            tok, slot = (idx == e).nonzero(as_tuple=True)   # ranks must produce the same set of gradients
-            out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
+        out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
         load = F.one_hot(idx, c.n_expert).float().sum((0, 1)) / idx.numel()
         aux = c.n_expert * (load * probs.mean(0)).sum()
         return out.view(shape), aux, load.detach()
+
+    def routed(self, x, w, idx):
+        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32), ids idx [N, k]."""
+        if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
+            return kernels.moe_experts(x, w, idx, self.experts)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):   # every expert runs, even on no tokens: under FSDP/DDP all
+            tok, slot = (idx == e).nonzero(as_tuple=True)   # ranks must produce the same set of gradients (a host sync)
+            out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
+        return out
 
 
 class Block(nn.Module):
@@ -609,6 +629,12 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
     return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def penalize(logits, seen, penalty):
+    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
+    are divided by `penalty` (a number, or [B, 1] per row) when positive and multiplied when negative."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 class GPT(nn.Module):
