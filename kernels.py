@@ -7,6 +7,10 @@ compare against:
   fallback (twin: model.attention, SDPA with a dense mask);
 - the loss in chunks of rows with its gradient made in the same pass, compiled on CUDA (twin: cross-entropy of the
   full logits); torch.compile of the blocks and of the decode step; spike quantization (twin: model.spike_quant).
+- MoE experts as grouped GEMMs over the tokens sorted by expert, no host sync (torch._grouped_mm on Hopper, a masked
+  twin elsewhere; twin: model.MoE.routed, a loop over the experts).
+- W8ASpike's linear layers as int8 spike counts times INT8 weights on 8-bit tensor cores, exact integer sums
+  (spike_linear; twin: spike_linear_torch in float64; spiking.W8ASpikeLinear's dispatch line picks it).
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates and
 the ops they guard. Nothing here imports model.py.
 
@@ -41,6 +45,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -961,3 +966,300 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((PEAK_FLOPS[k] for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in name), None)
+
+
+# ----------------------------------------------------------------------------- spike counts on 8-bit tensor cores
+
+# W8ASpike multiplies small integers: spike counts by INT8 weights in groups of input channels. int8 x int8
+# products summed in int32 are exact, so only the fp32 scaling rounds; int8 holds every count up to +-127 (FP8 e4m3
+# only up to +-16). Tiles per CUDA capability, a starting point after the Triton matmul tutorial's, not yet swept
+# on these shapes: two [BM, BN] accumulators live in registers (a piece's int32 sum, the fp32 total), so tiles stay
+# at 128 x 128 for 8 warps. Other devices (keyed by type: "cpu" under the interpreter), and tiles that do not
+# compile on one (with_fallback), take SPIKE_GEMM_SAFE.
+SPIKE_GEMM_CONFIGS = {(9, 0): dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4),
+                      (8, 0): dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)}
+SPIKE_GEMM_SAFE = dict(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=4, num_stages=2)
+SPIKE_GEMM_IMPL = "auto"   # "auto": spike_linear on CUDA (capability >= 8.0), spiking.py's float reference elsewhere;
+                           # "torch" or "triton" forces one ("triton" on a CPU needs TRITON_INTERPRET=1: tests)
+
+
+@triton.jit
+def _spike_gemm_kernel(a, vth, b, scales, bias, c, M, N, K, GS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BM, BN] tile of c = (sum_g scales[g] * (a[:, g] @ b[:, g]^T)) * vth (+ bias): a int8 [M, K] counts,
+    b int8 [N, K] weights, scales fp32 [G, N] (transposed: a group's scales are contiguous), vth fp32 [M], groups
+    of GS channels along K (the last one may be shorter: masked). K runs in pieces of BK channels that never
+    cross a group (P per group; one with groups of 128): each piece's products sum exactly in int32, and the fp32
+    total takes the piece times its group's scale. One flat loop over the pieces, so loads pipeline across groups.
+    Tiles run in the tutorial's grouped order: GROUP_M row tiles sweep the column tiles together, so the weight
+    tiles they share stay in L2."""
+    P: tl.constexpr = (GS + BK - 1) // BK
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    rows_here = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % rows_here
+    pid_n = (pid % (GROUP_M * n_n)) // rows_here
+    rows, cols, o_k = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
+    rm, rn = rows % M, cols % N                    # tiles past M or N wrap around: no masks; not stored
+    pa = a + rm.to(tl.int64)[:, None] * K + o_k[None, :]
+    pb = b + rn.to(tl.int64)[None, :] * K + o_k[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for i in range(tl.cdiv(K, GS) * P):
+        g = i // P
+        lo = g * GS + (i % P) * BK
+        m = lo + o_k < tl.minimum(g * GS + GS, K)
+        part = tl.dot(tl.load(pa + lo, mask=m[None, :], other=0), tl.load(pb + lo, mask=m[:, None], other=0),
+                      out_dtype=tl.int32)
+        acc += part.to(tl.float32) * tl.load(scales + g * N + rn)[None, :]
+    out = acc * tl.load(vth + rm)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias + rn).to(tl.float32)[None, :]
+    tl.store(c + rows.to(tl.int64)[:, None] * N + cols[None, :], out.to(c.dtype.element_ty),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def _spike_gemm(a, v, b, st, bias, out, group_size, cfg):
+    """Launch _spike_gemm_kernel with the tiles of cfg; pieces as wide as the group (BK at most cfg's, at least
+    32: int8 tensor cores multiply 32 channels at a time)."""
+    M, K = a.shape
+    N = b.shape[0]
+    BK = min(cfg["BK"], max(32, triton.next_power_of_2(group_size)))
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    _spike_gemm_kernel[grid](a, v, b, st, st if bias is None else bias, out, M, N, K, GS=group_size,
+                             HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"], BK=BK, GROUP_M=cfg["GROUP_M"],
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _check_spike_linear(counts, vth, qweight, scales, group_size, bias):
+    if counts.dim() != 2 or qweight.dim() != 2 or counts.shape[1] != qweight.shape[1]:
+        raise ValueError(f"counts [M, K] and qweight [N, K] must share K; got {tuple(counts.shape)}, "
+                         f"{tuple(qweight.shape)}")
+    if counts.dtype != torch.int8 or qweight.dtype != torch.int8:
+        raise TypeError(f"counts and qweight must be int8; got {counts.dtype}, {qweight.dtype}")
+    (M, K), N = counts.shape, qweight.shape[0]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    G = triton.cdiv(K, group_size)
+    if (vth.shape != (M, 1) or scales.shape != (N, G)
+            or (bias is not None and bias.shape != (N,))):
+        raise ValueError(f"shape mismatch: vth {tuple(vth.shape)}, scales {tuple(scales.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}; need vth [M={M}, 1], scales [N={N}, "
+                         f"G={G}] (K={K} in groups of {group_size}), bias [N] or None")
+    tensors = [counts, vth, qweight, scales] + ([bias] if bias is not None else [])
+    if any(x.device != counts.device for x in tensors):
+        raise ValueError(f"all tensors must be on one device; got {[str(x.device) for x in tensors]}")
+    if counts.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+
+
+@torch.compiler.disable   # in a compiled model, the launch (and its fallback) runs as it is between graphs
+def spike_linear(counts, vth, qweight, scales, group_size, bias=None, out_dtype=torch.float32):
+    """W8ASpike's linear layer on 8-bit tensor cores (int8 x int8 tl.dot, int32 sums):
+        y[m, n] = sum_g scales[n, g] * (sum_{k in group g} counts[m, k] * qweight[n, k]) * vth[m]  (+ bias[n]).
+
+    counts int8 [M, K] (spike counts, e.g. spike_counts_int8); vth float32 [M, 1] (each row's threshold);
+    qweight int8 [N, K]; scales [N, G], G = ceil(K / group_size): groups of group_size input channels, the last one
+    shorter where group_size does not divide K (spiking.quantize_weight's layout); bias [N] or None.
+    Returns [M, N] in out_dtype.
+
+    Exactness: the products of a group, in pieces of at most 128 channels (one piece per group of 128), sum in
+    int32 without rounding, and each piece's sum converts to fp32 exactly (|sum| <= 128 * 128 * 127 < 2^24). Only
+    the fp32 scaling rounds: per row, P pieces each times its scale and summed, then * vth, + bias, so
+        |y - y_float64| <= (2P + 2) 2^-24 (sum_g |scales[n, g] * group sum| * vth[m] + |bias[n]|)
+    before the cast to out_dtype (y_float64: spike_linear_torch on the same operands). Counts are int8, so
+    nothing past +-127 reaches the kernel: w8aspike_linear finds the rows whose counts do not fit and sends them
+    to the float path.
+    Tiles: SPIKE_GEMM_CONFIGS for the device's capability, else (or where they do not compile) SPIKE_GEMM_SAFE.
+    Twin: spike_linear_torch.
+    """
+    _check_spike_linear(counts, vth, qweight, scales, group_size, bias)
+    (M, K), N = counts.shape, qweight.shape[0]
+    out = counts.new_empty(M, N, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    a, b = counts.contiguous(), qweight.contiguous()
+    v = vth.float().reshape(M).contiguous()
+    st = scales.float().t().contiguous()                                      # [G, N]
+    bias = None if bias is None else bias.contiguous()
+    dev = counts.device
+    opts = SPIKE_GEMM_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    return with_fallback(lambda cfg: _spike_gemm(a, v, b, st, bias, out, min(group_size, K), cfg or SPIKE_GEMM_SAFE),
+                         opts, ("spike_gemm", str(dev)), "spike_linear")
+
+
+def spike_linear_torch(counts, vth, qweight, scales, group_size, bias=None, out_dtype=torch.float32):
+    """PyTorch twin of spike_linear, in float64, group by group: the same formula over the same operands. counts
+    may hold any integer values (float or int: the float path of rows whose counts do not fit int8)."""
+    K = counts.shape[-1]
+    y = 0
+    for g, j in enumerate(range(0, K, group_size)):
+        c = slice(j, min(j + group_size, K))
+        y = y + (counts[:, c].double() @ qweight[:, c].double().T) * scales[:, g].double()
+    y = y * vth.double()
+    return (y if bias is None else y + bias.double()).to(out_dtype)
+
+
+def spike_counts_int8_torch(x, k=3.0):
+    """Spike counts of x [M, D] for spike_linear: int8 counts clamped to [-127, 127], vth float32 [M, 1] (the
+    formula of spike_quant), and wide bool [M]: the rows where the clamp changed a count."""
+    counts, vth = spike_quant_torch(x, k)
+    return counts.clamp(-127, 127).to(torch.int8), vth, counts.abs().amax(-1) > 127
+
+
+def spike_counts_int8(x, k=3.0):
+    """spike_counts_int8_torch, compiled on CUDA: one pass over x gives the counts, the thresholds and the wide
+    rows (the max over each row fuses into the quantization)."""
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    return (compiled(spike_counts_int8_torch) if x.is_cuda else spike_counts_int8_torch)(x, k)
+
+
+def use_spike_gemm(x):
+    """spike_linear for a W8ASpikeLinear's input x [..., in]? Inference only: no gradient flows through it."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return SPIKE_GEMM_IMPL == "triton" or (SPIKE_GEMM_IMPL == "auto" and x.is_cuda
+                                           and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+@torch.compiler.disable   # reads one flag on the host per call: runs as it is inside compiled blocks
+def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
+    """spiking.W8ASpikeLinear's forward on spike_linear: x [..., K] -> spike counts at threshold parameter k ->
+    [..., N] in x's dtype (qweight int8 [N, K], scales [N, G], bias [N] or None, as spike_linear).
+
+    Counts past +-127 are not saturated: a row holding one (a channel beyond 127.5 thresholds, 42.5 x the row's
+    mean |x| at k = 3) is found by a max over its counts, fused into the quantization pass, and recomputed by the
+    float path (spike_linear_torch on its exact counts, float64); the other rows come from the kernel. The price
+    is one read of a flag on the host per call.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    counts, vth, wide = spike_counts_int8(x2, k)
+    y = spike_linear(counts, vth, qweight, scales, group_size, bias, out_dtype=x.dtype)
+    if wide.any():
+        rows = wide.nonzero()[:, 0]
+        c, v = spike_quant_torch(x2[rows], k)
+        y[rows] = spike_linear_torch(c, v, qweight, scales, group_size, bias, out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+MOE_IMPL = "auto"    # "auto": moe_experts in training on a GPU where torch._grouped_mm has its kernel (Hopper, bf16);
+                     # model.py's per-expert loop elsewhere and without autograd (inference: the loop reads only the
+                     # routed experts' weights, moe_experts copies all of them). "grouped" or "torch" forces one
+                     # ("grouped" in float32/64 takes grouped_mm's masked form: tests, graph capture on CPU)
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's when it is on (bf16-mixed), else x's."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+def has_grouped_mm(device, dtype, *widths):
+    """Does torch._grouped_mm serve these matrices (rows `widths` wide), with no host sync, eager and compiled? Only in
+    bf16 (its shape function for torch.compile takes nothing else) with every row 16-byte aligned, on a CPU (a loop
+    over the groups on the host) or a Hopper GPU (sm90): other GPUs take its fallback, which copies the group offsets
+    to the host and loops over them, and on Blackwell (sm100) empty groups get nonzero weight gradients
+    (pytorch#172439)."""
+    if dtype != torch.bfloat16 or any(w * dtype.itemsize % 16 for w in widths):
+        return False
+    if device.type == "cuda":
+        return not torch.version.hip and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cpu"
+
+
+def groups_of(offs, R):
+    """The group of each of R rows, from offs (int32 [G], the end of each group's rows): (R,) int32."""
+    return torch.searchsorted(offs, torch.arange(R, device=offs.device, dtype=offs.dtype), right=True)
+
+
+def grouped_mm(a, b, offs):
+    """Rows of a [R, K] in G groups (offs int32 [G]: each group's end, offs[-1] = R) times their group's b [G, K, M]:
+    [R, M]. Where torch._grouped_mm does not serve (has_grouped_mm), every row goes through every group's matrix and
+    keeps its own group's product: G times the FLOPs, no host sync (float32/64 tests, graph capture on CPU)."""
+    if has_grouped_mm(a.device, a.dtype, a.shape[-1], b.shape[-1]):
+        return torch._grouped_mm(a, b, offs=offs)
+    group, out = groups_of(offs, a.shape[0]), a.new_zeros(a.shape[0], b.shape[-1])
+    for g in range(b.shape[0]):
+        out = torch.where((group == g)[:, None], a @ b[g], out)
+    return out
+
+
+def grouped_mm_t(a, b, offs):
+    """Each group's a^T b over its rows: a [R, M], b [R, K] in the groups of offs -> [G, M, K] (zero for an empty
+    group): the weight gradient of grouped_mm."""
+    if has_grouped_mm(a.device, a.dtype, a.shape[-1], b.shape[-1]):
+        return torch._grouped_mm(a.t(), b, offs=offs)
+    group = groups_of(offs, a.shape[0])
+    return torch.stack([torch.where((group == g)[:, None], a, 0).t() @ b for g in range(offs.shape[0])])
+
+
+class GroupedLinear(torch.autograd.Function):
+    """Rows of a [R, K] in the groups of offs, each through its expert's weight [M, K] (E of them, as nn.Linear
+    holds it): [R, M]. The weights are stacked [E, M, K] for each GEMM, forward and backward, and dropped after it:
+    the backward keeps the experts' own weights (which FSDP frees and gathers again), not a stacked copy per layer."""
+
+    @staticmethod
+    def forward(ctx, a, offs, *ws):
+        ctx.save_for_backward(a, offs, *ws)
+        return grouped_mm(a, torch.stack(ws).transpose(1, 2), offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, offs, *ws = ctx.saved_tensors
+        dy = dy.contiguous()   # torch._grouped_mm takes row- or column-major matrices only
+        da = grouped_mm(dy, torch.stack(ws), offs) if ctx.needs_input_grad[0] else None
+        return da, None, *grouped_mm_t(dy, a, offs).unbind(0)
+
+
+def use_moe(x, experts):
+    """moe_experts for x [N, C] through these experts (model.MoE.routed)? Only over plain projections (nn.Linear
+    without bias, one spike_k) that no hook watches: spike statistics read each expert's own input, and W8ASpike's
+    swapped layers hold no float weight to stack."""
+    I = experts[0].gate_proj.out_features
+    if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not (
+            x.is_cuda and torch.is_grad_enabled() and has_grouped_mm(x.device, compute_dtype(x), x.shape[-1], I)):
+        return False
+    ps = [p for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    k = getattr(ps[0], "spike_k", None)
+    return all(isinstance(p, torch.nn.Linear) and p.bias is None and getattr(p, "spike_k", None) == k
+               and not (p._forward_hooks or p._forward_pre_hooks) for p in ps)
+
+
+def _spike(x, k):
+    """model.spike: x -> counts * vth forward, identity gradient."""
+    counts, vth = spike_quant_torch(x, k)
+    return x + ((counts * vth).to(x.dtype) - x).detach()
+
+
+def moe_experts(x, w, idx, experts):
+    """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * experts[idx[n, j]](x[n]).
+
+    x [N, C]; w [N, k] float32, the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
+    SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token, expert)
+    rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked [E, ...]
+    (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and the spike
+    statistics keep one module per expert. Every expert is in the graph (a zero gradient without rows): all FSDP ranks
+    reduce the same set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
+    """
+    (N, k), E = idx.shape, len(experts)
+    if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:
+        raise ValueError(f"moe_experts: x [N, C], w and idx [N, k]; got {tuple(x.shape)}, {tuple(w.shape)}, "
+                         f"{tuple(idx.shape)}")
+    dt, spike_k = compute_dtype(x), getattr(experts[0].gate_proj, "spike_k", None)
+    flat = idx.flatten()                                                 # (N*k,) expert of each (token, slot) row
+    order = flat.argsort(stable=True)                                    # rows by expert, tokens in order within
+    offs = torch.searchsorted(flat[order], torch.arange(E, device=x.device), right=True).int()   # (E,) group ends
+    xs = x[order // k]                                                   # (N*k, C) sorted rows
+    if spike_k is not None:   # per row: the same spikes as each expert's projections make of its own rows
+        xs = _spike(xs, spike_k)
+    gate, up, down = ([getattr(e, n).weight.to(dt) for e in experts] for n in ("gate_proj", "up_proj", "down_proj"))
+    xs = xs.to(dt)
+    h = F.silu(GroupedLinear.apply(xs, offs, *gate)) * GroupedLinear.apply(xs, offs, *up)   # (N*k, I)
+    if spike_k is not None:
+        h = _spike(h, spike_k)
+    y = GroupedLinear.apply(h, offs, *down) * w.flatten()[order, None]   # (N*k, C), weighted in float32 (or wider)
+    return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype)          # back in (token, slot) order

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Config, Linear, check_spike_k, spike, spike_quant
+from model import Config, Linear, check_spike_k, kernels, spike, spike_quant   # kernels: None without kernels.py
 
 __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
@@ -443,7 +443,9 @@ class W8ASpikeLinear(nn.Module):
     Buffers: qweight int8 [out, in], scales float32 [out, ceil(in / group_size)], bias [out] or None; the
     group width is saved beside them (extra state `<name>._extra_state`, an int64 scalar), as with a partial
     last group the scales' shape does not determine it. spike_k=None turns the input spikes off (INT8 weights,
-    float activations). Inference only.
+    float activations). Inference only. On CUDA, without gradients, the spiking forward multiplies int8 counts by
+    the int8 weights on tensor cores (kernels.w8aspike_linear: exact integer sums, fp32 scaling); elsewhere it
+    runs the float reference below.
     """
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
@@ -465,6 +467,8 @@ class W8ASpikeLinear(nn.Module):
         return m
 
     def forward(self, x):
+        if self.spike_k is not None and kernels and kernels.use_spike_gemm(x):   # int8 counts x int8 weights
+            return kernels.w8aspike_linear(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None:
             counts, vth = spike_quant(x, self.spike_k)
             x = (counts * vth).to(x.dtype)

@@ -303,10 +303,11 @@ def test_bad_inputs_raise_before_launch():
 
 def test_bench_profile_counts_every_gla_kernel():
     """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel,
-    except the decode attention kernel (softmax attention)."""
+    except the decode attention kernel (softmax attention) and the spike GEMM (a matmul)."""
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
-    kinds = {n: "softmax attention" if n == "_decode_attention_kernel" else "GLA kernels" for n in names}
+    others = {"_decode_attention_kernel": "softmax attention", "_spike_gemm_kernel": "matmul"}
+    kinds = {n: others.get(n, "GLA kernels") for n in names}
     assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
 
@@ -455,3 +456,198 @@ def test_gpu_decode_attention_bf16_model_shapes(B, S):
     bias[:, S - S // 3:] = float("-inf")                          # a cache not yet full
     o = kernels.decode_attention(q, k, v, bias)
     assert rms_err(o.float(), decode_reference(q, k, v, bias).float()) < 1e-2
+
+
+# ----------------------------------------------------------------------------- spike counts on 8-bit tensor cores
+
+SMALL_TILES = dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1)   # many tiles, wrapped edges
+
+
+def spike_operands(M, K, N, group_size, seed=0):
+    """Full-range int8 counts [M, K] and weights [N, K], vth [M, 1], scales [N, G], bias [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(-128, 128, (M, K), generator=gen).to(torch.int8)
+    qweight = torch.randint(-127, 128, (N, K), generator=gen).to(torch.int8)
+    scales = torch.rand(N, -(-K // group_size), generator=gen) * 0.02 + 1e-3
+    vth = torch.rand(M, 1, generator=gen) + 0.05
+    return [x.to(DEV) for x in (counts, vth, qweight, scales, torch.randn(N, generator=gen))]
+
+
+def assert_spike_exact(y, counts, vth, qweight, scales, group_size, bias):
+    """y against float64 of the same operands, within spike_linear's stated bound: (2P + 2) 2^-24 times the sum of
+    the magnitudes, P = pieces per row (here counted for the narrowest pieces, 32 channels)."""
+    K = counts.shape[1]
+    P = -(-K // group_size) * -(-min(group_size, K) // 32)
+    want = kernels.spike_linear_torch(counts, vth, qweight, scales, group_size, bias, torch.float64)
+    mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), group_size,
+                                     None if bias is None else bias.abs(), torch.float64)
+    err = (y.double() - want).abs()
+    assert y.shape == want.shape and (err <= (2 * P + 2) * 2.0 ** -24 * mag).all(), err.max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("K,tiles,bias", [(200, None, True), (200, SMALL_TILES, False), (128, SMALL_TILES, True),
+                                          (128, None, False)])
+def test_spike_linear_matches_float64(monkeypatch, K, tiles, bias):
+    """K = 200: a group of 128 and a partial one of 72 (masked); K = 128: one whole group. Default and small tiles
+    (several row and column tiles, grouped order, rows and columns past the edge)."""
+    if tiles:
+        monkeypatch.setattr(kernels, "SPIKE_GEMM_SAFE", tiles)
+    counts, vth, qweight, scales, b = spike_operands(37, K, 48, 128, seed=K)
+    b = b if bias else None
+    y = kernels.spike_linear(counts, vth, qweight, scales, 128, b)
+    assert y.dtype == torch.float32
+    assert_spike_exact(y, counts, vth, qweight, scales, 128, b)
+    assert kernels.spike_linear(counts, vth, qweight, scales, 128, b, out_dtype=torch.float16).dtype == torch.float16
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size", [48, 16, 1000])
+def test_spike_linear_other_group_widths(group_size):
+    """Groups narrower than a piece (48: pieces of 64, the last group 8 wide; 16: below int8's 32 channels) and one
+    group wider than K."""
+    counts, vth, qweight, scales, b = spike_operands(21, 200, 40, group_size, seed=group_size)
+    y = kernels.spike_linear(counts, vth, qweight, scales, group_size, b)
+    assert_spike_exact(y, counts, vth, qweight, scales, group_size, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [128, 200])
+def test_spike_linear_int8_extremes_are_exact(K):
+    """Every count and weight at the int8 edge (-128, +-127): each group's sum is as large as the kernel allows
+    (128 * 128 * 127), and with unit scales and thresholds the output is the int64 product, bit for bit."""
+    gen = torch.Generator().manual_seed(K)
+    counts = torch.where(torch.rand(19, K, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    counts[0] = -128                                                    # a row of -128 x -127: the largest sums
+    qweight = torch.where(torch.rand(33, K, generator=gen) < 0.5, -127, 127).to(torch.int8)
+    qweight[0] = -127
+    want = counts.long() @ qweight.long().T
+    assert want[0, 0] == K * 128 * 127
+    y = kernels.spike_linear(counts.to(DEV), torch.ones(19, 1, device=DEV), qweight.to(DEV),
+                             torch.ones(33, -(-K // 128), device=DEV), 128)
+    assert torch.equal(y.cpu().double(), want.double())
+
+
+def wide_rows(D=200):
+    """x [6, D] whose spike counts at k = 3 peak at 127, 128, -128, -127 (one channel v over D - 1 ones:
+    count = round(3 D v / (D - 1 + v))), then a Gaussian row and a row with a huge outlier."""
+    x = torch.ones(6, D)
+    x[:4, 7] = torch.tensor([53.4, 54.0, -54.0, -53.4])
+    x[4] = torch.randn(D, generator=torch.Generator().manual_seed(0))
+    x[5, 11] = 5000.0
+    return x
+
+
+@needs_triton
+def test_w8aspike_linear_routes_counts_past_int8_to_the_float_path(monkeypatch):
+    """Rows whose counts do not fit int8 (128, -128, ~595) are recomputed exactly from their counts; the others
+    (127, -127 included) come from the kernel; nothing saturates."""
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_SAFE", SMALL_TILES)
+    x = wide_rows().to(DEV)
+    counts, vth = spike_quant_ref(x, 3.0)
+    assert counts[:4, 7].tolist() == [127, 128, -128, -127] and counts[5].abs().max() > 500
+    c8, v8, wide = kernels.spike_counts_int8(x, 3.0)
+    assert wide.tolist() == [False, True, True, False, False, True] and torch.allclose(v8, vth, rtol=1e-6, atol=0)
+    assert torch.equal(c8, counts.clamp(-127, 127).to(torch.int8))
+    _, _, qweight, scales, b = spike_operands(6, 200, 48, 128, seed=3)
+    y = kernels.w8aspike_linear(x, qweight, scales, 128, 3.0, b)
+    assert_spike_exact(y, counts, vth, qweight, scales, 128, b)
+    saturated = kernels.spike_linear_torch(c8, v8, qweight, scales, 128, b)
+    assert rms_err(saturated[5], y[5]) > 0.1                     # clamping the outlier would have been wrong
+
+
+@needs_triton
+def test_w8aspike_module_through_the_kernel_equals_the_reference(monkeypatch):
+    """spiking.W8ASpikeLinear's forward with the kernel forced (as on CUDA) against its float reference path (as on
+    CPU): a partial last group, a bias, a token with counts past int8; gradients and spike_k=None keep the float
+    path."""
+    from spiking import W8ASpikeLinear
+    torch.manual_seed(0)
+    m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), group_size=128, spike_k=3.0).to(DEV)
+    x = torch.cat([torch.randn(37, 200), wide_rows()]).view(1, 43, 200).to(DEV) * 0.7
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_SAFE", SMALL_TILES)
+    calls = []
+    real = kernels.spike_linear
+    monkeypatch.setattr(kernels, "spike_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_IMPL", "triton")
+    with torch.no_grad():
+        fast = m(x)
+    assert calls and fast.shape == (1, 43, 48) and fast.dtype == x.dtype
+    counts, vth = spike_quant_ref(x[0], 3.0)
+    assert_spike_exact(fast[0], counts, vth, m.qweight, m.scales, 128, m.bias)
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_IMPL", "torch")
+    ref = m(x)
+    assert rms_err(fast, ref) < 1e-6
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_IMPL", "triton")
+    calls.clear()
+    assert torch.allclose(m(x.requires_grad_()), ref) and not calls          # autograd: the float path
+    m.spike_k = None
+    with torch.no_grad():
+        m(x)
+    assert not calls                                                         # no spikes: the float path
+
+
+@needs_triton
+def test_spike_linear_tiles_that_do_not_fit_fall_back(monkeypatch):
+    """The device's tiles (here a table entry for the CPU) fail to compile: one warning, SPIKE_GEMM_SAFE, exact."""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    real = kernels._spike_gemm_kernel
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BM"] == 128:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_spike_gemm_kernel", TooBig())
+    monkeypatch.setattr(kernels, "options_failed", set())
+    device_key = torch.cuda.get_device_capability() if CUDA else "cpu"
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_CONFIGS", {device_key: dict(SMALL_TILES, BM=128)})
+    counts, vth, qweight, scales, b = spike_operands(37, 200, 48, 128, seed=7)
+    with pytest.warns(UserWarning, match="spike_linear: kernel options .* do not compile"):
+        y = kernels.spike_linear(counts, vth, qweight, scales, 128, b)
+    assert_spike_exact(y, counts, vth, qweight, scales, 128, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # remembered: no second warning
+        kernels.spike_linear(counts, vth, qweight, scales, 128, b)
+
+
+def test_spike_linear_bad_inputs():
+    counts, vth, qweight, scales, b = spike_operands(4, 200, 8, 128)
+    with pytest.raises(TypeError, match="int8"):
+        kernels.spike_linear(counts.float(), vth, qweight, scales, 128)
+    with pytest.raises(ValueError, match="share K"):
+        kernels.spike_linear(counts[:, :100], vth, qweight, scales, 128)
+    with pytest.raises(ValueError, match=r"G=4\] \(K=200 in groups of 64\)"):
+        kernels.spike_linear(counts, vth, qweight, scales, 64)
+    with pytest.raises(ValueError, match="vth"):
+        kernels.spike_linear(counts, vth[:, 0], qweight, scales, 128)
+    with pytest.raises(ValueError, match="positive int"):
+        kernels.spike_linear(counts, vth, qweight, scales, 0)
+
+
+@gpu
+@needs_cuda
+def test_gpu_spike_linear_7b_shape():
+    """A 7B-like projection (M=256 tokens, K=3584, N=512) from bf16 activations, two tokens with counts past int8:
+    the kernel's fp32 output within its bound of float64 on the same int8 operands, and W8ASpikeLinear's bf16
+    output (the CUDA path) within bf16 rounding of float64 on the exact counts."""
+    from spiking import W8ASpikeLinear
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3584, generator=gen)
+    x[[3, 200], [5, 7]] = torch.tensor([300.0, -900.0])
+    x = x.cuda().bfloat16()
+    m = W8ASpikeLinear.from_linear(torch.nn.Linear(3584, 512), group_size=128, spike_k=3.0).cuda()
+    counts, vth, wide = kernels.spike_counts_int8(x, 3.0)
+    assert wide.sum() == 2
+    y = kernels.spike_linear(counts, vth, m.qweight, m.scales, 128, m.bias)
+    assert_spike_exact(y, counts, vth, m.qweight, m.scales, 128, m.bias)
+    with torch.no_grad():
+        out = m(x)
+    rc, rv = spike_quant_ref(x, 3.0)
+    want = kernels.spike_linear_torch(rc, rv, m.qweight, m.scales, 128, m.bias, torch.float64)
+    assert out.dtype == torch.bfloat16 and rms_err(out, want) < 4e-3

@@ -1,4 +1,8 @@
+import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -521,3 +525,268 @@ def test_gpu_decode_kernel_in_model(name):
         cache = m.new_cache(2, 64)
         steps = [m(idx[:, t:t + 1].cuda(), cache=cache)[0] for t in range(53)]
     torch.testing.assert_close(torch.cat(steps, 1).cpu(), full, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- MoE: grouped experts (kernels.moe_experts)
+
+def swiglu(m, v):
+    return m.down_proj.weight @ (F.silu(m.gate_proj.weight @ v) * (m.up_proj.weight @ v))
+
+
+def moe_per_token(moe, x):
+    """model.MoE token by token: the shared experts plus each of the top-k experts times its router probability
+    (float32, as the model keeps them), and the Switch balance loss from counts."""
+    c = moe.c
+    probs = F.softmax((x @ moe.router.weight.T).float(), -1)
+    w, idx = probs.topk(c.top_k, -1)
+    out = torch.stack([sum(swiglu(s, v) for s in moe.shared) +
+                       sum(w[n, j] * swiglu(moe.experts[idx[n, j]], v) for j in range(c.top_k))
+                       for n, v in enumerate(x)])
+    load = torch.stack([(idx == e).sum() for e in range(c.n_expert)]) / idx.numel()
+    return out, c.n_expert * (load * probs.mean(0)).sum(), load
+
+
+def skewed_moe(top_k, n_expert=8, n_idle=2, N=13, seed=0):
+    """An MoE whose last n_idle experts never get a token: the inputs' channel 0 is 1, a bias of -100 in their router
+    logits (and 0 in the others')."""
+    torch.manual_seed(seed)
+    c = Config.from_name("tiny-moe", n_expert=n_expert, top_k=top_k)
+    moe = model.MoE(c)
+    with torch.no_grad():
+        moe.router.weight.normal_()
+        moe.router.weight[:, 0] = 0.0
+        moe.router.weight[-n_idle:, 0] = -100.0
+    x = torch.randn(N, c.n_embd)
+    x[:, 0] = 1.0
+    return moe, x
+
+
+def run_moe(moe, x, seed=1):
+    """out, balance loss, load and the gradients of the input and of every parameter (by name) under a random
+    projection of out plus the balance loss."""
+    x = x.detach().clone().requires_grad_()
+    moe.zero_grad()
+    out, aux, load = moe(x)
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    ((out * r).sum() + aux).backward()
+    return out, aux, load, {"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_moe_equals_per_token_reference(monkeypatch, top_k, dtype):
+    """MOE_IMPL="grouped" (torch._grouped_mm in bf16, grouped_mm's masked form in float64) against the per-token float64
+    reference: outputs, balance loss, load and the gradients of the input, the router and every expert, two of them
+    without a token (exactly zero gradients, as every rank under FSDP must still produce them)."""
+    monkeypatch.setattr(kernels, "MOE_IMPL", "grouped")
+    moe, x = skewed_moe(top_k)
+    moe, x = moe.to(dtype), x.to(dtype)
+    assert kernels.use_moe(x, moe.experts)
+    assert kernels.has_grouped_mm(x.device, dtype, 64, 160) == (dtype == torch.bfloat16)
+    out, aux, load, grads = run_moe(moe, x)
+
+    ref = copy.deepcopy(moe).double()
+    xr = x.double().requires_grad_()
+    rout, raux, rload = moe_per_token(ref, xr)
+    r = torch.randn(rout.shape, generator=torch.Generator().manual_seed(1)).to(dtype).double()
+    ((rout * r).sum() + raux).backward()
+    rgrads = {"x": xr.grad, **{n: torch.zeros_like(p) if p.grad is None else p.grad   # experts without a token
+                               for n, p in ref.named_parameters()}}
+
+    assert torch.equal(load, rload.float()) and load[-2:].sum() == 0 and (load[:-2] > 0).sum() >= 4
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    assert rms_err(out.double(), rout) < tol and aux.item() == pytest.approx(raux.item(), rel=tol)
+    idle = tuple(f"experts.{e}." for e in range(8) if load[e] == 0)
+    for name, g in grads.items():
+        if name.startswith(idle):
+            assert g is not None and torch.equal(g, torch.zeros_like(g)), name
+        else:
+            assert rms_err(g.double(), rgrads[name]) < tol, name
+
+
+def test_grouped_moe_keeps_no_stacked_weights_for_backward(monkeypatch):
+    """GroupedLinear stacks the experts' weights for each GEMM and drops the stack: what autograd keeps is the
+    experts' own weights (FSDP frees and gathers those again), never an [E, ...] copy per layer."""
+    monkeypatch.setattr(kernels, "MOE_IMPL", "grouped")
+    moe, x = skewed_moe(2)
+    moe.bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out, aux, _ = moe(x.bfloat16().requires_grad_())
+    assert not [s for s in saved if len(s) == 3], saved
+    (out.float().sum() + aux).backward()
+    assert all(p.grad is not None for p in moe.parameters())
+
+
+def captured_data_dependence(fn, *args):
+    """Compile fn as one graph (fullgraph; AOT autograd traces the backward too; no code generation), run it forward
+    and backward, and return the graph count and the ops whose output shape or value the host must read from the
+    device (unbacked symbols: nonzero's size, .item()): each a host sync, in eager mode as in a compiled step."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    graphs, found = [], set()
+
+    def inspect(gm, _):
+        graphs.append(gm)
+        found.update(str(n.target) for n in gm.graph.nodes if free_unbacked_symbols(n.meta.get("val")))
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=inspect, bw_compiler=inspect)
+    out, aux, _ = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    (out.float().sum() + aux).backward()
+    return len(graphs), found
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_moe_compiles_without_host_syncs(monkeypatch, dtype):
+    """The MoE layer through the grouped path (torch._grouped_mm in bf16, the masked form in float32) is one forward
+    and one backward graph without a data-dependent op; the per-expert loop compiles in one graph too (torch
+    captures nonzero with unbacked sizes) but holds a host sync per expert, which this check finds."""
+    moe, x = skewed_moe(2)
+    moe.to(dtype)
+    x = x.to(dtype).requires_grad_()
+    monkeypatch.setattr(kernels, "MOE_IMPL", "grouped")
+    assert captured_data_dependence(moe, x) == (2, set())
+    monkeypatch.setattr(kernels, "MOE_IMPL", "torch")
+    n, found = captured_data_dependence(moe, x)
+    assert n == 2 and "aten.nonzero.default" in found
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tiny_moe_trains_the_same_through_both_paths(monkeypatch, top_k):
+    """tiny-moe (sinks, packed documents, spiking off and on) in float64, three AdamW steps from one init: the
+    per-expert loop and the grouped path give the same losses, balance losses and gradients of every parameter."""
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    runs = {}
+    for impl in ("torch", "grouped"):
+        monkeypatch.setattr(kernels, "MOE_IMPL", impl)
+        torch.manual_seed(1)
+        m = GPT(Config.from_name("tiny-moe", top_k=top_k)).double()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        runs[impl] = []
+        for step in range(3):
+            m.set_spike_k(3.0 if step == 2 else None)
+            _, loss, aux = m(idx, targets, doc_ids)
+            (loss + m.config.aux_loss_coef * aux).backward()
+            runs[impl].append((loss.item(), aux.item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+            opt.step()
+            opt.zero_grad()
+    for (loss, aux, grads), (rloss, raux, rgrads) in zip(runs["grouped"], runs["torch"]):
+        assert loss == pytest.approx(rloss, rel=1e-12) and aux == pytest.approx(raux, rel=1e-12)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, rgrads[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_grouped_moe_leaves_watched_and_quantized_experts_to_the_loop(monkeypatch):
+    """Spike statistics hook each expert's projections and W8ASpike swaps them for INT8 layers: both need the
+    per-expert loop, so use_moe says no even when the grouped path is forced; "auto" takes it on CUDA only."""
+    import spiking
+    moe, x = skewed_moe(1)
+    moe.bfloat16()
+    x = x.bfloat16()
+    assert not kernels.use_moe(x, moe.experts)                       # auto, on a CPU
+    monkeypatch.setattr(kernels, "MOE_IMPL", "grouped")
+    assert kernels.use_moe(x, moe.experts)
+    h = moe.experts[3].up_proj.register_forward_pre_hook(lambda m, a: None)
+    assert not kernels.use_moe(x, moe.experts)
+    h.remove()
+    moe.experts[0].down_proj.spike_k = 3.0                           # spiking everywhere or nowhere
+    assert not kernels.use_moe(x, moe.experts)
+    moe.experts[0].down_proj.spike_k = None
+    spiking.replace_linears(moe, k=3.0, group_size=32)
+    assert not kernels.use_moe(x, moe.experts)
+    assert torch.isfinite(moe(x)[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_grouped_moe_real_widths_bf16(monkeypatch):
+    """One 76B MoE layer at its real widths (16 experts of Qwen2.5-7B's FFN, top-1, 4096 tokens) in bf16 on CUDA:
+    auto takes the grouped path on Hopper; no host sync in its forward and backward (CUDA's sync debug mode raises
+    on one), an expert without tokens gets a zero gradient, and outputs and gradients match the per-expert loop."""
+    torch.manual_seed(0)
+    c = Config.from_name("spikingbrain-76b")
+    with torch.device("cuda"):
+        moe = model.MoE(c).bfloat16()
+    x = torch.randn(4096, c.n_embd, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(4096, 1, device="cuda")
+    idx = torch.randint(0, c.n_expert - 1, (4096, 1), device="cuda")
+    idx[idx >= 5] += 1                                               # expert 5 gets no token
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert kernels.use_moe(x, moe.experts)
+    runs = {}
+    for impl in ("grouped", "torch"):
+        monkeypatch.setattr(kernels, "MOE_IMPL", impl)
+        xg = x.clone().requires_grad_()
+        moe.zero_grad()
+        try:
+            torch.cuda.set_sync_debug_mode("error" if impl == "grouped" else 0)
+            out = moe.routed(xg, w, idx)
+            out.float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        runs[impl] = {"out": out, "x": xg.grad, **{n: p.grad.clone() for n, p in moe.experts.named_parameters()}}
+    for name, g in runs["grouped"].items():
+        if name.startswith("5."):
+            assert torch.count_nonzero(g) == 0, name
+        else:
+            assert rms_err(g.float(), runs["torch"][name].float()) < 1e-2, name
+
+
+FSDP_MOE = '''
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def rank_main(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from torch.distributed.device_mesh import init_device_mesh
+    import kernels, train
+    from model import GPT, Config
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    gen = torch.Generator().manual_seed(rank)
+    idx, targets = torch.randint(0, 512, (1, 6), generator=gen), torch.randint(0, 512, (1, 6), generator=gen)
+    grads = {}
+    for impl in ("torch", "grouped"):
+        kernels.MOE_IMPL = impl
+        torch.manual_seed(0)
+        m = train.parallelize(GPT(Config.from_name("tiny-moe", n_expert=8, n_sink=0)), mesh, mixed=False)
+        _, loss, aux = m(idx, targets)
+        (loss + 0.01 * aux).backward()
+        grads[impl] = {n: p.grad.full_tensor() for n, p in m.named_parameters()}
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+'''
+
+
+def test_grouped_moe_under_fsdp_with_idle_experts(tmp_path):
+    """Two CPU ranks, FSDP2 per block (train.parallelize), tiny-moe with 8 experts and 6 tokens per rank: experts
+    idle on a rank still reduce a (zero) gradient, so the step completes, and the gathered gradients of the grouped
+    path equal the per-expert loop's."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "fsdp_moe.py").write_text(FSDP_MOE)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, str(tmp_path / "fsdp_moe.py"), str(port), str(tmp_path / "grads.pt")],
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    grads = torch.load(tmp_path / "grads.pt")
+    idle = [n for n, g in grads["torch"].items() if ".experts." in n and not g.any()]
+    assert idle and len(grads["grouped"]) == len(grads["torch"])
+    for n, g in grads["grouped"].items():
+        torch.testing.assert_close(g, grads["torch"][n], rtol=1e-5, atol=1e-6, msg=n)
