@@ -4,6 +4,7 @@ literal map per format.
     python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-7b  --out ckpt/sb7b-init
     python convert.py qwen2.5   --src Qwen2.5-7B  --to spikingbrain-76b --out ckpt/sb76b-init
     python convert.py qwen2.5   --src Qwen2.5-7B  --to qwen2.5          --out ckpt/qwen   # same model, our format
+    python convert.py dense     --src out/mini/dense/final --to spikingbrain-7b --out out/mini/sb7b-init   # ours, dense
     python convert.py release   --src V1-7B-base  --to ours    --out ckpt/sb7b
     python convert.py release   --src ckpt/sb7b   --to release --out export/sb7b --tokenizer V1-7B-base
     python convert.py tokenizer --src Qwen2.5-7B  --out assets/qwen-tokenizer
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 import spiking
 import tokenizer as tok
-from model import PRESETS, GPT, Config, check_spike_k
+from model import PRESETS, GPT, Config, check_spike_k, layout_76b, moe_layers_76b
 
 DType = Literal["bfloat16", "float16", "float32", "float64"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -67,6 +68,11 @@ QWEN2_MAP = {
 }
 # non-learned buffers some older Qwen2 exports carry; nothing to convert
 QWEN2_IGNORED = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
+# our dense (qwen2.5 layout) checkpoint -> ours: the same names; it converts through Qwen2's path with this map
+DENSE_MAP = {v: v for v in QWEN2_MAP.values()}
+# what a dense source fixes in the converted Config (a Qwen2 config.json's fields); the target preset gives the rest
+DENSE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate_size", "norm_eps",
+                "rope_theta", "bos_id", "eos_id")
 
 # the released SpikingBrain-7B (GLAswaForCausalLM, model_type gla_swa) <-> ours
 RELEASE_MAP = {
@@ -306,15 +312,16 @@ class ShardWriter:
 
 
 def stream(src, files, headers, desc):
-    """Yield (name, tensor) of a checkpoint one tensor at a time, file by file, with a progress bar."""
+    """Yield (name, tensor) of a checkpoint one tensor at a time, file by file, with a progress bar. Each tensor is
+    read through its own opening of its file: safe_open maps the whole file, and the pages read stay resident (and
+    count in RSS) until it is closed, so one opening per file would hold a whole shard by its end."""
     total = sum(math.prod(s) * st_dtype(d).itemsize for s, d, _ in headers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=2.0) as bar:
         for f in files:
-            with safe_open(os.path.join(src, f), "pt") as h:
-                for k in h.keys():
-                    t = h.get_tensor(k)
-                    yield k, t
-                    bar.update(t.numel() * t.element_size())
+            for k in [k for k, (_, _, kf) in headers.items() if kf == f]:
+                t = read_tensor(src, headers, k)
+                yield k, t
+                bar.update(t.numel() * t.element_size())
 
 
 def st_dtype(d):
@@ -447,21 +454,7 @@ def check_state(model, state, source):
                  {k: tuple(v.shape) for k, v in state.items()}, source)
 
 
-# ----------------------------------------------------------------------------- Qwen2.5 -> ours
-
-def layout_76b(n):
-    """The 76B's mixer layout for n layers: la+fa at every 7th layer (1-indexed 7, 14, 21, 28: the 1:6 ratio of
-    full to sliding-window attention), la+swa elsewhere; a model of fewer than 7 layers has la+fa last."""
-    fa = [i for i in range(n) if (i + 1) % 7 == 0] or [n - 1]
-    return ["la+fa" if i in fa else "la+swa" for i in range(n)]
-
-
-def moe_layers_76b(n):
-    """The 76B keeps a dense FFN in 1-indexed layers 1,2,3,5,7,9,11 of 28; layer i of n follows layer
-    floor(i * 28 / n) of that pattern, so the dense share and its place near the input scale with depth."""
-    dense = [i for i in range(28) if i not in PRESETS["spikingbrain-76b"]["moe_layers"]]
-    return [i for i in range(n) if i * 28 // n not in dense]
-
+# ----------------------------------------------------------------------------- a dense model (Qwen2.5, or ours) -> ours
 
 def upcycle_alpha(c):
     """alpha = (1 / (S + k/N))^(1/3) (report §3.2): S shared experts, top-k of N routed."""
@@ -476,6 +469,17 @@ def upcycle_alpha(c):
 # router is uniform).
 UPCYCLE_POWER = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 QWEN2_ROPE_THETA = 10000.0   # Qwen2Config's theta when config.json names none (transformers 4 and 5)
+
+
+def scale(t, factor, block=1 << 18):
+    """t * factor in float64, rounded once to t's dtype, `block` elements at a time: memory holds t, the result and
+    one block in float64, never a float64 copy of t (4x a bf16 tensor)."""
+    if factor == 1:
+        return t
+    out = torch.empty_like(t)
+    for a, b in zip(t.reshape(-1).split(block), out.view(-1).split(block)):
+        b.copy_(a.double() * factor)
+    return out
 
 
 def read_rope(hf, default_theta):
@@ -572,20 +576,15 @@ def first_id(x, default):
     return default if x is None else x
 
 
-def qwen_config(hf, to, n_expert=None, n_sink=None):
-    """Our Config for a Qwen2 config.json: the source's dims, the target's layout rules at its depth."""
+def target_config(dims, to, n_expert=None, n_sink=None):
+    """Our Config for a dense source of `dims` (DENSE_FIELDS, and max_seq_len if it has one): the target preset,
+    with its layout rules at the source's depth."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: choose one of {sorted(TARGETS)}")
-    n, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-    d = dict(PRESETS[TARGETS[to]],
-             vocab_size=hf["vocab_size"], n_layer=n, n_embd=hf["hidden_size"], n_head=heads,
-             n_kv_head=hf.get("num_key_value_heads") or heads,
-             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-             intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-             rope_theta=read_rope(hf, QWEN2_ROPE_THETA)[0],
-             bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
+    n = dims["n_layer"]
+    d = dict(PRESETS[TARGETS[to]], **dims)
     if to == "qwen2.5":
-        d.update(layout=["fa"] * n, max_seq_len=hf.get("max_position_embeddings", d["max_seq_len"]))
+        d.update(layout=["fa"] * n)
     elif to == "spikingbrain-7b":   # GLA on even layers, SWA on odd (the release's attn_layers = 1, 3, 5, ...)
         d.update(layout=[("gla", "swa")[i % 2] for i in range(n)])
     else:
@@ -595,6 +594,20 @@ def qwen_config(hf, to, n_expert=None, n_sink=None):
         if n_sink is not None:
             d["n_sink"] = n_sink
     return named(Config.from_dict(dict(d, name="custom")), TARGETS[to])
+
+
+def qwen_config(hf, to, n_expert=None, n_sink=None):
+    """Our Config for a Qwen2 config.json: the source's dims, the target's layout rules at its depth."""
+    heads = hf["num_attention_heads"]
+    dims = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
+                n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=read_rope(hf, QWEN2_ROPE_THETA)[0],
+                bos_id=first_id(hf.get("bos_token_id"), 151643), eos_id=first_id(hf.get("eos_token_id"), 151643))
+    if to == "qwen2.5":
+        dims["max_seq_len"] = hf.get("max_position_embeddings", PRESETS["qwen2.5-7b"]["max_seq_len"])
+    return target_config(dims, to, n_expert, n_sink)
 
 
 def named(config, preset):
@@ -618,21 +631,48 @@ def init_new(kind, shape, std, gen):
     return t.fill_(1.0 if kind == "ones" else 0.0)
 
 
-def qwen_tensors(name, t, config, alpha, lm_head_from_embed):
-    """One Qwen2 tensor -> the (our name, tensor) pairs it becomes (copies share memory: the writer copies bytes)."""
-    ours = rename(name, QWEN2_MAP)
+def dense_tensors(name, t, config, alpha, mapping, lm_head_from_embed=False):
+    """One tensor of a dense source, named as `mapping`'s keys (QWEN2_MAP, DENSE_MAP) -> the (our name, tensor)
+    pairs it becomes in `config`: renamed, and in its MoE layers copied into every expert, scaled (copies share
+    memory: the writer copies bytes)."""
+    ours = rename(name, mapping)
     if ours == "embed.weight" and lm_head_from_embed:   # tied input/output embeddings: ours are separate
         yield "lm_head.weight", t
     _, layer = template(name)
     kind = ours.split(".")[-2]
     if ".mlp." in ours and layer in config.moe_layers:   # upcycling: shared + routed experts from the dense FFN
-        scaled = (t.double() * alpha ** UPCYCLE_POWER[kind]).to(t.dtype)
+        scaled = scale(t, alpha ** UPCYCLE_POWER[kind])
         for s in range(config.n_shared_expert):
             yield f"blocks.{layer}.mlp.shared.{s}.{kind}.weight", scaled
         for e in range(config.n_expert):
             yield f"blocks.{layer}.mlp.experts.{e}.{kind}.weight", scaled
     else:
         yield ours, t
+
+
+def write_dense(tensors, mapping, config, out, *, dtype, seed, overwrite, tied=False, save_tokenizer=None):
+    """The half both dense conversions share: `tensors` ((source name, tensor), one at a time) through
+    dense_tensors into our checkpoint of `config` at `out`, then every parameter no source tensor gave, started as
+    NEW_PARAMS says (seeded, in name order), config.yaml, and save_tokenizer(directory). Memory: one tensor; `out`
+    appears only when complete."""
+    target = model_shapes(config)
+    alpha = upcycle_alpha(config) if config.moe_layers else 1.0
+    with atomic_dir(out, overwrite) as tmp:
+        with FileWriter(os.path.join(tmp, SINGLE), {k: (s, dtype) for k, s in target.items()}) as w:
+            for name, t in tensors:
+                for ours, x in dense_tensors(name, t.to(dtype), config, alpha, mapping, tied):
+                    w.add(ours, x)
+            gen = torch.Generator().manual_seed(seed)
+            for name in sorted(w.todo):   # what no source tensor gave; sorted: the same seed gives the same weights
+                kind = NEW_PARAMS.get(template(name)[0])
+                if kind is None:
+                    raise AssertionError(f"no source and no init rule for {name}")
+                w.add(name, init_new(kind, target[name], config.init_std, gen).to(dtype))
+        config.to_yaml(os.path.join(tmp, "config.yaml"))
+        if save_tokenizer is not None:
+            save_tokenizer(tmp)
+    print(f"wrote {out}: {config.name} layout, {len(target)} tensors"
+          + (f", upcycled MoE layers {config.moe_layers} (alpha={alpha:.4f})" if config.moe_layers else ""))
 
 
 def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingbrain-76b", "qwen2.5"] = "spikingbrain-7b",
@@ -671,25 +711,63 @@ def convert_qwen(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingb
     check_shapes(want, have, src, hint=" (expected a Qwen2 checkpoint of the dims in its config.json)")
     out_dtype = output_dtype(dtype, {k: headers[k] for k in have}, src)
     hf_tokenizer = tok.read_hf_tokenizer(src, optional=True)   # before the weights: a bad tokenizer fails at once
-    target = model_shapes(config)
-    alpha = upcycle_alpha(config) if config.moe_layers else 1.0
-    with atomic_dir(out, overwrite) as tmp:
-        with FileWriter(os.path.join(tmp, SINGLE), {k: (s, out_dtype) for k, s in target.items()}) as w:
-            for name, t in stream(src, files, headers, f"{to} <- {src}"):
-                if name in have:
-                    for ours, x in qwen_tensors(name, t.to(out_dtype), config, alpha, tied):
-                        w.add(ours, x)
-            gen = torch.Generator().manual_seed(seed)
-            for name in sorted(w.todo):   # what no source tensor gave; sorted: the same seed gives the same weights
-                kind = NEW_PARAMS.get(template(name)[0])
-                if kind is None:
-                    raise AssertionError(f"no source and no init rule for {name}")
-                w.add(name, init_new(kind, target[name], config.init_std, gen).to(out_dtype))
-        config.to_yaml(os.path.join(tmp, "config.yaml"))
-        if hf_tokenizer is not None:
-            tok.save(tmp, *hf_tokenizer)
-    print(f"wrote {out}: {config.name} layout, {len(target)} tensors"
-          + (f", upcycled MoE layers {config.moe_layers} (alpha={alpha:.4f})" if config.moe_layers else ""))
+    write_dense(((k, t) for k, t in stream(src, files, headers, f"{to} <- {src}") if k in have), QWEN2_MAP, config,
+                out, dtype=out_dtype, seed=seed, overwrite=overwrite, tied=tied,
+                save_tokenizer=None if hf_tokenizer is None else lambda d: tok.save(d, *hf_tokenizer))
+
+
+def check_dense(config, headers, src):
+    """A source for convert_dense: our qwen2.5 layout in float weights; one error naming everything else."""
+    problems = []
+    if set(config.layout) != {"fa"}:
+        problems.append(f"layout {config.layout} (the dense model has fa in every layer)")
+    if config.moe_layers:
+        problems.append(f"MoE layers {config.moe_layers}")
+    if config.n_sink:
+        problems.append(f"{config.n_sink} sink tokens")
+    if any(k.endswith(".qweight") for k in headers):
+        problems.append("W8ASpike weights (INT8): convert the float checkpoint they were made from")
+    if problems:
+        raise ValueError(f"{src} is not a dense checkpoint: " + "; ".join(problems) + ". `convert.py dense` reads our "
+                         "qwen2.5 layout (full attention in every layer, dense FFNs, no sinks), e.g. the final/ of a "
+                         "run with `model: tiny-qwen`")
+
+
+def convert_dense(*, src: str, out: str, to: Literal["spikingbrain-7b", "spikingbrain-76b"] = "spikingbrain-7b",
+                  dtype: DType | None = None, seed: int = 0, n_expert: int | None = None, n_sink: int | None = None,
+                  overwrite: bool = False) -> None:
+    """Our dense checkpoint (the qwen2.5 layout, e.g. train.py's out_dir/final of a `tiny-qwen` run) -> the target's
+    layout, converted as `convert_qwen` converts Qwen2.5: the same code (write_dense) with DENSE_MAP for QWEN2_MAP,
+    so every branch reuses q/k/v/o, MoE layers are upcycled and new parameters start as NEW_PARAMS says. Our
+    tokenizer files are copied.
+
+    Args:
+        src: our checkpoint directory (config.yaml, model.safetensors or shards + index).
+        out: our checkpoint directory to create.
+        to: target layout.
+        dtype: output dtype (default: the source's).
+        seed: seed of the new parameters' initialization.
+        n_expert: routed experts per MoE layer (spikingbrain-76b; default 16).
+        n_sink: sink tokens (spikingbrain-76b; default 128).
+        overwrite: replace `out` if it exists.
+    """
+    check_paths(src, out, overwrite)
+    resolve_dtype(dtype)
+    source = Config.from_yaml(read_path(src, "config.yaml", "`convert.py dense` reads our checkpoint directory (a "
+                                             "run's final/); a Hugging Face Qwen2 directory converts with "
+                                             "`convert.py qwen2.5`"))
+    files, headers = read_headers(src)
+    check_dense(source, headers, src)
+    check_shapes(model_shapes(source), {k: s for k, (s, _, _) in headers.items()}, src)
+    config = target_config({k: getattr(source, k) for k in DENSE_FIELDS}, to, n_expert, n_sink)
+    out_dtype = output_dtype(dtype, headers, src)
+
+    def copy_tokenizer(d):
+        for f in tok.TOKENIZER_FILES:
+            shutil.copy(os.path.join(src, f), d)
+    has_tokenizer = all(os.path.isfile(os.path.join(src, f)) for f in tok.TOKENIZER_FILES)
+    write_dense(stream(src, files, headers, f"{to} <- {src}"), DENSE_MAP, config, out, dtype=out_dtype, seed=seed,
+                overwrite=overwrite, save_tokenizer=copy_tokenizer if has_tokenizer else None)
 
 
 # ----------------------------------------------------------------------------- released SpikingBrain-7B <-> ours
@@ -1020,7 +1098,7 @@ if __name__ == "__main__":
     qwen = "qwen" if runs_qwen else "qwen2.5"
     args = [qwen if a in ("qwen", "qwen2.5") else a for a in args[:1]] + args[1:]
     try:
-        CLI({qwen: convert_qwen, "release": convert_release, "tokenizer": convert_tokenizer,
+        CLI({qwen: convert_qwen, "dense": convert_dense, "release": convert_release, "tokenizer": convert_tokenizer,
              "w8aspike": convert_w8aspike}, args=args)
     except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")

