@@ -6,6 +6,7 @@
     cat book.txt | python generate.py --ckpt out/ckpt --prompt - --max_new_tokens 200   # prompt from stdin
     python generate.py --ckpt V1-7B-base --compile true         # a released SpikingBrain-7B directory, compiled
     python generate.py --ckpt out/ckpt --spike 3                # spiking activations; prints their sparsity
+    python generate.py --ckpt out/ckpt --quant int8             # INT8 weights: decode reads half the bytes
     python generate.py --ckpt out/ckpt --device cpu             # CPU (float32)
 
 After every reply it prints (on stderr) time to first token, prefill and decode speed and cache memory.
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Literal
 
 import torch
 
@@ -324,7 +326,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
          max_new_tokens: int = 512, temperature: float = 0.7, top_k: int | None = 20, top_p: float | None = 0.8,
          repetition_penalty: float = 1.05, seed: int | None = None, stop: list[str] | None = None,
          prefill_chunk: int = 32768, compile: bool = False, spike: float | None = None,
-         device: str = DEFAULT_DEVICE, dtype: str | None = None) -> None:
+         quant: Literal["int8"] | None = None, device: str = DEFAULT_DEVICE, dtype: str | None = None) -> None:
     """Chat with a checkpoint (no --prompt) or complete one prompt. Sampling defaults are Qwen2.5-Instruct's.
 
     Args:
@@ -343,6 +345,8 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         prefill_chunk: prompt tokens per forward pass while prefilling.
         compile: torch.compile the blocks for prefill and the decode step (CUDA graphs on GPU).
         spike: spiking activations with threshold mean|x| / spike; prints their sparsity.
+        quant: int8: INT8 weights (groups of 128 input channels) for every projection of a float checkpoint,
+            activations kept; decode steps on CUDA read the 8-bit weights (kernels.int8_gemv).
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
     """
@@ -364,6 +368,8 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         model.set_spike_k(spike)
     print(f"loaded {ckpt} ({model.config.name}, {model.num_params() / 1e6:,.1f}M parameters, {dt}, {device}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    if quant == "int8":   # after the count above: the INT8 layers hold buffers, not parameters
+        spiking.quantize_int8(model, group_size=128)
     gen = Generator(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, stop=stop, prefill_chunk=prefill_chunk, compile=compile,
                     spike_stats=model.config.spike_k is not None)

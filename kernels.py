@@ -11,6 +11,8 @@ compare against:
   twin elsewhere; twin: model.MoE.routed, a loop over the experts).
 - W8ASpike's linear layers as int8 spike counts times INT8 weights on 8-bit tensor cores, exact integer sums
   (spike_linear; twin: spike_linear_torch in float64; spiking.W8ASpikeLinear's dispatch line picks it).
+- decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
+  registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates and
 the ops they guard. Nothing here imports model.py.
 
@@ -43,6 +45,7 @@ and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), al
 """
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -1263,3 +1266,179 @@ def moe_experts(x, w, idx, experts):
         h = _spike(h, spike_k)
     y = GroupedLinear.apply(h, offs, *down) * w.flatten()[order, None]   # (N*k, C), weighted in float32 (or wider)
     return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype)          # back in (token, slot) order
+
+
+# ----------------------------------------------------------------------------- decode with INT8 weights
+
+# Batch-small decode reads every weight once per token, so 8-bit weights halve the bytes of bf16 ones. Each program
+# owns BN output channels and one run of K (a split); it loads the INT8 tile, converts it in registers and
+# multiplies it with the rows of x padded to 16 (tl.dot's smallest tile: the spare rows cost no weight reads). A
+# tile never crosses a scale group, so the group's scale multiplies the tile's fp32 sum once. Settings per CUDA
+# capability, a starting point not yet swept on these shapes; other devices ("cpu" under the interpreter), and
+# settings that do not compile on one (with_fallback), take INT8_GEMV_SAFE.
+INT8_GEMV_CONFIGS = {(9, 0): dict(BN=64, BK=128, num_warps=4, num_stages=4),
+                     (8, 0): dict(BN=64, BK=128, num_warps=4, num_stages=3)}
+INT8_GEMV_SAFE = dict(BN=32, BK=64, num_warps=4, num_stages=2)
+INT8_GEMV_MAX_ROWS = 8     # decode: up to 8 rows (batch x new tokens); more take dequantize + F.linear
+INT8_GEMV_IMPL = "auto"    # "auto": int8_gemv on CUDA (capability >= 8.0) for <= INT8_GEMV_MAX_ROWS rows, the
+                           # dequantized float path elsewhere; "torch" or "triton" forces one (tests)
+
+
+@triton.jit
+def _int8_gemv_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Partial sums out[split, :, cols] = sum over the split's K tiles of scales[g, cols] * (x[:, tile] @
+    w[cols, tile]^T): x [M, K] (float), w int8 [N, K], scales fp32 [N, G] (as stored: no transposed copy per
+    call; they are 1/GS of the weight bytes), out fp32 [splits, M, N]. BK divides GS (or K is one group): each
+    tile lies in group lo // GS. Weights convert to x's dtype exactly (|q| <= 127), so every product is exact in
+    fp32."""
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
+    rn = cols % N                                  # columns past N wrap around: no masks; not stored
+    px = x + rows[:, None] * K + o_k[None, :]
+    pw = w + rn.to(tl.int64)[None, :] * K + o_k[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    first = pid_s * tiles_per_split
+    for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BK))):
+        lo = t * BK
+        m = lo + o_k < K
+        xt = tl.load(px + lo, mask=(rows < M)[:, None] & m[None, :], other=0.0)
+        wt = tl.load(pw + lo, mask=m[:, None], other=0).to(xt.dtype)
+        part = tl.dot(xt, wt, input_precision=PREC)
+        acc += part * tl.load(scales + rn * G + lo // GS)[None, :]
+    tl.store(out + pid_s * M * N + rows[:, None] * N + cols[None, :], acc,
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def _int8_gemv_tile_k(K, group_size, bk):
+    """The widest K tile, at most bk and at least 16 (tl.dot's), that never crosses a group: a power of two
+    dividing group_size, or any width when K is one group. None when no tile fits (groups of e.g. 24 channels)."""
+    if group_size >= K:
+        return min(bk, max(16, triton.next_power_of_2(K)))
+    t = bk
+    while t >= 16 and group_size % t:
+        t //= 2
+    return t if t >= 16 else None
+
+
+def int8_gemv_fits(K, group_size):
+    """Can int8_gemv take a layer of K input channels in groups of group_size?"""
+    return _int8_gemv_tile_k(K, min(group_size, K), 16) is not None
+
+
+def _int8_gemv(x, w, st, out, group_size, splits, cfg):
+    """Launch _int8_gemv_kernel with cfg's settings; splits along K (None: enough programs to fill the GPU twice,
+    cut to whole tiles); the partial sums of the splits add up in fp32 afterwards."""
+    M, K = x.shape
+    N = w.shape[0]
+    BK = _int8_gemv_tile_k(K, group_size, cfg["BK"])
+    n_tiles, k_tiles = triton.cdiv(N, cfg["BN"]), triton.cdiv(K, BK)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        splits = triton.cdiv(2 * sms, n_tiles)
+    per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles)))      # K tiles per split
+    S = triton.cdiv(k_tiles, per)
+    part = out if S == 1 else x.new_empty(S, M, N, dtype=torch.float32)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"          # fp32 x: no tf32 rounding of the activations
+    _int8_gemv_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size, BM=16,
+                                    BN=cfg["BN"], BK=BK, PREC=prec, num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])
+    if S > 1:
+        torch.sum(part, 0, out=out)
+    return out
+
+
+def _check_int8_gemv(x, qweight, scales, group_size, bias):
+    if x.dim() != 2 or qweight.dim() != 2 or x.shape[1] != qweight.shape[1]:
+        raise ValueError(f"x [M, K] and qweight [N, K] must share K; got {tuple(x.shape)}, {tuple(qweight.shape)}")
+    if qweight.dtype != torch.int8 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"need float x (fp32, fp16, bf16) and int8 qweight; got {x.dtype}, {qweight.dtype}")
+    (M, K), N = x.shape, qweight.shape[0]
+    if M > 16:
+        raise ValueError(f"int8_gemv multiplies at most 16 rows (decode); got {M}: use a GEMM")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    if not int8_gemv_fits(K, group_size):
+        raise ValueError(f"groups of {group_size} channels (K={K}) do not hold whole K tiles of 16: use the "
+                         f"dequantized path")
+    G = triton.cdiv(K, group_size)
+    if scales.shape != (N, G) or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"shape mismatch: scales {tuple(scales.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}; need scales [N={N}, G={G}] (K={K} in "
+                         f"groups of {group_size}), bias [N] or None")
+    tensors = [x, qweight, scales] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"all tensors must be on one device; got {[str(t.device) for t in tensors]}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+
+
+@torch.library.custom_op("spikingbrain::int8_gemv", mutates_args=())
+def _int8_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                  splits: Optional[int]) -> torch.Tensor:
+    """One opaque op, so that a compiled decode step (CUDA graphs) keeps it inside its graph instead of breaking
+    around every projection. fp32 [M, N]."""
+    (M, K), N = x.shape, qweight.shape[0]
+    out = x.new_empty(M, N, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    xc, w = x.contiguous(), qweight.contiguous()
+    st = scales.float().contiguous()                                           # [N, G]
+    dev = x.device
+    opts = INT8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    g = min(group_size, K)
+    return with_fallback(lambda cfg: _int8_gemv(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE), opts,
+                         ("int8_gemv", str(dev)), "int8_gemv")
+
+
+@_int8_gemv_op.register_fake
+def _(x, qweight, scales, group_size, splits):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
+    """Batch-small linear layer with INT8 weights, dequantized in registers (decode, weight-only INT8):
+        y[m, n] = sum_g scales[n, g] * (sum_{k in group g} x[m, k] * qweight[n, k])  (+ bias[n]).
+
+    x [M, K] float (fp32, fp16 or bf16), M <= 16 (decode: INT8_GEMV_MAX_ROWS); qweight int8 [N, K]; scales [N, G],
+    G = ceil(K / group_size): groups of group_size input channels, the last one shorter where group_size does not
+    divide K (spiking.quantize_weight's layout); bias [N] or None. splits: programs along K per column tile (None:
+    enough to fill the GPU twice). Returns [M, N] in x's dtype.
+
+    Exactness: each product x * q is exact in fp32 (q converts to x's dtype without rounding), so only the fp32
+    sums round: a tile's BK products inside tl.dot, its sum times the group's scale, the P tiles of a row and the
+    splits added up, then + bias. So
+        |y - y_float64| <= (BK + 2P + 2) 2^-24 (sum_k |x[m, k] qweight[n, k] scales[n, g(k)]| + |bias[n]|)
+    before the cast to x's dtype (y_float64: int8_gemv_torch on the same operands; BK <= 128).
+    Settings: INT8_GEMV_CONFIGS for the device's capability, else (or where they do not compile) INT8_GEMV_SAFE.
+    Twin: int8_gemv_torch.
+    """
+    _check_int8_gemv(x, qweight, scales, group_size, bias)
+    y = _int8_gemv_op(x, qweight, scales, group_size, splits)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def int8_gemv_torch(x, qweight, scales, group_size, bias=None):
+    """PyTorch twin of int8_gemv in float64, group by group: the same formula over the same operands. [M, N]
+    float64."""
+    K = x.shape[-1]
+    y = 0
+    for g, j in enumerate(range(0, K, group_size)):
+        c = slice(j, min(j + group_size, K))
+        y = y + (x[:, c].double() @ qweight[:, c].double().T) * scales[:, g].double()
+    return y if bias is None else y + bias.double()
+
+
+def use_int8_gemv(x, group_size):
+    """int8_gemv for a weight-only INT8 layer's input x [..., K]? Decode-sized inputs (<= INT8_GEMV_MAX_ROWS rows)
+    in inference, on CUDA (capability >= 8.0) or forced by INT8_GEMV_IMPL = "triton"."""
+    if (torch.is_grad_enabled() and x.requires_grad) or x.numel() > INT8_GEMV_MAX_ROWS * x.shape[-1]:
+        return False
+    if not int8_gemv_fits(x.shape[-1], group_size) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return INT8_GEMV_IMPL == "triton" or (INT8_GEMV_IMPL == "auto" and x.is_cuda
+                                          and torch.cuda.get_device_capability(x.device) >= (8, 0))

@@ -12,6 +12,7 @@ model.py, so training, generation and this file share one definition; it is re-e
     st.summary()                                   # sparsity, spikes/channel, silent share, |count| histogram, energy
     scales = calibrate(model, batches)             # W8ASpike: INT8 weights per 128-channel group + spike activations
     replace_linears(model, k=3.0, scales=scales)
+    quantize_int8(float_model)                     # or INT8 weights alone, activations kept (generate.py --quant)
     writer.add_image("raster", spike_raster(train[:, 0, :64]))   # TensorBoard, uint8 [3, H, W]
 
 Commands that use it:
@@ -38,8 +39,8 @@ from model import Config, Linear, check_spike_k, kernels, spike, spike_quant   #
 
 __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
-           "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "replace_linears_for_state", "calibrate",
-           "search_scales", "check_group_size"]
+           "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "quantize_int8", "replace_linears_for_state",
+           "calibrate", "search_scales", "check_group_size"]
 
 # ----------------------------------------------------------------------------- codings: counts <-> spike trains
 
@@ -443,9 +444,10 @@ class W8ASpikeLinear(nn.Module):
     Buffers: qweight int8 [out, in], scales float32 [out, ceil(in / group_size)], bias [out] or None; the
     group width is saved beside them (extra state `<name>._extra_state`, an int64 scalar), as with a partial
     last group the scales' shape does not determine it. spike_k=None turns the input spikes off (INT8 weights,
-    float activations). Inference only. On CUDA, without gradients, the spiking forward multiplies int8 counts by
-    the int8 weights on tensor cores (kernels.w8aspike_linear: exact integer sums, fp32 scaling); elsewhere it
-    runs the float reference below.
+    float activations: weight-only INT8, `quantize_int8`). Inference only. On CUDA, without gradients, the spiking
+    forward multiplies int8 counts by the int8 weights on tensor cores (kernels.w8aspike_linear: exact integer
+    sums, fp32 scaling), and the weight-only forward of a decode step (a few rows) reads the int8 weights and
+    dequantizes them in registers (kernels.int8_gemv); elsewhere both run the float reference below.
     """
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
@@ -467,6 +469,10 @@ class W8ASpikeLinear(nn.Module):
         return m
 
     def forward(self, x):
+        if self.spike_k is None and kernels and kernels.use_int8_gemv(x, self.group_size):   # decode, INT8 reads
+            y = kernels.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.group_size,
+                                  self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.spike_k is not None and kernels and kernels.use_spike_gemm(x):   # int8 counts x int8 weights
             return kernels.w8aspike_linear(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None:
@@ -542,6 +548,17 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     if isinstance(getattr(model, "config", None), Config):
         model.config.spike_k = k   # saved with the checkpoint: the activation k of the quantized layers
     return model
+
+
+def quantize_int8(model, group_size=128):
+    """INT8 weights (max|w| / 127 per group of group_size input channels) for every model.Linear, keeping the
+    model's activations: weight-only INT8 for a float model (spike_k None), W8ASpike for a spiking one. The layers
+    are W8ASpikeLinear (same buffers, same checkpoint format): with spike_k None their decode steps run
+    kernels.int8_gemv on CUDA. In place; returns the model."""
+    if not _linears(model):
+        raise ValueError("no float projections to quantize (a W8ASpike checkpoint holds INT8 weights already)")
+    config = getattr(model, "config", None)
+    return replace_linears(model, k=config.spike_k if isinstance(config, Config) else None, group_size=group_size)
 
 
 CLIP_GRID = tuple(1 - 0.05 * i for i in range(11))   # scale = a * max|w| / 127, a = 1.0, 0.95, ..., 0.5

@@ -651,3 +651,126 @@ def test_gpu_spike_linear_7b_shape():
     rc, rv = spike_quant_ref(x, 3.0)
     want = kernels.spike_linear_torch(rc, rv, m.qweight, m.scales, 128, m.bias, torch.float64)
     assert out.dtype == torch.bfloat16 and rms_err(out, want) < 4e-3
+
+
+# ----------------------------------------------------------------------------- decode with INT8 weights
+
+def gemv_operands(M, K, N, group_size, dtype=torch.float32, seed=0):
+    """x [M, K] in dtype, full-range int8 weights [N, K], scales [N, G], bias [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    qweight = torch.randint(-127, 128, (N, K), generator=gen).to(torch.int8)
+    scales = torch.rand(N, -(-K // group_size), generator=gen) * 0.02 + 1e-3
+    return [t.to(DEV) for t in (x, qweight, scales, torch.randn(N, generator=gen))]
+
+
+def assert_gemv_close(y, x, qweight, scales, group_size, bias):
+    """y (fp32) against float64 of the same operands, within int8_gemv's stated bound (BK = 128, P counted for
+    the narrowest tiles, 16 channels)."""
+    P = -(-x.shape[1] // 16)
+    want = kernels.int8_gemv_torch(x, qweight, scales, group_size, bias)
+    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), group_size,
+                                  None if bias is None else bias.abs())
+    err = (y.double() - want).abs()
+    assert y.shape == want.shape and (err <= (128 + 2 * P + 2) * 2.0 ** -24 * mag).all(), err.max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("splits,bias", [(None, True), (1, False), (3, True)])
+def test_int8_gemv_matches_float64(M, splits, bias):
+    """K = 200: a group of 128 and a partial one of 72 (masked); N = 48: a column tile past the edge; one run of K
+    per program or several (their partial sums added afterwards)."""
+    x, qweight, scales, b = gemv_operands(M, 200, 48, 128, seed=M)
+    b = b if bias else None
+    y = kernels.int8_gemv(x, qweight, scales, 128, b, splits=splits)
+    assert y.dtype == torch.float32
+    assert_gemv_close(y, x, qweight, scales, 128, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("group_size,K", [(16, 200), (64, 200), (1000, 200), (128, 24)])
+def test_int8_gemv_other_group_widths(group_size, K):
+    """Tiles as wide as the group allows (16, 64), one group wider than K, and a layer of 24 channels (one group
+    in one masked tile of 32); half-precision x gives its dtype back."""
+    x, qweight, scales, b = gemv_operands(2, K, 40, min(group_size, K), seed=group_size)
+    assert_gemv_close(kernels.int8_gemv(x, qweight, scales, group_size, b), x, qweight, scales, group_size, b)
+    y16 = kernels.int8_gemv(x.half(), qweight, scales, group_size, b)
+    want = kernels.int8_gemv_torch(x.half(), qweight, scales, group_size, b)
+    assert y16.dtype == torch.float16 and rms_err(y16, want) < 1e-3
+
+
+def test_int8_gemv_bad_inputs():
+    x, qweight, scales, _ = gemv_operands(2, 200, 48, 128)
+    with pytest.raises(ValueError, match="share K"):
+        kernels.int8_gemv(x[:, :100], qweight, scales, 128)
+    with pytest.raises(TypeError, match="int8"):
+        kernels.int8_gemv(x, qweight.float(), scales, 128)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        kernels.int8_gemv(x.repeat(9, 1), qweight, scales, 128)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.int8_gemv(x, qweight, scales[:, :1], 128)
+    with pytest.raises(ValueError, match="whole K tiles"):
+        kernels.int8_gemv(x, qweight, torch.ones(48, 9, device=DEV), 24)
+    assert not kernels.int8_gemv_fits(200, 24) and kernels.int8_gemv_fits(24, 128)
+
+
+@needs_triton
+def test_int8_linear_through_the_kernel_equals_the_reference(monkeypatch):
+    """W8ASpikeLinear with spike_k=None (weight-only INT8): decode-sized inputs through int8_gemv (forced, as on
+    CUDA) equal its dequantized float path; more rows than INT8_GEMV_MAX_ROWS and gradients keep the float path."""
+    from spiking import W8ASpikeLinear
+    torch.manual_seed(0)
+    m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), group_size=128, spike_k=None).to(DEV)
+    calls = []
+    real = kernels.int8_gemv
+    monkeypatch.setattr(kernels, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
+        x = torch.randn(shape, device=DEV)
+        monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
+        with torch.no_grad():
+            fast = m(x)
+        assert calls and fast.shape == (*shape[:2], 48) and fast.dtype == x.dtype
+        monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "torch")
+        ref = m(x)
+        assert rms_err(fast, ref) < 1e-6
+        calls.clear()
+    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
+    with torch.no_grad():
+        m(torch.randn(1, 9, 200, device=DEV))
+    m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
+    assert not calls
+
+
+@needs_triton
+def test_int8_model_decodes_the_same_tokens_through_the_kernel(monkeypatch):
+    """A tiny model with INT8 weights (spiking.quantize_int8): greedy decode with every step's projections through
+    int8_gemv gives the tokens of its float reference path."""
+    import spiking
+    from model import GPT, Config
+    torch.manual_seed(0)
+    m = spiking.quantize_int8(GPT(Config.from_name("tiny")).to(DEV).eval())
+    assert not spiking._linears(m) and m.config.spike_k is None
+    with pytest.raises(ValueError, match="INT8 weights already"):
+        spiking.quantize_int8(m)
+    idx = torch.randint(0, m.config.vocab_size, (1, 12), device=DEV)
+    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "torch")
+    ref = m.generate(idx, 10, temperature=0)
+    calls = []
+    real = kernels.int8_gemv
+    monkeypatch.setattr(kernels, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
+    assert m.generate(idx, 10, temperature=0) == ref and calls
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 4])
+def test_gpu_int8_gemv_7b_shape(M):
+    """A 7B MLP projection (K=3584, N=18944) from bf16 activations: the kernel (fp32 sums) within its bound of
+    float64 on the same operands before the cast, and its bf16 output within bf16 rounding."""
+    x, qweight, scales, b = gemv_operands(M, 3584, 18944, 128, torch.bfloat16)
+    y = kernels._int8_gemv_op(x, qweight, scales, 128, None)
+    assert_gemv_close(y, x, qweight, scales, 128, None)
+    out = kernels.int8_gemv(x, qweight, scales, 128, b)
+    assert out.dtype == torch.bfloat16 and rms_err(out, kernels.int8_gemv_torch(x, qweight, scales, 128, b)) < 4e-3
