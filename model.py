@@ -367,6 +367,55 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------- context parallelism
+# One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
+# lengths): prefill only. Linear branches pass states (LASP-2), SWA branches fetch the keys before their slice.
+
+def cp_gather(x, group):
+    """Every rank's x (same shape on all ranks), in rank order: one all_gather."""
+    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(out, x.contiguous(), group=group)
+    return out
+
+
+def cp_start(T, group, device):
+    """Global position of this rank's first token: the summed slice lengths of the ranks before it."""
+    lengths = cp_gather(torch.tensor([T], device=device), group)
+    return int(sum(lengths[:torch.distributed.get_rank(group)]))
+
+
+def cp_linear(q, g, o, state, group):
+    """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
+    [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering
+    the slice, S_in = exp(L_{r-1}) S_in(r-1) + S_{r-1} scanned from rank 0, and the part of o it explains,
+    scale * (q_t * exp(b_t)) @ S_in with b_t the log-decay from the slice start to t: a correction, not a second gla.
+    Returns o and the state after the slice (the whole prefix's)."""
+    b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
+    parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
+    s_in = torch.zeros_like(state)
+    for p in parts[:torch.distributed.get_rank(group)]:
+        s_in = p[..., -1:].exp() * s_in + p[..., :-1]
+    Hkv = g.shape[2]
+    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
+    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)               # GQA: head h // G
+    return (o + corr).to(o.dtype), b[:, -1, ..., None].exp().to(state.dtype) * s_in + state
+
+
+def cp_halo(k, v, pos, window, group):
+    """The keys, values and positions [B, h, ...] of the `window` positions before this slice (fewer at the start),
+    held by the ranks before it. Every rank sends its last `window` keys (padded with position -1 where its slice is
+    shorter): an all_gather, so a slice may be shorter than the window; point-to-point from the ranks in reach would
+    send less."""
+    pad = max(window - k.shape[1], 0)
+    kv = F.pad(torch.cat([k, v], -1)[:, -window:], (0, 0, 0, 0, pad, 0))        # (B, window, Hkv, 2D)
+    kv, kpos = torch.cat(cp_gather(kv, group), 1), torch.cat(cp_gather(F.pad(pos[:, -window:], (pad, 0), value=-1),
+                                                                       group), 1)
+    start = int(pos[0, 0])
+    keep = (kpos[0] >= max(start - window, 0)) & (kpos[0] < start)             # rows share positions
+    hk, hv = kv[:, keep].chunk(2, -1)
+    return hk, hv, kpos[:, keep]
+
+
 # ----------------------------------------------------------------------------- generation cache
 
 class KVCache(nn.Module):
@@ -460,7 +509,7 @@ class Attention(nn.Module):
         if self.linear and self.softmax:
             self.a_norm = RMSNorm(c.head_dim, c.norm_eps)    # normalizes the softmax branch
 
-    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None):
+    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None, cp=None):
         # no loop over the branches: torch.compile cannot resume a loop after the graph breaks around the kernels
         c, (B, T, _) = self.c, x.shape
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
@@ -468,15 +517,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
         out = 0
         if self.linear:
-            out = self.g_norm(self.linear_attention(self.linear, x, q, k, v, cu_seqlens, cache))
+            out = self.g_norm(self.linear_attention(self.linear, x, q, k, v, cu_seqlens, cache, cp))
         if self.softmax:
-            o = self.softmax_attention(self.softmax, q, k, v, pos, rot, doc, cache)
+            o = self.softmax_attention(self.softmax, q, k, v, pos, rot, doc, cache, cp)
             out = out + (self.a_norm(o) if self.linear else o)
         return self.o_proj(out.reshape(B, T, -1))
 
-    def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache):
+    def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache, cp=None):
         q, k = rope(q, rot), rope(k, rot)
         window = self.c.window if kind == "swa" else None
+        if cp is not None:
+            return self.cp_window_attention(q, k, v, pos, window, cache, cp)
         if cache is None:
             if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
                 return kernels.sliding_window_attention(q, k, v, 0, 0, window)
@@ -492,6 +543,18 @@ class Attention(nn.Module):
         kv.write(k, v, pos, doc)   # after: this chunk's keys may overwrite ring slots its queries still see
         return o
 
+    def cp_window_attention(self, q, k, v, pos, window, cache, group):
+        """SWA of this rank's slice of a split sequence: the keys before it (cp_halo), then its own. A fresh cache
+        gets both, so the last rank's cache is the one a single process would hold."""
+        hk, hv, hpos = cp_halo(k, v, pos, window, group)
+        k, v, kpos = torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, pos], 1)
+        if cache is not None:
+            cache.kv.write(k, v, kpos, torch.zeros_like(kpos))
+        if kernels and kernels.use_band(q, window):
+            start = int(pos[0, 0])
+            return kernels.sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
+        return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
+
     @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
     def band_prefill(self, q, k, v, pos, doc, kv, window):
         """A prefill chunk of one document on the band: the ring in position order, then the chunk's keys."""
@@ -502,7 +565,7 @@ class Attention(nn.Module):
         kv.write(k, v, pos, doc)
         return o
 
-    def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache):
+    def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache, cp=None):
         c, (B, T, _) = self.c, x.shape
         ft = torch.promote_types(x.dtype, torch.float32)                 # the log-decay stays in float32
         if kind == "gla":   # ReLU feature map, low-rank gate, logit normalizer
@@ -513,7 +576,9 @@ class Attention(nn.Module):
             k = torch.sigmoid(k)
         if cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
             return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
-        o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state)
+        o, state = gla(q, k, v, g, initial_state=None if cache is None or cp is not None else cache.state)
+        if cp is not None:   # a slice of a split sequence: add what the state entering it contributes
+            o, state = cp_linear(q, g, o, state, cp)
         if cache is not None:
             cache.state.copy_(state)
         return o.to(x.dtype)
@@ -585,8 +650,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.n_embd, c.norm_eps)
         self.mlp = MoE(c) if layer in c.moe_layers else MLP(c)
 
-    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), pos, rot, doc, cu_seqlens, cache)
+    def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None, cp=None):
+        x = x + self.attn(self.attn_norm(x), pos, rot, doc, cu_seqlens, cache, cp)
         h = self.mlp(self.mlp_norm(x))
         if isinstance(h, tuple):
             return x + h[0], h[1]
@@ -673,7 +738,7 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 
-    def forward(self, idx, targets=None, doc_ids=None, cache=None, input_pos=None, last_only=False):
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, input_pos=None, last_only=False, cp_group=None):
         """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
 
         targets: [B, T] next-token ids, -100 where no loss is taken; with targets, the mean loss is returned and
@@ -684,16 +749,28 @@ class GPT(nn.Module):
         which this call advances. input_pos: [B, T] positions of a decode step given as a tensor instead (one
         compiled graph serves every step; the caller advances cache.seen). last_only: logits of the last position
         only (prefill for generation).
+        cp_group: a torch.distributed group over which one sequence is split (context parallelism): idx is this
+        rank's contiguous slice, ranks in order, slices of any length. Prefill only (no gradients, targets, packed
+        documents, sinks or full attention yet); a fresh cache ends holding the state after this slice, so the last
+        rank's can decode on.
         """
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
                              f"the tokenizer does not match this model")
+        if cp_group is not None and (torch.is_grad_enabled() or targets is not None or doc_ids is not None or
+                                     input_pos is not None or c.n_sink or cache is not None and cache.seen or
+                                     any("fa" in c.mixers(i) for i in range(c.n_layer))):
+            raise NotImplementedError("a sequence split over ranks (cp_group) runs prefill only: under "
+                                      "torch.no_grad(), from position 0, without targets, doc_ids, sinks or full "
+                                      "attention ('fa') layers")
         x = self.embed(idx)
         n_sink, pos = 0, input_pos   # input_pos given: cache.seen is not read (a compiled step would guard on it)
         if input_pos is None:
             n_sink = c.n_sink if cache is None or cache.seen == 0 else 0             # sinks enter once per sequence
             base = n_sink if cache is None else cache.seen + n_sink
+            if cp_group is not None:   # this rank's slice follows the ranks before it
+                base += cp_start(T, cp_group, idx.device)
             pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
@@ -713,10 +790,10 @@ class GPT(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         rot = rope_table(pos, c.head_dim, c.rope_theta, torch.promote_types(x.dtype, torch.float32))
         for i, block in enumerate(self.blocks):
-            x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i])
+            x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i], cp_group)
             aux = aux + a
         if cache is not None and input_pos is None:
-            cache.seen += x.shape[1]
+            cache.seen = base + T   # base counts the sinks and, over a split sequence, the slices before this one
         x = self.norm(x[:, -1:] if last_only else x[:, n_sink:])   # prefill: not the whole chunk's norm
         if targets is not None and kernels:   # the loss in chunks, never the whole [B, T, vocab] logits
             return None, kernels.linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten()), aux

@@ -28,6 +28,7 @@ import asyncio
 import codecs
 import collections
 import json
+import logging
 import os
 import signal
 import sys
@@ -495,6 +496,9 @@ def main(*, ckpt: str, tokenizer: str | None = None, host: str = "127.0.0.1", po
     server.app.add_exception_handler(RequestValidationError, invalid_body)
 
     def stop(sig, frame):
+        # LitServe 0.2.19's worker monitor polls its shutdown flag through a manager process that its own shutdown
+        # may end first; the monitor then logs a broken pipe as a crash. From here on that thread's record is noise.
+        logging.getLogger("litserve.server").addFilter(lambda r: r.getMessage() != "Monitoring worker crashed")
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, stop)   # a process manager's stop ends LitServe's processes as Ctrl-C does
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, old))   # not in its forks: they just exit
