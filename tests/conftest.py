@@ -2,6 +2,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import tokenizer  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A byte tokenizer (256 bytes + the ChatML specials): text <-> ids is exact, so tests can state tokens."""
+    d = str(tmp_path_factory.mktemp("tok"))
+    tokenizer.save(d, {bytes([i]): i for i in range(256)}, SPECIALS)
+    return d

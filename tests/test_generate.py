@@ -29,13 +29,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tok"))
-    tokenizer.save(d, {bytes([i]): i for i in range(256)}, SPECIALS)   # bytes only: text <-> ids is exact
-    return d
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tok_dir):
     torch.manual_seed(0)
     m = GPT(Config.from_name("tiny"))
