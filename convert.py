@@ -966,6 +966,13 @@ def checkpoint_kind(path):
                             f"convert.py write one) nor config.json (a released SpikingBrain-7B Hugging Face directory)")
 
 
+def read_config(ckpt):
+    """The Config of any checkpoint directory (ours, or a released one's config.json), without reading weights."""
+    if checkpoint_kind(ckpt) == "ours":
+        return Config.from_yaml(os.path.join(ckpt, "config.yaml"))
+    return release_to_config(read_json(os.path.join(ckpt, "config.json"), ""), ckpt)
+
+
 def load_checkpoint(path, device="cpu", dtype=None):
     """Any checkpoint directory -> (model, config), eval mode, on `device`: ours (config.yaml + model.safetensors or
     shards + index), float or W8ASpike, or a released SpikingBrain-7B Hugging Face directory (config.json).
@@ -980,16 +987,13 @@ def load_checkpoint(path, device="cpu", dtype=None):
 def load_tokenizer(ckpt, tokenizer_dir=None):
     """The tokenizer of checkpoint directory `ckpt` (our files, or Hugging Face ones converted on the fly), or the one
     in tokenizer_dir; checked against the checkpoint's vocabulary before any weight is read."""
-    kind = checkpoint_kind(ckpt)
+    checkpoint_kind(ckpt)   # a clear error for a path that is no checkpoint, before the tokenizer is looked for
     src = tokenizer_dir or ckpt
     tokenizer = tok.open_tokenizer(src)
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer in {src} (tokenizer.tiktoken + tokenizer.json, or Hugging Face "
                                 f"vocab.json + merges.txt): pass --tokenizer DIR")
-    if kind == "ours":
-        config = Config.from_yaml(os.path.join(ckpt, "config.yaml"))
-    else:
-        config = release_to_config(read_json(os.path.join(ckpt, "config.json"), ""), ckpt)
+    config = read_config(ckpt)
     if tokenizer.n_vocab > config.vocab_size:
         raise ValueError(f"tokenizer of {src} has {tokenizer.n_vocab} tokens but the model of {ckpt} only "
                          f"{config.vocab_size}: they do not belong together")

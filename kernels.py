@@ -1095,12 +1095,7 @@ def spike_linear(counts, vth, qweight, scales, group_size, bias=None, out_dtype=
 def spike_linear_torch(counts, vth, qweight, scales, group_size, bias=None, out_dtype=torch.float32):
     """PyTorch twin of spike_linear, in float64, group by group: the same formula over the same operands. counts
     may hold any integer values (float or int: the float path of rows whose counts do not fit int8)."""
-    K = counts.shape[-1]
-    y = 0
-    for g, j in enumerate(range(0, K, group_size)):
-        c = slice(j, min(j + group_size, K))
-        y = y + (counts[:, c].double() @ qweight[:, c].double().T) * scales[:, g].double()
-    y = y * vth.double()
+    y = int8_gemv_torch(counts, qweight, scales, group_size) * vth.double()   # the same group sums, then * vth
     return (y if bias is None else y + bias.double()).to(out_dtype)
 
 

@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 import convert
 import kernels
-from model import Config, penalize, sample
+from model import penalize, sample
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -453,13 +453,6 @@ class Spec(OpenAISpec):
 
 # ----------------------------------------------------------------------------- main
 
-def read_config(ckpt):
-    """A checkpoint's Config without its weights: the HTTP process needs the name and max_seq_len."""
-    if convert.checkpoint_kind(ckpt) == "ours":
-        return Config.from_yaml(os.path.join(ckpt, "config.yaml"))
-    return convert.release_to_config(convert.read_json(os.path.join(ckpt, "config.json"), ""), ckpt)
-
-
 def main(*, ckpt: str, tokenizer: str | None = None, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
          max_len: int | None = None, prefill_chunk: int = 32768, device: str = DEFAULT_DEVICE, dtype: str | None = None,
          compile: bool = False, name: str | None = None) -> None:
@@ -483,7 +476,7 @@ def main(*, ckpt: str, tokenizer: str | None = None, host: str = "127.0.0.1", po
         raise ValueError(f"need max_batch >= 1 and prefill_chunk >= 1; got {max_batch}, {prefill_chunk}")
     convert.check_device(device)
     tok = convert.load_tokenizer(ckpt, tokenizer)   # fails fast, before LitServe starts any process
-    config = read_config(ckpt)
+    config = convert.read_config(ckpt)
     max_len = max_len or config.max_seq_len
     if not 2 <= max_len <= config.max_seq_len:
         raise ValueError(f"max_len={max_len} must be in 2 .. config.max_seq_len={config.max_seq_len}")
