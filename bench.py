@@ -10,7 +10,8 @@
 
 Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
 train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
-blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL).
+blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL). The 76B does not fit one
+GPU: --n_layer N (train, ttft, decode, profile) keeps N layers of every model at its real widths (first_layers).
 """
 import datetime
 import gc
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import kernels
-from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent
+from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent, layout_76b, moe_layers_76b
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -82,25 +83,47 @@ def device_rate(device, what):
 
 
 def first_layers(preset, n_layer=None):
-    """The preset's config cut to its first n_layer layers (None: all), its layout and MoE layers with it."""
+    """The preset's config at its widths with n_layer layers (None: all). The 7B and the baseline repeat one pattern:
+    their first n layers. The 76B's first three layers are all dense FFNs with SWA, so a cut would time neither an
+    expert nor full attention: it gets its layout rules at depth n instead (model.layout_76b, moe_layers_76b, as
+    convert.py sizes it), the shares of MoE and full-attention layers near the full model's: 2 layers are a dense
+    la+swa and an MoE la+fa; 4 are la+swa x 3 then la+fa, MoE in the last 3. Sinks and every other field stay the
+    preset's."""
     c = Config.from_name(preset)
     n = n_layer or c.n_layer
+    if preset == "spikingbrain-76b":
+        return Config.from_name(preset, n_layer=n, layout=layout_76b(n), moe_layers=moe_layers_76b(n))
     return Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
 
 
-def random_model(name, device, dt):
-    """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    torch.manual_seed(0)
+def describe(name, n_layer=None):
+    """One line on first_layers(name, n_layer): mixers, MoE layers, sinks, active and total parameters."""
+    c = first_layers(name, n_layer)
+    with torch.device("meta"):
+        m = GPT(c)
+    return (f"# {name}: {c.n_layer} layers {' '.join(c.layout)}; MoE FFN in layers {c.moe_layers or 'none'}; "
+            f"{c.n_sink} sinks; {m.num_params(active_only=True) / 1e9:.2f}B active of {m.num_params() / 1e9:.2f}B "
+            "parameters")
+
+
+def built(make, device, dt):
+    """make() with its parameters created directly in `dt` on `device` (no float32 copy of a 7B model)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     try:
         with torch.device(device):
-            return GPT(Config.from_name(name)).eval()
+            return make()
     finally:
         torch.set_default_dtype(default)
+
+
+def random_model(name, device, dt, n_layer=None):
+    """A preset (its first_layers(name, n_layer)) with random weights, made in `dt` on `device`."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    return built(lambda: GPT(first_layers(name, n_layer)), device, dt).eval()
 
 
 def linear_time(c):
@@ -306,15 +329,16 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
-               device: str = "cuda", tiny: bool = False) -> None:
+               n_layer: int | None = None, device: str = "cuda", tiny: bool = False) -> None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
     A full-attention model (the baseline) runs the prompt in one forward pass without a cache, on SDPA's fastest
-    causal kernel: its best case. Each TTFT is printed beside its floor, 2 * non-embedding params * T / the bf16
-    matmul rate measured in this run. What would take longer than budget_s is not run as is: a linear-time model
-    is timed on fewer layers and scaled; a full-attention model is extrapolated by a*T + b*T^2 through its last
-    two measurements (also when its activations would not fit in memory). Such figures are marked.
+    causal kernel: its best case. Each TTFT is printed beside its floor, 2 * active non-embedding params (an MoE
+    token's routed and shared experts) * T / the bf16 matmul rate measured in this run. What would take longer than
+    budget_s is not run as is: a linear-time model is timed on fewer layers and scaled; a full-attention model is
+    extrapolated by a*T + b*T^2 through its last two measurements (also when its activations would not fit in
+    memory). Such figures are marked.
 
     Args:
         lengths: prompt lengths in tokens.
@@ -325,6 +349,9 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         compile: torch.compile every block of both models, as generate.py --compile (compiled in the warm-up;
             each length is timed twice, the faster counts: a new size may recompile once).
+        n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
+            --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4 (the 76B's full-attention layer makes it quadratic:
+            one forward without a cache, as the baseline).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
     """
@@ -333,12 +360,13 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
     cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
     header(device, dt, gla, compile, f"{8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; "
-           f"budget {budget_s:.0f} s")
+           f"budget {budget_s:.0f} s; layers {n_layer or 'all'}")
+    print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
           flush=True)
     ttft = {}
     for name in models:
-        m = random_model(name, device, dt)
+        m = random_model(name, device, dt, n_layer)
         cached = linear_time(m.config)
         if compile:
             torch._dynamo.reset()
@@ -361,7 +389,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                 print(f"{name:>16} {T:>8} out of memory", flush=True)
                 continue
             t, peak, note = ttft[name][T] = r
-            floor = 2 * m.num_params(embeddings=False) * T / rate
+            floor = 2 * m.num_params(active_only=True, embeddings=False) * T / rate
             mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
             print(f"{name:>16} {T:>8} {t:9.3f} {T / t:9.0f} {floor:8.3f} {t / floor:7.2f} {mem_s}  {note}", flush=True)
         del m
@@ -398,6 +426,18 @@ def synthetic_cache(m, B, ctx, max_len):
     return cache
 
 
+def weight_bytes_read(m, B):
+    """Weight bytes a decode step of B rows reads: every weight once, except the embedding table (B rows of it) and
+    an MoE layer's routed experts that no row picks; B * top_k picks, uniform over the experts, leave
+    E * (1 - (1 - top_k / E)^B) of them read (random weights route near uniformly)."""
+    c = m.config
+    n = sum(p.numel() * p.element_size() for name, p in m.named_parameters() if name != "embed.weight")
+    if c.moe_layers:
+        expert = sum(p.numel() * p.element_size() for p in m.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
+        n -= len(c.moe_layers) * c.n_expert * (1 - c.top_k / c.n_expert) ** B * expert
+    return n
+
+
 @torch.no_grad()
 def time_decode(step, cache, tok, warm, steps, compiled):
     """Seconds per greedy decode step of `step` through `cache` from tok [B, 1], timed over `steps` steps after
@@ -420,11 +460,12 @@ def time_decode(step, cache, tok, warm, steps, compiled):
 
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
-                 compile: bool = False, gemv: bool = True, gla: str = "auto", device: str = "cuda",
-                 tiny: bool = False) -> None:
+                 compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
+                 device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
-    read per step / the HBM bandwidth measured in this run by a large device copy. Also peak memory.
+    read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
+    layer's routed experts, only those the rows pick). Also peak memory.
 
     The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
     length would have written (with their positions) and random GLA states; a step's cost depends on those
@@ -440,6 +481,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             and batch shape; the first compile takes minutes).
         gemv: with compile, batch-1 matmuls as inductor's tuned reductions (kernels.compile_decode); false: cuBLAS.
         gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
+            --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -448,15 +491,15 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     cuda, dt, mem = setup(device, gla)
     bw = device_rate(device, "copy")
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
-           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps")
+           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
+           f"layers {n_layer or 'all'}")
+    print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
     for name in models:
-        m = random_model(name, device, dt)
-        c = m.config
-        # every weight is read once per step, except the embedding table (B rows of it)
-        weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "embed.weight")
+        m = random_model(name, device, dt, n_layer)
+        c, resident = m.config, sum(p.numel() * p.element_size() for p in m.parameters())
         step = m.forward
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
@@ -465,9 +508,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         for B in batches:
             for ctx in contexts:
                 max_len = c.max_seq_len if linear_time(c) else ctx + warm + steps
-                cb = m.new_cache(B, max_len, device="meta").nbytes()
-                if weights + cb > 0.92 * mem:
-                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(weights + cb) / 2**30:.0f} "
+                cb, weights = m.new_cache(B, max_len, device="meta").nbytes(), weight_bytes_read(m, B)
+                if resident + cb > 0.92 * mem:
+                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(resident + cb) / 2**30:.0f} "
                           "GiB", flush=True)
                     continue
                 tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
@@ -565,6 +608,7 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
           f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
+    print("\n".join(describe(p, n_layer) for p in (preset, baseline)))
     fixed = dict(n_layer=n_layer, micro_batch_size=micro_batch_size, precision=precision, compile=compile,
                  activation_checkpointing=activation_checkpointing, device=dev)
 
