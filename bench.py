@@ -6,11 +6,13 @@
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
+    python bench.py moe       # one 76B MoE layer at real widths vs a dense FFN of the same active FLOPs
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
+    python bench.py moe --tiny true
 
 Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
 train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
-blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL). The 76B does not fit one
+blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL, kernels.MOE_IMPL). The 76B does not fit one
 GPU: --n_layer N (train, ttft, decode, profile) keeps N layers of every model at its real widths (first_layers).
 """
 import datetime
@@ -27,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import kernels
-from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent, layout_76b, moe_layers_76b
+from model import (GPT, MLP, Config, KVCache, MoE, attention, gla_chunked, gla_recurrent, layout_76b,
+                   moe_layers_76b)
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -762,10 +765,10 @@ KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "spli
          ("compiled (elementwise, reductions)", ("triton_",)))
 
 
-def kind_of(kernel):
+def kind_of(kernel, kinds=KINDS):
     """The group of a CUDA kernel's name in bench.py profile's totals; "other elementwise / copies" if none."""
     k = kernel.lower()
-    return next((name for name, keys in KINDS if any(s.lower() in k for s in keys)), "other elementwise / copies")
+    return next((name for name, keys in kinds if any(s.lower() in k for s in keys)), "other elementwise / copies")
 
 
 def profiled(fn, activity, device):
@@ -777,23 +780,24 @@ def profiled(fn, activity, device):
     return p
 
 
-def device_time_by_kind(p):
+def device_time_by_kind(p, groups=KINDS):
     """A profile's CUDA kernel time in microseconds summed by kind_of, largest first."""
     kinds = {}
     for e in p.key_averages():
         if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
+            k = kind_of(e.key, groups)
+            kinds[k] = kinds.get(k, 0) + e.self_device_time_total
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def print_profile(p, title, rows, cuda):
+def print_profile(p, title, rows, cuda, groups=KINDS):
     """A profiler's top kernels and, on CUDA, their device time summed by kind of kernel."""
     print(f"## {title}")
     print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
                                  max_name_column_width=60))
     if not cuda:
         return
-    kinds = device_time_by_kind(p)
+    kinds = device_time_by_kind(p, groups)
     total = sum(kinds.values())
     print(f"{'kind':>34} {'ms':>9} {'%':>6}")
     for k, t in kinds.items():
@@ -849,6 +853,117 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {layers}, {how}", rows, cuda)
 
 
+# ----------------------------------------------------------------------------- mixture of experts alone
+
+# bench.py moe's groups of kernels, tried in order before KINDS: the routed experts' grouped GEMMs (torch._grouped_mm's
+# CUTLASS kernels), the copies that stack the experts' weights for each of them, routing (top-k's kernels gather
+# too), the sort by expert with its gathers and scatters
+MOE_KINDS = (("grouped GEMM (routed experts)", ("grouped", "GroupProblemShape", "PtrArray")),
+             ("weights stacked for grouped GEMMs", ("CatArrayBatchedCopy",)),
+             ("router softmax, top-k", ("softmax", "topk")),
+             ("sort by expert, gather, scatter", ("sort", "searchsorted", "index", "scatter", "gather"))) + KINDS
+
+
+def step_ms(fn, device, grads):
+    """Median ms of fn, the .grad of `grads` dropped before each call: triton's do_bench (CUDA events, after warm-up)
+    on CUDA; on a CPU the middle of three timed calls after one."""
+    if device.type == "cuda":
+        return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
+    times = []
+    for _ in range(4):
+        for g in grads:
+            g.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times[1:])[1]
+
+
+def ffn_steps(ffn, x, dy):
+    """A forward and a forward + backward call of an FFN module (model.MLP, or model.MoE with its balance loss in the
+    backward) on rows x [N, C] with output gradient dy."""
+    one = torch.ones((), device=x.device)
+
+    def fwd():
+        out = ffn(x)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def fwd_bwd():
+        out, aux = fwd()[:2]
+        torch.autograd.backward((out, aux) if aux is not None else out, (dy, one) if aux is not None else dy)
+    return fwd, fwd_bwd
+
+
+def active_params(ffn):
+    """Parameters one token goes through: all of a dense FFN's; an MoE's router, shared and top_k routed experts."""
+    if not isinstance(ffn, MoE):
+        return sum(p.numel() for p in ffn.parameters())
+    return sum(p.numel() for m in (ffn.router, *ffn.shared, *ffn.experts[:ffn.c.top_k]) for p in m.parameters())
+
+
+def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: bool = True, profile: bool = True,
+              rows: int = 15, peak_flops: float | None = None, device: str = "cuda", tiny: bool = False) -> None:
+    """One MoE layer of `preset` at its real widths (the 76B: 16 routed experts top-1 + 1 shared, each a
+    Qwen2.5-7B SwiGLU FFN) on `tokens` random bf16 rows, forward and forward + backward (with the balance loss),
+    through model.MoE as training runs it: the routed experts as grouped GEMMs (kernels.MOE_IMPL = "grouped":
+    kernels.moe_experts) and, with loop, model.MoE.routed's per-expert loop (MOE_IMPL = "torch": a host sync per
+    expert). Beside it in the same run, dense model.MLP SwiGLUs: one of the MoE's active FLOPs per token (width
+    (top_k + shared) * intermediate_size: a token's routed and shared experts side by side) and one of an expert's
+    width (Qwen2.5-7B's FFN). MFU counts active FLOPs: 6 * the parameters a token goes through (router, shared and
+    top_k routed experts; the dense SwiGLU's all), over peak_flops (default kernels.peak_flops). Printed: the MoE's
+    MFU over its same-FLOPs dense SwiGLU's (the aim: >= 0.8) and the busiest expert's share of tokens (the random
+    router's routing is near uniform). profile: torch.profiler over one grouped forward + backward, top kernels and
+    device time by kind (grouped GEMMs, weight stacking, sort/gather/scatter, routing; "matmul": the shared expert
+    and router). tiny: the same code on a CPU, tiny-moe on 256 tokens."""
+    if tiny:
+        preset, tokens, device = "tiny-moe", 256, "cpu"
+    dev, dt = torch.device(device), torch.bfloat16
+    cuda, c = dev.type == "cuda", Config.from_name(preset)
+    peak = peak_flops or kernels.peak_flops(dev)
+    width = (c.top_k + c.n_shared_expert) * c.intermediate_size
+    served = kernels.has_grouped_mm(dev, dt, c.n_embd, c.intermediate_size)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name(dev) if cuda else 'cpu'} torch "
+          f"{torch.__version__}; {preset} MoE layer: {tokens} tokens x {c.n_embd}, {c.n_expert} experts of width "
+          f"{c.intermediate_size}, top-{c.top_k} + {c.n_shared_expert} shared, bf16; torch._grouped_mm " +
+          ("serves" if served else "does not serve (masked fallback: every row through every expert)") + "; peak " +
+          (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
+    torch.manual_seed(0)
+    moe = built(lambda: MoE(c), dev, dt)
+    runs = {"MoE, grouped GEMMs (kernels.moe_experts)": ("grouped", moe)}
+    if loop:
+        runs["MoE, per-expert loop (model.MoE.routed)"] = ("torch", moe)
+    for w, what in ((width, "same active FLOPs"), (c.intermediate_size, "one expert's width")):
+        runs[f"dense SwiGLU {w} ({what})"] = (None, built(lambda: MLP(Config.from_name(preset, intermediate_size=w)),
+                                                          dev, dt))
+    x = torch.randn(tokens, c.n_embd, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn_like(x)
+    print(f"{'FFN':>48} {'fwd ms':>8} {'fwd+bwd ms':>11} {'GFLOP/token':>12} {'TFLOP/s':>8} {'MFU':>6}")
+    impl0, rate = kernels.MOE_IMPL, []
+    try:
+        for label, (impl, ffn) in runs.items():
+            kernels.MOE_IMPL = impl or impl0
+            fwd, fwd_bwd = ffn_steps(ffn, x, dy)
+            with torch.no_grad():
+                t_fwd = step_ms(fwd, dev, [])
+            t = step_ms(fwd_bwd, dev, [x, *ffn.parameters()])
+            flops = 6 * active_params(ffn)
+            rate.append(flops * tokens / t * 1e3)
+            mfu = f"{rate[-1] / peak:6.1%}" if peak else f"{'n/a':>6}"
+            print(f"{label:>48} {t_fwd:8.2f} {t:11.2f} {flops / 1e9:12.4g} {rate[-1] / 1e12:8.3g} {mfu}", flush=True)
+        kernels.MOE_IMPL = "grouped"
+        fwd, fwd_bwd = ffn_steps(moe, x, dy)
+        with torch.no_grad():
+            load = fwd()[2]
+        print(f"MoE grouped / dense SwiGLU {width} (same active FLOPs): {rate[0] / rate[-2]:.2f}x its MFU "
+              f"(aim >= 0.8); busiest expert {load.max():.1%} of the routed tokens (uniform {1 / c.n_expert:.1%})",
+              flush=True)
+        if profile:
+            p = profiled(fwd_bwd, ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU, dev)
+            print_profile(p, f"MoE forward + backward, grouped GEMMs, {tokens} tokens", rows, cuda, MOE_KINDS)
+    finally:
+        kernels.MOE_IMPL = impl0
+
+
 if __name__ == "__main__":
     CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
-         "profile": bench_profile, "swa": bench_swa})
+         "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})

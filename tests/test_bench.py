@@ -42,6 +42,15 @@ def test_decode_bound_reads_only_the_picked_experts():
     assert bench.weight_bytes_read(m, 256) == pytest.approx(everything, rel=1e-3)
 
 
+def test_bench_moe_tiny(capsys):
+    bench.bench_moe(tiny=True, rows=5)
+    out = capsys.readouterr().out
+    for row in ("MoE, grouped GEMMs", "MoE, per-expert loop", "dense SwiGLU 320 (same active FLOPs)",
+                "dense SwiGLU 160 (one expert's width)", "x its MFU (aim >= 0.8)", "## MoE forward + backward"):
+        assert row in out, out
+    assert bench.kernels.MOE_IMPL == "auto"   # restored
+
+
 def test_bench_train_moe_layers_beside_dense(capsys):
     bench.bench_train(preset="tiny-moe", baseline="tiny-qwen", n_layer=2, seq_len=64, long_seq_lens=(), steps=1,
                       warmup=1, precision="32-true", docs=2, device="cpu")
