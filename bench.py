@@ -6,11 +6,14 @@
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
+    python bench.py moe       # one 76B MoE layer at real widths vs a dense FFN of the same active FLOPs
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
+    python bench.py moe --tiny true
 
 Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
 train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
-blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL).
+blocks, decode step and switches (kernels.GLA_IMPL, kernels.ATTN_IMPL, kernels.MOE_IMPL). The 76B does not fit one
+GPU: --n_layer N (train, ttft, decode, profile) keeps N layers of every model at its real widths (first_layers).
 """
 import datetime
 import gc
@@ -26,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import kernels
-from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent
+from model import (GPT, MLP, Config, KVCache, MoE, attention, gla_chunked, gla_recurrent, layout_76b,
+                   moe_layers_76b)
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -82,25 +86,47 @@ def device_rate(device, what):
 
 
 def first_layers(preset, n_layer=None):
-    """The preset's config cut to its first n_layer layers (None: all), its layout and MoE layers with it."""
+    """The preset's config at its widths with n_layer layers (None: all). The 7B and the baseline repeat one pattern:
+    their first n layers. The 76B's first three layers are all dense FFNs with SWA, so a cut would time neither an
+    expert nor full attention: it gets its layout rules at depth n instead (model.layout_76b, moe_layers_76b, as
+    convert.py sizes it), the shares of MoE and full-attention layers near the full model's: 2 layers are a dense
+    la+swa and an MoE la+fa; 4 are la+swa x 3 then la+fa, MoE in the last 3. Sinks and every other field stay the
+    preset's."""
     c = Config.from_name(preset)
     n = n_layer or c.n_layer
+    if preset == "spikingbrain-76b":
+        return Config.from_name(preset, n_layer=n, layout=layout_76b(n), moe_layers=moe_layers_76b(n))
     return Config.from_name(preset, n_layer=n, layout=c.layout[:n], moe_layers=[i for i in c.moe_layers if i < n])
 
 
-def random_model(name, device, dt):
-    """A preset with random weights made directly in `dt` on `device` (no float32 copy of a 7B model)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    torch.manual_seed(0)
+def describe(name, n_layer=None):
+    """One line on first_layers(name, n_layer): mixers, MoE layers, sinks, active and total parameters."""
+    c = first_layers(name, n_layer)
+    with torch.device("meta"):
+        m = GPT(c)
+    return (f"# {name}: {c.n_layer} layers {' '.join(c.layout)}; MoE FFN in layers {c.moe_layers or 'none'}; "
+            f"{c.n_sink} sinks; {m.num_params(active_only=True) / 1e9:.2f}B active of {m.num_params() / 1e9:.2f}B "
+            "parameters")
+
+
+def built(make, device, dt):
+    """make() with its parameters created directly in `dt` on `device` (no float32 copy of a 7B model)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     try:
         with torch.device(device):
-            return GPT(Config.from_name(name)).eval()
+            return make()
     finally:
         torch.set_default_dtype(default)
+
+
+def random_model(name, device, dt, n_layer=None):
+    """A preset (its first_layers(name, n_layer)) with random weights, made in `dt` on `device`."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    return built(lambda: GPT(first_layers(name, n_layer)), device, dt).eval()
 
 
 def linear_time(c):
@@ -306,15 +332,16 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
-               device: str = "cuda", tiny: bool = False) -> None:
+               n_layer: int | None = None, device: str = "cuda", tiny: bool = False) -> None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
     A full-attention model (the baseline) runs the prompt in one forward pass without a cache, on SDPA's fastest
-    causal kernel: its best case. Each TTFT is printed beside its floor, 2 * non-embedding params * T / the bf16
-    matmul rate measured in this run. What would take longer than budget_s is not run as is: a linear-time model
-    is timed on fewer layers and scaled; a full-attention model is extrapolated by a*T + b*T^2 through its last
-    two measurements (also when its activations would not fit in memory). Such figures are marked.
+    causal kernel: its best case. Each TTFT is printed beside its floor, 2 * active non-embedding params (an MoE
+    token's routed and shared experts) * T / the bf16 matmul rate measured in this run. What would take longer than
+    budget_s is not run as is: a linear-time model is timed on fewer layers and scaled; a full-attention model is
+    extrapolated by a*T + b*T^2 through its last two measurements (also when its activations would not fit in
+    memory). Such figures are marked.
 
     Args:
         lengths: prompt lengths in tokens.
@@ -325,6 +352,9 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         compile: torch.compile every block of both models, as generate.py --compile (compiled in the warm-up;
             each length is timed twice, the faster counts: a new size may recompile once).
+        n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
+            --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4 (the 76B's full-attention layer makes it quadratic:
+            one forward without a cache, as the baseline).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
     """
@@ -333,12 +363,13 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
     cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
     header(device, dt, gla, compile, f"{8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; "
-           f"budget {budget_s:.0f} s")
+           f"budget {budget_s:.0f} s; layers {n_layer or 'all'}")
+    print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
           flush=True)
     ttft = {}
     for name in models:
-        m = random_model(name, device, dt)
+        m = random_model(name, device, dt, n_layer)
         cached = linear_time(m.config)
         if compile:
             torch._dynamo.reset()
@@ -361,7 +392,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                 print(f"{name:>16} {T:>8} out of memory", flush=True)
                 continue
             t, peak, note = ttft[name][T] = r
-            floor = 2 * m.num_params(embeddings=False) * T / rate
+            floor = 2 * m.num_params(active_only=True, embeddings=False) * T / rate
             mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
             print(f"{name:>16} {T:>8} {t:9.3f} {T / t:9.0f} {floor:8.3f} {t / floor:7.2f} {mem_s}  {note}", flush=True)
         del m
@@ -398,6 +429,18 @@ def synthetic_cache(m, B, ctx, max_len):
     return cache
 
 
+def weight_bytes_read(m, B):
+    """Weight bytes a decode step of B rows reads: every weight once, except the embedding table (B rows of it) and
+    an MoE layer's routed experts that no row picks; B * top_k picks, uniform over the experts, leave
+    E * (1 - (1 - top_k / E)^B) of them read (random weights route near uniformly)."""
+    c = m.config
+    n = sum(p.numel() * p.element_size() for name, p in m.named_parameters() if name != "embed.weight")
+    if c.moe_layers:
+        expert = sum(p.numel() * p.element_size() for p in m.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
+        n -= len(c.moe_layers) * c.n_expert * (1 - c.top_k / c.n_expert) ** B * expert
+    return n
+
+
 @torch.no_grad()
 def time_decode(step, cache, tok, warm, steps, compiled):
     """Seconds per greedy decode step of `step` through `cache` from tok [B, 1], timed over `steps` steps after
@@ -420,11 +463,12 @@ def time_decode(step, cache, tok, warm, steps, compiled):
 
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
-                 compile: bool = False, gemv: bool = True, gla: str = "auto", device: str = "cuda",
-                 tiny: bool = False) -> None:
+                 compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
+                 device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
-    read per step / the HBM bandwidth measured in this run by a large device copy. Also peak memory.
+    read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
+    layer's routed experts, only those the rows pick). Also peak memory.
 
     The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
     length would have written (with their positions) and random GLA states; a step's cost depends on those
@@ -440,6 +484,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             and batch shape; the first compile takes minutes).
         gemv: with compile, batch-1 matmuls as inductor's tuned reductions (kernels.compile_decode); false: cuBLAS.
         gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
+        n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
+            --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -448,15 +494,15 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     cuda, dt, mem = setup(device, gla)
     bw = device_rate(device, "copy")
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
-           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps")
+           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
+           f"layers {n_layer or 'all'}")
+    print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
     for name in models:
-        m = random_model(name, device, dt)
-        c = m.config
-        # every weight is read once per step, except the embedding table (B rows of it)
-        weights = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n != "embed.weight")
+        m = random_model(name, device, dt, n_layer)
+        c, resident = m.config, sum(p.numel() * p.element_size() for p in m.parameters())
         step = m.forward
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
@@ -465,9 +511,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         for B in batches:
             for ctx in contexts:
                 max_len = c.max_seq_len if linear_time(c) else ctx + warm + steps
-                cb = m.new_cache(B, max_len, device="meta").nbytes()
-                if weights + cb > 0.92 * mem:
-                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(weights + cb) / 2**30:.0f} "
+                cb, weights = m.new_cache(B, max_len, device="meta").nbytes(), weight_bytes_read(m, B)
+                if resident + cb > 0.92 * mem:
+                    print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(resident + cb) / 2**30:.0f} "
                           "GiB", flush=True)
                     continue
                 tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
@@ -565,6 +611,7 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
           f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
+    print("\n".join(describe(p, n_layer) for p in (preset, baseline)))
     fixed = dict(n_layer=n_layer, micro_batch_size=micro_batch_size, precision=precision, compile=compile,
                  activation_checkpointing=activation_checkpointing, device=dev)
 
@@ -718,10 +765,10 @@ KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "spli
          ("compiled (elementwise, reductions)", ("triton_",)))
 
 
-def kind_of(kernel):
+def kind_of(kernel, kinds=KINDS):
     """The group of a CUDA kernel's name in bench.py profile's totals; "other elementwise / copies" if none."""
     k = kernel.lower()
-    return next((name for name, keys in KINDS if any(s.lower() in k for s in keys)), "other elementwise / copies")
+    return next((name for name, keys in kinds if any(s.lower() in k for s in keys)), "other elementwise / copies")
 
 
 def profiled(fn, activity, device):
@@ -733,23 +780,24 @@ def profiled(fn, activity, device):
     return p
 
 
-def device_time_by_kind(p):
+def device_time_by_kind(p, groups=KINDS):
     """A profile's CUDA kernel time in microseconds summed by kind_of, largest first."""
     kinds = {}
     for e in p.key_averages():
         if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0) + e.self_device_time_total
+            k = kind_of(e.key, groups)
+            kinds[k] = kinds.get(k, 0) + e.self_device_time_total
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def print_profile(p, title, rows, cuda):
+def print_profile(p, title, rows, cuda, groups=KINDS):
     """A profiler's top kernels and, on CUDA, their device time summed by kind of kernel."""
     print(f"## {title}")
     print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
                                  max_name_column_width=60))
     if not cuda:
         return
-    kinds = device_time_by_kind(p)
+    kinds = device_time_by_kind(p, groups)
     total = sum(kinds.values())
     print(f"{'kind':>34} {'ms':>9} {'%':>6}")
     for k, t in kinds.items():
@@ -805,6 +853,117 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     print_profile(p, f"decode: 16 steps after {2 * chunk} tokens, batch 1, layers {layers}, {how}", rows, cuda)
 
 
+# ----------------------------------------------------------------------------- mixture of experts alone
+
+# bench.py moe's groups of kernels, tried in order before KINDS: the routed experts' grouped GEMMs (torch._grouped_mm's
+# CUTLASS kernels), the copies that stack the experts' weights for each of them, routing (top-k's kernels gather
+# too), the sort by expert with its gathers and scatters
+MOE_KINDS = (("grouped GEMM (routed experts)", ("grouped", "GroupProblemShape", "PtrArray")),
+             ("weights stacked for grouped GEMMs", ("CatArrayBatchedCopy",)),
+             ("router softmax, top-k", ("softmax", "topk")),
+             ("sort by expert, gather, scatter", ("sort", "searchsorted", "index", "scatter", "gather"))) + KINDS
+
+
+def step_ms(fn, device, grads):
+    """Median ms of fn, the .grad of `grads` dropped before each call: triton's do_bench (CUDA events, after warm-up)
+    on CUDA; on a CPU the middle of three timed calls after one."""
+    if device.type == "cuda":
+        return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
+    times = []
+    for _ in range(4):
+        for g in grads:
+            g.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times[1:])[1]
+
+
+def ffn_steps(ffn, x, dy):
+    """A forward and a forward + backward call of an FFN module (model.MLP, or model.MoE with its balance loss in the
+    backward) on rows x [N, C] with output gradient dy."""
+    one = torch.ones((), device=x.device)
+
+    def fwd():
+        out = ffn(x)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def fwd_bwd():
+        out, aux = fwd()[:2]
+        torch.autograd.backward((out, aux) if aux is not None else out, (dy, one) if aux is not None else dy)
+    return fwd, fwd_bwd
+
+
+def active_params(ffn):
+    """Parameters one token goes through: all of a dense FFN's; an MoE's router, shared and top_k routed experts."""
+    if not isinstance(ffn, MoE):
+        return sum(p.numel() for p in ffn.parameters())
+    return sum(p.numel() for m in (ffn.router, *ffn.shared, *ffn.experts[:ffn.c.top_k]) for p in m.parameters())
+
+
+def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: bool = True, profile: bool = True,
+              rows: int = 15, peak_flops: float | None = None, device: str = "cuda", tiny: bool = False) -> None:
+    """One MoE layer of `preset` at its real widths (the 76B: 16 routed experts top-1 + 1 shared, each a
+    Qwen2.5-7B SwiGLU FFN) on `tokens` random bf16 rows, forward and forward + backward (with the balance loss),
+    through model.MoE as training runs it: the routed experts as grouped GEMMs (kernels.MOE_IMPL = "grouped":
+    kernels.moe_experts) and, with loop, model.MoE.routed's per-expert loop (MOE_IMPL = "torch": a host sync per
+    expert). Beside it in the same run, dense model.MLP SwiGLUs: one of the MoE's active FLOPs per token (width
+    (top_k + shared) * intermediate_size: a token's routed and shared experts side by side) and one of an expert's
+    width (Qwen2.5-7B's FFN). MFU counts active FLOPs: 6 * the parameters a token goes through (router, shared and
+    top_k routed experts; the dense SwiGLU's all), over peak_flops (default kernels.peak_flops). Printed: the MoE's
+    MFU over its same-FLOPs dense SwiGLU's (the aim: >= 0.8) and the busiest expert's share of tokens (the random
+    router's routing is near uniform). profile: torch.profiler over one grouped forward + backward, top kernels and
+    device time by kind (grouped GEMMs, weight stacking, sort/gather/scatter, routing; "matmul": the shared expert
+    and router). tiny: the same code on a CPU, tiny-moe on 256 tokens."""
+    if tiny:
+        preset, tokens, device = "tiny-moe", 256, "cpu"
+    dev, dt = torch.device(device), torch.bfloat16
+    cuda, c = dev.type == "cuda", Config.from_name(preset)
+    peak = peak_flops or kernels.peak_flops(dev)
+    width = (c.top_k + c.n_shared_expert) * c.intermediate_size
+    served = kernels.has_grouped_mm(dev, dt, c.n_embd, c.intermediate_size)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name(dev) if cuda else 'cpu'} torch "
+          f"{torch.__version__}; {preset} MoE layer: {tokens} tokens x {c.n_embd}, {c.n_expert} experts of width "
+          f"{c.intermediate_size}, top-{c.top_k} + {c.n_shared_expert} shared, bf16; torch._grouped_mm " +
+          ("serves" if served else "does not serve (masked fallback: every row through every expert)") + "; peak " +
+          (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
+    torch.manual_seed(0)
+    moe = built(lambda: MoE(c), dev, dt)
+    runs = {"MoE, grouped GEMMs (kernels.moe_experts)": ("grouped", moe)}
+    if loop:
+        runs["MoE, per-expert loop (model.MoE.routed)"] = ("torch", moe)
+    for w, what in ((width, "same active FLOPs"), (c.intermediate_size, "one expert's width")):
+        runs[f"dense SwiGLU {w} ({what})"] = (None, built(lambda: MLP(Config.from_name(preset, intermediate_size=w)),
+                                                          dev, dt))
+    x = torch.randn(tokens, c.n_embd, device=dev, dtype=dt, requires_grad=True)
+    dy = torch.randn_like(x)
+    print(f"{'FFN':>48} {'fwd ms':>8} {'fwd+bwd ms':>11} {'GFLOP/token':>12} {'TFLOP/s':>8} {'MFU':>6}")
+    impl0, rate = kernels.MOE_IMPL, []
+    try:
+        for label, (impl, ffn) in runs.items():
+            kernels.MOE_IMPL = impl or impl0
+            fwd, fwd_bwd = ffn_steps(ffn, x, dy)
+            with torch.no_grad():
+                t_fwd = step_ms(fwd, dev, [])
+            t = step_ms(fwd_bwd, dev, [x, *ffn.parameters()])
+            flops = 6 * active_params(ffn)
+            rate.append(flops * tokens / t * 1e3)
+            mfu = f"{rate[-1] / peak:6.1%}" if peak else f"{'n/a':>6}"
+            print(f"{label:>48} {t_fwd:8.2f} {t:11.2f} {flops / 1e9:12.4g} {rate[-1] / 1e12:8.3g} {mfu}", flush=True)
+        kernels.MOE_IMPL = "grouped"
+        fwd, fwd_bwd = ffn_steps(moe, x, dy)
+        with torch.no_grad():
+            load = fwd()[2]
+        print(f"MoE grouped / dense SwiGLU {width} (same active FLOPs): {rate[0] / rate[-2]:.2f}x its MFU "
+              f"(aim >= 0.8); busiest expert {load.max():.1%} of the routed tokens (uniform {1 / c.n_expert:.1%})",
+              flush=True)
+        if profile:
+            p = profiled(fwd_bwd, ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU, dev)
+            print_profile(p, f"MoE forward + backward, grouped GEMMs, {tokens} tokens", rows, cuda, MOE_KINDS)
+    finally:
+        kernels.MOE_IMPL = impl0
+
+
 if __name__ == "__main__":
     CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
-         "profile": bench_profile, "swa": bench_swa})
+         "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})

@@ -502,7 +502,12 @@ TABLE = {
                                                                 "2048"), check=check_bench())],
     "python bench.py swa": [Run(gpus=1, slow=True, append=("--T", "8192", "--decode", "[[1,4097]]"),
                                 check=check_bench())],
+    "python bench.py moe": [Run(gpus=1, slow=True, append=("--loop", "false"), check=check_bench("its MFU"))],
+    "python bench.py train --preset spikingbrain-76b --n_layer 4 --long_seq_lens '[]'": [Run(
+        gpus=1, slow=True, append=("--n_layer", "2", "--steps", "2", "--warmup", "1"),
+        check=check_bench("MoE FFN in layers [1]; 128 sinks", "| spikingbrain-76b | 2 | 8192 | 4 |"))],
     "python bench.py ttft --tiny true": [Run(check=check_bench("tiny-qwen", "floor"), slow=True)],
+    "python bench.py moe --tiny true": [Run(check=check_bench("tiny-moe", "its MFU"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
     "python -m pytest -q -m gpu": [Run(append=("--collect-only",), check=check_collects_gpu_tests)],
