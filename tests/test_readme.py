@@ -502,6 +502,10 @@ TABLE = {
                                                                 "2048"), check=check_bench())],
     "python bench.py swa": [Run(gpus=1, slow=True, append=("--T", "8192", "--decode", "[[1,4097]]"),
                                 check=check_bench())],
+    "python bench.py spike_gemm": [Run(gpus=1, slow=True, append=("--rows", "[8192]"), check=check_bench("block's"))],
+    "python bench.py decode --quant int8": [Run(gpus=1, slow=True, append=(
+        "--contexts", "[1024]", "--batches", "[1]", "--steps", "8", "--models", "[spikingbrain-7b]"),
+        check=check_bench("int8", "bound"))],
     "python bench.py ttft --tiny true": [Run(check=check_bench("tiny-qwen", "floor"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
