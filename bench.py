@@ -7,6 +7,8 @@
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
     python bench.py moe       # one 76B MoE layer at real widths vs a dense FFN of the same active FLOPs
+    python bench.py spike_gemm   # W8ASpike's projections: int8 spike counts x INT8 weights vs bf16 (and FP8)
+    python bench.py ttft --quant int8; python bench.py decode --quant w8aspike   # quantized as generate/convert do
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
     python bench.py moe --tiny true
 
@@ -19,6 +21,7 @@ import datetime
 import gc
 import time
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import kernels
-from model import (GPT, MLP, Config, KVCache, MoE, attention, gla_chunked, gla_recurrent, layout_76b,
-                   moe_layers_76b)
+import spiking
+from model import (GPT, MLP, Config, KVCache, Linear, MoE, attention, check_spike_k, gla_chunked, gla_recurrent,
+                   layout_76b, moe_layers_76b)
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -127,6 +131,36 @@ def random_model(name, device, dt, n_layer=None):
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     return built(lambda: GPT(first_layers(name, n_layer)), device, dt).eval()
+
+
+Quant = Literal["bf16", "int8", "w8aspike"]
+SPIKE_K = 3.0   # --quant w8aspike's activation k: convert.py w8aspike's default
+
+
+def check_quant(quant):
+    """A bad quant fails before a model is made (the CLI checks it too; this is for calls from Python)."""
+    if quant not in Quant.__args__:
+        raise ValueError(f"quant={quant!r}: choose one of {', '.join(Quant.__args__)}")
+
+
+def quantize(m, quant):
+    """m as it runs under `quant`, in place: "bf16" as it is (the float model; float32 on CPU); "int8" as
+    generate.py --quant int8 makes it (spiking.quantize_int8: INT8 weights in groups of 128 for every projection,
+    activations kept: weight-only for a float preset); "w8aspike" as convert.py w8aspike converts it
+    (spiking.replace_linears at k = SPIKE_K, groups of 128, max scales: calibration picks other scales, not other
+    work). Either way every model.Linear becomes a spiking.W8ASpikeLinear. Returns m."""
+    check_quant(quant)
+    if quant == "int8":
+        return spiking.quantize_int8(m, group_size=128)
+    if quant == "w8aspike":
+        return spiking.replace_linears(m, k=SPIKE_K, group_size=128)
+    return m
+
+
+def weight_bytes(m, skip=()):
+    """Bytes of m's weights: parameters and buffers (a W8ASpikeLinear's INT8 weights, scales and bias are
+    buffers), but those named in skip."""
+    return sum(t.numel() * t.element_size() for n, t in (*m.named_parameters(), *m.named_buffers()) if n not in skip)
 
 
 def linear_time(c):
@@ -260,6 +294,156 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
               f"int8 counts {row[2]:.3f} / {row[3]:.3f} ms")
 
 
+# ----------------------------------------------------------------------------- spike counts on 8-bit tensor cores
+
+def ms(fn, device):
+    """Median ms of fn: triton.testing.do_bench on CUDA (CUDA events, after warm-up), else the median of three
+    perf_counter calls after one warm-up call (CPU smoke runs)."""
+    if torch.device(device).type == "cuda":
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[1]
+
+
+def block_projections(preset):
+    """The projections (model.Linear) of the preset's first block, {(in, out): [names]}, the names sharing a shape
+    together: for spikingbrain-7b a GLA block's q, k, v, o, the gate's low-rank pair, gate, up and down."""
+    with torch.device("meta"):
+        block = GPT(first_layers(preset, 1)).blocks[0]
+    shapes = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, Linear):
+            shapes.setdefault((mod.in_features, mod.out_features), []).append(name.partition(".")[2])
+    return shapes
+
+
+def fp8_operands(counts, w):
+    """FP8 (e4m3) operands of torch._scaled_mm for spike counts [M, K] and a weight [N, K]: the counts as they are
+    (exact up to +-16; a larger one keeps 4 significant bits, e.g. 17 -> 16, 100 -> 96), the weight scaled per
+    output channel to e4m3's range (max|w| -> 448). Returns (counts e4m3, weight e4m3, weight scales [1, N] fp32)."""
+    s = (w.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+    return counts.float().to(torch.float8_e4m3fn), (w.float() / s).to(torch.float8_e4m3fn), s.view(1, -1)
+
+
+def fp8_linear(a8, vth, b8, b_scale):
+    """(a8 * vth) @ (b8 * b_scale)^T on FP8 tensor cores: a8 [M, K] and b8 [N, K] e4m3, row-wise scales vth [M, 1]
+    and b_scale [1, N] fp32, fp32 sums; bf16 [M, N] (row-wise scaling takes no other output dtype on CUDA)."""
+    return torch._scaled_mm(a8, b8.t(), scale_a=vth, scale_b=b_scale, out_dtype=torch.bfloat16)
+
+
+def fp8_missing(device):
+    """None if torch._scaled_mm multiplies e4m3 with row-wise scales on this device (CUDA capability 8.9 or
+    later; CPUs in recent torch), else why not."""
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        fp8_linear(a, torch.ones(16, 1, device=device), a, torch.ones(1, 16, device=device))
+        return None
+    except Exception as e:   # a capability probe: whatever this torch or device lacks, the rows say so
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def spike_gemm_routes(x, w, k=3.0, group_size=128, fp8=True):
+    """The routes bench.py spike_gemm times for one projection, x [M, K] through a weight w [N, K] to [M, N] in x's
+    dtype (fp8: bf16), each a callable with its operands made beforehand; returns ({route: fn}, operands).
+        bf16            x @ w.T: the float model's matmul (the baseline).
+        spike_linear    kernels.spike_linear, the GEMM alone: x's int8 spike counts at k (spike_counts_int8) times
+                        w's INT8 groups (W8ASpikeLinear.from_linear); on a CPU without TRITON_INTERPRET=1 its
+                        twin spike_linear_torch.
+        W8ASpikeLinear  the layer a w8aspike model runs, from x: spike quantization, the GEMM, the check for
+                        counts past int8 (on CUDA kernels.w8aspike_linear; elsewhere the float reference).
+        fp8             fp8_linear on fp8_operands of the same counts and thresholds (fp8=True only).
+    operands: counts, vth, wide (the rows with counts past 127), layer (the W8ASpikeLinear), fp8 (its operands)."""
+    K, N = x.shape[1], w.shape[0]
+    with torch.device("meta"):
+        linear = torch.nn.Linear(K, N, bias=False)
+    linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    layer = spiking.W8ASpikeLinear.from_linear(linear, group_size, k)
+    counts, vth, wide = kernels.spike_counts_int8(x, k)
+    gemm = kernels.spike_linear if x.is_cuda or kernels.INTERPRET else kernels.spike_linear_torch
+    routes = {"bf16": lambda: x @ w.T,
+              "spike_linear": lambda: gemm(counts, vth, layer.qweight, layer.scales, layer.group_size,
+                                           out_dtype=x.dtype),
+              "W8ASpikeLinear": lambda: layer(x)}
+    ops = dict(counts=counts, vth=vth, wide=wide, layer=layer, fp8=None)
+    if fp8:
+        a8, b8, b_scale = ops["fp8"] = fp8_operands(counts, w)
+        routes["fp8"] = lambda: fp8_linear(a8, vth, b8, b_scale)
+    return routes, ops
+
+
+@torch.no_grad()
+def bench_spike_gemm(*, preset: str = "spikingbrain-7b", rows: tuple[int, ...] = (8192, 32768), k: float = 3.0,
+                     group_size: int = 128, fp8: bool = True, device: str = "cuda", tiny: bool = False) -> None:
+    """W8ASpike's projections on 8-bit tensor cores vs bf16, one projection at a time at the preset's shapes (its
+    first block's model.Linear layers) for `rows` tokens: x = randn activations (spike counts do not depend on
+    their scale: the threshold is mean|x| / k), random weights. Routes (spike_gemm_routes): bf16 x @ w.T, the
+    baseline; kernels.spike_linear alone on int8 counts and INT8 weights in groups of group_size; the whole
+    W8ASpikeLinear from x (spike quantization included), as a w8aspike model runs it; FP8 (torch._scaled_mm on the
+    counts in e4m3 and per-channel e4m3 weights, row-wise scales) where this torch and device have it, else a line
+    says why. Each row: median ms (do_bench), 2 M N K / time (TFLOP/s for bf16, TOPS for the integer and FP8
+    routes) and the bf16 time over the route's (> 1: faster); then the block's projections summed.
+    Accuracy: tests/test_kernels.py, tests/test_bench.py (every route against float64).
+
+    Args:
+        preset: model.py preset whose projection shapes are timed.
+        rows: tokens (M) per GEMM, e.g. prefill chunks.
+        k: spike threshold parameter.
+        group_size: input channels per INT8 weight scale.
+        fp8: time the FP8 route too.
+        device: cuda or cpu.
+        tiny: CPU smoke run: the tiny preset, 64 rows.
+    """
+    check_spike_k(k, "k")
+    spiking.check_group_size(group_size)
+    if tiny:
+        preset, rows, device = "tiny", (64,), "cpu"
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    why_no_fp8 = fp8_missing(device) if fp8 else "off (--fp8 false)"
+    gemm = "kernels.spike_linear" if cuda or kernels.INTERPRET else "its twin spike_linear_torch (no Triton here)"
+    header(device, dt, "-", False, f"{preset} projections, x = randn, spike k={k}, INT8 groups of {group_size}; "
+           f"spike_linear: {gemm}; triton {triton.__version__}; FP8: {why_no_fp8 or 'torch._scaled_mm e4m3, row-wise'}")
+    shapes = block_projections(preset)
+    print(f"{'projections':>22} {'M':>6} {'K':>6} {'N':>6} {'route':>15} {'ms':>9} {'T(FL)OP/s':>10} "
+          f"{'vs bf16':>8}  counts", flush=True)
+    torch.manual_seed(0)
+    for M in rows:
+        total = {}
+        for (K, N), names in shapes.items():
+            x = torch.randn(M, K, device=device, dtype=dt)
+            w = (torch.randn(N, K, device=device) * K ** -0.5).to(dt)
+            routes, ops = spike_gemm_routes(x, w, k, group_size, fp8=why_no_fp8 is None)
+            c = ops["counts"].float().abs()
+            note = f"max |count| {c.max().item():.0f}, rows past 127: {ops['wide'].sum().item()}"
+            if ops["fp8"]:
+                note += f", counts rounded in e4m3: {(ops['fp8'][0].float().abs() != c).float().mean().item():.2%}"
+            del c
+            t = {}
+            for r, fn in routes.items():
+                row = f"{','.join(names):>22} {M:>6} {K:>6} {N:>6} {r:>15}"
+                try:
+                    tr = ms(fn, device)
+                except RuntimeError as e:   # a shape a library kernel does not take (e.g. FP8's): say so, go on
+                    total[r] = float("nan")
+                    print(f"{row} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                    continue
+                t[r] = tr
+                total[r] = total.get(r, 0.0) + tr * len(names)
+                print(f"{row} {tr:9.3f} {2 * M * N * K / tr / 1e9:10.1f} {t['bf16'] / tr:7.2f}x  "
+                      f"{note if r == 'spike_linear' else ''}", flush=True)
+            del x, w, routes, ops
+            if cuda:
+                torch.cuda.empty_cache()
+        n = sum(len(v) for v in shapes.values())
+        print(f"block's {n} projections, M={M}: " + ", ".join(f"{r} {tr:.3f} ms ({total['bf16'] / tr:.2f}x)"
+                                                             for r, tr in total.items()), flush=True)
+
+
 # ----------------------------------------------------------------------------- time to first token
 
 @torch.no_grad()
@@ -301,7 +485,7 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
     a linear-time model is timed on fewer layers and scaled, a full-attention model extrapolated (also when its
     activations run out of memory). The note says so."""
     c, cached = m.config, linear_time(m.config)
-    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    weights = weight_bytes(m)
     guess, need = 0.0, 0.0
     if done:
         T1, t1, p1 = done[-1]
@@ -332,7 +516,7 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
-               n_layer: int | None = None, device: str = "cuda", tiny: bool = False) -> None:
+               n_layer: int | None = None, quant: Quant = "bf16", device: str = "cuda", tiny: bool = False) -> None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
@@ -355,15 +539,20 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
             --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4 (the 76B's full-attention layer makes it quadratic:
             one forward without a cache, as the baseline).
+        quant: every model's projections as `quantize` makes them: bf16 (as they are), int8 (weight-only INT8, as
+            generate.py --quant int8: a prefill dequantizes each weight to bf16 first) or w8aspike (spike counts x
+            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear). The floor stays the float
+            model's: its non-embedding parameters at the bf16 matmul rate.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
     """
+    check_quant(quant)
     if tiny:
         models, lengths, chunk, budget_s, device = ("tiny", "tiny-qwen"), (64, 256, 1024), 128, 5.0, "cpu"
     cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
-    header(device, dt, gla, compile, f"{8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; chunk {chunk}; "
-           f"budget {budget_s:.0f} s; layers {n_layer or 'all'}")
+    header(device, dt, gla, compile, f"quant {quant}; {8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; "
+           f"chunk {chunk}; budget {budget_s:.0f} s; layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
           flush=True)
@@ -371,6 +560,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
     for name in models:
         m = random_model(name, device, dt, n_layer)
         cached = linear_time(m.config)
+        params = m.num_params(active_only=True, embeddings=False)   # before INT8 weights become buffers
+        quantize(m, quant)
         if compile:
             torch._dynamo.reset()
             kernels.compile_blocks(m)
@@ -392,7 +583,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                 print(f"{name:>16} {T:>8} out of memory", flush=True)
                 continue
             t, peak, note = ttft[name][T] = r
-            floor = 2 * m.num_params(active_only=True, embeddings=False) * T / rate
+            floor = 2 * params * T / rate
             mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
             print(f"{name:>16} {T:>8} {t:9.3f} {T / t:9.0f} {floor:8.3f} {t / floor:7.2f} {mem_s}  {note}", flush=True)
         del m
@@ -434,9 +625,9 @@ def weight_bytes_read(m, B):
     an MoE layer's routed experts that no row picks; B * top_k picks, uniform over the experts, leave
     E * (1 - (1 - top_k / E)^B) of them read (random weights route near uniformly)."""
     c = m.config
-    n = sum(p.numel() * p.element_size() for name, p in m.named_parameters() if name != "embed.weight")
+    n = weight_bytes(m, skip=("embed.weight",))
     if c.moe_layers:
-        expert = sum(p.numel() * p.element_size() for p in m.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
+        expert = weight_bytes(m.blocks[c.moe_layers[0]].mlp.experts[0])
         n -= len(c.moe_layers) * c.n_expert * (1 - c.top_k / c.n_expert) ** B * expert
     return n
 
@@ -464,11 +655,12 @@ def time_decode(step, cache, tok, warm, steps, compiled):
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
-                 device: str = "cuda", tiny: bool = False) -> None:
+                 quant: Quant = "bf16", device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
-    layer's routed experts, only those the rows pick). Also peak memory.
+    layer's routed experts, only those the rows pick). Also peak memory. The weight bytes are those of the model as
+    timed: with --quant, INT8 weights and their scales.
 
     The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
     length would have written (with their positions) and random GLA states; a step's cost depends on those
@@ -486,23 +678,29 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         gla: kernels.GLA_IMPL ("auto": Triton kernels on CUDA; "torch": the PyTorch path).
         n_layer: keep n layers of every model (first_layers), e.g. the 76B at real widths on one GPU:
             --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4.
+        quant: every model's projections as `quantize` makes them: bf16 (as they are), int8 (weight-only INT8, as
+            generate.py --quant int8: on CUDA kernels.int8_gemv up to 8 rows a step) or w8aspike (spike counts x
+            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
+    check_quant(quant)
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, mem = setup(device, gla)
     bw = device_rate(device, "copy")
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
-           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
-           f"layers {n_layer or 'all'}")
+           f"quant {quant}; device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; "
+           f"{steps} steps; layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
     warm = 3
     for name in models:
-        m = random_model(name, device, dt, n_layer)
-        c, resident = m.config, sum(p.numel() * p.element_size() for p in m.parameters())
+        m = quantize(random_model(name, device, dt, n_layer), quant)
+        c, resident = m.config, weight_bytes(m)
+        print(f"{name:>16} {quant}: {weight_bytes_read(m, 1) / 2**30:.3g} GiB of weights read per batch-1 step",
+              flush=True)
         step = m.forward
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
@@ -965,5 +1163,5 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
 
 
 if __name__ == "__main__":
-    CLI({"kernels": bench_kernels, "ttft": bench_ttft, "decode": bench_decode, "train": bench_train,
-         "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})
+    CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "ttft": bench_ttft, "decode": bench_decode,
+         "train": bench_train, "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})

@@ -1,10 +1,19 @@
-"""bench.py on a CPU: the 76B cut to a few real-width layers keeps its MoE layers and sinks, its FLOPs and bytes count
-active parameters, and each subcommand that takes --n_layer runs a tiny MoE model beside a dense one."""
+"""bench.py on a CPU. The 76B cut to a few real-width layers keeps its MoE layers and sinks, its FLOPs and bytes
+count active parameters, and each subcommand that takes --n_layer runs a tiny MoE model beside a dense one. The
+routes `bench.py spike_gemm` times compute what they claim (each against float64 on the same quantized
+operands), and `bench.py ttft / decode --quant` time the model as generate.py --quant int8 and convert.py
+w8aspike make it.
+
+CPU: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench.py   (the spike_linear route then runs the Triton
+kernel under the interpreter; without it, its twin spike_linear_torch)
+"""
 import pytest
 import torch
 
 import bench
-from model import GPT, Config
+import kernels
+import spiking
+from model import GPT, Config, Linear
 
 
 def meta_model(c):
@@ -64,3 +73,142 @@ def test_bench_ttft_and_decode_moe_layers_beside_dense(capsys):
     bench.bench_decode(models=models, contexts=(64,), batches=(1, 2), steps=2, n_layer=2, device="cpu")
     out = capsys.readouterr().out
     assert out.count("layers 2") == 2 and "tiny-moe      128" in out and "tiny-qwen   2       64" in out, out
+
+
+def spike_case(M=37, K=200, N=48, seed=0, outlier=True):
+    """x [M, K], w [N, K] float32; K = 200: a group of 128 and a partial one. One channel of row 3 sits far past
+    127 thresholds (a row whose counts do not fit int8)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen) / K ** 0.5
+    if outlier:
+        x[3, 5] = 1000.0
+    return x, w
+
+
+def test_spike_gemm_routes_match_float64():
+    x, w = spike_case()
+    routes, ops = bench.spike_gemm_routes(x, w, k=3.0, group_size=128, fp8=True)
+    assert set(routes) == {"bf16", "spike_linear", "W8ASpikeLinear", "fp8"}
+    layer = ops["layer"]
+    assert isinstance(layer, spiking.W8ASpikeLinear) and layer.spike_k == 3.0 and layer.group_size == 128
+    q, s = spiking.quantize_weight(w, 128)
+    assert torch.equal(layer.qweight, q) and torch.equal(layer.scales, s)   # the conversion's INT8 weights
+
+    # the counts are x's spike quantization, clamped to int8; the wide row is flagged
+    exact, vth = spiking.spike_quant(x, 3.0)
+    assert torch.equal(ops["vth"], vth) and torch.equal(ops["counts"].float(), exact.clamp(-127, 127))
+    assert ops["wide"].nonzero().flatten().tolist() == [3]
+
+    def f64(counts, v):
+        return kernels.spike_linear_torch(counts, v, q, s, 128, out_dtype=torch.float64)
+
+    def close(y, want, rel):
+        assert y.shape == want.shape
+        err = (y.double() - want).abs().max().item()
+        assert err <= rel * want.abs().max().item(), err
+
+    close(routes["bf16"](), x.double() @ w.double().T, 1e-5)
+    close(routes["spike_linear"](), f64(ops["counts"], ops["vth"]), 1e-5)   # the clamped int8 operands
+    close(routes["W8ASpikeLinear"](), f64(exact, vth), 1e-5)              # the layer takes row 3 exactly
+    a8, b8, b_scale = ops["fp8"]
+    close(routes["fp8"](), (a8.double() * vth.double()) @ (b8.double() * b_scale.double().T).T, 2.0 ** -8)
+
+    # fp8 operands: counts exact up to 16, coarser past it; weights within e4m3's rounding of w
+    c = ops["counts"].float()
+    small = c.abs() <= 16
+    assert torch.equal(a8.float()[small], c[small]) and (a8.float() != c).any()
+    assert ((a8.float() - c).abs() <= c.abs() / 16).all()
+    wq = b8.double() * b_scale.double().T
+    assert ((wq - w.double()).abs() <= w.double().abs() / 16 + 2.0 ** -10 * b_scale.double().T).all()
+
+
+def test_spike_gemm_times_every_route_of_every_7b_projection(monkeypatch, capsys):
+    assert bench.block_projections("spikingbrain-7b") == {
+        (3584, 3584): ["q_proj", "o_proj"], (3584, 512): ["k_proj", "v_proj"], (3584, 16): ["gk_proj.0"],
+        (16, 512): ["gk_proj.1"], (3584, 18944): ["gate_proj", "up_proj"], (18944, 3584): ["down_proj"]}
+    timed = []
+    ms = bench.ms
+
+    def spy(fn, device):
+        y = fn()
+        timed.append((tuple(y.shape), y.dtype))
+        return ms(fn, device)
+
+    monkeypatch.setattr(bench, "ms", spy)
+    bench.bench_spike_gemm(tiny=True)
+    shapes = bench.block_projections("tiny")
+    routes = 4 if bench.fp8_missing("cpu") is None else 3
+    assert len(timed) == routes * len(shapes)
+    assert [s for s, _ in timed] == [(64, n) for (_, n) in shapes for _ in range(routes)]
+    out = capsys.readouterr()[0]
+    assert "block's 9 projections, M=64" in out
+
+
+def test_spike_gemm_bad_input():
+    with pytest.raises(ValueError, match="k=0"):
+        bench.bench_spike_gemm(tiny=True, k=0.0)
+    with pytest.raises(ValueError, match="group_size"):
+        bench.bench_spike_gemm(tiny=True, group_size=0)
+
+
+def tiny_model(name="tiny"):
+    torch.manual_seed(0)
+    return GPT(Config.from_name(name)).eval()
+
+
+@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+def test_quantize_is_the_library_conversion(quant, k):
+    """bench's int8 model is generate.py --quant int8's (spiking.quantize_int8), its w8aspike model convert.py
+    w8aspike's (spiking.replace_linears, max scales): the same buffers, the same logits; weight_bytes counts the
+    INT8 weights and scales."""
+    m, ref = bench.quantize(tiny_model(), quant), tiny_model()
+    if quant == "int8":
+        spiking.quantize_int8(ref, group_size=128)
+    else:
+        spiking.replace_linears(ref, k=3.0, group_size=128)
+    assert m.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    layers = [mod for mod in m.modules() if isinstance(mod, spiking.W8ASpikeLinear)]
+    assert layers and not any(isinstance(mod, Linear) for mod in m.modules())
+    assert all(mod.spike_k == k for mod in layers) and m.config.spike_k == k
+    idx = torch.randint(0, m.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], ref(idx)[0])
+    floats = tiny_model()
+    linear = sum(mod.weight.numel() * 4 for mod in floats.modules() if isinstance(mod, Linear))
+    int8 = sum(mod.qweight.numel() + mod.scales.numel() * 4 for mod in layers)
+    assert bench.weight_bytes(m) == bench.weight_bytes(floats) - linear + int8 < bench.weight_bytes(floats)
+
+
+def assert_quantized(models, k):
+    assert {m.config.name for m in models} == {"tiny", "tiny-qwen"}
+    for m in models:
+        assert not any(isinstance(mod, Linear) for mod in m.modules())
+        layers = [mod for mod in m.modules() if isinstance(mod, spiking.W8ASpikeLinear)]
+        assert len(layers) >= 7 * m.config.n_layer and all(mod.spike_k == k for mod in layers)
+
+
+@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+def test_ttft_times_the_quantized_model(monkeypatch, capsys, quant, k):
+    timed, ttft = [], bench.time_to_first_token
+    monkeypatch.setattr(bench, "time_to_first_token", lambda m, *a, **kw: (timed.append(m), ttft(m, *a, **kw))[1])
+    bench.bench_ttft(tiny=True, quant=quant)
+    assert_quantized(timed, k)
+    assert f"quant {quant}" in capsys.readouterr()[0]
+
+
+@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch, quant, k):
+    timed, sized = [], []
+    time_decode, weight_bytes = bench.time_decode, bench.weight_bytes
+    monkeypatch.setattr(bench, "time_decode", lambda step, *a: (timed.append(step.__self__), time_decode(step, *a))[1])
+    monkeypatch.setattr(bench, "weight_bytes", lambda m, *a, **kw: (sized.append(m), weight_bytes(m, *a, **kw))[1])
+    bench.bench_decode(tiny=True, quant=quant)
+    assert_quantized(timed, k)
+    assert timed and all(any(m is s for s in sized) for m in timed)   # the bound's bytes: the timed model
+
+
+def test_bad_quant_fails_before_any_model():
+    for fn in (bench.bench_ttft, bench.bench_decode):
+        with pytest.raises(ValueError, match="choose one of bf16, int8, w8aspike"):
+            fn(tiny=True, quant="fp4")

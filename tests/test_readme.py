@@ -506,6 +506,10 @@ TABLE = {
     "python bench.py train --preset spikingbrain-76b --n_layer 4 --long_seq_lens '[]'": [Run(
         gpus=1, slow=True, append=("--n_layer", "2", "--steps", "2", "--warmup", "1"),
         check=check_bench("MoE FFN in layers [1]; 128 sinks", "| spikingbrain-76b | 2 | 8192 | 4 |"))],
+    "python bench.py spike_gemm": [Run(gpus=1, slow=True, append=("--rows", "[8192]"), check=check_bench("block's"))],
+    "python bench.py decode --quant int8": [Run(gpus=1, slow=True, append=(
+        "--contexts", "[1024]", "--batches", "[1]", "--steps", "8", "--models", "[spikingbrain-7b]"),
+        check=check_bench("int8", "bound"))],
     "python bench.py ttft --tiny true": [Run(check=check_bench("tiny-qwen", "floor"), slow=True)],
     "python bench.py moe --tiny true": [Run(check=check_bench("tiny-moe", "its MFU"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
