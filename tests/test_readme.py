@@ -502,7 +502,11 @@ TABLE = {
                                                                 "2048"), check=check_bench())],
     "python bench.py swa": [Run(gpus=1, slow=True, append=("--T", "8192", "--decode", "[[1,4097]]"),
                                 check=check_bench())],
+    "python bench.py serve": [Run(gpus=1, slow=True, append=("--models", "[spikingbrain-7b]", "--lengths", "[1024]",
+                                                              "--clients", "[1,2]", "--max_tokens", "8"),
+                                  check=check_bench("aggregate", "memory per conversation"))],
     "python bench.py ttft --tiny true": [Run(check=check_bench("tiny-qwen", "floor"), slow=True)],
+    "python bench.py serve --tiny true": [Run(check=check_bench("tiny-qwen", "aggregate"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
     "python -m pytest -q -m gpu": [Run(append=("--collect-only",), check=check_collects_gpu_tests)],
