@@ -3,6 +3,7 @@
     python bench.py kernels   # GLA kernels: ours vs fla vs pure PyTorch vs SDPA
     python bench.py ttft      # time to first token: spikingbrain-7b vs qwen2.5-7b
     python bench.py decode    # decode tok/s and memory vs context length
+    python bench.py serve     # serve.py under 1 / 8 / 32 streaming clients: TTFT, aggregate tok/s, memory per row
     python bench.py train     # training tokens/s and MFU
     python bench.py profile   # where the time goes: a training step, a prefill chunk, decode steps
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
@@ -11,6 +12,7 @@
     python bench.py ttft --quant int8; python bench.py decode --quant w8aspike   # quantized as generate/convert do
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
     python bench.py moe --tiny true
+    python bench.py serve --tiny true
 
 Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
 train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
@@ -19,8 +21,22 @@ GPU: --n_layer N (train, ttft, decode, profile) keeps N layers of every model at
 """
 import datetime
 import gc
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -31,9 +47,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
+import convert
 import kernels
 import spiking
-from model import (GPT, MLP, Config, KVCache, Linear, MoE, attention, check_spike_k, gla_chunked, gla_recurrent,
+import tokenizer
+from model import (GPT, MLP, Cache, Config, KVCache, Linear, MoE, attention, check_spike_k, gla_chunked, gla_recurrent,
                    layout_76b, moe_layers_76b)
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
@@ -43,6 +61,8 @@ except ModuleNotFoundError as e:
     if e.name != "fla":
         raise
     fla = fla_chunk_gla = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))   # serve.py lies beside this file
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -736,6 +756,280 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         del m, step
 
 
+# ----------------------------------------------------------------------------- serving
+
+def ascii_tokenizer(d):
+    """A tokenizer in d of the 128 ASCII characters (no merges) + the ChatML specials: a prompt of L letters is L
+    tokens, and every token the model picks is whole text (no byte of a character held back for the next), so the
+    server streams one chunk per token and a client can time each token."""
+    tokenizer.save(d, {bytes([i]): i for i in range(128)}, {s: 128 + i for i, s in enumerate(tokenizer.CHAT_SPECIALS)})
+
+
+def random_checkpoint(preset, d, device, dt):
+    """A random-weight checkpoint of preset in d/ckpt, written by convert.save_checkpoint with ascii_tokenizer: what
+    serve.py loads. The model is made on `device` (a 7B initializes in seconds there) and freed before a server
+    needs the memory. Returns the bytes written."""
+    ascii_tokenizer(os.path.join(d, "tokenizer"))
+    m = random_model(preset, device, dt)
+    convert.save_checkpoint(m, m.config, os.path.join(d, "ckpt"), os.path.join(d, "tokenizer"))
+    del m
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return sum(f.stat().st_size for f in os.scandir(os.path.join(d, "ckpt")))
+
+
+def gpu_memory_of(pgid):
+    """Device bytes held by the processes of group pgid (a server's), by nvidia-smi; None off CUDA, without
+    nvidia-smi, or where it reports no process of the group (another PID namespace)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    held = None
+    for line in out.splitlines():
+        try:
+            pid, mib = (int(x) for x in line.split(","))
+            if os.getpgid(pid) == pgid:
+                held = (held or 0) + mib * 2**20
+        except (ValueError, OSError):   # a line that is no process, or one gone meanwhile
+            continue
+    return held
+
+
+def start_server(ckpt, log, **flags):
+    """`python serve.py --ckpt ckpt --FLAG VALUE ...` on 127.0.0.1 at a free port, as a user starts it, in a process
+    group of its own (stop_server ends every LitServe process in it), its output into the file `log`. Returns
+    (process, base URL, log) at once: wait_server waits for it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--ckpt", ckpt, "--host", "127.0.0.1",
+                                 "--port", str(port), *args], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}/v1", log
+
+
+def wait_server(proc, url, log, wait_s):
+    """Until the server's /health answers; an error with its log's end if it exits or takes over wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except OSError:   # not listening yet, or 503 while the worker loads the checkpoint
+            pass
+        time.sleep(0.5)
+    why = f"exit status {proc.returncode}" if proc.poll() is not None else f"no answer in {wait_s:.0f} s"
+    with open(log) as f:
+        raise RuntimeError(f"serve.py did not come up ({why}):\n{f.read()[-3000:]}")
+
+
+def stop_server(proc):
+    """SIGTERM, as a process manager stops serve.py (it ends LitServe's processes and exits); then SIGKILL to whatever
+    is left of its process group, so that the next server finds the GPU's memory free."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:   # nothing left
+        pass
+    proc.wait(60)
+
+
+def random_prompt(n, seed):
+    """n random lowercase letters and spaces: n tokens under ascii_tokenizer."""
+    return "".join(random.Random(seed).choices(string.ascii_lowercase + " ", k=n))
+
+
+def stream_completion(url, model, prompt, max_tokens, timeout_s):
+    """One streamed /v1/completions request through the `openai` client, greedy, stop tokens ignored (the reply runs
+    to max_tokens). Returns the perf_counter time it was sent (start) and each chunk's arrival (times: one per token
+    under ascii_tokenizer), the server's counts (usage) and the finish_reason."""
+    import openai   # the serve extra's, as serve.py's clients use it; bench's other commands do without
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=timeout_s)
+    times, usage, finish, start = [], None, None, time.perf_counter()
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body=dict(ignore_eos=True)):
+        times.append(time.perf_counter())
+        usage, finish = chunk.usage or usage, chunk.choices[0].finish_reason or finish
+    return dict(start=start, times=times, tokens=usage.completion_tokens, prompt_tokens=usage.prompt_tokens,
+                finish=finish)
+
+
+def serve_clients(url, model, prompts, max_tokens, timeout_s):
+    """stream_completion of every prompt at once, each from its own thread, released together: a list of their
+    results in prompt order."""
+    out, errors, go = [None] * len(prompts), [], threading.Barrier(len(prompts))
+
+    def client(i):
+        try:
+            go.wait(timeout_s)
+            out[i] = stream_completion(url, model, prompts[i], max_tokens, timeout_s)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    if any(r is None for r in out):
+        raise TimeoutError(f"{sum(r is None for r in out)} of {len(prompts)} clients had no reply in {timeout_s:.0f} s")
+    return out
+
+
+def serve_figures(res):
+    """TTFT median and p90 (nearest rank), aggregate decode tok/s and wall seconds (first request sent to last token)
+    of one serve_clients run. Aggregate decode: the tokens all clients received while every one of them was decoding
+    (after the last client's first token, up to the first client's last token) over that span; with one client,
+    (tokens - 1) / (last - first token). Not the tokens over the whole run: requests that reach the worker a step
+    apart are prefilled in different steps (the rows decoding wait meanwhile), and that would count prefills as
+    decoding. NaN when no such span exists."""
+    ttft = sorted(r["times"][0] - r["start"] for r in res)
+    a, b = max(r["times"][0] for r in res), min(r["times"][-1] for r in res)
+    n = sum(a < t <= b for r in res for t in r["times"])
+    return dict(ttft_p50=statistics.median(ttft), ttft_p90=ttft[math.ceil(0.9 * len(ttft)) - 1],
+                decode=n / (b - a) if b > a else math.nan,
+                wall=max(r["times"][-1] for r in res) - min(r["start"] for r in res))
+
+
+def row_bytes(c, n, dt):
+    """Bytes of one serve.py row (a batch-1 generation cache) holding n tokens: the memory a conversation of n tokens
+    takes in the server (its GLA states and SWA ring have one size past the window; full attention grows with n)."""
+    return Cache(c, 1, n, device="meta", dtype=dt).nbytes()
+
+
+def bench_serve(*, models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"),
+                lengths: tuple[int, ...] = (1024, 32768), clients: tuple[int, ...] = (1, 8, 32), max_tokens: int = 32,
+                compile: bool = False, device: str = "cuda", wait_s: float = 900.0, tiny: bool = False) -> list[dict]:
+    """serve.py as users run it, driven by concurrent streaming clients: time to first token, aggregate decode
+    tokens/s, and memory per conversation, for each model at each prompt length and number of clients.
+
+    Per model: a random-weight checkpoint (bf16 on GPU; ascii_tokenizer: a prompt of L random letters is L tokens,
+    each token one streamed chunk) is written by convert.save_checkpoint to a temporary directory ($TMPDIR; ~15 GB
+    for a 7B, deleted once loaded), and `python serve.py` serves it on 127.0.0.1 (a subprocess with its own LitServe
+    processes) with max(clients) rows of max(lengths) + max_tokens tokens. Servers that fit in the device's memory
+    together start and warm up together (one request per length: kernels compile on first use), then are measured
+    one at a time, each stopped after its runs. For each length and client count, that many clients (threads, the
+    `openai` client) each stream a completion of a different random prompt, greedy, max_tokens tokens (ignore_eos:
+    exact lengths). Per run: TTFT median and p90 (from sending to the first token), aggregate decode tok/s
+    (serve_figures: tokens per second while all the run's clients are decoding), wall seconds from the first request
+    to the last token, memory per conversation (row_bytes: Cache.nbytes of one row holding prompt + max_tokens
+    tokens; the server holds max(clients) rows of its max_len) and the server's device memory after the run
+    (nvidia-smi, its processes: weights, every row, CUDA contexts and what PyTorch's allocator keeps). Then aggregate
+    at max(clients) / at min(clients), and row sizes at longer contexts.
+
+    The server decodes all its rows every step, busy or not (one shape, one compiled graph), so one client is decoded
+    at the cost of max(clients) rows: the single-stream figure is this server's, not a max_batch=1 server's.
+
+    Args:
+        models: presets of model.py.
+        lengths: prompt lengths in tokens.
+        clients: concurrent clients per run (the server gets max(clients) rows).
+        max_tokens: tokens each client asks for (>= 2).
+        compile: serve.py --compile true (its start then compiles prefill and decode: minutes per model).
+        device: cuda (cuda:N) or cpu.
+        wait_s: longest wait for a server to start, and for one run's replies.
+        tiny: CPU smoke run: tiny models, short prompts, clients 1 and 2.
+    Returns one dict per run (the figures above and each client's stream_completion result) for tests.
+    """
+    if tiny:
+        models, lengths, clients, max_tokens, device, wait_s = ("tiny", "tiny-qwen"), (12, 100), (1, 2), 8, "cpu", 300
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens={max_tokens}: need 2 or more to time decoding")
+    convert.check_device(device)
+    cuda = device.startswith("cuda")
+    dt = torch.bfloat16 if cuda else torch.float32
+    mem = torch.cuda.get_device_properties(device).total_memory if cuda else math.inf
+    rows, max_len, t_start = max(clients), max(lengths) + max_tokens, time.perf_counter()
+    header(device, dt, "-", compile, f"serve.py, {rows} rows of {max_len} tokens; clients {list(clients)}; prompts of "
+           f"{list(lengths)} tokens; {max_tokens} tokens each, greedy, ignore_eos")
+    configs = {name: Config.from_name(name) for name in models}
+
+    def need(name):   # weights, every row, and the batch-1 cache a prefill fills
+        with torch.device("meta"):
+            n = GPT(configs[name]).num_params()
+        return n * dt.itemsize + (rows + 1) * row_bytes(configs[name], max_len, dt)
+    # servers that fit together run together (their starts and warm-ups overlap), a fifth of the device left for
+    # activations, the allocator's cache and the next checkpoint's model while it is made
+    groups = [[]]
+    for name in models:
+        if groups[-1] and sum(map(need, groups[-1] + [name])) > 0.8 * mem:
+            groups.append([])
+        groups[-1].append(name)
+    out, agg = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for group in groups:
+            servers = {}
+            try:
+                t0 = time.perf_counter()
+                for name in group:   # a server starts (in the background) as soon as its checkpoint is written
+                    t1, d = time.perf_counter(), os.path.join(tmp, name)
+                    size = random_checkpoint(name, d, device, dt)
+                    print(f"{name:>16} checkpoint {size / 2**30:.1f} GiB written in {time.perf_counter() - t1:.0f} s; "
+                          f"rows of {max_len} tokens {row_bytes(configs[name], max_len, dt) / 2**20:.1f} MiB each",
+                          flush=True)
+                    servers[name] = start_server(os.path.join(d, "ckpt"), os.path.join(d, "log"), max_batch=rows,
+                                                 max_len=max_len, device=device, dtype=str(dt).split(".")[1],
+                                                 compile=str(compile).lower())
+                for name in group:
+                    wait_server(*servers[name], wait_s)
+                    shutil.rmtree(os.path.join(tmp, name, "ckpt"))   # in the server's memory now
+                t1 = time.perf_counter()
+                with ThreadPoolExecutor(len(group)) as pool:   # each server's kernels compile in its own processes
+                    list(pool.map(lambda name: [serve_clients(servers[name][1], name, [random_prompt(L, -1)], 2, wait_s)
+                                                for L in lengths], group))
+                print(f"{', '.join(group)}: checkpoints written and servers up in {t1 - t0:.0f} s, warmed up in "
+                      f"{time.perf_counter() - t1:.0f} s", flush=True)
+                print(f"{'model':>16} {'prompt':>7} {'clients':>7} {'TTFT p50':>9} {'TTFT p90':>9} "
+                      f"{'decode tok/s':>12} {'per client':>10} {'wall s':>7} {'row MiB':>8} {'server GiB':>10}",
+                      flush=True)
+                for name in group:
+                    proc, url, _ = servers[name]
+                    for L in lengths:
+                        for n in clients:
+                            res = serve_clients(url, name, [random_prompt(L, 1000 * n + i) for i in range(n)],
+                                                max_tokens, wait_s)
+                            f, held = serve_figures(res), gpu_memory_of(proc.pid)
+                            prompt = sorted({r["prompt_tokens"] for r in res})
+                            r = dict(model=name, length=L, clients=n, prompt_tokens=prompt[0], server_pid=proc.pid,
+                                     row_bytes=row_bytes(configs[name], L + max_tokens, dt), server_bytes=held,
+                                     results=res, **f)
+                            out.append(r)
+                            agg[name, L, n] = f["decode"]
+                            gib = f"{held / 2**30:10.1f}" if held else f"{'-':>10}"
+                            print(f"{name:>16} {'/'.join(map(str, prompt)):>7} {n:>7} {f['ttft_p50']:9.3f} "
+                                  f"{f['ttft_p90']:9.3f} {f['decode']:12.1f} {f['decode'] / n:10.1f} "
+                                  f"{f['wall']:7.2f} {r['row_bytes'] / 2**20:8.1f} {gib}", flush=True)
+                    stop_server(servers.pop(name)[0])   # its memory free for the next group
+            finally:
+                for proc, _, _ in servers.values():
+                    stop_server(proc)
+    lo, hi = min(clients), max(clients)
+    for name in models:
+        for L in lengths:
+            ratio = agg[name, L, hi] / agg[name, L, lo]
+            print(f"{name:>16} prompt {L}: aggregate decode tok/s at {hi} clients / at {lo} = " +
+                  (f"{ratio:.1f}x" if math.isfinite(ratio) else "n/a (no span with all clients decoding)"))
+    for name, c in configs.items():
+        ctx = sorted({*lengths, *(n for n in (131072, 1048576) if n <= c.max_seq_len)})
+        print(f"{name:>16} memory per conversation (row_bytes): " +
+              ", ".join(f"{n} tokens {row_bytes(c, n, dt) / 2**20:.1f} MiB" for n in ctx))
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return out
+
+
 # ----------------------------------------------------------------------------- training
 
 def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, warmup, full_loss, precision,
@@ -1164,4 +1458,4 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
 
 if __name__ == "__main__":
     CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "ttft": bench_ttft, "decode": bench_decode,
-         "train": bench_train, "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})
+         "serve": bench_serve, "train": bench_train, "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})

@@ -7,7 +7,8 @@
 POST /v1/chat/completions (ChatML) and /v1/completions (raw text), streaming or not; GET /v1/models and /health.
 Sampling: temperature (0 is greedy), top_p, max_tokens, stop (strings), seed, presence_penalty and frequency_penalty
 (OpenAI's, over the reply), repetition_penalty (generate.py's, over prompt and reply; an extra field, named as vLLM
-names it). The model name clients send is checked against the one served (GET /v1/models).
+names it), ignore_eos (vLLM's too: stop tokens do not end the reply, which runs to max_tokens: benchmarks ask for exact
+lengths). The model name clients send is checked against the one served (GET /v1/models).
 
 How it runs. LitServe forks an HTTP process (`Spec`) and spawns an inference worker (`Loop` driving an `Engine`). The
 HTTP process checks a request, answers a bad one at once with an OpenAI-style 4xx error, and queues a good one's token
@@ -66,6 +67,7 @@ class Conversation:
                                                                                       "temperature", "top_p"))
         self.penalties = [job["repetition_penalty"], job["frequency_penalty"], job["presence_penalty"]]
         self.penalized = self.penalties != [1.0, 0.0, 0.0]
+        self.ignore_eos = job["ignore_eos"]
         self.gen = torch.Generator(device)   # its own: a seed gives one reply whatever else is decoding
         if job["seed"] is None:
             self.gen.seed()
@@ -75,8 +77,9 @@ class Conversation:
         self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end inside a character
 
     def add(self, t, stop_ids):
-        """Token t -> (text the client gets now, finish_reason or None). A stop token is not part of the reply."""
-        if t in stop_ids:
+        """Token t -> (text the client gets now, finish_reason or None). A stop token is not part of the reply, unless
+        the request ignores them: then it is one more token and its text."""
+        if t in stop_ids and not self.ignore_eos:
             return self.held + self.dec.decode(b"", final=True), "stop"
         self.reply.append(t)
         text = self.held + self.dec.decode(self.tok.decode_bytes([t]))
@@ -272,6 +275,7 @@ class Sampling(BaseModel):
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
     repetition_penalty: Optional[float] = 1.0
+    ignore_eos: Optional[bool] = False
 
 
 class ChatRequest(Sampling, ChatCompletionRequest):   # LitServe's (messages, tools, response_format) + ours
@@ -396,7 +400,8 @@ class Spec(OpenAISpec):
                               f"{len(ids)} and the reply {max_tokens or 1} more: shorten the {what}"
                               f"{' or lower max_tokens' if max_tokens else ''}", what, "context_length_exceeded")
         return dict(ids=ids, max_tokens=max_tokens or room, temperature=t, top_p=p, seed=req.seed, stop=stop,
-                    repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
+                    repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+                    ignore_eos=bool(req.ignore_eos))
 
     async def respond(self, req, ids, max_tokens, raw, chat):
         job = self.check(req, ids, max_tokens)

@@ -512,6 +512,10 @@ TABLE = {
         check=check_bench("int8", "bound"))],
     "python bench.py ttft --tiny true": [Run(check=check_bench("tiny-qwen", "floor"), slow=True)],
     "python bench.py moe --tiny true": [Run(check=check_bench("tiny-moe", "its MFU"), slow=True)],
+    "python bench.py serve": [Run(gpus=1, slow=True, append=("--models", "[spikingbrain-7b]", "--lengths", "[1024]",
+                                                              "--clients", "[1,2]", "--max_tokens", "8"),
+                                  check=check_bench("aggregate", "memory per conversation"))],
+    "python bench.py serve --tiny true": [Run(check=check_bench("tiny-qwen", "aggregate"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
     "python -m pytest -q -m gpu": [Run(append=("--collect-only",), check=check_collects_gpu_tests)],

@@ -50,7 +50,7 @@ def ckpt(tmp_path_factory, tok_dir):
 
 def job(ids, n, **kw):
     return dict(dict(ids=ids, max_tokens=n, temperature=0.0, top_p=1.0, seed=None, stop=[], repetition_penalty=1.0,
-                     frequency_penalty=0.0, presence_penalty=0.0), **kw)
+                     frequency_penalty=0.0, presence_penalty=0.0, ignore_eos=False), **kw)
 
 
 def serial(model, tok, ids, n, penalty=1.0):
@@ -123,8 +123,8 @@ def test_seeded_sampling_ignores_the_company(tok_dir):
 def test_stop_strings_hold_back_text_and_cut_the_reply(tok_dir):
     tok = tokenizer.Tokenizer(tok_dir)
 
-    def stream(data, stop, n=100):
-        c, pieces = serve.Conversation(0, 0, job([1], n, stop=stop), tok, torch.device("cpu")), []
+    def stream(data, stop, n=100, **kw):
+        c, pieces = serve.Conversation(0, 0, job([1], n, stop=stop, **kw), tok, torch.device("cpu")), []
         for b in data:
             piece, finish = c.add(b, STOPS)
             pieces.append(piece)
@@ -137,6 +137,8 @@ def test_stop_strings_hold_back_text_and_cut_the_reply(tok_dir):
     assert stream(b"lol", ["lx"], n=3) == (["", "lo", "l"], "length")   # a held "l" goes out once it cannot stop
     assert stream("é!".encode(), [], n=3)[0] == ["", "é", "!"]          # a character split over two tokens
     assert stream([*b"ab", 258], []) == (["a", "b", ""], "stop")      # a stop token is not text
+    assert stream([*b"a", 258, 256, *b"b"], [], n=4, ignore_eos=True) == (["a", "<|im_end|>", "<|endoftext|>", "b"],
+                                                                         "length")   # unless the request ignores them
 
 
 # ----------------------------------------------------------------------------- the server

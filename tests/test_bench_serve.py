@@ -1,0 +1,52 @@
+"""bench.py serve on CPU (--tiny true): the real serve.py in its own processes, driven by concurrent streaming clients.
+Skipped without the serve extra."""
+import os
+
+import pytest
+import torch
+
+from model import Config
+
+pytest.importorskip("litserve")
+pytest.importorskip("openai")
+import bench  # noqa: E402
+
+
+def alive(pgid):
+    """Processes of group pgid that have not exited (an orphan that has is left a zombie here until reaped)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):   # not a process, or gone meanwhile
+            continue
+        if int(group) == pgid and state != "Z":
+            out.append(int(d))
+    return out
+
+
+@pytest.mark.slow
+def test_bench_serve_tiny(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # tiny models: the 2 cores go to the servers' processes and the clients
+    runs = bench.bench_serve(tiny=True)
+    models, lengths, clients = ("tiny", "tiny-qwen"), (12, 100), (1, 2)
+    assert [(r["model"], r["length"], r["clients"]) for r in runs] == \
+        [(m, L, n) for m in models for L in lengths for n in clients]
+    for r in runs:
+        assert len(r["results"]) == r["clients"] and r["prompt_tokens"] == r["length"]
+        for c in r["results"]:
+            # every client got exactly max_tokens (ignore_eos), one streamed chunk per token (ascii_tokenizer),
+            # counted by the server and by the client alike
+            assert c["tokens"] == len(c["times"]) == 8 and c["finish"] == "length", c
+            assert c["prompt_tokens"] == r["length"]
+            assert c["start"] < c["times"][0] and c["times"] == sorted(c["times"])
+        assert 0 < r["ttft_p50"] <= r["ttft_p90"] <= r["wall"]
+        assert r["server_bytes"] is None                            # no GPU here
+        assert not alive(r["server_pid"])                           # the server's processes are gone
+    # memory per conversation: full attention's row grows with the context, the hybrid's stops at its SWA ring
+    rows = {(r["model"], r["length"]): r["row_bytes"] for r in runs}
+    assert rows["tiny-qwen", 100] > rows["tiny-qwen", 12]
+    assert rows["tiny", 12] == rows["tiny", 100] == bench.row_bytes(Config.from_name("tiny"), 10**6, torch.float32)
+    out = capsys.readouterr().out
+    assert out.count("aggregate decode tok/s at 2 clients / at 1") == 4 and "memory per conversation" in out
