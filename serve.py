@@ -15,7 +15,9 @@ HTTP process checks a request, answers a bad one at once with an OpenAI-style 4x
 ids. The worker holds max_batch rows of one batched cache. Between two decode steps it takes whatever has arrived: a
 new conversation is prefilled alone into a batch-1 cache and copied into a free row, so the rows decoding meanwhile
 are not touched; a cancelled one (its client disconnected) frees its row. Then one `model(tokens, cache=cache,
-input_pos=positions)` call decodes a token for every row, each row at its own position. Requests thus join and leave
+input_pos=positions)` call decodes a token for every row in use, each row at its own position (rows are seated
+lowest first, and a step runs the first 1, 2, 4, ... max_batch rows that hold them: a lone conversation decodes at
+batch 1). Requests thus join and leave
 between any two steps (continuous batching); those beyond max_batch wait in arrival order. A GLA/SWA row has one size
 at any context (GLA state + a ring of window + 1 keys); a full-attention row holds --max_len positions.
 
@@ -28,6 +30,7 @@ max_tokens. Here the HTTP process queues a cancellation when a response ends ear
 import asyncio
 import codecs
 import collections
+import copy
 import json
 import logging
 import os
@@ -93,6 +96,15 @@ class Conversation:
         return text[:len(text) - keep], None
 
 
+def rows_of(module, n):
+    """A shallow copy of `module` (a model.Cache, and its submodules likewise) whose buffers are the first n rows of
+    its buffers: the same storage, so what a decode step writes through it lands in the original."""
+    view = copy.copy(module)
+    view._buffers = {k: b[:n] for k, b in module._buffers.items()}
+    view._modules = {k: rows_of(m, n) for k, m in module._modules.items()}
+    return view
+
+
 class Engine:
     """max_batch rows of one batched cache, a conversation in each; `step` seats waiting conversations in free rows
     and decodes one token for every row."""
@@ -111,11 +123,17 @@ class Engine:
         self.seen = torch.zeros(max_batch, V, dtype=torch.bool, device=self.device)  # prompt + reply: repetition
         self.penalty = torch.zeros(max_batch, 3, device=self.device)                 # repetition, frequency, presence
         self.stop_ids = {tok.special_tokens[s] for s in ("<|endoftext|>", "<|im_end|>") if s in tok.special_tokens}
+        # a step decodes the first n rows only, n the power of two (or max_batch) past the last seated row: rows are
+        # seated lowest first, so one conversation costs a batch-1 step, not a max_batch one. Each n has its own view
+        # of the cache (same storage) and, compiled, its own graph.
+        self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.views = {n: self.cache if n == max_batch else rows_of(self.cache, n) for n in self.sizes}
         self.step_fn = model.forward
         if compile:
             kernels.compile_blocks(model)
             self.step_fn = kernels.compile_decode(model.forward, self.device)
-            kernels.static_cache(self.cache)
+            for v in self.views.values():
+                kernels.static_cache(v)
             self.warm_up()
 
     @property
@@ -129,16 +147,17 @@ class Engine:
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         for n in (5, 6, 129, 130) if self.device.type == "cuda" else (5, 6):
             self.model(tok.expand(1, n), cache=self.model.new_cache(1, self.max_len), last_only=True)
-        for _ in range(3):      # CUDA graph trees: a warm-up run, a recording, a replay
-            self.decode()
+        for n in self.sizes:
+            for _ in range(3):  # CUDA graph trees: a warm-up run, a recording, a replay
+                self.decode(n)
 
-    def decode(self):
-        """One decode step over every row -> logits [rows, V]."""
+    def decode(self, n):
+        """One decode step over the first n rows -> logits [n, V]."""
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        tok = torch.tensor(self.next, device=self.device)[:, None]
-        pos = torch.tensor(self.pos, device=self.device)[:, None]
-        return self.step_fn(tok, cache=self.cache, input_pos=pos, last_only=True)[0][:, -1]
+        tok = torch.tensor(self.next[:n], device=self.device)[:, None]
+        pos = torch.tensor(self.pos[:n], device=self.device)[:, None]
+        return self.step_fn(tok, cache=self.views[n], input_pos=pos, last_only=True)[0][:, -1]
 
     def pick(self, logits, rows):
         """Each row's next token from its logits [len(rows), V]: penalties, then greedy or sampled."""
@@ -198,7 +217,7 @@ class Engine:
                     out.append((c, dict(error=f"prefill failed: {type(e).__name__}: {e}")))
         rows = [i for i, c in enumerate(self.rows) if c is not None]
         if rows:
-            logits = self.decode()
+            logits = self.decode(next(n for n in self.sizes if n > rows[-1]))
             for i in rows:
                 self.pos[i] += 1
             out += [self.advance(i, t) for i, t in zip(rows, self.pick(logits[rows], rows))]

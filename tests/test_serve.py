@@ -340,3 +340,22 @@ def test_shutdown_is_clean(server):
         time.sleep(0.2)
     assert children and not [c for c in children if os.path.exists(f"/proc/{c}")]
     assert "Traceback" not in Path(server.log).read_text()
+
+
+def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
+    """Rows are seated lowest first and a step runs the first n rows, n the power of two past the last seated one,
+    through a view of the cache that writes into it: one conversation in an 8-row engine decodes batch-1 steps and
+    replies as it does alone."""
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    engine = serve.Engine(m, tok, max_batch=8, max_len=64)
+    assert engine.sizes == [1, 2, 4, 8]
+    for v in engine.views.values():   # views of the same storage
+        assert [b.data_ptr() for b in v.buffers()] == [b.data_ptr() for b in engine.cache.buffers()]
+    batches, forward = [], m.forward
+    monkeypatch.setattr(engine, "step_fn", lambda idx, **kw: (batches.append(idx.shape[0]), forward(idx, **kw))[1])
+    prompt = list(b"one row of eight")
+    got = run(engine, {0: [(0, job(prompt, 10))]})
+    assert got[0] == serial(m, tok, prompt, 10) and set(batches) == {1}
+    batches.clear()
+    got = run(engine, {0: [(i, job(prompt[i:], 6)) for i in range(3)]})   # rows 0-2: steps of 4, then fewer
+    assert [got[i] for i in range(3)] == [serial(m, tok, prompt[i:], 6) for i in range(3)] and batches[0] == 4
