@@ -18,7 +18,8 @@ are not touched; a cancelled one (its client disconnected) frees its row. Then o
 input_pos=positions)` call decodes a token for every row in use, each row at its own position (rows are seated
 lowest first, and a step runs the first 1, 2, 4, ... max_batch rows that hold them: a lone conversation decodes at
 batch 1). Requests thus join and leave between any two steps (continuous batching); those beyond max_batch wait in
-arrival order. A GLA/SWA row has one size at any context (GLA state + a ring of window + 1 keys); a full-attention row holds --max_len positions.
+arrival order. A GLA/SWA row has one size at any context (GLA state + a ring of window + 1 keys); a full-attention
+row holds --max_len positions.
 
 The loop is ours, on LitServe's hook for custom loops (LitLoop.run), because LitServe 0.2.19's ContinuousBatchingLoop
 does not serve here: it hands encode_response's result to the transport as it is, and under OpenAISpec that is a
