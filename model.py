@@ -367,55 +367,6 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
-# ----------------------------------------------------------------------------- context parallelism
-# One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
-# lengths): prefill only. Linear branches pass states (LASP-2), SWA branches fetch the keys before their slice.
-
-def cp_gather(x, group):
-    """Every rank's x (same shape on all ranks), in rank order: one all_gather."""
-    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(out, x.contiguous(), group=group)
-    return out
-
-
-def cp_start(T, group, device):
-    """Global position of this rank's first token: the summed slice lengths of the ranks before it."""
-    lengths = cp_gather(torch.tensor([T], device=device), group)
-    return int(sum(lengths[:torch.distributed.get_rank(group)]))
-
-
-def cp_linear(q, g, o, state, group):
-    """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
-    [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering
-    the slice, S_in = exp(L_{r-1}) S_in(r-1) + S_{r-1} scanned from rank 0, and the part of o it explains,
-    scale * (q_t * exp(b_t)) @ S_in with b_t the log-decay from the slice start to t: a correction, not a second gla.
-    Returns o and the state after the slice (the whole prefix's)."""
-    b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
-    parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
-    s_in = torch.zeros_like(state)
-    for p in parts[:torch.distributed.get_rank(group)]:
-        s_in = p[..., -1:].exp() * s_in + p[..., :-1]
-    Hkv = g.shape[2]
-    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
-    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)               # GQA: head h // G
-    return (o + corr).to(o.dtype), b[:, -1, ..., None].exp().to(state.dtype) * s_in + state
-
-
-def cp_halo(k, v, pos, window, group):
-    """The keys, values and positions [B, h, ...] of the `window` positions before this slice (fewer at the start),
-    held by the ranks before it. Every rank sends its last `window` keys (padded with position -1 where its slice is
-    shorter): an all_gather, so a slice may be shorter than the window; point-to-point from the ranks in reach would
-    send less."""
-    pad = max(window - k.shape[1], 0)
-    kv = F.pad(torch.cat([k, v], -1)[:, -window:], (0, 0, 0, 0, pad, 0))        # (B, window, Hkv, 2D)
-    kv, kpos = torch.cat(cp_gather(kv, group), 1), torch.cat(cp_gather(F.pad(pos[:, -window:], (pad, 0), value=-1),
-                                                                       group), 1)
-    start = int(pos[0, 0])
-    keep = (kpos[0] >= max(start - window, 0)) & (kpos[0] < start)             # rows share positions
-    hk, hv = kv[:, keep].chunk(2, -1)
-    return hk, hv, kpos[:, keep]
-
-
 # ----------------------------------------------------------------------------- generation cache
 
 class KVCache(nn.Module):
@@ -447,12 +398,6 @@ class KVCache(nn.Module):
         slot = torch.where(doc == -1, pos, self.n_sink + (pos - self.n_sink) % self.capacity)   # (B, L)
         row = torch.arange(B, device=slot.device)[:, None]
         self.k[row, slot], self.v[row, slot], self.pos[row, slot], self.doc[row, slot] = k, v, pos, doc
-
-    def ordered(self):
-        """The filled slots' keys and values in position order, (B, n, Hkv, D) each (n is read on the host), for rows
-        prefilled together (they hold the same positions)."""
-        order = self.pos[0].argsort()[:int((self.pos[0] != self.EMPTY).sum())]
-        return self.k[:, order], self.v[:, order]
 
 
 class Cache(nn.Module):
@@ -526,43 +471,21 @@ class Attention(nn.Module):
     def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache, cp=None):
         q, k = rope(q, rot), rope(k, rot)
         window = self.c.window if kind == "swa" else None
-        if cp is not None:
-            return self.cp_window_attention(q, k, v, pos, window, cache, cp)
-        if cache is None:
+        kv = None if cache is None else cache.kv
+        if cp is not None:   # one slice of a sequence split over ranks: the keys before it come from the ranks before
+            return kernels.cp_window_attention(q, k, v, pos, window, kv, cp, attention)
+        if kv is None:
             if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
                 return kernels.sliding_window_attention(q, k, v, 0, 0, window)
             return attention(q, k, v, pos, pos, doc, doc, window)
-        kv = cache.kv
         if kv.n_sink == 0 and kernels and kernels.use_band(q, window):   # one document: a band again
-            return self.band_prefill(q, k, v, pos, doc, kv, window)
+            return kernels.band_prefill(q, k, v, pos, doc, kv, window)
         if q.shape[1] == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps
             kv.write(k, v, pos, doc)
             return attention(q, kv.k, kv.v, pos, kv.pos, doc, kv.doc, window)
         o = attention(q, torch.cat([kv.k, k], 1), torch.cat([kv.v, v], 1), pos, torch.cat([kv.pos, pos], 1), doc,
                       torch.cat([kv.doc, doc], 1), window)
         kv.write(k, v, pos, doc)   # after: this chunk's keys may overwrite ring slots its queries still see
-        return o
-
-    def cp_window_attention(self, q, k, v, pos, window, cache, group):
-        """SWA of this rank's slice of a split sequence: the keys before it (cp_halo), then its own. A fresh cache
-        gets both, so the last rank's cache is the one a single process would hold."""
-        hk, hv, hpos = cp_halo(k, v, pos, window, group)
-        k, v, kpos = torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, pos], 1)
-        if cache is not None:
-            cache.kv.write(k, v, kpos, torch.zeros_like(kpos))
-        if kernels and kernels.use_band(q, window):
-            start = int(pos[0, 0])
-            return kernels.sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
-        return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
-
-    @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
-    def band_prefill(self, q, k, v, pos, doc, kv, window):
-        """A prefill chunk of one document on the band: the ring in position order, then the chunk's keys."""
-        ks, vs = kv.ordered()
-        start = int(pos[0, 0])
-        o = kernels.sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
-                                             start - ks.shape[1], window)
-        kv.write(k, v, pos, doc)
         return o
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache, cp=None):
@@ -578,7 +501,7 @@ class Attention(nn.Module):
             return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
         o, state = gla(q, k, v, g, initial_state=None if cache is None or cp is not None else cache.state)
         if cp is not None:   # a slice of a split sequence: add what the state entering it contributes
-            o, state = cp_linear(q, g, o, state, cp)
+            o, state = kernels.cp_linear(q, g, o, state, cp)
         if cache is not None:
             cache.state.copy_(state)
         return o.to(x.dtype)
@@ -749,15 +672,17 @@ class GPT(nn.Module):
         which this call advances. input_pos: [B, T] positions of a decode step given as a tensor instead (one
         compiled graph serves every step; the caller advances cache.seen). last_only: logits of the last position
         only (prefill for generation).
-        cp_group: a torch.distributed group over which one sequence is split (context parallelism): idx is this
-        rank's contiguous slice, ranks in order, slices of any length. Prefill only (no gradients, targets, packed
-        documents, sinks or full attention yet); a fresh cache ends holding the state after this slice, so the last
-        rank's can decode on.
+        cp_group: a torch.distributed group over which one sequence is split (context parallelism, in kernels.py): idx
+        is this rank's contiguous slice, ranks in order, slices of any length. Prefill only (no gradients, targets,
+        packed documents, sinks or full attention yet); a fresh cache ends holding the state after this slice, so the
+        last rank's can decode on.
         """
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
                              f"the tokenizer does not match this model")
+        if cp_group is not None and kernels is None:
+            raise RuntimeError("a sequence split over ranks (cp_group) runs in kernels.py: put it beside model.py")
         if cp_group is not None and (torch.is_grad_enabled() or targets is not None or doc_ids is not None or
                                      input_pos is not None or c.n_sink or cache is not None and cache.seen or
                                      any("fa" in c.mixers(i) for i in range(c.n_layer))):
@@ -770,7 +695,7 @@ class GPT(nn.Module):
             n_sink = c.n_sink if cache is None or cache.seen == 0 else 0             # sinks enter once per sequence
             base = n_sink if cache is None else cache.seen + n_sink
             if cp_group is not None:   # this rank's slice follows the ranks before it
-                base += cp_start(T, cp_group, idx.device)
+                base += kernels.cp_start(T, cp_group, idx.device)
             pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
