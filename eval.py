@@ -44,7 +44,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import convert
-from model import Linear, check_spike_k, sample
+from generate import sample
+from model import Linear, check_spike_k
 from spiking import W8ASpikeLinear, collect_stats
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

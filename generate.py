@@ -28,9 +28,58 @@ import torch
 import convert
 import kernels
 import spiking
-from model import check_spike_k, penalize, sample
+from model import check_spike_k
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits [B, V] -> probabilities [B, V] after temperature, top-k and top-p (nucleus) filtering.
+
+    top_k keeps every token at least as likely as the k-th; top_p keeps the most likely tokens until their
+    mass reaches top_p (the token that crosses it included, so the top token always stays).
+    """
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def penalize(logits, seen, penalty):
+    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
+    are divided by `penalty` (a number, or [B, 1] per row) when positive and multiplied when negative."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
+    """Up to max_new_tokens ids sampled from `model` after idx [1, T] (stopping at eos_id), through a cache: the
+    prompt in one forward, then one token per forward. A short sample without a tokenizer (Generator streams text)."""
+    cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+    logits, out = model(idx, cache=cache, last_only=True)[0], []
+    for _ in range(max_new_tokens):
+        nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        if nxt.item() == eos_id:
+            break
+        out.append(nxt.item())
+        logits = model(nxt, cache=cache)[0]
+    return out
 
 
 # ----------------------------------------------------------------------------- the cache

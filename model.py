@@ -593,38 +593,6 @@ def doc_positions(doc_ids):
     return idx - first, start
 
 
-def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> probabilities [B, V] after temperature, top-k and top-p (nucleus) filtering.
-
-    top_k keeps every token at least as likely as the k-th; top_p keeps the most likely tokens until their
-    mass reaches top_p (the token that crosses it included, so the top token always stays).
-    """
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:
-        p, idx = probs.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx, p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
-
-
-def penalize(logits, seen, penalty):
-    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
-    are divided by `penalty` (a number, or [B, 1] per row) when positive and multiplied when negative."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -726,20 +694,6 @@ class GPT(nn.Module):
         if targets is not None:
             return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100), aux
         return logits, None, aux
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
-        """Up to max_new_tokens ids sampled after idx [1, T] (stopping at eos_id), through a cache: the prompt in one
-        forward, then one token per forward."""
-        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        logits, out = self(idx, cache=cache, last_only=True)[0], []
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
-            if nxt.item() == eos_id:
-                break
-            out.append(nxt.item())
-            logits = self(nxt, cache=cache)[0]
-        return out
 
     def num_params(self, active_only=False, embeddings=True):
         c = self.config

@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 import convert
 import kernels
-from model import penalize, sample
+from generate import penalize, sample
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

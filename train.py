@@ -39,6 +39,7 @@ import torch
 import convert
 import kernels
 from data import Packed, build_tokenizer, prepare, train_rows
+from generate import generate
 from model import GPT, MoE, PRESETS, Config, Linear, spike_quant
 from tokenizer import Tokenizer
 
@@ -721,8 +722,8 @@ def print_sample(fabric, final, tokenizer, prompt, n):
     """A short continuation by the export (the run's own check that it learned something) and the command that
     continues it."""
     model, _ = convert.load_checkpoint(final)
-    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), n, temperature=0.8, top_k=50,
-                         eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(0))
+    ids = generate(model, torch.tensor([tokenizer.encode(prompt)]), n, temperature=0.8, top_k=50,
+                   eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(0))
     fabric.print(f"\n--- sample ---\n{prompt}{tokenizer.decode(ids)}\n--- continue it with:\n"
                  f"python generate.py --ckpt {final} --prompt {json.dumps(prompt)}")
 
