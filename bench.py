@@ -27,6 +27,7 @@ from triton.testing import do_bench
 
 import kernels
 from model import GPT, Config, KVCache, attention, gla_chunked, gla_recurrent
+from train import model_flops_per_token
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -534,7 +535,7 @@ def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, war
     synchronize(device)
     tok_s = steps * accum * micro_batch_size * T / (time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return c, tok_s, model.flops_per_token(T), mem
+    return c, tok_s, model_flops_per_token(model, T), mem
 
 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,

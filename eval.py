@@ -13,7 +13,7 @@ tasks, a long-context recall suite, and spike statistics.
 `lm` runs lm-evaluation-harness (`pip install -e ".[eval]"`) on our model through `lm_class()`, an lm-eval `LM`:
 log-likelihoods are exact sums of the continuation tokens' log-probabilities (rows batched and right-padded; a row
 longer than --prefill_chunk runs through the generation cache in chunks), perplexity follows lm-eval's rolling
-windows, generation uses model.sample and stop strings. Offline by default: only tasks in --include_path or given
+windows, generation uses generate.sample and stop strings. Offline by default: only tasks in --include_path or given
 as YAML files, whose data are local files (`dataset_path: json`, `dataset_kwargs.data_files`); --hub true adds
 lm-eval's own task catalogue and lets it download their datasets from the Hugging Face hub.
 

@@ -704,22 +704,3 @@ class GPT(nn.Module):
             per_expert = sum(p.numel() for p in self.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
             n -= len(c.moe_layers) * (c.n_expert - c.top_k) * per_expert
         return n
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 * active matmul params + the token-mixing terms.
-
-        Mixing, per layer and token, forward+backward (3x forward): softmax 12 * H * hd * keys seen
-        (full causal counted over the whole context, as PaLM's MFU does); linear attention 12 * H * hd^2
-        (state read + state update, 2 * 2 * hd^2 each forward).
-        """
-        c = self.config
-        n = self.num_params(active_only=True, embeddings=False) + self.lm_head.weight.numel()
-        mix = 0
-        for i in range(c.n_layer):
-            for kind in c.mixers(i):
-                if kind in LINEAR_MIXERS:
-                    mix += 12 * c.n_head * c.head_dim ** 2
-                else:
-                    keys = min(seq_len, c.window + 1) if kind == "swa" else seq_len
-                    mix += 12 * c.n_head * c.head_dim * (keys + c.n_sink)
-        return 6 * n + mix

@@ -40,7 +40,7 @@ import convert
 import kernels
 from data import Packed, build_tokenizer, prepare, train_rows
 from generate import generate
-from model import GPT, MoE, PRESETS, Config, Linear, spike_quant
+from model import GPT, LINEAR_MIXERS, MoE, PRESETS, Config, Linear, spike_quant
 from tokenizer import Tokenizer
 
 
@@ -336,13 +336,31 @@ def load_data(fabric, config, data, seq_len, tokenizer_dir):
     return tokenizer, *(Packed(data.path, split, seq_len, tokenizer, data.doc_mask) for split in ("train", "val"))
 
 
+def model_flops_per_token(model, seq_len):
+    """Training FLOPs per token (forward + backward) of a model.GPT, the numerator of MFU: 6 * active matmul params
+    + the token-mixing terms. Mixing, per layer and token, forward+backward (3x forward): softmax 12 * H * hd * keys
+    seen (full causal counted over the whole context, as PaLM's MFU does); linear attention 12 * H * hd^2 (state
+    read + state update, 2 * 2 * hd^2 each forward)."""
+    c = model.config
+    n = model.num_params(active_only=True, embeddings=False) + model.lm_head.weight.numel()
+    mix = 0
+    for i in range(c.n_layer):
+        for kind in c.mixers(i):
+            if kind in LINEAR_MIXERS:
+                mix += 12 * c.n_head * c.head_dim ** 2
+            else:
+                keys = min(seq_len, c.window + 1) if kind == "swa" else seq_len
+                mix += 12 * c.n_head * c.head_dim * (keys + c.n_sink)
+    return 6 * n + mix
+
+
 def build(fabric, config, train, init_from, strategy):
     """The model set up for the strategy (initialized, or init_from's weights; compiled and checkpointed as train
     asks), its AdamW, and its training FLOPs per token."""
     # FSDP builds on the meta device and materializes only each rank's shards; loaded weights overwrite init anyway
     with fabric.init_module(empty_init=strategy == "fsdp" or init_from is not None):
         model = GPT(config)
-    flops_per_token = model.flops_per_token(train.seq_len)
+    flops = model_flops_per_token(model, train.seq_len)
     if init_from is not None and strategy != "fsdp":
         load_weights(model, init_from, config)
     if train.compile:   # before checkpointing: the wrapper recomputes the compiled block in the backward pass
@@ -357,7 +375,7 @@ def build(fabric, config, train, init_from, strategy):
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=train.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)],
                                   lr=train.lr, betas=train.betas, fused=fabric.device.type == "cuda")
-    return model, fabric.setup_optimizers(optimizer), flops_per_token
+    return model, fabric.setup_optimizers(optimizer), flops
 
 
 def resume_state(fabric, state, resume, out_dir):
@@ -775,7 +793,7 @@ def plan(config, train, world_size, strategy, precision):
     with torch.device("meta"):
         model = GPT(config)
     n, active = model.num_params(), model.num_params(active_only=True)
-    fpt = model.flops_per_token(train.seq_len)
+    fpt = model_flops_per_token(model, train.seq_len)
     lines = [f"{config.name}: {n / 1e9:.3f}B parameters ({active / 1e9:.3f}B active per token), "
              f"{fpt / 1e9:.1f} GFLOP per token for training at seq_len {train.seq_len} (forward + backward)",
              f"memory per device: {strategy} over {world_size} device(s), {precision}, micro batch "

@@ -303,15 +303,6 @@ def test_spiking_linear_uses_integer_counts():
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
-def test_flops_per_token_hand_count():
-    c = Config.from_name("tiny")
-    m = GPT(c)
-    T = 100
-    n = m.num_params(embeddings=False) + m.lm_head.weight.numel()
-    mix = 2 * 12 * 4 * 16 * 16 + 2 * 12 * 4 * 16 * (c.window + 1)   # 2 gla + 2 swa layers
-    assert m.flops_per_token(T) == 6 * n + mix
-
-
 @pytest.mark.parametrize("bad,match", [
     (dict(layout=["gla"] * 3), "layout has 3 entries"),
     (dict(layout=["gla", "swa", "xyz", "fa"]), "layout\\[2\\]"),
