@@ -33,6 +33,8 @@ from model import check_spike_k, penalize, sample
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# ----------------------------------------------------------------------------- sampling
+
 # ----------------------------------------------------------------------------- the cache
 
 @torch.no_grad()

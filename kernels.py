@@ -13,8 +13,11 @@ compare against:
   (spike_linear; twin: spike_linear_torch in float64; spiking.W8ASpikeLinear's dispatch line picks it).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
-GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates and
-the ops they guard. Nothing here imports model.py.
+- context-parallel prefill: one sequence split over the ranks of a torch.distributed group, GLA states passed on in
+  one all-gather per layer, the SWA keys before each slice fetched (cp_*; twin: model.GPT.forward in one process).
+GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates, the
+ops they guard and the cp_* steps of a split sequence. Nothing here imports model.py: what it needs of it (a cache,
+model.attention) comes as arguments.
 
 Layout everywhere: [B, T, H, D]. GLA recurrence per head, with log-decay g <= 0:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,    o_t = (q_t * scale) S_t.
@@ -860,6 +863,87 @@ def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
     gqa = bool(H != k.shape[2])
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     return flex(q, k, v, bm, gqa).transpose(1, 2)
+
+
+@torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
+def band_prefill(q, k, v, pos, doc, kv, window):
+    """A prefill chunk of one document on the band, over a cache kv (a model.KVCache without sinks): the ring in
+    position order (rows prefilled together hold the same positions), then the chunk's keys; the chunk is written to kv
+    after. Twin: model.attention over the cache."""
+    order = kv.pos[0].argsort()[:int((kv.pos[0] != kv.EMPTY).sum())]   # the filled slots (a count read on the host)
+    ks, vs = kv.k[:, order], kv.v[:, order]
+    start = int(pos[0, 0])
+    o = sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start, start - ks.shape[1], window)
+    kv.write(k, v, pos, doc)
+    return o
+
+
+# ----------------------------------------------------------------------------- context parallelism
+# One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
+# lengths): prefill only. Linear branches pass states (LASP-2), SWA branches fetch the keys before their slice.
+
+def cp_gather(x, group):
+    """Every rank's x (same shape on all ranks), in rank order: one all_gather."""
+    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(out, x.contiguous(), group=group)
+    return out
+
+
+def cp_start(T, group, device, c, targets=None, doc_ids=None, cache=None, input_pos=None):
+    """Global position of this rank's first token: the summed slice lengths of the ranks before it. Checks first that
+    the split supports the call (config c, GPT.forward's arguments)."""
+    if (torch.is_grad_enabled() or targets is not None or doc_ids is not None or input_pos is not None or c.n_sink or
+            cache is not None and cache.seen or any("fa" in c.mixers(i) for i in range(c.n_layer))):
+        raise NotImplementedError("a sequence split over ranks (cp_group) runs prefill only: under no_grad, from "
+                                  "position 0, without targets, doc_ids, sinks or full attention ('fa') layers")
+    lengths = cp_gather(torch.tensor([T], device=device), group)
+    return int(sum(lengths[:torch.distributed.get_rank(group)]))
+
+
+def cp_linear(q, g, o, state, group):
+    """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
+    [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering
+    the slice, S_in = exp(L_{r-1}) S_in(r-1) + S_{r-1} scanned from rank 0, and the part of o it explains,
+    scale * (q_t * exp(b_t)) @ S_in with b_t the log-decay from the slice start to t: a correction, not a second gla.
+    Returns o and the state after the slice (the whole prefix's)."""
+    b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
+    parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
+    s_in = torch.zeros_like(state)
+    for p in parts[:torch.distributed.get_rank(group)]:
+        s_in = p[..., -1:].exp() * s_in + p[..., :-1]
+    Hkv = g.shape[2]
+    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
+    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)               # GQA: head h // G
+    return (o + corr).to(o.dtype), b[:, -1, ..., None].exp().to(state.dtype) * s_in + state
+
+
+def cp_halo(k, v, pos, window, group):
+    """The keys, values and positions [B, h, ...] of the `window` positions before this slice (fewer at the start),
+    held by the ranks before it. Every rank sends its last `window` keys (padded with position -1 where its slice is
+    shorter): an all_gather, so a slice may be shorter than the window; point-to-point from the ranks in reach would
+    send less."""
+    pad = max(window - k.shape[1], 0)
+    kv = F.pad(torch.cat([k, v], -1)[:, -window:], (0, 0, 0, 0, pad, 0))        # (B, window, Hkv, 2D)
+    kv, kpos = torch.cat(cp_gather(kv, group), 1), torch.cat(cp_gather(F.pad(pos[:, -window:], (pad, 0), value=-1),
+                                                                       group), 1)
+    start = int(pos[0, 0])
+    keep = (kpos[0] >= max(start - window, 0)) & (kpos[0] < start)             # rows share positions
+    hk, hv = kv[:, keep].chunk(2, -1)
+    return hk, hv, kpos[:, keep]
+
+
+def cp_window_attention(q, k, v, pos, window, kv, group, attention):
+    """model.Attention's SWA of this rank's slice of a split sequence (q, k after RoPE): the keys before it
+    (cp_halo), then its own. A fresh cache kv (a model.KVCache, or None) gets both, so the last rank's cache is the
+    one a single process would hold. attention: model.attention, the reference when the band is not used."""
+    hk, hv, hpos = cp_halo(k, v, pos, window, group)
+    k, v, kpos = torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, pos], 1)
+    if kv is not None:
+        kv.write(k, v, kpos, torch.zeros_like(kpos))
+    if use_band(q, window):
+        start = int(pos[0, 0])
+        return sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
+    return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
 
 
 # ----------------------------------------------------------------------------- the loss without full logits

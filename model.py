@@ -1,20 +1,14 @@
 """SpikingBrain in one file: config presets, every layer, the model and its generation cache, in pure PyTorch.
 
-Every op that has a fast path says so in one line, `if kernels and kernels.use_...(q): return kernels.<op>(...)`,
-and runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU); with kernels.py
-beside it, the GLA recurrence runs on Triton kernels, softmax attention on flex_attention, decoding on a
-split-cache kernel and MoE experts as grouped GEMMs (kernels.GLA_IMPL / ATTN_IMPL / MOE_IMPL force either path).
-
+Every op with a fast path has one dispatch line, `if kernels and kernels.use_X(...): return kernels.<op>(...)`, and
+runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU).
 Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
-- each layer's token mixer is named by `Config.layout`: "gla" (gated linear attention, 7B),
-  "la" (linear attention with the gate tied to the key, 76B), "swa" (sliding-window softmax),
-  "fa" (full causal softmax), or two of them in parallel, e.g. "la+swa" (76B intra-layer hybrid);
+- `Config.layout` names each layer's token mixer: "gla" (gated linear attention, 7B), "la" (linear attention, gate
+  tied to the key, 76B), "swa" (sliding-window softmax), "fa" (full causal softmax), or a pair such as "la+swa";
 - GLA: ReLU feature map, low-rank log-sigmoid gate / 16, no RoPE, per-head RMSNorm on the output;
 - SWA: query i sees keys i-window ... i (window+1 keys, like flash-attn window_size=(window, 0));
-- optional learnable sink tokens prepended to the input, seen by every softmax query;
-- optional MoE FFN (top-1 routed experts + one shared expert) at `Config.moe_layers`;
-- optional spiking activations: with `spike_k` set, every projection's input becomes integer spike
-  counts times a per-token threshold (straight-through in training).
+- optional: sink tokens seen by every softmax query; MoE FFNs (top-1 routed + a shared expert); spiking activations
+  (`spike_k`: each projection's input becomes spike counts times a per-token threshold, straight-through).
 """
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -34,10 +28,6 @@ MIXERS = ("gla", "la", "swa", "fa")
 LINEAR_MIXERS = ("gla", "la")
 
 
-def _alternate(n, kinds):
-    return [kinds[i % len(kinds)] for i in range(n)]
-
-
 def layout_76b(n):
     """The 76B's mixers for n layers: la+fa at every 7th layer (1-indexed 7, 14, 21, 28: full to sliding-window
     attention 1:6), la+swa elsewhere; a model of fewer than 7 layers has la+fa last."""
@@ -51,25 +41,23 @@ def moe_layers_76b(n):
     return [i for i in range(n) if i * 28 // n + 1 not in (1, 2, 3, 5, 7, 9, 11)]
 
 
+_TINY = dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, intermediate_size=160,
+             max_seq_len=4096)
 # https://huggingface.co/Panyuqi/V1-7B-base/blob/main/config.json (SpikingBrain-7B release), Qwen2.5-7B dims
 PRESETS = {
-    "spikingbrain-7b": dict(layout=_alternate(28, ["gla", "swa"]), max_seq_len=4 * 1024 * 1024),
+    "spikingbrain-7b": dict(layout=["gla", "swa"] * 14, max_seq_len=4 * 1024 * 1024),
     "spikingbrain-76b": dict(layout=layout_76b(28), n_sink=128, moe_layers=moe_layers_76b(28)),
     # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json: the conversion source and speed baseline
     "qwen2.5-7b": dict(layout=["fa"] * 28, max_seq_len=131072),
-    "tiny": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
-                 intermediate_size=160, window=16, layout=_alternate(4, ["gla", "swa"]), max_seq_len=4096),
-    "tiny-moe": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
-                     intermediate_size=160, window=16, layout=["la+swa", "la+fa", "la+swa", "la+fa"],
-                     moe_layers=[1, 3], n_expert=4, n_sink=4, max_seq_len=4096),
-    "tiny-qwen": dict(vocab_size=512, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
-                      intermediate_size=160, layout=["fa"] * 4, max_seq_len=4096),
+    "tiny": dict(_TINY, window=16, layout=["gla", "swa"] * 2),
+    "tiny-moe": dict(_TINY, window=16, layout=["la+swa", "la+fa", "la+swa", "la+fa"], moe_layers=[1, 3], n_expert=4,
+                     n_sink=4),
+    "tiny-qwen": dict(_TINY, layout=["fa"] * 4),
 }
 
 
 def _typed(key, value, tp):
-    """A config value as its field's type tp (int, float, str, list, or X | None). Command lines and YAML give "3",
-    3 or "null" where a float or None is meant; those are converted, anything else is an error naming the key."""
+    """A config value as its field's type tp: "3", 3 or "null" (command lines, YAML) converted, others an error."""
     import yaml
     optional = type(None) in typing.get_args(tp)
     base = next((t for t in typing.get_args(tp) if t is not type(None)), tp)
@@ -100,7 +88,7 @@ class Config:
     norm_eps: float = 1e-6
     rope_theta: float = 1e6
     max_seq_len: int = 131072       # longest prompt + generation accepted by generate.py
-    layout: list = field(default_factory=lambda: _alternate(28, ["gla", "swa"]))  # one mixer spec per layer
+    layout: list = field(default_factory=lambda: ["gla", "swa"] * 14)  # one mixer spec per layer
     window: int = 4096              # swa: query i sees keys i-window ... i
     gate_rank: int = 16             # gla: gate = Linear(n_embd, rank) -> Linear(rank, kv_dim)
     gate_norm: float = 16.0         # gla: log-gate = logsigmoid(gate) / gate_norm
@@ -124,8 +112,7 @@ class Config:
             raise ValueError(f"layout has {len(self.layout)} entries but n_layer={self.n_layer}: give one per layer")
         for i, spec in enumerate(self.layout):
             parts = spec.split("+")
-            bad = [p for p in parts if p not in MIXERS]
-            if bad or len(parts) != len(set(parts)) or not 1 <= len(parts) <= 2 or \
+            if any(p not in MIXERS for p in parts) or len(parts) != len(set(parts)) or not 1 <= len(parts) <= 2 or \
                     sum(p in LINEAR_MIXERS for p in parts) > 1:
                 raise ValueError(f"layout[{i}]={spec!r}: use one of {MIXERS} or a linear+softmax pair like 'la+swa'")
         if self.n_head % self.n_kv_head:
@@ -153,11 +140,8 @@ class Config:
     def from_dict(cls, d):
         d = dict(d)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-        if "preset" in d:
-            raise ValueError("use 'name' for presets")
         return cls(**d)
 
     @classmethod
@@ -169,8 +153,7 @@ class Config:
             d = yaml.safe_load(f)
         if not isinstance(d, dict):
             raise ValueError(f"{path} holds {type(d).__name__}, not a mapping of config fields")
-        missing = [f.name for f in fields(cls) if f.name not in d]
-        if missing:
+        if missing := [f.name for f in fields(cls) if f.name not in d]:
             raise ValueError(f"{path} lacks config field(s) {missing}: a saved config names every field of "
                              f"model.Config; add them with the values the weights were made with")
         return cls.from_dict(d)
@@ -184,10 +167,8 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
-# ----------------------------------------------------------------------------- spiking activations
-
+# ----------------------------------------------------------------------------- spiking activations, norm, RoPE
 def check_spike_k(k, what="spike_k"):
-    """The spiking threshold parameter: > 0, or None for no spikes."""
     if k is not None and not k > 0:
         raise ValueError(f"{what}={k} must be > 0 (or None to turn spiking off)")
     return k
@@ -230,8 +211,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(pos, dim, theta, dtype=torch.float32):
-    """cos, sin of the rotary angles at positions pos [B, T]: (B, T, 1, dim/2) each. Made once per forward and
-    shared by every layer (fused into a compiled block, they would be recomputed for every head)."""
+    """cos, sin (B, T, 1, dim/2) of positions pos [B, T]: made once per forward for every layer, not per head."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=dtype) / dim)
     ang = pos.to(dtype)[..., None] * inv_freq                          # (B, T, dim/2)
     return ang.cos()[:, :, None], ang.sin()[:, :, None]
@@ -245,13 +225,9 @@ def rope(x, rot):
 
 
 # ----------------------------------------------------------------------------- gated linear attention
-
 def gla_recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
     """The executable spec, one step at a time: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = (q_t*scale) S_t.
-
-    q, k, g: [B, T, H, K] (g is the log-decay, <= 0); v: [B, T, H, V]; state [B, H, K, V] float32
-    (float64 for float64 inputs). Returns o [B, T, H, V] in v's dtype and the final state (or None).
-    """
+    q, k, g (log-decay <= 0): [B, T, H, K]; v: [B, T, H, V] -> o like v, final state [B, H, K, V] float32 (or 64)."""
     ct = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v, g = (x.transpose(1, 2).to(ct) for x in (q, k, v, g))   # (B, H, T, D)
@@ -261,16 +237,12 @@ def gla_recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state
     for t in range(T):
         S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
         o.append((q[:, :, t, None, :] * scale) @ S)
-    o = torch.cat(o, 2).transpose(1, 2).to(v.dtype)
-    return o, (S if output_final_state else None)
+    return torch.cat(o, 2).transpose(1, 2).to(v.dtype), (S if output_final_state else None)
 
 
 def gla_chunked(q, k, v, g, scale=None, initial_state=None, output_final_state=False, chunk_size=64, sub=16):
-    """Same as gla_recurrent, in chunks: attention-like matmuls inside a chunk, state passing between chunks.
-
-    Every decay factor is exp of a non-positive number: inside a chunk, scores between sub-chunks use the
-    first position of the query's sub-chunk as reference point; within a sub-chunk they are exact per pair.
-    """
+    """gla_recurrent in chunks: matmuls inside a chunk, the state passed between chunks. Every decay is exp(<= 0):
+    scores between sub-chunks refer to the start of the query's sub-chunk, within a sub-chunk they are per pair."""
     B, T, H, K = q.shape
     ct, dtype = torch.promote_types(q.dtype, torch.float32), v.dtype
     scale = K ** -0.5 if scale is None else scale
@@ -321,17 +293,14 @@ def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
     fn = gla_recurrent if q.shape[1] <= 4 else gla_chunked
     if cu_seqlens is None:
         return fn(q, k, v, g, initial_state=initial_state, output_final_state=True)
-    outs, states = [], []
-    for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        h0 = None if initial_state is None else initial_state[n:n + 1]
-        o, h = fn(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h0, output_final_state=True)
-        outs.append(o)
-        states.append(h)
+    ends = cu_seqlens.tolist()
+    h0 = [None] * (len(ends) - 1) if initial_state is None else initial_state.split(1)
+    outs, states = zip(*(fn(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h, output_final_state=True)
+                         for s, e, h in zip(ends, ends[1:], h0)))
     return torch.cat(outs, 1), torch.cat(states, 0)
 
 
 # ----------------------------------------------------------------------------- softmax attention
-
 def visible(q_pos, k_pos, q_doc, k_doc, window):
     """Which keys a query sees: sinks (doc -1) always; otherwise causal, within `window` (None: any distance),
     same document. No stand-in number for "no window": compiled flex masks may compute in 32 bits."""
@@ -342,10 +311,8 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
 
 
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
-    """Masked softmax attention. q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S] int.
-
-    window=None is full causal attention; doc None means one document, no sinks, no cache. Returns [B, T, H, D].
-    """
+    """Masked softmax attention: q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S] int -> [B, T, H, D].
+    window=None is full causal attention; doc None means one document, no sinks, no cache."""
     B, T, H, D = q.shape
     gqa = bool(H != k.shape[2])                                        # a plain bool, also for symbolic shapes
     if q_doc is None and window is None:
@@ -361,70 +328,16 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
                    q_doc[:, None, :, None], k_doc[:, None, None, :], window)   # (B, 1, T, S)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
     if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
-        Hkv = k.shape[1]
-        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+        o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, attn_mask=mask)
         return o.reshape(B, H, 1, D).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
-# ----------------------------------------------------------------------------- context parallelism
-# One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
-# lengths): prefill only. Linear branches pass states (LASP-2), SWA branches fetch the keys before their slice.
-
-def cp_gather(x, group):
-    """Every rank's x (same shape on all ranks), in rank order: one all_gather."""
-    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(out, x.contiguous(), group=group)
-    return out
-
-
-def cp_start(T, group, device):
-    """Global position of this rank's first token: the summed slice lengths of the ranks before it."""
-    lengths = cp_gather(torch.tensor([T], device=device), group)
-    return int(sum(lengths[:torch.distributed.get_rank(group)]))
-
-
-def cp_linear(q, g, o, state, group):
-    """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
-    [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering
-    the slice, S_in = exp(L_{r-1}) S_in(r-1) + S_{r-1} scanned from rank 0, and the part of o it explains,
-    scale * (q_t * exp(b_t)) @ S_in with b_t the log-decay from the slice start to t: a correction, not a second gla.
-    Returns o and the state after the slice (the whole prefix's)."""
-    b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
-    parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
-    s_in = torch.zeros_like(state)
-    for p in parts[:torch.distributed.get_rank(group)]:
-        s_in = p[..., -1:].exp() * s_in + p[..., :-1]
-    Hkv = g.shape[2]
-    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
-    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)               # GQA: head h // G
-    return (o + corr).to(o.dtype), b[:, -1, ..., None].exp().to(state.dtype) * s_in + state
-
-
-def cp_halo(k, v, pos, window, group):
-    """The keys, values and positions [B, h, ...] of the `window` positions before this slice (fewer at the start),
-    held by the ranks before it. Every rank sends its last `window` keys (padded with position -1 where its slice is
-    shorter): an all_gather, so a slice may be shorter than the window; point-to-point from the ranks in reach would
-    send less."""
-    pad = max(window - k.shape[1], 0)
-    kv = F.pad(torch.cat([k, v], -1)[:, -window:], (0, 0, 0, 0, pad, 0))        # (B, window, Hkv, 2D)
-    kv, kpos = torch.cat(cp_gather(kv, group), 1), torch.cat(cp_gather(F.pad(pos[:, -window:], (pad, 0), value=-1),
-                                                                       group), 1)
-    start = int(pos[0, 0])
-    keep = (kpos[0] >= max(start - window, 0)) & (kpos[0] < start)             # rows share positions
-    hk, hv = kv[:, keep].chunk(2, -1)
-    return hk, hv, kpos[:, keep]
-
-
 # ----------------------------------------------------------------------------- generation cache
-
 class KVCache(nn.Module):
-    """Keys/values of one softmax branch: `n_sink` permanent slots, then a ring of `capacity` slots.
-
-    SWA keeps capacity = window + 1 (memory independent of context); full attention keeps the whole context.
-    Slot positions are stored per row, so the attention mask needs no slot order and rows may stand at different
-    positions (serve.py decodes unrelated conversations together); empty slots have a huge position.
-    """
+    """Keys/values of one softmax branch: `n_sink` permanent slots, then a ring of `capacity` slots (SWA: window + 1;
+    full attention: the whole context). Positions are stored per slot and row: the mask needs no slot order and rows
+    may stand at different positions (serve.py decodes unrelated conversations together); empty slots hold EMPTY."""
     EMPTY = 1 << 62
 
     def __init__(self, B, n_kv, hd, n_sink, capacity, device=None, dtype=None):
@@ -437,8 +350,7 @@ class KVCache(nn.Module):
         self.register_buffer("doc", torch.zeros(B, S, device=device, dtype=torch.long), persistent=False)
 
     def write(self, k, v, pos, doc):
-        """Store new keys k, v (B, L, Hkv, D) at positions pos, doc (B, L), or (L,) for every row: sinks (doc -1) in
-        their own slots."""
+        """Store keys k, v (B, L, Hkv, D) at positions pos, doc (B, L) or (L,); sinks (doc -1) in their own slots."""
         B = k.shape[0]
         pos, doc = pos.expand(B, -1), doc.expand(B, -1)
         if k.shape[1] > 1:   # prefill (rows at the same positions): skip ring entries this call overwrites anyway
@@ -448,16 +360,9 @@ class KVCache(nn.Module):
         row = torch.arange(B, device=slot.device)[:, None]
         self.k[row, slot], self.v[row, slot], self.pos[row, slot], self.doc[row, slot] = k, v, pos, doc
 
-    def ordered(self):
-        """The filled slots' keys and values in position order, (B, n, Hkv, D) each (n is read on the host), for rows
-        prefilled together (they hold the same positions)."""
-        order = self.pos[0].argsort()[:int((self.pos[0] != self.EMPTY).sum())]
-        return self.k[:, order], self.v[:, order]
-
 
 class Cache(nn.Module):
-    """Everything generation keeps: per layer the GLA state and/or a KVCache per softmax branch; `seen` counts the
-    positions consumed (sinks included)."""
+    """Per layer the GLA state and/or a KVCache per softmax branch; `seen` counts the positions consumed (sinks too)."""
 
     def __init__(self, config, B, max_len, device=None, dtype=None):
         super().__init__()
@@ -478,19 +383,14 @@ class Cache(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def copy_row(self, i, src, j=0):
-        """Row i := row j of `src` (a cache of the same config and max_len). Every buffer is [B, ...], so a sequence
-        prefilled alone joins a batch without touching the other rows (serve.py); `seen` is the caller's."""
+        """Row i := row j of `src` (same config and max_len): a sequence prefilled alone joins a batch (serve.py)."""
         for a, b in zip(self.buffers(), src.buffers()):
             a[i].copy_(b[j])
 
 
 # ----------------------------------------------------------------------------- layers
-
 class Attention(nn.Module):
-    """Token mixer of one layer: one or two branches (gla / la / swa / fa) over shared q/k/v/o projections.
-
-    With two branches, each branch output is RMS-normalized per head and the two are added (76B).
-    """
+    """One layer's token mixer: one or two branches over shared q/k/v/o projections; two are RMS-normed and added."""
 
     def __init__(self, c, layer):
         super().__init__()
@@ -526,43 +426,21 @@ class Attention(nn.Module):
     def softmax_attention(self, kind, q, k, v, pos, rot, doc, cache, cp=None):
         q, k = rope(q, rot), rope(k, rot)
         window = self.c.window if kind == "swa" else None
-        if cp is not None:
-            return self.cp_window_attention(q, k, v, pos, window, cache, cp)
-        if cache is None:
+        kv = None if cache is None else cache.kv
+        if cp is not None:   # one slice of a sequence split over ranks: the keys before it come from the ranks before
+            return kernels.cp_window_attention(q, k, v, pos, window, kv, cp, attention)
+        if kv is None:
             if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
                 return kernels.sliding_window_attention(q, k, v, 0, 0, window)
             return attention(q, k, v, pos, pos, doc, doc, window)
-        kv = cache.kv
         if kv.n_sink == 0 and kernels and kernels.use_band(q, window):   # one document: a band again
-            return self.band_prefill(q, k, v, pos, doc, kv, window)
+            return kernels.band_prefill(q, k, v, pos, doc, kv, window)
         if q.shape[1] == 1 or window is None:   # the SWA ring holds window + 1 and a full buffer never wraps
             kv.write(k, v, pos, doc)
             return attention(q, kv.k, kv.v, pos, kv.pos, doc, kv.doc, window)
         o = attention(q, torch.cat([kv.k, k], 1), torch.cat([kv.v, v], 1), pos, torch.cat([kv.pos, pos], 1), doc,
                       torch.cat([kv.doc, doc], 1), window)
         kv.write(k, v, pos, doc)   # after: this chunk's keys may overwrite ring slots its queries still see
-        return o
-
-    def cp_window_attention(self, q, k, v, pos, window, cache, group):
-        """SWA of this rank's slice of a split sequence: the keys before it (cp_halo), then its own. A fresh cache
-        gets both, so the last rank's cache is the one a single process would hold."""
-        hk, hv, hpos = cp_halo(k, v, pos, window, group)
-        k, v, kpos = torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, pos], 1)
-        if cache is not None:
-            cache.kv.write(k, v, kpos, torch.zeros_like(kpos))
-        if kernels and kernels.use_band(q, window):
-            start = int(pos[0, 0])
-            return kernels.sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
-        return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
-
-    @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
-    def band_prefill(self, q, k, v, pos, doc, kv, window):
-        """A prefill chunk of one document on the band: the ring in position order, then the chunk's keys."""
-        ks, vs = kv.ordered()
-        start = int(pos[0, 0])
-        o = kernels.sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
-                                             start - ks.shape[1], window)
-        kv.write(k, v, pos, doc)
         return o
 
     def linear_attention(self, kind, x, q, k, v, cu_seqlens, cache, cp=None):
@@ -578,15 +456,14 @@ class Attention(nn.Module):
             return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
         o, state = gla(q, k, v, g, initial_state=None if cache is None or cp is not None else cache.state)
         if cp is not None:   # a slice of a split sequence: add what the state entering it contributes
-            o, state = cp_linear(q, g, o, state, cp)
+            o, state = kernels.cp_linear(q, g, o, state, cp)
         if cache is not None:
             cache.state.copy_(state)
         return o.to(x.dtype)
 
     def packed_linear_attention(self, q, k, v, g, cu_seqlens):
-        """Rows [B, n_sink + T, H, D] of packed documents; cu_seqlens marks them in the B * T flattened tokens.
-        The sinks are the same in every row and see only each other: they run once, and the state they leave
-        starts every document, as in a row of one document."""
+        """Rows [B, n_sink + T, H, D] of packed documents (cu_seqlens: their starts in the B * T tokens). The sinks,
+        the same in every row, run once; the state they leave starts every document, as in a row of one document."""
         s, B = self.c.n_sink, q.shape[0]
         h0 = o_sink = None
         if s:
@@ -610,8 +487,7 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts plus always-on shared experts; returns (out, load-balancing loss, share of tokens
-    per expert)."""
+    """Top-k routed SwiGLU experts + always-on shared experts -> (out, balance loss, share of tokens per expert)."""
 
     def __init__(self, c):
         super().__init__()
@@ -653,53 +529,19 @@ class Block(nn.Module):
     def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None, cp=None):
         x = x + self.attn(self.attn_norm(x), pos, rot, doc, cu_seqlens, cache, cp)
         h = self.mlp(self.mlp_norm(x))
-        if isinstance(h, tuple):
-            return x + h[0], h[1]
-        return x + h, x.new_zeros((), dtype=torch.float32)
+        h, aux = h[:2] if isinstance(h, tuple) else (h, x.new_zeros((), dtype=torch.float32))   # aux: MoE balance loss
+        return x + h, aux
 
 
 # ----------------------------------------------------------------------------- the model
-
 def doc_positions(doc_ids):
-    """Positions restarting at each document of packed rows. doc_ids [B, T], non-decreasing per row."""
+    """Positions restarting at each document of packed rows (doc_ids [B, T], non-decreasing), and document starts."""
     B, T = doc_ids.shape
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
     start = torch.ones_like(doc_ids, dtype=torch.bool)
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(start, idx, 0).cummax(1).values                # index where each token's doc starts
     return idx - first, start
-
-
-def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> probabilities [B, V] after temperature, top-k and top-p (nucleus) filtering.
-
-    top_k keeps every token at least as likely as the k-th; top_p keeps the most likely tokens until their
-    mass reaches top_p (the token that crosses it included, so the top token always stays).
-    """
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:
-        p, idx = probs.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx, p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
-
-
-def penalize(logits, seen, penalty):
-    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
-    are divided by `penalty` (a number, or [B, 1] per row) when positive and multiplied when negative."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 class GPT(nn.Module):
@@ -715,8 +557,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
-        # as the release (transformers' default for its GLAswa model): N(0, 0.02) weights, zero biases,
-        # unit norm weights; sinks N(0, 0.02)
+        # as the release (transformers' default for GLAswa): N(0, init_std) weights and sinks, zero biases, unit norms
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.init_std)
             if getattr(m, "bias", None) is not None:
@@ -740,37 +581,27 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, input_pos=None, last_only=False, cp_group=None):
         """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
-
-        targets: [B, T] next-token ids, -100 where no loss is taken; with targets, the mean loss is returned and
-        logits are not (they are computed in chunks and dropped: 128k x 152k of them would take 40 GB).
-        doc_ids: [B, T] non-decreasing document index of each token in packed rows (attention and the GLA state
-        never cross documents).
-        cache: a `new_cache()` to prefill or decode with (one document per row); positions follow cache.seen,
-        which this call advances. input_pos: [B, T] positions of a decode step given as a tensor instead (one
-        compiled graph serves every step; the caller advances cache.seen). last_only: logits of the last position
-        only (prefill for generation).
-        cp_group: a torch.distributed group over which one sequence is split (context parallelism): idx is this
-        rank's contiguous slice, ranks in order, slices of any length. Prefill only (no gradients, targets, packed
-        documents, sinks or full attention yet); a fresh cache ends holding the state after this slice, so the last
-        rank's can decode on.
-        """
+        targets: [B, T] next-token ids (-100: no loss) -> the mean loss, no logits (kernels.py makes them in chunks:
+        128k x 152k logits would take 40 GB). doc_ids: [B, T] non-decreasing document ids of packed rows (attention
+        and the GLA state never cross documents). cache: a `new_cache()` to prefill or decode with (one document per
+        row); positions follow cache.seen, which this call advances, or input_pos [B, T] (one compiled decode graph
+        for every step; the caller advances cache.seen).
+        last_only: logits of the last position only (prefill for generation). cp_group: a torch.distributed group
+        over which one sequence is split (context parallelism, kernels.py): idx is this rank's slice, ranks in order;
+        prefill only; a fresh cache ends holding the state after this slice, so the last rank's can decode on."""
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
                              f"the tokenizer does not match this model")
-        if cp_group is not None and (torch.is_grad_enabled() or targets is not None or doc_ids is not None or
-                                     input_pos is not None or c.n_sink or cache is not None and cache.seen or
-                                     any("fa" in c.mixers(i) for i in range(c.n_layer))):
-            raise NotImplementedError("a sequence split over ranks (cp_group) runs prefill only: under "
-                                      "torch.no_grad(), from position 0, without targets, doc_ids, sinks or full "
-                                      "attention ('fa') layers")
+        if cp_group is not None and kernels is None:
+            raise RuntimeError("a sequence split over ranks (cp_group) runs in kernels.py: put it beside model.py")
         x = self.embed(idx)
         n_sink, pos = 0, input_pos   # input_pos given: cache.seen is not read (a compiled step would guard on it)
-        if input_pos is None:
+        if input_pos is None or cp_group is not None:
             n_sink = c.n_sink if cache is None or cache.seen == 0 else 0             # sinks enter once per sequence
             base = n_sink if cache is None else cache.seen + n_sink
             if cp_group is not None:   # this rank's slice follows the ranks before it
-                base += cp_start(T, cp_group, idx.device)
+                base += kernels.cp_start(T, cp_group, idx.device, c, targets, doc_ids, cache, input_pos)
             pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
@@ -802,20 +633,6 @@ class GPT(nn.Module):
             return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100), aux
         return logits, None, aux
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
-        """Up to max_new_tokens ids sampled after idx [1, T] (stopping at eos_id), through a cache: the prompt in one
-        forward, then one token per forward."""
-        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        logits, out = self(idx, cache=cache, last_only=True)[0], []
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
-            if nxt.item() == eos_id:
-                break
-            out.append(nxt.item())
-            logits = self(nxt, cache=cache)[0]
-        return out
-
     def num_params(self, active_only=False, embeddings=True):
         c = self.config
         n = sum(p.numel() for p in self.parameters())
@@ -827,12 +644,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 * active matmul params + the token-mixing terms.
-
-        Mixing, per layer and token, forward+backward (3x forward): softmax 12 * H * hd * keys seen
-        (full causal counted over the whole context, as PaLM's MFU does); linear attention 12 * H * hd^2
-        (state read + state update, 2 * 2 * hd^2 each forward).
-        """
+        """Training FLOPs per token (MFU's numerator): 6 * active matmul params + mixing, per layer forward + backward:
+        softmax 12 * H * hd * keys seen (full causal: the whole context, as PaLM's MFU), linear 12 * H * hd^2."""
         c = self.config
         n = self.num_params(active_only=True, embeddings=False) + self.lm_head.weight.numel()
         mix = 0
@@ -844,3 +657,48 @@ class GPT(nn.Module):
                     keys = min(seq_len, c.window + 1) if kind == "swa" else seq_len
                     mix += 12 * c.n_head * c.head_dim * (keys + c.n_sink)
         return 6 * n + mix
+
+
+# ----------------------------------------------------------------------------- sampling
+def probs_of(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits [B, V] -> probabilities after temperature, top-k (tokens at least as likely as the k-th) and top-p (the
+    most likely tokens until their mass reaches top_p, the one crossing it included: the top token always stays)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)             # mass before this token already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits [B, V] -> next ids [B, 1]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probs_of(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def penalize(logits, seen, penalty):
+    """Repetition penalty (CTRL, as Hugging Face): logits of tokens already in the sequence (seen [B, V] bool)
+    are divided by `penalty` (a number, or [B, 1] per row) when positive and multiplied when negative."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None):
+    """Up to max_new_tokens ids sampled from `model` after idx [1, T] (stopping at eos_id), through a cache: the
+    prompt in one forward, then one token per forward. A short sample without a tokenizer (Generator streams text)."""
+    cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+    logits, out = model(idx, cache=cache, last_only=True)[0], []
+    for _ in range(max_new_tokens):
+        nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        if nxt.item() == eos_id:
+            break
+        out.append(nxt.item())
+        logits = model(nxt, cache=cache)[0]
+    return out

@@ -39,7 +39,7 @@ import torch
 import convert
 import kernels
 from data import Packed, build_tokenizer, prepare, train_rows
-from model import GPT, MoE, PRESETS, Config, Linear, spike_quant
+from model import GPT, MoE, PRESETS, Config, Linear, generate, spike_quant
 from tokenizer import Tokenizer
 
 
@@ -341,7 +341,7 @@ def build(fabric, config, train, init_from, strategy):
     # FSDP builds on the meta device and materializes only each rank's shards; loaded weights overwrite init anyway
     with fabric.init_module(empty_init=strategy == "fsdp" or init_from is not None):
         model = GPT(config)
-    flops_per_token = model.flops_per_token(train.seq_len)
+    flops = model.flops_per_token(train.seq_len)
     if init_from is not None and strategy != "fsdp":
         load_weights(model, init_from, config)
     if train.compile:   # before checkpointing: the wrapper recomputes the compiled block in the backward pass
@@ -356,7 +356,7 @@ def build(fabric, config, train, init_from, strategy):
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=train.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)],
                                   lr=train.lr, betas=train.betas, fused=fabric.device.type == "cuda")
-    return model, fabric.setup_optimizers(optimizer), flops_per_token
+    return model, fabric.setup_optimizers(optimizer), flops
 
 
 def resume_state(fabric, state, resume, out_dir):
@@ -721,8 +721,8 @@ def print_sample(fabric, final, tokenizer, prompt, n):
     """A short continuation by the export (the run's own check that it learned something) and the command that
     continues it."""
     model, _ = convert.load_checkpoint(final)
-    ids = model.generate(torch.tensor([tokenizer.encode(prompt)]), n, temperature=0.8, top_k=50,
-                         eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(0))
+    ids = generate(model, torch.tensor([tokenizer.encode(prompt)]), n, temperature=0.8, top_k=50,
+                   eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(0))
     fabric.print(f"\n--- sample ---\n{prompt}{tokenizer.decode(ids)}\n--- continue it with:\n"
                  f"python generate.py --ckpt {final} --prompt {json.dumps(prompt)}")
 

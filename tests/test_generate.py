@@ -12,8 +12,9 @@ import convert
 import generate
 import tokenizer
 import kernels
-from generate import Chat, Generator, penalize, prefill
-from model import GPT, Config, probs_of, sample
+from generate import Chat, Generator, prefill
+from model import penalize, probs_of, sample
+from model import GPT, Config
 
 SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

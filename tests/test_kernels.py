@@ -748,6 +748,7 @@ def test_int8_model_decodes_the_same_tokens_through_the_kernel(monkeypatch):
     """A tiny model with INT8 weights (spiking.quantize_int8): greedy decode with every step's projections through
     int8_gemv gives the tokens of its float reference path."""
     import spiking
+    from model import generate
     from model import GPT, Config
     torch.manual_seed(0)
     m = spiking.quantize_int8(GPT(Config.from_name("tiny")).to(DEV).eval())
@@ -756,12 +757,12 @@ def test_int8_model_decodes_the_same_tokens_through_the_kernel(monkeypatch):
         spiking.quantize_int8(m)
     idx = torch.randint(0, m.config.vocab_size, (1, 12), device=DEV)
     monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "torch")
-    ref = m.generate(idx, 10, temperature=0)
+    ref = generate(m, idx, 10, temperature=0)
     calls = []
     real = kernels.int8_gemv
     monkeypatch.setattr(kernels, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
-    assert m.generate(idx, 10, temperature=0) == ref and calls
+    assert generate(m, idx, 10, temperature=0) == ref and calls
 
 
 @gpu

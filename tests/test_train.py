@@ -273,6 +273,15 @@ def test_moe_aux_loss_and_spiking_metrics(tmp_path, pydoc):
     assert 0.0 < zeros < 1.0
 
 
+def test_flops_per_token_hand_count():
+    c = Config.from_name("tiny")
+    m = GPT(c)
+    T = 100
+    n = m.num_params(embeddings=False) + m.lm_head.weight.numel()
+    mix = 2 * 12 * 4 * 16 * 16 + 2 * 12 * 4 * 16 * (c.window + 1)   # 2 gla + 2 swa layers
+    assert m.flops_per_token(T) == 6 * n + mix
+
+
 def test_lr_schedule():
     lr = lambda s: train.get_lr(s, 1.0, 0.1, 10, 110)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
