@@ -359,3 +359,19 @@ def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
     batches.clear()
     got = run(engine, {0: [(i, job(prompt[i:], 6)) for i in range(3)]})   # rows 0-2: steps of 4, then fewer
     assert [got[i] for i in range(3)] == [serial(m, tok, prompt[i:], 6) for i in range(3)] and batches[0] == 4
+
+
+def test_compiled_engine_replies_as_eager(tok_dir, monkeypatch):
+    """serve.py --compile: the prefill blocks and the decode step of every row count compiled (captured by dynamo,
+    run by its eager backend on a CPU), the cache views marked static; replies as the eager engine's, for one and
+    for three conversations at once."""
+    import functools
+    m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
+    prompt = list(b"compiled rows")
+    arrivals = lambda: {0: [(i, job(prompt[i:], 8)) for i in range(3)], 9: [(3, job(prompt, 5))]}   # noqa: E731
+    want = run(serve.Engine(m, tok, max_batch=4, max_len=64), arrivals())
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    engine = serve.Engine(tiny("tiny"), tok, max_batch=4, max_len=64, compile=True)
+    assert engine.compiled and run(engine, arrivals()) == want
+    torch._dynamo.reset()
