@@ -68,6 +68,17 @@ def check(p):
     return p
 
 
+def call(cmd, timeout, **kw):
+    """subprocess.run(cmd) checked; past `timeout` seconds the run is killed and the test fails with the last of its
+    output (train.py's progress lines say how far it got), not only the time."""
+    try:
+        return check(subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, **kw))
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or b"")[-2000:], (e.stderr or b"")[-4000:]
+        pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s; its last output:\n" +
+                    "\n".join(t.decode(errors="replace") if isinstance(t, bytes) else t for t in tail))
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_cpt_7b_recipe_killed_and_resumed_repeats_the_losses(devices, data, tmp_path):
     if torch.cuda.device_count() < devices:
@@ -103,8 +114,7 @@ def test_cpt_7b_recipe_killed_and_resumed_repeats_the_losses(devices, data, tmp_
 def test_cpt_76b_recipe_trains_with_sinks_and_packed_documents(data, tmp_path):
     init = init_checkpoint(tmp_path / "init", "spikingbrain-76b", SHRINK_76B)
     out = tmp_path / "out"
-    check(subprocess.run(recipe("cpt-76b-8k.yaml", init, data, out, SHRINK_76B, 1, "--train.max_steps", "2"),
-                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900))
+    call(recipe("cpt-76b-8k.yaml", init, data, out, SHRINK_76B, 1, "--train.max_steps", "2"), 420, cwd=tmp_path)
     losses = scalars(out)[0]
     assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(losses.values()))))
     assert scalars(out, "moe/max_load.blocks.1.mlp")[0]
