@@ -974,9 +974,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, targets, chunk, grads):
-        total = x.new_zeros((), dtype=torch.float32)
+        ct = torch.promote_types(x.dtype, torch.float32)                   # float64 stays float64 (tests)
+        total = x.new_zeros((), dtype=ct)
         dx = torch.zeros_like(x) if grads else None
-        dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        dw = torch.zeros_like(w, dtype=ct) if grads else None
         xent = compiled(cross_entropy_chunk) if x.is_cuda else cross_entropy_chunk
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk]
