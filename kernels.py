@@ -13,8 +13,9 @@ compare against:
   (spike_linear; twin: spike_linear_torch in float64; spiking.W8ASpikeLinear's dispatch line picks it).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
-- context-parallel prefill: one sequence split over the ranks of a torch.distributed group, GLA states passed on in
-  one all-gather per layer, the SWA keys before each slice fetched (cp_*; twin: model.GPT.forward in one process).
+- context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group, GLA
+  states passed on in one all-gather per layer, the SWA keys before each slice fetched, the gradients sent back
+  through the gathers (cp_*; twin: model.GPT.forward and its backward in one process).
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates, the
 ops they guard and the cp_* steps of a split sequence. Nothing here imports model.py: what it needs of it (a cache,
 model.attention) comes as arguments.
@@ -880,22 +881,41 @@ def band_prefill(q, k, v, pos, doc, kv, window):
 
 # ----------------------------------------------------------------------------- context parallelism
 # One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
-# lengths): prefill only. Linear branches pass states (LASP-2), SWA branches fetch the keys before their slice.
+# lengths): prefill, and training with the loss and gradients of one process. Linear branches pass states (LASP-2),
+# SWA branches fetch the keys before their slice. Under autograd every rank's backward must run the same collectives
+# in the same order: each gather's outputs reach every rank's loss, even where a rank reads none of them (cp_linear).
+
+class CPGather(torch.autograd.Function):
+    """all_gather of x (same shape on every rank) whose backward hands each rank the sum over ranks of its part's
+    gradients: one reduce_scatter (torch.distributed.nn's all_gather is deprecated and emulates it on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(out, x.contiguous(), group=group)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dx = torch.empty_like(grads[0])
+        torch.distributed.reduce_scatter(dx, [g.contiguous() for g in grads], group=ctx.group)
+        return dx, None
+
 
 def cp_gather(x, group):
-    """Every rank's x (same shape on all ranks), in rank order: one all_gather."""
-    out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(out, x.contiguous(), group=group)
-    return out
+    """Every rank's x (same shape on all ranks), in rank order: one all_gather (a gradient goes back to its owner)."""
+    return list(CPGather.apply(x, group))
 
 
 def cp_start(T, group, device, c, targets=None, doc_ids=None, cache=None, input_pos=None):
     """Global position of this rank's first token: the summed slice lengths of the ranks before it. Checks first that
     the split supports the call (config c, GPT.forward's arguments)."""
-    if (torch.is_grad_enabled() or targets is not None or doc_ids is not None or input_pos is not None or c.n_sink or
-            cache is not None and cache.seen or any("fa" in c.mixers(i) for i in range(c.n_layer))):
-        raise NotImplementedError("a sequence split over ranks (cp_group) runs prefill only: under no_grad, from "
-                                  "position 0, without targets, doc_ids, sinks or full attention ('fa') layers")
+    if (doc_ids is not None or input_pos is not None or c.n_sink or cache is not None and cache.seen or
+            any("fa" in c.mixers(i) for i in range(c.n_layer))):
+        raise NotImplementedError("a sequence split over ranks (cp_group) runs gla, la and swa layers from position 0 "
+                                  "(prefill, or training with targets: cp_loss, cp_reduce_grads); not doc_ids, "
+                                  "input_pos, sinks or full attention ('fa') layers")
     lengths = cp_gather(torch.tensor([T], device=device), group)
     return int(sum(lengths[:torch.distributed.get_rank(group)]))
 
@@ -908,8 +928,9 @@ def cp_linear(q, g, o, state, group):
     Returns o and the state after the slice (the whole prefix's)."""
     b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
     parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
-    s_in = torch.zeros_like(state)
-    for p in parts[:torch.distributed.get_rank(group)]:
+    rank = torch.distributed.get_rank(group)
+    s_in = parts[rank][..., :-1] * 0   # zero, yet tied to the gather: rank 0's backward must reach its collective too
+    for p in parts[:rank]:
         s_in = p[..., -1:].exp() * s_in + p[..., :-1]
     Hkv = g.shape[2]
     qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
@@ -946,6 +967,33 @@ def cp_window_attention(q, k, v, pos, window, kv, group, attention):
     return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
 
 
+def cp_loss(loss, n_tokens, group):
+    """The split sequence's mean loss from this rank's: GPT.forward(targets=..., cp_group=group) returns the mean over
+    the rank's own n_tokens targets (those != -100); the ranks' means weighted by their counts (one all_reduce). The
+    value is the same on every rank, its gradient n_tokens / all tokens on this rank's loss only: backward on every
+    rank, then cp_reduce_grads, gives one process's gradient of the whole sequence's mean."""
+    n = torch.as_tensor(n_tokens, device=loss.device, dtype=loss.dtype)
+    stats = torch.stack([loss.detach() * n, n])
+    torch.distributed.all_reduce(stats, group=group)
+    w = n / stats[1].clamp_min(1)
+    return loss * w + (stats[0] / stats[1].clamp_min(1) - loss.detach() * w)
+
+
+def cp_reduce_grads(model, group):
+    """Sum every parameter's gradient over the ranks of a split sequence (after backward of cp_loss): a rank's
+    backward gives the gradient through its own slice's computation (the gathers' backward has already sent home the
+    gradients of the states and keys other ranks read), so the sequence's gradient is the sum, not the mean as over
+    data-parallel replicas. A parameter without a gradient on this rank takes part with zeros."""
+    work = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            work.append(torch.distributed.all_reduce(p.grad, group=group, async_op=True))
+    for w in work:
+        w.wait()
+
+
 # ----------------------------------------------------------------------------- the loss without full logits
 
 def cross_entropy_chunk(logits, targets, grads):
@@ -974,9 +1022,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, targets, chunk, grads):
-        total = x.new_zeros((), dtype=torch.float32)
+        ct = torch.promote_types(x.dtype, torch.float32)                   # float64 stays float64 (tests)
+        total = x.new_zeros((), dtype=ct)
         dx = torch.zeros_like(x) if grads else None
-        dw = torch.zeros_like(w, dtype=torch.float32) if grads else None
+        dw = torch.zeros_like(w, dtype=ct) if grads else None
         xent = compiled(cross_entropy_chunk) if x.is_cuda else cross_entropy_chunk
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk]

@@ -587,8 +587,10 @@ class GPT(nn.Module):
         row); positions follow cache.seen, which this call advances, or input_pos [B, T] (one compiled decode graph
         for every step; the caller advances cache.seen).
         last_only: logits of the last position only (prefill for generation). cp_group: a torch.distributed group
-        over which one sequence is split (context parallelism, kernels.py): idx is this rank's slice, ranks in order;
-        prefill only; a fresh cache ends holding the state after this slice, so the last rank's can decode on."""
+        over which one sequence is split (context parallelism, kernels.py): idx is this rank's slice, ranks in order,
+        targets its targets; the loss is the mean over this rank's tokens (kernels.cp_loss: the sequence's mean, and
+        kernels.cp_reduce_grads after backward: one process's gradients; aux is this slice's); a fresh cache ends
+        holding the state after this slice, so the last rank's can decode on."""
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
