@@ -316,18 +316,19 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
 
 # ----------------------------------------------------------------------------- spike counts on 8-bit tensor cores
 
-def ms(fn, device):
-    """Median ms of fn: triton.testing.do_bench on CUDA (CUDA events, after warm-up), else the median of three
-    perf_counter calls after one warm-up call (CPU smoke runs)."""
+def ms(fn, device, grads=()):
+    """Median ms of fn, the .grad of `grads` dropped before each call: triton.testing.do_bench on CUDA (CUDA events,
+    after warm-up), else the middle of three perf_counter calls after one warm-up call (CPU smoke runs)."""
     if torch.device(device).type == "cuda":
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
+        return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
     times = []
-    for _ in range(3):
+    for _ in range(4):
+        for g in grads:
+            g.grad = None
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[1]
+    return 1e3 * sorted(times[1:])[1]
 
 
 def block_projections(preset):
@@ -1356,21 +1357,6 @@ MOE_KINDS = (("grouped GEMM (routed experts)", ("grouped", "GroupProblemShape", 
              ("sort by expert, gather, scatter", ("sort", "searchsorted", "index", "scatter", "gather"))) + KINDS
 
 
-def step_ms(fn, device, grads):
-    """Median ms of fn, the .grad of `grads` dropped before each call: triton's do_bench (CUDA events, after warm-up)
-    on CUDA; on a CPU the middle of three timed calls after one."""
-    if device.type == "cuda":
-        return do_bench(fn, warmup=25, rep=200, grad_to_none=grads, return_mode="median")
-    times = []
-    for _ in range(4):
-        for g in grads:
-            g.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times[1:])[1]
-
-
 def ffn_steps(ffn, x, dy):
     """A forward and a forward + backward call of an FFN module (model.MLP, or model.MoE with its balance loss in the
     backward) on rows x [N, C] with output gradient dy."""
@@ -1436,8 +1422,8 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
             kernels.MOE_IMPL = impl or impl0
             fwd, fwd_bwd = ffn_steps(ffn, x, dy)
             with torch.no_grad():
-                t_fwd = step_ms(fwd, dev, [])
-            t = step_ms(fwd_bwd, dev, [x, *ffn.parameters()])
+                t_fwd = ms(fwd, dev)
+            t = ms(fwd_bwd, dev, [x, *ffn.parameters()])
             flops = 6 * active_params(ffn)
             rate.append(flops * tokens / t * 1e3)
             mfu = f"{rate[-1] / peak:6.1%}" if peak else f"{'n/a':>6}"
