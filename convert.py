@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -358,6 +359,25 @@ def check_paths(src, out, overwrite=True):
 
 # ----------------------------------------------------------------------------- our checkpoint directory
 
+def save_config(config, path):
+    """Our checkpoint's config.yaml: every field of model.Config, in their order."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def load_config(path):
+    """A checkpoint's config.yaml, as save_config writes it. Every field must be there: one filled in from a preset or
+    a default would change the model without a word (the name says nothing about dims)."""
+    with open(path) as f:
+        d = yaml.safe_load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds {type(d).__name__}, not a mapping of config fields")
+    if missing := [f for f in Config.__dataclass_fields__ if f not in d]:
+        raise ValueError(f"{path} lacks config field(s) {missing}: a saved config names every field of "
+                         f"model.Config; add them with the values the weights were made with")
+    return Config.from_dict(d)
+
+
 def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=True):
     """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`. A model
     with W8ASpike layers saves them as they are (qweight, scales, group width); load_checkpoint reads them back."""
@@ -365,7 +385,7 @@ def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=T
     with atomic_dir(out, overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SINGLE),
                   metadata={"format": "pt"})
-        config.to_yaml(os.path.join(tmp, "config.yaml"))
+        save_config(config, os.path.join(tmp, "config.yaml"))
         if tokenizer_dir is not None:
             for f in tok.TOKENIZER_FILES:
                 shutil.copy(os.path.join(tokenizer_dir, f), tmp)
@@ -383,7 +403,7 @@ def load_ours(path, device="cpu", dtype=None):
         raise FileNotFoundError(f"{path} is not a checkpoint directory: need config.yaml and {SINGLE} (or {INDEX} "
                                 f"with its shards); train.py writes them, `python convert.py` makes them from "
                                 f"Hugging Face files")
-    config = Config.from_yaml(cfg_file)
+    config = load_config(cfg_file)
     files, headers = read_headers(path)   # a corrupt or truncated file: an error that names it
     if not any(k.endswith(".qweight") for k in headers):
         check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
@@ -668,7 +688,7 @@ def write_dense(tensors, mapping, config, out, *, dtype, seed, overwrite, tied=F
                 if kind is None:
                     raise AssertionError(f"no source and no init rule for {name}")
                 w.add(name, init_new(kind, target[name], config.init_std, gen).to(dtype))
-        config.to_yaml(os.path.join(tmp, "config.yaml"))
+        save_config(config, os.path.join(tmp, "config.yaml"))
         if save_tokenizer is not None:
             save_tokenizer(tmp)
     print(f"wrote {out}: {config.name} layout, {len(target)} tensors"
@@ -753,7 +773,7 @@ def convert_dense(*, src: str, out: str, to: Literal["spikingbrain-7b", "spiking
     """
     check_paths(src, out, overwrite)
     resolve_dtype(dtype)
-    source = Config.from_yaml(read_path(src, "config.yaml", "`convert.py dense` reads our checkpoint directory (a "
+    source = load_config(read_path(src, "config.yaml", "`convert.py dense` reads our checkpoint directory (a "
                                              "run's final/); a Hugging Face Qwen2 directory converts with "
                                              "`convert.py qwen2.5`"))
     files, headers = read_headers(src)
@@ -922,11 +942,11 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
                     w.add(new, t.to(out_dtype))
                     if tied and new == "embed.weight":
                         w.add("lm_head.weight", t.to(out_dtype))
-            config.to_yaml(os.path.join(tmp, "config.yaml"))
+            save_config(config, os.path.join(tmp, "config.yaml"))
             if hf_tokenizer is not None:
                 tok.save(tmp, *hf_tokenizer)
     elif to == "release":
-        config = Config.from_yaml(read_path(src, "config.yaml", "--to release reads our checkpoint directory"))
+        config = load_config(read_path(src, "config.yaml", "--to release reads our checkpoint directory"))
         files, headers = read_headers(src)
         check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, src)
         # before writing anything: can the release's config.json say this model, is the tokenizer there?
@@ -969,7 +989,7 @@ def checkpoint_kind(path):
 def read_config(ckpt):
     """The Config of any checkpoint directory (ours, or a released one's config.json), without reading weights."""
     if checkpoint_kind(ckpt) == "ours":
-        return Config.from_yaml(os.path.join(ckpt, "config.yaml"))
+        return load_config(os.path.join(ckpt, "config.yaml"))
     return release_to_config(read_json(os.path.join(ckpt, "config.json"), ""), ckpt)
 
 

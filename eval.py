@@ -692,8 +692,6 @@ def layout_words(c):
 def read_run(path):
     """A train.py out_dir -> {"curve": [(tokens, validation loss)], "layout": words}: val/loss per step, tokens per
     step from perf/tokens_seen (step x global batch x seq_len), the layout from final/config.yaml."""
-    from model import Config
-
     logs = os.path.join(path, "logs")
     val, seen = scalars(logs, "val/loss"), scalars(logs, "perf/tokens_seen")
     if not val or not seen:
@@ -702,7 +700,7 @@ def read_run(path):
     step, n = next(iter(seen.items()))
     cfg = os.path.join(path, "final", "config.yaml")
     return dict(curve=[(s * round(n / step), v) for s, v in sorted(val.items())],
-                layout=layout_words(Config.from_yaml(cfg)) if os.path.isfile(cfg) else "?")
+                layout=layout_words(convert.load_config(cfg)) if os.path.isfile(cfg) else "?")
 
 
 def conversion_table(runs, dense="dense", margin=0.05):

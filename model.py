@@ -144,27 +144,8 @@ class Config:
             raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
 
-    @classmethod
-    def from_yaml(cls, path):
-        """A saved config (a checkpoint's config.yaml, as to_yaml writes it). Every field must be there: one filled
-        in from a preset or a default would change the model without a word (the name says nothing about dims)."""
-        import yaml
-        with open(path) as f:
-            d = yaml.safe_load(f)
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} holds {type(d).__name__}, not a mapping of config fields")
-        if missing := [f.name for f in fields(cls) if f.name not in d]:
-            raise ValueError(f"{path} lacks config field(s) {missing}: a saved config names every field of "
-                             f"model.Config; add them with the values the weights were made with")
-        return cls.from_dict(d)
-
     def to_dict(self):
         return asdict(self)
-
-    def to_yaml(self, path):
-        import yaml
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- spiking activations, norm, RoPE

@@ -251,7 +251,7 @@ def resolve_config(name, overrides, init_from):
         if not (Path(init_from) / "config.yaml").is_file():
             raise FileNotFoundError(f"init_from={init_from} has no config.yaml: give a checkpoint directory written by "
                                     f"convert.py (e.g. `python convert.py qwen2.5 ...`) or by a run (out_dir/final)")
-        ckpt = Config.from_yaml(Path(init_from) / "config.yaml")
+        ckpt = convert.load_config(Path(init_from) / "config.yaml")
         config = Config.from_dict({**ckpt.to_dict(), **overrides})
         if name is not None:   # run-time limits and token ids may differ (convert.py takes them from the source)
             diff = convert.differs(config, Config.from_name(name, **overrides))
@@ -585,7 +585,7 @@ def save(fabric, state, config, out_dir, keep_last):
     if fabric.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        config.to_yaml(tmp / "config.yaml")
+        convert.save_config(config, tmp / "config.yaml")
     fabric.barrier()
     state["rng"] = get_rng_state()
     fabric.save(tmp / "state", state)

@@ -263,7 +263,7 @@ def test_qwen_inert_settings_are_accepted(tmp_path):
     make_qwen(tmp_path / "qwen", use_sliding_window=True, sliding_window=8, max_window_layers=4, rope_theta=None,
               rope_scaling={"type": "default", "rope_theta": 5e5})
     convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "out"), to="qwen2.5")
-    assert Config.from_yaml(tmp_path / "out" / "config.yaml").rope_theta == 5e5
+    assert convert.load_config(tmp_path / "out" / "config.yaml").rope_theta == 5e5
 
 
 def test_qwen_tied_config_with_a_different_stored_head_is_an_error(tmp_path):
@@ -309,7 +309,7 @@ def test_load_checkpoint_reads_shards(tmp_path):
     state = GPT(config).state_dict()
     os.makedirs(tmp_path / "ours")
     write_sharded(tmp_path / "ours", state, 3)
-    config.to_yaml(tmp_path / "ours" / "config.yaml")
+    convert.save_config(config, tmp_path / "ours" / "config.yaml")
     model, _ = convert.load_checkpoint(str(tmp_path / "ours"))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -317,7 +317,7 @@ def test_load_checkpoint_reads_shards(tmp_path):
 def test_qwen_to_7b_layout(tmp_path):
     c, src = make_qwen(tmp_path / "qwen")
     convert.convert_qwen(src=str(tmp_path / "qwen"), out=str(tmp_path / "sb"), to="spikingbrain-7b")
-    config = Config.from_yaml(tmp_path / "sb" / "config.yaml")
+    config = convert.load_config(tmp_path / "sb" / "config.yaml")
     assert config.layout == ["gla", "swa", "gla", "swa"] and not config.moe_layers and config.name == "custom"
     got = read_dir(tmp_path / "sb")
     assert set(got) == set(GPT(config).state_dict())
@@ -458,7 +458,7 @@ def test_dense_converts_as_qwen2_does(tmp_path, to):
     convert.convert_dense(src=str(tmp_path / "dense"), out=str(tmp_path / "b"), to=to, seed=7, **kw)
     a, b = read_dir(tmp_path / "a"), read_dir(tmp_path / "b")
     assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
-    assert Config.from_yaml(tmp_path / "a" / "config.yaml") == Config.from_yaml(tmp_path / "b" / "config.yaml")
+    assert convert.load_config(tmp_path / "a" / "config.yaml") == convert.load_config(tmp_path / "b" / "config.yaml")
 
 
 def test_dense_refuses_what_is_not_dense(tmp_path):
@@ -527,7 +527,7 @@ def make_release(path, dtype=torch.bfloat16, **overrides):
 def test_release_to_ours_to_release_bit_exact(tmp_path):
     c, src = make_release(tmp_path / "rel")
     convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
-    config = Config.from_yaml(tmp_path / "ours" / "config.yaml")
+    config = convert.load_config(tmp_path / "ours" / "config.yaml")
     assert config.layout == ["gla", "swa", "gla", "swa"] and config.window == 5 and config.max_seq_len == 1024
     convert.convert_release(src=str(tmp_path / "ours"), out=str(tmp_path / "back"), to="release", max_shard_gb=30e-6)
     back = read_dir(tmp_path / "back")
@@ -552,7 +552,7 @@ def test_ours_to_release_to_ours_bit_exact(tmp_path):
     convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "back"), to="ours")
     back = read_dir(tmp_path / "back")
     assert set(back) == set(state) and all(same_bits(back[k], state[k]) for k in state)
-    again = Config.from_yaml(tmp_path / "back" / "config.yaml")
+    again = convert.load_config(tmp_path / "back" / "config.yaml")
     assert dict(again.to_dict(), name="tiny") == config.to_dict()
 
 
@@ -725,7 +725,7 @@ def test_checkpoint_config_missing_a_field_is_an_error(tmp_path):
     convert.save_checkpoint(GPT(config), config, str(tmp_path / "ck"))
     with open(tmp_path / "ck" / "config.yaml") as f:
         saved = yaml.safe_load(f)
-    assert list(saved) == [f.name for f in dataclasses.fields(Config)]   # to_yaml writes every field
+    assert list(saved) == [f.name for f in dataclasses.fields(Config)]   # save_config writes every field
     assert convert.load_checkpoint(str(tmp_path / "ck"))[1] == config
     del saved["window"]   # a preset's window (16) would otherwise fill in silently
     with open(tmp_path / "ck" / "config.yaml", "w") as f:

@@ -76,10 +76,10 @@ def test_recipe_runs_on_cpu(tmp_path):
         for tag in ("train/loss", "val/loss"):
             values = ev.scalars(str(out / run / "logs"), tag).values()
             assert values and all(v == v and abs(v) < 20 for v in values), (run, tag)
-    sb7b, sb76b = (Config.from_yaml(out / d / "config.yaml") for d in ("sb7b-init", "sb76b-init"))
+    sb7b, sb76b = (convert.load_config(out / d / "config.yaml") for d in ("sb7b-init", "sb76b-init"))
     assert sb7b.layout == ["gla", "swa"] * 4 and sb76b.moe_layers == [1, 2, 4, 5, 6, 7] and sb76b.n_sink == 16
     for layout in ("7b", "76b"):
-        cpt, scratch = (Config.from_yaml(out / f"{k}-{layout}" / "final" / "config.yaml") for k in ("cpt", "scratch"))
+        cpt, scratch = (convert.load_config(out / f"{k}-{layout}" / "final" / "config.yaml") for k in ("cpt", "scratch"))
         assert not convert.differs(cpt, scratch)   # the control is the converted model's architecture
         # conversion carries what the dense model learned: after the same 2 steps the converted model validates far
         # below the same layout from random weights (here ~1 nat apart)
@@ -89,7 +89,7 @@ def test_recipe_runs_on_cpu(tmp_path):
     # reliably: its new sinks, N(0, 0.02) but unit-RMS after attn_norm, can cost most of it at init depending on
     # their draw (0.75 of 0.85 nats seen once; zero sinks cost nothing); the first update recovers it
     assert loss_at(out / "cpt-7b", "train/loss", 1) < loss_at(out / "scratch-7b", "train/loss", 1) - 0.5
-    assert Config.from_yaml(out / "spike-7b" / "final" / "config.yaml").spike_k == 3.0
+    assert convert.load_config(out / "spike-7b" / "final" / "config.yaml").spike_k == 3.0
     table = (tmp_path / "results" / "conversion" / "conversion.md").read_text()
     assert all(f"| {run} |" in table for run in RUNS)
     assert (tmp_path / "results" / "conversion" / "conversion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
