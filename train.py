@@ -4,6 +4,7 @@ and supervised fine-tuning (SFT). `main` sets a run up and `fit` is its loop; ev
     python train.py --config configs/tiny.yaml                     # the demo: a tiny SpikingBrain on Python's docs, CPU
     python train.py --config configs/tiny.yaml --resume auto       # continue from the newest checkpoint in out_dir
     python train.py --config configs/tiny.yaml --devices 2 --accelerator cpu --strategy fsdp   # FSDP2, 2 processes
+    python train.py --config configs/tiny.yaml --devices 2 --accelerator cpu --context_parallel 2 --data.doc_mask false
     python train.py --config configs/cpt-7b-8k.yaml --devices 8    # CPT stage 1 on one 8-GPU node (FSDP2)
     python train.py --config configs/cpt-76b-8k.yaml --devices 8 --num_nodes 8 --dry_run true  # memory plan only
     python train.py prepare --inputs corpus/ chats.jsonl --out data/mine --tokenizer_dir DIR  # -> token shards
@@ -131,6 +132,7 @@ def main(
     num_nodes: int = 1,
     accelerator: str = "auto",
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto",
+    context_parallel: int = 1,
     precision: Optional[str] = None,
     peak_flops: Optional[float] = None,
     export_dtype: Literal["bfloat16", "float32"] = "float32",
@@ -153,6 +155,7 @@ def main(
         num_nodes: nodes (the same command runs on each).
         accelerator: "cpu", "cuda" or "auto".
         strategy: "auto" = fsdp for more than one device; "ddp"; "fsdp" (FSDP2, per-block sharding, CPU gloo too).
+        context_parallel: devices that split each row between them (gla/la/swa layers, no doc_mask).
         precision: "bf16-mixed" (bf16 compute, fp32 weights and optimizer), "bf16-true", "32-true"; default:
             bf16-mixed on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16), else 32-true (AVX2 CPUs
             emulate bf16 matmuls about 10x slower than fp32).
@@ -168,15 +171,18 @@ def main(
     world_size = devices * num_nodes
     strategy = ("fsdp" if world_size > 1 else "single") if strategy == "auto" else strategy
     check_sizes(train, eval)
-    train, batch_note = fit_micro_batch(train, world_size)
+    cp = context_parallel
+    check_context_parallel(cp, world_size, config, data, train)
+    train, batch_note = fit_micro_batch(train, world_size, cp)
     if dry_run:
-        print("\n".join(filter(None, [batch_note, plan(config, train, world_size, strategy, precision)])))
+        print("\n".join(filter(None, [batch_note, plan(config, train, world_size, strategy, precision, cp)])))
         return
 
     check_writable(out_dir)   # before Fabric starts: its logger would fail later with a less useful message
     check_out_dir(out_dir, resume, overwrite)   # before Fabric starts: a refused run spawns no processes
     fabric = launch(accelerator, devices, num_nodes, precision, strategy, out_dir)
     fabric.seed_everything(seed)
+    cp_group = context_group(fabric, cp)
     if batch_note:
         fabric.print(batch_note)
     clean_out_dir(fabric, out_dir, overwrite)
@@ -192,7 +198,7 @@ def main(
         resume_state(fabric, state, resume, out_dir)
 
     fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token,
-        peak_flops or kernels.peak_flops(fabric.device), seed)
+        peak_flops or kernels.peak_flops(fabric.device), seed, cp_group)
 
     final = out_dir / "final"
     export(fabric, net, config, final, tokenizer_dir, getattr(torch, export_dtype))
@@ -211,19 +217,45 @@ def check_sizes(train, eval):
         raise ValueError("eval.interval and train.log_interval must be >= 1")
 
 
-def fit_micro_batch(train, world_size):
-    """train with a micro_batch_size that divides each device's share of global_batch_size (the largest that does,
-    at most the one asked for), and a line saying so when it was lowered (None otherwise)."""
-    g, m = train.global_batch_size, train.micro_batch_size
-    if g % world_size:
-        raise ValueError(f"train.global_batch_size={g} must be a multiple of the {world_size} devices (devices x "
-                         f"num_nodes): every device takes the same number of rows")
-    rows = g // world_size
+def fit_micro_batch(train, world_size, cp=1):
+    """train with a micro_batch_size that divides each data-parallel rank's share of global_batch_size (the largest
+    that does, at most the one asked for), and a line saying so when it was lowered (None otherwise). The
+    context_parallel (cp) devices of one data-parallel rank share its rows."""
+    g, m, dp = train.global_batch_size, train.micro_batch_size, world_size // cp
+    who = f"{world_size} devices (devices x num_nodes)" if cp == 1 else \
+        f"{dp} data-parallel ranks ({world_size} devices / context_parallel {cp})"
+    if g % dp:
+        raise ValueError(f"train.global_batch_size={g} must be a multiple of the {who}: every one takes the same "
+                         f"number of rows")
+    rows = g // dp
     fit = max(d for d in range(1, min(m, rows) + 1) if rows % d == 0)
     if fit == m:
         return train, None
     return replace(train, micro_batch_size=fit), (f"train.micro_batch_size {m} -> {fit}: global_batch_size {g} over "
-                                                  f"{world_size} device(s) is {rows} rows per device")
+                                                  f"{dp} {'device(s)' if cp == 1 else 'data-parallel rank(s)'} is "
+                                                  f"{rows} rows per {'device' if cp == 1 else 'rank'}")
+
+
+def check_context_parallel(cp, world_size, config, data, train):
+    """What kernels.py's split sequence cannot run is refused before any process starts, each with its fix."""
+    if cp < 1 or world_size % cp:
+        raise ValueError(f"context_parallel={cp} must divide the {world_size} devices (devices x num_nodes)")
+    if cp == 1:
+        return
+    if data.doc_mask:
+        raise ValueError("context_parallel does not run packed documents (document ids would cross the split): "
+                         "train without them with --data.doc_mask false")
+    if config.n_sink:
+        raise ValueError(f"context_parallel does not run attention sinks (model_config.n_sink={config.n_sink}): "
+                         f"use a model without sinks (--model_config.n_sink 0) or context_parallel 1")
+    if fa := [i for i in range(config.n_layer) if "fa" in config.mixers(i)]:
+        raise ValueError(f"context_parallel does not run full attention ('fa' in layers {fa}): use a layout of "
+                         f"gla, la and swa layers (e.g. spikingbrain-7b's) or context_parallel 1")
+    if train.seq_len < cp:
+        raise ValueError(f"train.seq_len={train.seq_len} is shorter than context_parallel={cp}: every device needs "
+                         f"a token of each row")
+    if train.compile:   # the split's steps read host integers and call collectives inside the blocks
+        raise ValueError("context_parallel does not run compiled blocks: set --train.compile false")
 
 
 def check_writable(out_dir):
@@ -294,6 +326,38 @@ def launch(accelerator, devices, num_nodes, precision, strategy, out_dir):
                       loggers=TensorBoardLogger(root_dir=out_dir, name="logs"))
     fabric.launch()
     return fabric
+
+
+def context_group(fabric, cp):
+    """This rank's context-parallel group (None for cp=1): the ranks are a (dp, cp) grid, rank = d * cp + c, and the
+    cp ranks of one data-parallel index d split its rows' sequence between them (neighbouring ranks: within a node
+    when cp divides devices, where the per-layer gathers are fastest).
+
+    The strategies know nothing of it: FSDP2 shards over all the ranks and DDP replicates over them, as without CP,
+    and both average the gradient over all dp * cp ranks. A sequence's gradient is the SUM of its cp ranks' (their
+    slices' parts of it, kernels.cp_reduce_grads): fit scales the loss by cp, which makes the average over all
+    ranks the mean over the dp ranks of the sequences' gradients, one mechanism for both strategies (FSDP's
+    set_gradient_divide_factor would do it for FSDP only)."""
+    if cp == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(fabric.device.type, (fabric.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
+    return mesh.get_group("cp")
+
+
+def cp_ranks(fabric, group):
+    """(data-parallel rank, data-parallel size) of this process: the ranks that read different rows."""
+    cp = 1 if group is None else torch.distributed.get_world_size(group)
+    return fabric.global_rank // cp, fabric.world_size // cp
+
+
+def cp_slice(t, group):
+    """This rank's contiguous slice of rows t [B, T] (y is already shifted): slice lengths differ by at most one."""
+    if group is None:
+        return t
+    r, n, T = torch.distributed.get_rank(group), torch.distributed.get_world_size(group), t.shape[1]
+    return t[:, T * r // n:T * (r + 1) // n]
 
 
 def parallelize(model, mesh, mixed=True):
@@ -379,28 +443,37 @@ def resume_state(fabric, state, resume, out_dir):
 
 # ----------------------------------------------------------------------------- the loop
 
-def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token, peak, seed):
-    """Micro-batches accumulated into optimizer steps until max_steps; logs, validation and checkpoints between."""
+def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token, peak, seed,
+        cp_group=None):
+    """Micro-batches accumulated into optimizer steps until max_steps; logs, validation and checkpoints between.
+    With a cp_group (context_group) its ranks read the same rows, each the loss of its slice of them."""
     from tqdm import tqdm
 
     model, optimizer = state["model"], state["optimizer"]
-    accum, max_steps = schedule(fabric, state, config, train, len(train_data))
+    dp_rank, dp = cp_ranks(fabric, cp_group)
+    cp = fabric.world_size // dp
+    accum, max_steps = schedule(fabric, state, config, train, len(train_data), dp, cp)
     bar = tqdm(total=max_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    # every token of a step counted once, however many devices computed a part of its row
     metrics = Metrics(fabric, model, accum * train.log_interval, train.global_batch_size * train.seq_len,
                       flops_per_token, peak, state["step"])
     step_loss = 0.0   # the step's micro-batch losses, summed on the device for the finiteness check
     while state["step"] < max_steps:
-        rows = train_rows(len(train_data), state["iter_num"], fabric.global_rank, fabric.world_size,
-                          train.micro_batch_size, seed)
+        rows = train_rows(len(train_data), state["iter_num"], dp_rank, dp, train.micro_batch_size, seed)
         x, y, doc = train_data.batch(rows, fabric.device)
+        x, y = cp_slice(x, cp_group), cp_slice(y, cp_group)
         is_accumulating = (state["iter_num"] + 1) % accum != 0
         log_now = not is_accumulating and (state["step"] + 1) % train.log_interval == 0
         hooks = spike_hooks(model, metrics.sparsity) if log_now and config.spike_k else []
         with fabric.no_backward_sync(model, enabled=is_accumulating):
-            _, loss, aux = model(x, y, doc)
+            _, loss, aux = model(x, y, doc, cp_group=cp_group)
+            if cp_group is not None:   # the rows' mean loss, the same on every cp rank
+                loss = kernels.cp_loss(loss, (y != -100).sum(), cp_group)
             for h in hooks:   # before backward: checkpointed blocks would run them again in the recompute
                 h.remove()
-            fabric.backward((loss + config.aux_loss_coef * aux) / accum)
+            # cp * loss: the strategies average gradients over all dp * cp ranks, a row's is the sum over its cp
+            # ranks (context_group). aux is this slice's MoE balance loss: averaged over the slices
+            fabric.backward((cp * loss + config.aux_loss_coef * aux) / accum)
         metrics.loss.update(loss.detach())
         step_loss = step_loss + loss.detach()
         state["iter_num"] += 1
@@ -423,7 +496,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
             metrics.log(state["step"], lr, grad_norm, bar)
         last = state["step"] == max_steps
         if state["step"] % eval.interval == 0 or last:
-            val_loss, val_ppl = validate(fabric, model, val_data, train.micro_batch_size, eval.max_batches)
+            val_loss, val_ppl = validate(fabric, model, val_data, train.micro_batch_size, eval.max_batches, cp_group)
             fabric.log_dict({"val/loss": val_loss, "val/ppl": val_ppl}, step=state["step"])
             if fabric.global_rank == 0:
                 bar.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}")
@@ -435,11 +508,10 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     metrics.summary()
 
 
-def schedule(fabric, state, config, train, n_rows):
-    """Micro-batches per optimizer step on each device, and optimizer steps in all (checked against the step resumed
-    from); prints the run's one-line summary."""
-    world = fabric.world_size
-    accum = train.global_batch_size // (train.micro_batch_size * world)
+def schedule(fabric, state, config, train, n_rows, dp, cp):
+    """Micro-batches per optimizer step on each data-parallel rank, and optimizer steps in all (checked against the
+    step resumed from); prints the run's one-line summary."""
+    accum = train.global_batch_size // (train.micro_batch_size * dp)
     max_steps = train.max_steps or math.ceil((train.max_tokens or 0) / (train.global_batch_size * train.seq_len))
     if max_steps <= 0:
         raise ValueError("set train.max_steps or train.max_tokens")
@@ -447,11 +519,12 @@ def schedule(fabric, state, config, train, n_rows):
         raise ValueError(f"the checkpoint resumed is at step {state['step']}, beyond train.max_steps={max_steps}: "
                          f"raise max_steps (or max_tokens) to train it further, or start fresh with overwrite=true")
     tokens_per_step = train.global_batch_size * train.seq_len
+    world = f"world size {fabric.world_size}" + (f" ({dp} data-parallel x {cp} context-parallel)" if cp > 1 else "")
     epochs = max_steps * tokens_per_step / (n_rows * train.seq_len)
     fabric.print(f"{config.name}: {sum(p.numel() for p in state['model'].parameters()) / 1e6:.1f}M parameters, "
                  f"{n_rows} training rows of {train.seq_len} tokens, {max_steps} steps of "
                  f"{tokens_per_step} tokens ({epochs:.1f} epochs), {accum} micro-batches per step per device, "
-                 f"world size {world}")
+                 f"{world}")
     return accum, max_steps
 
 
@@ -536,21 +609,23 @@ def get_lr(step, lr, min_lr, warmup_steps, max_steps):
 
 
 @torch.no_grad()
-def validate(fabric, model, data, micro_batch_size, max_batches):
+def validate(fabric, model, data, micro_batch_size, max_batches, cp_group=None):
     """Perplexity over the first validation rows; every device runs the same number of batches (FSDP needs it).
 
     exp of the token-weighted mean loss: the model's chunked loss never builds full logits (128k rows of them
-    would not fit), which torchmetrics' Perplexity needs."""
+    would not fit), which torchmetrics' Perplexity needs. Under context parallelism each rank adds its slice's
+    tokens: the weighted mean over all ranks is the rows' again."""
     from torchmetrics import MeanMetric
 
     model.eval()
     nll = MeanMetric(sync_on_compute=True).to(fabric.device)
-    world, rank = fabric.world_size, fabric.global_rank
+    rank, world = cp_ranks(fabric, cp_group)
     n = max(1, min(max_batches, len(data) // (micro_batch_size * world)))
     for i in range(n):
         rows = [((i * world + rank) * micro_batch_size + j) % len(data) for j in range(micro_batch_size)]
         x, y, doc = data.batch(rows, fabric.device)
-        _, loss, _ = model(x, y, doc)
+        x, y = cp_slice(x, cp_group), cp_slice(y, cp_group)
+        _, loss, _ = model(x, y, doc, cp_group=cp_group)
         nll.update(loss.float(), weight=(y != -100).sum())
     model.train()
     loss = nll.compute().item()
@@ -747,8 +822,11 @@ def activation_bytes(c, seq_len):
     return per_layer
 
 
-def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, strategy, precision, checkpointing):
-    """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits."""
+def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, strategy, precision, checkpointing,
+                    cp=1):
+    """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits. With
+    context parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens."""
+    seq_len = -(-seq_len // cp)
     c, tokens = config, micro_batch_size * (seq_len + config.n_sink)
     w, g, o = {"bf16-mixed": (4, 4, 8), "bf16-true": (2, 2, 4), "32-true": (4, 4, 8)}.get(precision, (4, 4, 8))
     shard = world_size if strategy == "fsdp" else 1
@@ -770,7 +848,7 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
     return mem
 
 
-def plan(config, train, world_size, strategy, precision):
+def plan(config, train, world_size, strategy, precision, cp=1):
     with torch.device("meta"):
         model = GPT(config)
     n, active = model.num_params(), model.num_params(active_only=True)
@@ -778,10 +856,11 @@ def plan(config, train, world_size, strategy, precision):
     lines = [f"{config.name}: {n / 1e9:.3f}B parameters ({active / 1e9:.3f}B active per token), "
              f"{fpt / 1e9:.1f} GFLOP per token for training at seq_len {train.seq_len} (forward + backward)",
              f"memory per device: {strategy} over {world_size} device(s), {precision}, micro batch "
-             f"{train.micro_batch_size} x {train.seq_len}   (GB)",
+             f"{train.micro_batch_size} x {train.seq_len}"
+             + (f", each row split over {cp} devices (context_parallel)" if cp > 1 else "") + "   (GB)",
              f"  {'':<13}{'no ckpt':>9}{'ckpt':>9}"]
-    m0, m1 = (estimate_memory(config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, ck)
-              for ck in (False, True))
+    m0, m1 = (estimate_memory(config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, ck,
+                              cp) for ck in (False, True))
     for k in m0:
         lines.append(f"  {k:<13}{m0[k] / 1e9:>9.1f}{m1[k] / 1e9:>9.1f}")
     return "\n".join(lines)

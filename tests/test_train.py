@@ -546,6 +546,40 @@ def test_fsdp_moe_with_idle_experts(pydoc, tmp_path):
 
 
 @pytest.mark.slow
+def test_context_parallel_matches_one_process(pydoc, tmp_path):
+    # each row split over 2 processes: DDP with 1 data-parallel rank, and FSDP2 over 4 processes = 2 data-parallel x
+    # 2 context-parallel. The gradient norm checks the gradient's scale, which AdamW and clipping would hide
+    launch = launcher(pydoc, tmp_path, 32, 2, 4, "--precision", "32-true", "--accelerator", "cpu",
+                      "--data.doc_mask", "false", "--context_parallel", "2")
+    run(pydoc, tmp_path / "one", max_steps=4, warmup_steps=1, save_interval=2, init_from=tmp_path / "init",
+        data=train.DataArgs(path=pydoc, doc_mask=False))
+    for name, extra in (("ddp", ("--devices", "2", "--strategy", "ddp")), ("fsdp", ("--devices", "4"))):
+        launch(tmp_path / name, *extra)
+        for tag in ("train/loss", "train/grad_norm"):
+            got, want = scalars(tmp_path / name, tag)[0], scalars(tmp_path / "one", tag)[0]
+            assert np.allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-5), (name, tag)
+    val, want = scalars(tmp_path / "ddp", "val/loss")[0], scalars(tmp_path / "one", "val/loss")[0]
+    assert np.isclose(val[4], want[4], rtol=1e-5)   # the same validation rows, each split over the 2 processes
+
+
+def test_context_parallel_refuses_what_it_cannot_split():
+    def plan(model="tiny", devices=2, cp=2, doc_mask=False, **kw):
+        train.main(model=model, data=train.DataArgs(doc_mask=doc_mask), train=train.TrainArgs(**kw), devices=devices,
+                   context_parallel=cp, dry_run=True)
+    for kw, match in (({"doc_mask": True}, "--data.doc_mask false"), ({"devices": 3}, "must divide the 3 devices"),
+                      ({"model": "tiny-moe"}, "sinks.*--model_config.n_sink 0"), ({"seq_len": 1}, "shorter than"),
+                      ({"compile": True}, "--train.compile false")):
+        with pytest.raises(ValueError, match=match):
+            plan(**kw)
+    with pytest.raises(ValueError, match=r"full attention \('fa' in layers \[1, 3\]\)"):
+        train.main(model="tiny-moe", model_config={"n_sink": 0}, data=train.DataArgs(doc_mask=False), devices=2,
+                   context_parallel=2, dry_run=True)
+    c = Config.from_name("spikingbrain-7b")   # the 128k stage: a device holds 1/8 of each row's activations
+    one, split = (train.estimate_memory(c, params_7b(), 1, 131072, 64, "fsdp", "bf16-mixed", True, cp) for cp in (1, 8))
+    assert split["activations"] == one["activations"] / 8 and split["weights"] == one["weights"]
+
+
+@pytest.mark.slow
 def test_readme_fsdp_command_fits_the_micro_batch_to_two_processes(pydoc, tmp_path):
     # tiny.yaml's 8 x 8 rows cannot run as 8 rows on each of 2 devices: each takes 4
     p, = train_py(ROOT, ["--config", "configs/tiny.yaml", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp",
