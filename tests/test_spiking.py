@@ -1,6 +1,6 @@
 """spiking.py: hand-computed thresholds and codings, round trips, the integrate-and-fire statement, statistics,
-energy arithmetic, rasters, W8ASpike (and its checkpoints, through convert.load_checkpoint), a spiking tiny model
-that trains and generates. The commands that use it are tested in test_convert.py (w8aspike) and test_eval.py.
+energy arithmetic, rasters, W8ASpike (and its checkpoints, through convert.load_checkpoint), FP8SpikeLinear, a
+spiking tiny model that trains and generates. The commands that use it are tested in test_convert.py (w8aspike) and test_eval.py.
 
 Every expected number is worked out by hand (in the comments) or by an independent float64 computation.
 """
@@ -565,6 +565,20 @@ def test_fp8_tiny_model_runs_close_to_w8aspike(monkeypatch):
         replace_linears_fp8(_tiny(), k=None)
     with pytest.raises(ValueError, match="no float projections"):
         replace_linears_fp8(model, k=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs CUDA capability >= 8.9 (FP8 tensor cores)")
+def test_fp8_gpu_forward():
+    """torch._scaled_mm on the GPU (bf16 out) against the CPU's float reference: the same logits but for bf16
+    rounding (and the spike flips it causes downstream)."""
+    model = replace_linears_fp8(_tiny(spike_k=3.0), k=3.0)
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        cpu = model(idx)[0]
+        gpu = model.cuda()(idx.cuda())[0].cpu()
+    assert torch.nn.functional.cosine_similarity(cpu.flatten(), gpu.flatten(), dim=0) > 0.99
 
 
 def test_fp8_tiny_model_generates_with_cache():
