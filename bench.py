@@ -10,6 +10,7 @@
     python bench.py moe       # one 76B MoE layer at real widths vs a dense FFN of the same active FLOPs
     python bench.py spike_gemm   # W8ASpike's projections: int8 spike counts x INT8 weights vs bf16 (and FP8)
     python bench.py ttft --quant int8; python bench.py decode --quant w8aspike   # quantized as generate/convert do
+    python bench.py ttft --quant fp8   # spike counts x e4m3 weights on FP8 tensor cores (generate.py --quant fp8)
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
     python bench.py moe --tiny true
     python bench.py serve --tiny true
@@ -153,8 +154,8 @@ def random_model(name, device, dt, n_layer=None):
     return built(lambda: GPT(first_layers(name, n_layer)), device, dt).eval()
 
 
-Quant = Literal["bf16", "int8", "w8aspike"]
-SPIKE_K = 3.0   # --quant w8aspike's activation k: convert.py w8aspike's default
+Quant = Literal["bf16", "int8", "w8aspike", "fp8"]
+SPIKE_K = 3.0   # --quant w8aspike's and fp8's activation k: convert.py w8aspike's default
 
 
 def check_quant(quant):
@@ -168,12 +169,16 @@ def quantize(m, quant):
     generate.py --quant int8 makes it (spiking.quantize_int8: INT8 weights in groups of 128 for every projection,
     activations kept: weight-only for a float preset); "w8aspike" as convert.py w8aspike converts it
     (spiking.replace_linears at k = SPIKE_K, groups of 128, max scales: calibration picks other scales, not other
-    work). Either way every model.Linear becomes a spiking.W8ASpikeLinear. Returns m."""
+    work); either way every model.Linear becomes a spiking.W8ASpikeLinear. "fp8" as generate.py --quant fp8 makes
+    it at k = SPIKE_K (spiking.replace_linears_fp8: e4m3 weights per output channel, spike counts as e4m3: on CUDA
+    torch._scaled_mm). Returns m."""
     check_quant(quant)
     if quant == "int8":
         return spiking.quantize_int8(m, group_size=128)
     if quant == "w8aspike":
         return spiking.replace_linears(m, k=SPIKE_K, group_size=128)
+    if quant == "fp8":
+        return spiking.replace_linears_fp8(m, k=SPIKE_K)
     return m
 
 
@@ -346,9 +351,10 @@ def block_projections(preset):
 def fp8_operands(counts, w):
     """FP8 (e4m3) operands of torch._scaled_mm for spike counts [M, K] and a weight [N, K]: the counts as they are
     (exact up to +-16; a larger one keeps 4 significant bits, e.g. 17 -> 16, 100 -> 96), the weight scaled per
-    output channel to e4m3's range (max|w| -> 448). Returns (counts e4m3, weight e4m3, weight scales [1, N] fp32)."""
-    s = (w.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
-    return counts.float().to(torch.float8_e4m3fn), (w.float() / s).to(torch.float8_e4m3fn), s.view(1, -1)
+    output channel to e4m3's range (max|w| -> 448: spiking.quantize_weight_fp8, FP8SpikeLinear's weights). Returns
+    (counts e4m3, weight e4m3, weight scales [1, N] fp32)."""
+    q, s = spiking.quantize_weight_fp8(w)
+    return counts.float().to(torch.float8_e4m3fn), q.view(torch.float8_e4m3fn), s.view(1, -1)
 
 
 def fp8_linear(a8, vth, b8, b_scale):
@@ -378,7 +384,11 @@ def spike_gemm_routes(x, w, k=3.0, group_size=128, fp8=True):
         W8ASpikeLinear  the layer a w8aspike model runs, from x: spike quantization, the GEMM, the check for
                         counts past int8 (on CUDA kernels.w8aspike_linear; elsewhere the float reference).
         fp8             fp8_linear on fp8_operands of the same counts and thresholds (fp8=True only).
-    operands: counts, vth, wide (the rows with counts past 127), layer (the W8ASpikeLinear), fp8 (its operands)."""
+        FP8SpikeLinear  the layer an fp8 model runs, from x (fp8=True only): spike quantization to e4m3 counts,
+                        torch._scaled_mm, the check for counts past 448 (kernels.spike_linear_fp8 where
+                        kernels.use_spike_fp8, else its float reference).
+    operands: counts, vth, wide (the rows with counts past 127), layer (the W8ASpikeLinear), fp8 (its operands),
+    fp8_layer (the FP8SpikeLinear or None)."""
     K, N = x.shape[1], w.shape[0]
     with torch.device("meta"):
         linear = torch.nn.Linear(K, N, bias=False)
@@ -390,10 +400,12 @@ def spike_gemm_routes(x, w, k=3.0, group_size=128, fp8=True):
               "spike_linear": lambda: gemm(counts, vth, layer.qweight, layer.scales, layer.group_size,
                                            out_dtype=x.dtype),
               "W8ASpikeLinear": lambda: layer(x)}
-    ops = dict(counts=counts, vth=vth, wide=wide, layer=layer, fp8=None)
+    ops = dict(counts=counts, vth=vth, wide=wide, layer=layer, fp8=None, fp8_layer=None)
     if fp8:
         a8, b8, b_scale = ops["fp8"] = fp8_operands(counts, w)
         routes["fp8"] = lambda: fp8_linear(a8, vth, b8, b_scale)
+        fp8_layer = ops["fp8_layer"] = spiking.FP8SpikeLinear.from_linear(linear, k)
+        routes["FP8SpikeLinear"] = lambda: fp8_layer(x)
     return routes, ops
 
 
@@ -562,7 +574,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
             one forward without a cache, as the baseline).
         quant: every model's projections as `quantize` makes them: bf16 (as they are), int8 (weight-only INT8, as
             generate.py --quant int8: a prefill dequantizes each weight to bf16 first) or w8aspike (spike counts x
-            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear). The floor stays the float
+            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear) or fp8 (spike counts x e4m3
+            weights, as generate.py --quant fp8: on CUDA kernels.spike_linear_fp8). The floor stays the float
             model's: its non-embedding parameters at the bf16 matmul rate.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
@@ -681,7 +694,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
     layer's routed experts, only those the rows pick). Also peak memory. The weight bytes are those of the model as
-    timed: with --quant, INT8 weights and their scales.
+    timed: with --quant, the 8-bit weights and their scales.
 
     The context is filled synthetically, not prefilled: random keys and values in the slots a prefill of that
     length would have written (with their positions) and random GLA states; a step's cost depends on those
@@ -701,7 +714,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             --models '[spikingbrain-76b,qwen2.5-7b]' --n_layer 4.
         quant: every model's projections as `quantize` makes them: bf16 (as they are), int8 (weight-only INT8, as
             generate.py --quant int8: on CUDA kernels.int8_gemv up to 8 rows a step) or w8aspike (spike counts x
-            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear).
+            INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear) or fp8 (spike counts x e4m3
+            weights, as generate.py --quant fp8: on CUDA kernels.spike_linear_fp8).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """

@@ -7,6 +7,7 @@
     python generate.py --ckpt V1-7B-base --compile true         # a released SpikingBrain-7B directory, compiled
     python generate.py --ckpt out/ckpt --spike 3                # spiking activations; prints their sparsity
     python generate.py --ckpt out/ckpt --quant int8             # INT8 weights: decode reads half the bytes
+    python generate.py --ckpt out/ckpt --spike 3 --quant fp8    # e4m3 weights, spike counts on FP8 tensor cores
     python generate.py --ckpt out/ckpt --device cpu             # CPU (float32)
 
 After every reply it prints (on stderr) time to first token, prefill and decode speed and cache memory.
@@ -328,7 +329,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
          max_new_tokens: int = 512, temperature: float = 0.7, top_k: int | None = 20, top_p: float | None = 0.8,
          repetition_penalty: float = 1.05, seed: int | None = None, stop: list[str] | None = None,
          prefill_chunk: int = 32768, compile: bool = False, spike: float | None = None,
-         quant: Literal["int8"] | None = None, device: str = DEFAULT_DEVICE, dtype: str | None = None) -> None:
+         quant: Literal["int8", "fp8"] | None = None, device: str = DEFAULT_DEVICE, dtype: str | None = None) -> None:
     """Chat with a checkpoint (no --prompt) or complete one prompt. Sampling defaults are Qwen2.5-Instruct's.
 
     Args:
@@ -348,7 +349,9 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         compile: torch.compile the blocks for prefill and the decode step (CUDA graphs on GPU).
         spike: spiking activations with threshold mean|x| / spike; prints their sparsity.
         quant: int8: INT8 weights (groups of 128 input channels) for every projection of a float checkpoint,
-            activations kept; decode steps on CUDA read the 8-bit weights (kernels.int8_gemv).
+            activations kept; decode steps on CUDA read the 8-bit weights (kernels.int8_gemv). fp8: e4m3 weights
+            per output channel, spike counts taken as e4m3 (spiking.replace_linears_fp8; needs spiking activations:
+            --spike or a spiking checkpoint); on CUDA with capability >= 8.9 torch._scaled_mm multiplies them.
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
     """
@@ -357,6 +360,8 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
     if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need top_k >= 1 and 0 < top_p <= 1; got top_k={top_k}, top_p={top_p}")
     check_spike_k(spike, "spike")
+    if quant not in (None, "int8", "fp8"):
+        raise ValueError(f"quant={quant!r}: choose int8 or fp8")
     dt = convert.resolve_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -372,6 +377,8 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if quant == "int8":   # after the count above: the INT8 layers hold buffers, not parameters
         spiking.quantize_int8(model, group_size=128)
+    elif quant == "fp8":   # FP8 here multiplies spike counts: the model's spike k (--spike or the checkpoint's)
+        spiking.replace_linears_fp8(model, k=model.config.spike_k)
     gen = Generator(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, stop=stop, prefill_chunk=prefill_chunk, compile=compile,
                     spike_stats=model.config.spike_k is not None)

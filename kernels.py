@@ -11,6 +11,8 @@ compare against:
   twin elsewhere; twin: model.MoE.routed, a loop over the experts).
 - W8ASpike's linear layers as int8 spike counts times INT8 weights on 8-bit tensor cores, exact integer sums
   (spike_linear; twin: spike_linear_torch in float64; spiking.W8ASpikeLinear's dispatch line picks it).
+- the same spiking layers on FP8 tensor cores: counts as e4m3 with vth as the row scale, e4m3 weights per output
+  channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
 - context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group, GLA
@@ -1273,6 +1275,90 @@ def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
         c, v = spike_quant_torch(x2[rows], k)
         y[rows] = spike_linear_torch(c, v, qweight, scales, group_size, bias, out_dtype=x.dtype)
     return y.view(*x.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- spike counts on FP8 tensor cores
+
+# The same layer on FP8 (e4m3) tensor cores through torch._scaled_mm: the counts as e4m3 with each row's vth as its
+# scale, the weight as e4m3 per output channel with its scale (spiking.FP8SpikeLinear). e4m3 holds every integer up
+# to +-16 exactly and 3 mantissa bits beyond (17 -> 16, 100 -> 96, up to 448), so unlike the int8 route the counts
+# past 16 are rounded; its GEMM runs at about twice the int8 kernel's rate on Hopper (benchmarks/LOG.md).
+FP8_MAX = 448.0            # e4m3's largest finite value; rows with a count past it take the float path
+SPIKE_FP8_IMPL = "auto"    # "auto": spike_linear_fp8 on CUDA (capability >= 8.9, torch._scaled_mm present), the float
+                           # reference elsewhere; "torch" forces the reference; "scaled_mm" forces torch._scaled_mm (on
+                           # a CPU torch's own kernel, float32 out: tests)
+
+
+def fp8_counts_torch(x, k=3.0):
+    """Spike counts of x [M, K] for spike_linear_fp8: counts as e4m3 [M, K] (clamped to +-448 before the cast,
+    so the cast never saturates silently), vth float32 [M, 1] (spike_quant's formula) and wide bool [M]: the rows
+    holding a count past 448."""
+    counts, vth = spike_quant_torch(x, k)
+    return counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), vth, counts.abs().amax(-1) > FP8_MAX
+
+
+def fp8_counts(x, k=3.0):
+    """fp8_counts_torch, compiled on CUDA (one pass gives counts, thresholds and the wide rows)."""
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    return (compiled(fp8_counts_torch) if x.is_cuda else fp8_counts_torch)(x, k)
+
+
+def fp8_fits(K, N):
+    """Does torch._scaled_mm take an [M, K] x [K, N] product? K and N multiples of 16 (its stride rules); any M."""
+    return K % 16 == 0 and N % 16 == 0
+
+
+def spike_linear_fp8_torch(x, weight, scale, k=3.0, bias=None, out_dtype=torch.float64):
+    """Float64 twin of spike_linear_fp8 on the same quantized operands: the counts rounded to e4m3 (a row holding a
+    count past 448 keeps its exact counts, as spike_linear_fp8's float path), the e4m3 weight times its scale.
+    x [M, K]; weight float8_e4m3fn [N, K]; scale [N]; bias [N] or None. -> [M, N] in out_dtype."""
+    counts, vth = spike_quant_torch(x, k)
+    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
+    c = torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()).double()
+    y = (c @ (weight.double() * scale.double()[:, None]).T) * vth.double()
+    return (y if bias is None else y + bias.double()).to(out_dtype)
+
+
+@torch.compiler.disable   # reads one flag on the host per call: runs as it is inside compiled blocks
+def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
+    """spiking.FP8SpikeLinear's forward on FP8 tensor cores: x [..., K] -> [..., N] in x's dtype,
+        y[m, n] = (sum_k e4m3(counts[m, k]) * weight[n, k]) * vth[m] * scale[n]  (+ bias[n]),
+    counts, vth = spike_quant(x, k); weight float8_e4m3fn [N, K], scale float32 [N], bias [N] or None.
+
+    torch._scaled_mm with row-wise scales (scale_a = vth [M, 1], scale_b = scale [1, N]); out bf16 on CUDA (row-wise
+    scaling takes no other there), float32 on a CPU; bias added in float32 after. Exactness: every product of two
+    e4m3 values is exact in fp32 (4 + 4 significant bits), so against spike_linear_fp8_torch (float64, the same
+    e4m3 operands) only the accumulation and scaling round: |y - y64| <= (K + 3) 2^-24 (sum_k |c w| vth scale +
+    |bias|) with fp32 sums (a CPU: tested), plus half an ulp of the output dtype (bf16: 2^-9 |y|, before bias). On
+    a GPU the tensor cores' accumulation takes the place of 2^-24 (Hopper's FP8 MMA keeps fewer bits within one
+    instruction), the bf16 output's 2^-9 dominating it. Counts up
+    to +-16 are exact in e4m3, so there y64 is the product of the exact counts; a count c past 16 is rounded to 4
+    significant bits, |e4m3(c) - c| <= |c| / 16, which moves y by at most sum over those counts of |c w| / 16 * vth
+    * scale. A row with a count past 448 (e4m3's largest) is recomputed by the twin on its exact counts (one read of
+    a flag on the host per call, as w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple
+    of 16) runs the twin in float64: slower, never an error.
+    """
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if not fp8_fits(K, N) or x2.shape[0] == 0:
+        return spike_linear_fp8_torch(x2, weight, scale, k, bias, x.dtype).view(*x.shape[:-1], N)
+    a, vth, wide = fp8_counts(x2, k)
+    y = torch._scaled_mm(a, weight.t(), scale_a=vth, scale_b=scale.float().view(1, N),
+                         out_dtype=torch.bfloat16 if x.is_cuda else torch.float32)
+    y = (y if bias is None else y.float() + bias.float()).to(x.dtype)
+    if wide.any():
+        rows = wide.nonzero()[:, 0]
+        y[rows] = spike_linear_fp8_torch(x2[rows], weight, scale, k, bias, x.dtype)
+    return y.view(*x.shape[:-1], N)
+
+
+def use_spike_fp8(x):
+    """spike_linear_fp8 for an FP8SpikeLinear's input x [..., in]? Inference only: no gradient flows through it."""
+    if (torch.is_grad_enabled() and x.requires_grad) or not hasattr(torch, "_scaled_mm"):
+        return False
+    return SPIKE_FP8_IMPL == "scaled_mm" or (SPIKE_FP8_IMPL == "auto" and x.is_cuda
+                                             and torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
 # ----------------------------------------------------------------------------- mixture of experts

@@ -13,6 +13,7 @@ model.py, so training, generation and this file share one definition; it is re-e
     scales = calibrate(model, batches)             # W8ASpike: INT8 weights per 128-channel group + spike activations
     replace_linears(model, k=3.0, scales=scales)
     quantize_int8(float_model)                     # or INT8 weights alone, activations kept (generate.py --quant)
+    replace_linears_fp8(model, k=3.0)              # or e4m3 weights per output channel, counts as e4m3 (FP8 cores)
     writer.add_image("raster", spike_raster(train[:, 0, :64]))   # TensorBoard, uint8 [3, H, W]
 
 Commands that use it:
@@ -40,7 +41,8 @@ from model import Config, Linear, check_spike_k, kernels, spike, spike_quant   #
 __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
            "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "quantize_int8", "replace_linears_for_state",
-           "calibrate", "search_scales", "check_group_size"]
+           "calibrate", "search_scales", "check_group_size", "quantize_weight_fp8", "dequantize_weight_fp8",
+           "fp8_counts", "FP8SpikeLinear", "replace_linears_fp8"]
 
 # ----------------------------------------------------------------------------- codings: counts <-> spike trains
 
@@ -335,7 +337,7 @@ def collect_stats(model, k=None, coding="bidirectional", window=3, hist_max=64):
         raise ValueError(f"hist_max={hist_max} must be >= 17 (the summary reports the share of |count| > 16)")
     stats = SpikeStats(coding, window, hist_max)
     handles = [m.register_forward_pre_hook(partial(_record, stats, name, k))
-               for name, m in model.named_modules() if isinstance(m, (Linear, W8ASpikeLinear))]
+               for name, m in model.named_modules() if isinstance(m, (Linear, W8ASpikeLinear, FP8SpikeLinear))]
     try:
         yield stats
     finally:
@@ -635,6 +637,91 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
     if seen == 0:
         raise ValueError("calibrate got no data: `batches` yielded no rows of token ids")
     return {name: search_scales(m.weight.detach(), sq[name], group_size, grid) for name, m in targets}
+
+
+# ----------------------------------------------------------------------------- FP8: spike counts x e4m3 weights
+
+FP8_MAX = 448.0   # e4m3's largest finite value (kernels.FP8_MAX)
+
+
+def quantize_weight_fp8(w):
+    """Per output channel to e4m3: w [out, in] -> (bits uint8 [out, in], scales float32 [out]), scale = max|w| / 448,
+    the e4m3 value (bits.view(torch.float8_e4m3fn)) = w / scale rounded to 4 significant bits: |w - q s| <= |w| / 16
+    (plus e4m3's subnormal step, 2^-9 s, near 0). An all-zero row gets scale 1. The bits are stored as uint8 so that
+    a module.to(dtype) never converts them."""
+    w = w.detach().float()
+    s = w.abs().amax(1) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = (w / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8), s
+
+
+def dequantize_weight_fp8(bits, scales):
+    """(bits uint8 [out, in], scales [out]) -> float32 weight [out, in]."""
+    return bits.view(torch.float8_e4m3fn).float() * scales.float()[:, None]
+
+
+def fp8_counts(counts):
+    """The counts as FP8SpikeLinear multiplies them, float32: rounded to e4m3 (exact up to +-16, 4 significant bits
+    beyond), but a row holding a count past 448 (e4m3's largest) keeps its exact counts (the fast path sends such
+    rows to its float path)."""
+    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
+    return torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float())
+
+
+class FP8SpikeLinear(nn.Module):
+    """Linear with e4m3 weights (one scale per output channel) and spike-count inputs taken as e4m3:
+    y = (W8 * scales) (e4m3(counts) * vth) + b. Buffers: fp8_weight uint8 [out, in] (e4m3 bits), scales float32
+    [out], bias [out] or None. Inference only. On CUDA (capability >= 8.9), without gradients, the product runs on
+    FP8 tensor cores (kernels.spike_linear_fp8, torch._scaled_mm with vth and the scales as row and column scales);
+    elsewhere the float reference below, on the same quantized operands."""
+
+    def __init__(self, in_features, out_features, bias=True, spike_k=3.0, device=None, dtype=None):
+        super().__init__()
+        if spike_k is None:
+            raise ValueError("FP8SpikeLinear multiplies spike counts: it needs a spike k > 0")
+        check_spike_k(spike_k)
+        self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
+        self.register_buffer("fp8_weight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear, spike_k=3.0):
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, spike_k,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        m.fp8_weight, m.scales = quantize_weight_fp8(linear.weight)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m
+
+    def forward(self, x):
+        if kernels and kernels.use_spike_fp8(x):   # e4m3 counts x e4m3 weights, torch._scaled_mm
+            return kernels.spike_linear_fp8(x, self.fp8_weight.view(torch.float8_e4m3fn), self.scales, self.spike_k,
+                                            self.bias)
+        counts, vth = spike_quant(x, self.spike_k)
+        xq = (fp8_counts(counts) * vth).to(x.dtype)
+        w = dequantize_weight_fp8(self.fp8_weight, self.scales).to(x.dtype)
+        return F.linear(xq, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, spike_k={self.spike_k}, e4m3"
+
+
+def replace_linears_fp8(model, *, k=3.0):
+    """Swap every model.Linear (the projections of the blocks, as replace_linears) for an FP8SpikeLinear with spike
+    activations at k (required: FP8 here multiplies spike counts). In place; returns the model."""
+    if k is None:
+        raise ValueError("FP8 layers multiply spike counts: give a spike k > 0 (generate.py --spike K)")
+    check_spike_k(k, "spike k")
+    targets = _linears(model)
+    if not targets:
+        raise ValueError("no float projections to quantize (a W8ASpike checkpoint holds INT8 weights already)")
+    for name, m in targets:
+        _swap(model, name, FP8SpikeLinear.from_linear(m, k))
+    if isinstance(getattr(model, "config", None), Config):
+        model.config.spike_k = k
+    return model
 
 
 # ----------------------------------------------------------------------------- a saved W8ASpike model's modules

@@ -88,7 +88,7 @@ def spike_case(M=37, K=200, N=48, seed=0, outlier=True):
 def test_spike_gemm_routes_match_float64():
     x, w = spike_case()
     routes, ops = bench.spike_gemm_routes(x, w, k=3.0, group_size=128, fp8=True)
-    assert set(routes) == {"bf16", "spike_linear", "W8ASpikeLinear", "fp8"}
+    assert set(routes) == {"bf16", "spike_linear", "W8ASpikeLinear", "fp8", "FP8SpikeLinear"}
     layer = ops["layer"]
     assert isinstance(layer, spiking.W8ASpikeLinear) and layer.spike_k == 3.0 and layer.group_size == 128
     q, s = spiking.quantize_weight(w, 128)
@@ -112,6 +112,10 @@ def test_spike_gemm_routes_match_float64():
     close(routes["W8ASpikeLinear"](), f64(exact, vth), 1e-5)              # the layer takes row 3 exactly
     a8, b8, b_scale = ops["fp8"]
     close(routes["fp8"](), (a8.double() * vth.double()) @ (b8.double() * b_scale.double().T).T, 2.0 ** -8)
+    # the FP8 layer from x: the library's e4m3 weights, its twin on the same operands (row 3 past 448: exact counts)
+    fp8_layer = ops["fp8_layer"]
+    assert isinstance(fp8_layer, spiking.FP8SpikeLinear) and torch.equal(fp8_layer.fp8_weight, b8.view(torch.uint8))
+    close(routes["FP8SpikeLinear"](), kernels.spike_linear_fp8_torch(x, b8, b_scale.view(-1), 3.0), 1e-5)
 
     # fp8 operands: counts exact up to 16, coarser past it; weights within e4m3's rounding of w
     c = ops["counts"].float()
@@ -137,7 +141,7 @@ def test_spike_gemm_times_every_route_of_every_7b_projection(monkeypatch, capsys
     monkeypatch.setattr(bench, "ms", spy)
     bench.bench_spike_gemm(tiny=True)
     shapes = bench.block_projections("tiny")
-    routes = 4 if bench.fp8_missing("cpu") is None else 3
+    routes = 5 if bench.fp8_missing("cpu") is None else 3
     assert len(timed) == routes * len(shapes)
     assert [s for s, _ in timed] == [(64, n) for (_, n) in shapes for _ in range(routes)]
     out = capsys.readouterr()[0]
@@ -156,19 +160,26 @@ def tiny_model(name="tiny"):
     return GPT(Config.from_name(name)).eval()
 
 
-@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+QUANTS = [("int8", None), ("w8aspike", bench.SPIKE_K), ("fp8", bench.SPIKE_K)]
+LAYER = {"int8": spiking.W8ASpikeLinear, "w8aspike": spiking.W8ASpikeLinear, "fp8": spiking.FP8SpikeLinear}
+
+
+@pytest.mark.parametrize("quant,k", QUANTS)
 def test_quantize_is_the_library_conversion(quant, k):
     """bench's int8 model is generate.py --quant int8's (spiking.quantize_int8), its w8aspike model convert.py
-    w8aspike's (spiking.replace_linears, max scales): the same buffers, the same logits; weight_bytes counts the
-    INT8 weights and scales."""
+    w8aspike's (spiking.replace_linears, max scales), its fp8 model generate.py --quant fp8's
+    (spiking.replace_linears_fp8): the same buffers, the same logits; weight_bytes counts the 8-bit weights and
+    scales."""
     m, ref = bench.quantize(tiny_model(), quant), tiny_model()
     if quant == "int8":
         spiking.quantize_int8(ref, group_size=128)
+    elif quant == "fp8":
+        spiking.replace_linears_fp8(ref, k=3.0)
     else:
         spiking.replace_linears(ref, k=3.0, group_size=128)
     assert m.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
-    layers = [mod for mod in m.modules() if isinstance(mod, spiking.W8ASpikeLinear)]
+    layers = [mod for mod in m.modules() if isinstance(mod, LAYER[quant])]
     assert layers and not any(isinstance(mod, Linear) for mod in m.modules())
     assert all(mod.spike_k == k for mod in layers) and m.config.spike_k == k
     idx = torch.randint(0, m.config.vocab_size, (1, 16))
@@ -176,35 +187,36 @@ def test_quantize_is_the_library_conversion(quant, k):
         assert torch.equal(m(idx)[0], ref(idx)[0])
     floats = tiny_model()
     linear = sum(mod.weight.numel() * 4 for mod in floats.modules() if isinstance(mod, Linear))
-    int8 = sum(mod.qweight.numel() + mod.scales.numel() * 4 for mod in layers)
+    int8 = sum(getattr(mod, "qweight", getattr(mod, "fp8_weight", None)).numel() + mod.scales.numel() * 4
+               for mod in layers)
     assert bench.weight_bytes(m) == bench.weight_bytes(floats) - linear + int8 < bench.weight_bytes(floats)
 
 
-def assert_quantized(models, k):
+def assert_quantized(models, k, layer=spiking.W8ASpikeLinear):
     assert {m.config.name for m in models} == {"tiny", "tiny-qwen"}
     for m in models:
         assert not any(isinstance(mod, Linear) for mod in m.modules())
-        layers = [mod for mod in m.modules() if isinstance(mod, spiking.W8ASpikeLinear)]
+        layers = [mod for mod in m.modules() if isinstance(mod, layer)]
         assert len(layers) >= 7 * m.config.n_layer and all(mod.spike_k == k for mod in layers)
 
 
-@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+@pytest.mark.parametrize("quant,k", QUANTS)
 def test_ttft_times_the_quantized_model(monkeypatch, capsys, quant, k):
     timed, ttft = [], bench.time_to_first_token
     monkeypatch.setattr(bench, "time_to_first_token", lambda m, *a, **kw: (timed.append(m), ttft(m, *a, **kw))[1])
     bench.bench_ttft(tiny=True, quant=quant)
-    assert_quantized(timed, k)
+    assert_quantized(timed, k, LAYER[quant])
     assert f"quant {quant}" in capsys.readouterr()[0]
 
 
-@pytest.mark.parametrize("quant,k", [("int8", None), ("w8aspike", bench.SPIKE_K)])
+@pytest.mark.parametrize("quant,k", QUANTS)
 def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch, quant, k):
     timed, sized = [], []
     time_decode, weight_bytes = bench.time_decode, bench.weight_bytes
     monkeypatch.setattr(bench, "time_decode", lambda step, *a: (timed.append(step.__self__), time_decode(step, *a))[1])
     monkeypatch.setattr(bench, "weight_bytes", lambda m, *a, **kw: (sized.append(m), weight_bytes(m, *a, **kw))[1])
     bench.bench_decode(tiny=True, quant=quant)
-    assert_quantized(timed, k)
+    assert_quantized(timed, k, LAYER[quant])
     assert timed and all(any(m is s for s in sized) for m in timed)   # the bound's bytes: the timed model
 
 

@@ -776,3 +776,108 @@ def test_gpu_int8_gemv_7b_shape(M):
     assert_gemv_close(y, x, qweight, scales, 128, None)
     out = kernels.int8_gemv(x, qweight, scales, 128, b)
     assert out.dtype == torch.bfloat16 and rms_err(out, kernels.int8_gemv_torch(x, qweight, scales, 128, b)) < 4e-3
+
+
+# ----------------------------------------------------------------------------- spike counts on FP8 tensor cores
+
+HAS_FP8_MM = hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn")
+needs_fp8 = pytest.mark.skipif(not HAS_FP8_MM or (CUDA and torch.cuda.get_device_capability() < (8, 9)),
+                               reason="needs torch._scaled_mm with e4m3 (a CPU torch >= 2.5, or CUDA capability 8.9)")
+
+
+def fp8_operands(M, K, N, seed, spread=0.0):
+    """x [M, K] (spread > 0: heavy tails, x * exp(spread * randn), so many counts pass 16), the e4m3 weight [N, K]
+    per output channel with its scale [N] (spiking.quantize_weight_fp8's scheme), bias [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * torch.exp(spread * torch.randn(M, K, generator=gen))
+    w = torch.randn(N, K, generator=gen) / K ** 0.5
+    s = w.abs().amax(1) / 448
+    return x.to(DEV), (w / s[:, None]).to(torch.float8_e4m3fn).to(DEV), s.to(DEV), torch.randn(N, generator=gen).to(DEV)
+
+
+def fp8_exact(x, w8, s, k, bias):
+    """float64 product of the exact (unrounded) counts and the dequantized e4m3 weight, and the magnitudes' sum."""
+    c, vth = spike_quant_ref(x, k)
+    wd = w8.double() * s.double()[:, None]
+    y = (c.double() @ wd.T) * vth.double() + bias.double()
+    mag = (c.double().abs() @ wd.abs().T) * vth.double() + bias.double().abs()
+    return c, vth, y, mag
+
+
+def assert_fp8_close(y, want, mag, K):
+    """spike_linear_fp8's stated bound for fp32 sums and float32 out: (K + 3) 2^-24 times the magnitudes."""
+    err = (y.double() - want).abs()
+    assert y.shape == want.shape and (err <= (K + 3) * 2.0 ** -24 * mag).all(), (err / mag).max().item()
+
+
+@needs_fp8
+@pytest.mark.parametrize("bias", [True, False])
+def test_spike_linear_fp8_within_16_is_the_exact_product(monkeypatch, bias):
+    """Counts within +-16 (uniform x: |count| <= k * max|x| / mean|x| ~ 6): e4m3 holds them exactly, so the twin is
+    the float64 product of the exact counts, and torch._scaled_mm (forced on a CPU: float32 out) is within its
+    accumulation bound of it."""
+    if not CUDA:
+        monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+    _, w8, s, b = fp8_operands(37, 256, 48, seed=1)
+    x = torch.rand(37, 256, generator=torch.Generator().manual_seed(2)).to(DEV) * 2 - 1
+    b = b if bias else torch.zeros_like(b)
+    c, _, want, mag = fp8_exact(x, w8, s, 3.0, b)
+    assert c.abs().max() <= 16
+    assert torch.equal(kernels.spike_linear_fp8_torch(x, w8, s, 3.0, b if bias else None), want)
+    assert kernels.use_spike_fp8(x)
+    y = kernels.spike_linear_fp8(x.float(), w8, s, 3.0, b if bias else None)
+    if CUDA:   # bf16 out: the output's rounding dominates
+        assert (y.double() - want).abs().max() <= 2.0 ** -8 * want.abs().max()
+    else:
+        assert y.dtype == torch.float32
+        assert_fp8_close(y, want, mag, 256)
+
+
+@needs_fp8
+def test_spike_linear_fp8_rounds_counts_past_16(monkeypatch):
+    """Heavy-tailed x: many counts past 16, which e4m3 rounds to 4 significant bits (17 -> 16, 100 -> 96). The fast
+    path equals the twin (the same rounded counts) within its accumulation bound; the twin departs from the
+    exact-count product by at most sum over the counts past 16 of |c w| / 16 (times vth and scale), and does
+    depart. A row with a count past 448 (e4m3's largest) is the exact-count product (the float path)."""
+    if not CUDA:
+        monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+    x, w8, s, b = fp8_operands(37, 256, 48, seed=3, spread=1.0)
+    x[5, 7] = 1e4                                      # row 5: a count past 448
+    c, vth, exact, mag = fp8_exact(x, w8, s, 3.0, b)
+    assert (c.abs() > 16).float().mean() > 0.01 and c[5].abs().max() > 448
+    assert c[torch.arange(37) != 5].abs().max() <= 448
+    twin = kernels.spike_linear_fp8_torch(x, w8, s, 3.0, b)
+    y = kernels.spike_linear_fp8(x, w8, s, 3.0, b)
+    if CUDA:
+        assert (y.double() - twin).abs().max() <= 2.0 ** -8 * twin.abs().max()
+    else:
+        assert_fp8_close(y, twin, mag * (1 + 1 / 16), 256)   # the rounded counts' magnitudes: at most 17/16 of c's
+    big = torch.where(c.abs() > 16, c, torch.zeros_like(c)).double().abs()
+    wd = (w8.double() * s.double()[:, None]).abs()
+    bound = (big @ wd.T) * vth.double() / 16
+    dev = (twin - exact).abs()
+    assert (dev <= bound * (1 + 1e-9) + 1e-12).all() and dev.max() > 0
+    assert torch.equal(twin[5], exact[5])
+
+
+def test_spike_linear_fp8_bad_shapes_fall_back(monkeypatch):
+    """K or N not a multiple of 16 (torch._scaled_mm's stride rules) or no rows: the twin in float64, cast to x's
+    dtype; torch._scaled_mm is never called and nothing raises."""
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1), raising=False)
+    for M, K, N in ((5, 40, 48), (5, 64, 40), (0, 64, 48)):
+        x, w8, s, b = fp8_operands(M, K, N, seed=K + N)
+        y = kernels.spike_linear_fp8(x.view(M, 1, K), w8, s, 3.0, b)
+        assert y.shape == (M, 1, N) and y.dtype == x.dtype
+        assert torch.equal(y.view(M, N), kernels.spike_linear_fp8_torch(x, w8, s, 3.0, b, x.dtype))
+    assert not calls
+
+
+def test_use_spike_fp8(monkeypatch):
+    x = torch.randn(4, 32)
+    assert not kernels.use_spike_fp8(x)                    # auto: CUDA tensors only
+    monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+    assert kernels.use_spike_fp8(x) == HAS_FP8_MM
+    assert not kernels.use_spike_fp8(x.requires_grad_())   # inference only
+    monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "torch")
+    assert not kernels.use_spike_fp8(torch.randn(4, 32, device=DEV))

@@ -431,6 +431,9 @@ TABLE = {
     "python generate.py --ckpt CKPT --quant int8": [
         Run(subs={"CKPT": CKPT}, append=("--max_new_tokens", "8"), stdin="Hello\n/reset\nAnd again\n/quit\n",
             check=check_chat(2), needs=((DEMO, ""),))],
+    "python generate.py --ckpt CKPT --spike 3 --quant fp8": [
+        Run(subs={"CKPT": CKPT}, append=("--max_new_tokens", "8"), stdin="Hello\n/reset\nAnd again\n/quit\n",
+            check=check_chat(2, spiking=True), needs=((DEMO, ""),))],
     # ---- Serving: a server runs until stopped; tests/test_serve.py starts one on a tiny model, talks to it (as this
     # curl and the openai client do), stops it
     'pip install -e ".[serve]"': [Run(instead=extra_declared)],

@@ -1,6 +1,6 @@
 """spiking.py: hand-computed thresholds and codings, round trips, the integrate-and-fire statement, statistics,
-energy arithmetic, rasters, W8ASpike (and its checkpoints, through convert.load_checkpoint), a spiking tiny model
-that trains and generates. The commands that use it are tested in test_convert.py (w8aspike) and test_eval.py.
+energy arithmetic, rasters, W8ASpike (and its checkpoints, through convert.load_checkpoint), FP8SpikeLinear, a
+spiking tiny model that trains and generates. The commands that use it are tested in test_convert.py (w8aspike) and test_eval.py.
 
 Every expected number is worked out by hand (in the comments) or by an independent float64 computation.
 """
@@ -14,9 +14,10 @@ import torch
 import convert
 from convert import load_checkpoint
 from model import GPT, Config, Linear
-from spiking import (W8ASpikeLinear, calibrate, coding_range, collect_stats, decode, default_steps, encode,
-                     energy, if_neuron, quantize_weight, replace_linears, replace_linears_for_state,
-                     search_scales, spike, spike_events, spike_quant, spike_raster, w8aspike_reference)
+from spiking import (FP8SpikeLinear, W8ASpikeLinear, calibrate, coding_range, collect_stats, decode, default_steps,
+                     dequantize_weight_fp8, encode, energy, fp8_counts, if_neuron, quantize_weight, quantize_weight_fp8,
+                     replace_linears, replace_linears_fp8, replace_linears_for_state, search_scales, spike,
+                     spike_events, spike_quant, spike_raster, w8aspike_reference)
 
 T_ = torch.tensor
 
@@ -489,6 +490,102 @@ def test_calibrate():
         calibrate(_tiny(), [torch.zeros(1, 8, dtype=torch.long)], group_size=0)
     with pytest.raises(ValueError, match="k"):
         calibrate(_tiny(), [torch.zeros(1, 8, dtype=torch.long)], k=-1.0, group_size=32)
+
+
+# ----------------------------------------------------------------------------- FP8: e4m3 weights, counts as e4m3
+
+def test_fp8_weight_quantization():
+    # row 0: scale 4.48 / 448 = 0.01; 4.48 -> 448, -1.0 -> -100 -> -96 (e4m3 steps by 8 there: a tie, to even),
+    # 0.17 -> 17 -> 16 (steps of 2: a tie, to even); row 1 all zero: scale 1, zeros
+    q, s = quantize_weight_fp8(T_([[4.48, -1.0, 0.17, 0.0], [0.0] * 4]))
+    assert q.dtype == torch.uint8 and s.shape == (2,) and s[1].item() == 1.0
+    assert s[0].item() == pytest.approx(0.01, rel=1e-6)
+    assert q.view(torch.float8_e4m3fn).float().tolist() == [[448.0, -96.0, 16.0, 0.0], [0.0] * 4]
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * torch.rand(16, 1) * 3
+    q, s = quantize_weight_fp8(w)
+    err = (w.double() - dequantize_weight_fp8(q, s).double()).abs()
+    assert (err <= w.double().abs() / 16 + 2.0 ** -9 * s.double()[:, None]).all()   # 4 significant bits, subnormals
+    assert (q.view(torch.float8_e4m3fn).float().abs().amax(1) == 448).all()
+
+
+def test_fp8_counts_round_past_16_and_keep_wide_rows():
+    c = T_([[3.0, -16.0, 17.0, -100.0, 448.0], [1.0, 2.0, 3.0, 449.0, -17.0]])
+    # row 0: exact to 16, then 4 significant bits (17 -> 16, a tie to even; 100 -> 96); row 1 holds a count past
+    # 448 (e4m3's largest): kept exact, the fast path's float path
+    assert fp8_counts(c).tolist() == [[3.0, -16.0, 16.0, -96.0, 448.0], [1.0, 2.0, 3.0, 449.0, -17.0]]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_spike_linear_is_its_float64_twin(monkeypatch, bias):
+    """FP8SpikeLinear's float reference and its forced torch._scaled_mm path (the CPU's) both equal the float64 twin
+    kernels.spike_linear_fp8_torch on the same quantized operands, to float32 accumulation (the kernel test states
+    the bound); among the counts some pass 16 and one row 448."""
+    import kernels
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=bias)
+    m = FP8SpikeLinear.from_linear(lin, 3.0)
+    x = torch.randn(2, 9, 96) * torch.exp(torch.randn(2, 9, 96))
+    x[1, 4, 3] = 1e4
+    assert (spike_quant(x, 3.0)[0].abs() > 16).any()
+    twin = kernels.spike_linear_fp8_torch(x.view(-1, 96), m.fp8_weight.view(torch.float8_e4m3fn), m.scales, 3.0,
+                                          m.bias).view(2, 9, 48)
+    with torch.no_grad():
+        ref = m(x)
+        monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+        fast = m(x)
+    for y in (ref, fast):
+        assert y.dtype == torch.float32 and (y.double() - twin).abs().max() <= 1e-5 * twin.abs().max()
+
+
+def test_fp8_tiny_model_runs_close_to_w8aspike(monkeypatch):
+    """Every projection an FP8SpikeLinear: the logits stay close to the spiking float model's and to W8ASpike's
+    (cosine > 0.98: e4m3 keeps 4 significant bits per weight, INT8 groups about 8, so FP8 moves them more); the
+    forced torch._scaled_mm path gives the reference's logits (to 1e-5 of their max); the statistics hooks see the
+    layers; a float model or one already quantized is refused."""
+    import kernels
+    idx = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    model = replace_linears_fp8(_tiny(spike_k=3.0), k=3.0)
+    assert sum(isinstance(m, FP8SpikeLinear) for m in model.modules()) == 32 and model.config.spike_k == 3.0
+    assert not any(isinstance(m, Linear) for m in model.modules()) and type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        ref, w8 = _tiny(spike_k=3.0)(idx)[0], replace_linears(_tiny(spike_k=3.0), k=3.0)(idx)[0]
+        out = model(idx)[0]
+        with collect_stats(model) as st:
+            model(idx)
+        calls, real = [], torch._scaled_mm
+        monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+        fast = model(idx)[0]
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos(out, ref) > 0.98 and cos(out, w8) > 0.98
+    assert len(calls) == 32 and (fast - out).abs().max() <= 1e-5 * out.abs().max()
+    assert len(st.layers()) == 32 and 0 < st.summary()["share_gt16"] < 0.05   # random weights: ~0.3% past 16
+    with pytest.raises(ValueError, match="spike k"):
+        replace_linears_fp8(_tiny(), k=None)
+    with pytest.raises(ValueError, match="no float projections"):
+        replace_linears_fp8(model, k=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs CUDA capability >= 8.9 (FP8 tensor cores)")
+def test_fp8_gpu_forward():
+    """torch._scaled_mm on the GPU (bf16 out) against the CPU's float reference: the same logits but for bf16
+    rounding (and the spike flips it causes downstream)."""
+    model = replace_linears_fp8(_tiny(spike_k=3.0), k=3.0)
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        cpu = model(idx)[0]
+        gpu = model.cuda()(idx.cuda())[0].cpu()
+    assert torch.nn.functional.cosine_similarity(cpu.flatten(), gpu.flatten(), dim=0) > 0.99
+
+
+def test_fp8_tiny_model_generates_with_cache():
+    model = replace_linears_fp8(_tiny(spike_k=3.0).double(), k=3.0)   # float64: no spike flips between paths
+    prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert _greedy(model, prompt, 8, True) == _greedy(model, prompt, 8, False)
 
 
 def test_w8aspike_save_load(tmp_path):
