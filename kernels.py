@@ -1282,7 +1282,7 @@ def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
 # The same layer on FP8 (e4m3) tensor cores through torch._scaled_mm: the counts as e4m3 with each row's vth as its
 # scale, the weight as e4m3 per output channel with its scale (spiking.FP8SpikeLinear). e4m3 holds every integer up
 # to +-16 exactly and 3 mantissa bits beyond (17 -> 16, 100 -> 96, up to 448), so unlike the int8 route the counts
-# past 16 are rounded; its GEMM runs at about twice the int8 kernel's rate on Hopper (benchmarks/LOG.md).
+# past 16 are rounded; in exchange torch._scaled_mm's FP8 GEMMs outrun the int8 kernel on Hopper (BENCHMARKS.md).
 FP8_MAX = 448.0            # e4m3's largest finite value; rows with a count past it take the float path
 SPIKE_FP8_IMPL = "auto"    # "auto": spike_linear_fp8 on CUDA (capability >= 8.9, torch._scaled_mm present), the float
                            # reference elsewhere; "torch" forces the reference; "scaled_mm" forces torch._scaled_mm (on
@@ -1332,10 +1332,9 @@ def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
     e4m3 operands) only the accumulation and scaling round: |y - y64| <= (K + 3) 2^-24 (sum_k |c w| vth scale +
     |bias|) with fp32 sums (a CPU: tested), plus half an ulp of the output dtype (bf16: 2^-9 |y|, before bias). On
     a GPU the tensor cores' accumulation takes the place of 2^-24 (Hopper's FP8 MMA keeps fewer bits within one
-    instruction), the bf16 output's 2^-9 dominating it. Counts up
-    to +-16 are exact in e4m3, so there y64 is the product of the exact counts; a count c past 16 is rounded to 4
-    significant bits, |e4m3(c) - c| <= |c| / 16, which moves y by at most sum over those counts of |c w| / 16 * vth
-    * scale. A row with a count past 448 (e4m3's largest) is recomputed by the twin on its exact counts (one read of
+    instruction), the bf16 output's 2^-9 dominating it. Counts up to +-16 are exact in e4m3, so there y64 is the
+    product of the exact counts; a count c past 16 is rounded to 4 significant bits, |e4m3(c) - c| <= |c| / 16,
+    which moves y by at most sum over those counts of |c w| / 16 * vth * scale. A row with a count past 448 (e4m3's largest) is recomputed by the twin on its exact counts (one read of
     a flag on the host per call, as w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple
     of 16) runs the twin in float64: slower, never an error.
     """
