@@ -720,7 +720,8 @@ def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quan
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))   # the ranks share the CPU's cores
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=n,
-                            timeout=datetime.timedelta(minutes=30))   # rank 0 alone times one process meanwhile
+                            timeout=datetime.timedelta(minutes=30),   # rank 0 alone times one process meanwhile
+                            device_id=torch.device(device) if cuda else None)   # barriers on this rank's GPU
     group, say = dist.group.WORLD, print if rank == 0 else lambda *a, **k: None
     try:
         _, dt, mem = setup(device, gla)
