@@ -2,6 +2,7 @@
 
     python bench.py kernels   # GLA kernels: ours vs fla vs pure PyTorch vs SDPA
     python bench.py ttft      # time to first token: spikingbrain-7b vs qwen2.5-7b
+    python bench.py ttft --cp 2   # one prompt split over 2 GPUs (context parallelism) beside one GPU; a projection
     python bench.py decode    # decode tok/s and memory vs context length
     python bench.py serve     # serve.py under 1 / 8 / 32 streaming clients: TTFT, aggregate tok/s, memory per row
     python bench.py train     # training tokens/s and MFU
@@ -41,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import triton
 from jsonargparse import CLI
@@ -52,8 +55,8 @@ import convert
 import kernels
 import spiking
 import tokenizer
-from model import (GPT, MLP, Cache, Config, KVCache, Linear, MoE, attention, check_spike_k, gla_chunked, gla_recurrent,
-                   layout_76b, moe_layers_76b)
+from model import (GPT, LINEAR_MIXERS, MLP, Cache, Config, KVCache, Linear, MoE, attention, check_spike_k, gla_chunked,
+                   gla_recurrent, layout_76b, moe_layers_76b)
 
 try:   # optional: `bench.py kernels` times fla's chunk_gla beside ours when fla is installed; its header says which
     import fla
@@ -549,7 +552,8 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
 def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576),
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
-               n_layer: int | None = None, quant: Quant = "bf16", device: str = "cuda", tiny: bool = False) -> None:
+               n_layer: int | None = None, quant: Quant = "bf16", device: str = "cuda", tiny: bool = False,
+               cp: int = 1, project_to: int = 1048576) -> list[dict] | None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
@@ -579,10 +583,17 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
             model's: its non-embedding parameters at the bf16 matmul rate.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short prompts.
+        cp: split each prompt over cp processes (context parallelism, one GPU each; gloo processes on a CPU) and
+            time it beside one process on the same prompt: `ttft_split`. Returns its rows.
+        project_to: with cp, the prompt length of the projection to 8 / 32 / 128 GPUs.
     """
     check_quant(quant)
     if tiny:
         models, lengths, chunk, budget_s, device = ("tiny", "tiny-qwen"), (64, 256, 1024), 128, 5.0, "cpu"
+    if cp > 1:
+        if compile or sweep:
+            raise ValueError("--cp times the eager model on one chunk size: drop --compile and --sweep")
+        return ttft_split(models, lengths, chunk, gla, n_layer, quant, device, cp, project_to)
     cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
     header(device, dt, gla, compile, f"quant {quant}; {8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; "
@@ -628,6 +639,208 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
             if T in ttft[lin] and T in ttft[base]:
                 (a, _, na), (b, _, nb) = ttft[lin][T], ttft[base][T]
                 print(f"{T:>8} {a:15.3f}{'*' if na else ' '} {b:15.3f}{'*' if nb else ' '} {b / a:8.1f}x")
+
+
+# ----------------------------------------------------------------------------- time to first token, split over ranks
+
+# the report's sequence-parallel TTFT, as SPEC.md section 6 gives it (the report's Table 7)
+REPORT_SPLIT_TTFT = ("H100, sequence parallel, 7B: ~1.0-1.07 s from 256k to 4M tokens on 8-128 GPUs; Qwen2.5-7B "
+                     "7.4 s / 14.4 s / 27.9 s at 256k / 512k / 1M")
+
+
+def splittable(c):
+    """Can one prompt of this config be split over ranks? kernels.cp_start takes gla, la and swa layers, no sinks."""
+    return not c.n_sink and all(k in (*LINEAR_MIXERS, "swa") for i in range(c.n_layer) for k in c.mixers(i))
+
+
+@torch.no_grad()
+def one_process_ttft(m, ids, chunk):
+    """(seconds, first greedy token) of ids [1, T] prefilled through a fresh cache in chunks, as
+    time_to_first_token times it, on this very prompt."""
+    device = m.lm_head.weight.device
+    ids = ids.to(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    tok = prefill(m, m.new_cache(1, ids.shape[1]), ids, chunk).argmax(-1).item()
+    return time.perf_counter() - t0, tok
+
+
+@torch.no_grad()
+def split_ttft(m, ids, group):
+    """Seconds from a start synchronized on every rank of `group` to the first greedy token of ids [1, T] split over
+    them, when every rank is done: rank r prefills the r-th slice (lengths as even as possible) in one forward
+    through a fresh cache (kernels.cp_start refuses a cache that has seen tokens: no chunks within a slice); the last
+    rank, whose cache then holds the whole prompt's state, takes the token. Returns (seconds, the token on the last
+    rank and -1 elsewhere, this rank's peak device bytes or 0)."""
+    rank, n, device = dist.get_rank(group), dist.get_world_size(group), m.lm_head.weight.device
+    T, cuda = ids.shape[1], device.type == "cuda"
+    x = ids[:, T * rank // n:T * (rank + 1) // n].to(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.barrier(group)
+    synchronize(device)
+    t0 = time.perf_counter()
+    logits = m(x, cache=m.new_cache(1, T), last_only=True, cp_group=group)[0][:, -1]
+    tok = logits.argmax(-1).item() if rank == n - 1 else -1
+    synchronize(device)
+    dist.barrier(group)
+    return time.perf_counter() - t0, tok, torch.cuda.max_memory_allocated(device) if cuda else 0
+
+
+def split_collectives(c, device, dt):
+    """What one rank sends in a split forward's all_gathers, in their order (B = 1): the slice lengths (cp_start),
+    then per layer each linear branch's state and summed log-decay (cp_linear, float32) and each SWA branch's last
+    `window` keys and values and their positions (cp_halo)."""
+    parts = [torch.zeros(1, dtype=torch.long, device=device)]
+    for i in range(c.n_layer):
+        for kind in c.mixers(i):
+            if kind in LINEAR_MIXERS:
+                parts.append(torch.zeros(1, c.n_kv_head, c.head_dim, c.head_dim + 1, device=device))
+            else:
+                parts += [torch.zeros(1, c.window, c.n_kv_head, 2 * c.head_dim, device=device, dtype=dt),
+                          torch.zeros(1, c.window, dtype=torch.long, device=device)]
+    return parts
+
+
+def gather_seconds(parts, group, device, reps=5):
+    """Median seconds of all-gathering `parts` one after the other over `group`: a split forward's communication
+    without its compute (the forward waits on each gather, so the two add up). The first repetition warms up."""
+    times = []
+    for _ in range(reps + 1):
+        dist.barrier(group)
+        synchronize(device)
+        t0 = time.perf_counter()
+        for p in parts:
+            kernels.cp_gather(p, group)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def rank_max(x, device, group):
+    """The largest of every rank's integer x: every rank decides alike (a rank that skips alone would hang the rest)."""
+    t = torch.tensor([x], device=device)
+    dist.all_reduce(t, dist.ReduceOp.MAX, group)
+    return int(t)
+
+
+def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quant, device):
+    """One rank of ttft_split: every model, every length, rows printed on rank 0 and saved to `out`."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))   # the ranks share the CPU's cores
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=n,
+                            timeout=datetime.timedelta(minutes=30),   # rank 0 alone times one process meanwhile
+                            device_id=torch.device(device) if cuda else None)   # barriers on this rank's GPU
+    group, say = dist.group.WORLD, print if rank == 0 else lambda *a, **k: None
+    try:
+        _, dt, mem = setup(device, gla)
+        rows = []
+        for name in models:
+            m = quantize(random_model(name, device, dt, n_layer), quant)
+            weights, parts = weight_bytes(m), split_collectives(m.config, device, dt)
+
+            def prompt(T):   # the same on every rank
+                return torch.randint(0, m.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+            t0 = time.perf_counter()   # warm-up: two lengths, so that flex_attention's dynamic recompile is done
+            for T in (min(lengths), 2 * min(lengths)):
+                peak = split_ttft(m, prompt(T), group)[2]
+            done = (2 * min(lengths), rank_max(peak, device, group))
+            if rank == 0:
+                one_process_ttft(m, prompt(min(lengths)), chunk)
+                if max(lengths) > chunk:
+                    one_process_ttft(m, prompt(2 * chunk), chunk)
+            dist.barrier(group)
+            say(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+            for T in lengths:
+                S = -(-T // n)   # the longest slice; peak memory grows with it: skip what would not fit, on all ranks
+                need = weights + (done[1] - weights) * S / -(-done[0] // n)
+                if need > 0.92 * mem:
+                    say(f"{name:>16} {T:>8} skipped: each rank prefills its slice ({S} tokens) in one forward, "
+                        f"~{need / 2**30:.0f} GiB; more ranks make it shorter", flush=True)
+                    continue
+                ids = prompt(T)
+                try:
+                    t, tok, peak = split_ttft(m, ids, group)
+                except torch.OutOfMemoryError as e:   # the other ranks wait in a gather: stop the run
+                    raise RuntimeError(f"rank {rank}: out of memory prefilling a slice of {S} tokens in one forward "
+                                       f"(no chunks within a slice): use more ranks or shorter --lengths") from e
+                tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
+                done = (T, peak)
+                t1, tok1 = one_process_ttft(m, ids, chunk) if rank == 0 else (0.0, -1)
+                comm = gather_seconds(parts, group, device)
+                row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok, token_one=tok1,
+                           peak=peak)
+                rows.append(row)
+                if rank == 0:   # the one-process figures are rank 0's
+                    mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
+                    print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} {comm / t:6.1%} "
+                          f"{mem_s} {'yes' if tok == tok1 else 'no':>6}", flush=True)
+            del m
+        if rank == 0:
+            torch.save(rows, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def project_split(row, T, gpus=(8, 32, 128)):
+    """Projection, not a measurement: TTFT of a T-token prompt split over P GPUs, from one measured split `row`
+    (bench_ttft --cp). Compute (the split time less its gathers) runs per token of a slice: it scales as T / P.
+    Each gather hands every rank the P - 1 other ranks' states and keys: its time scales as (P - 1) / (n - 1), at
+    the rate measured here (one host's links; between hosts it is slower). Returns [(P, compute, gathers)] in
+    seconds, P = 1 being the one-process time scaled to T."""
+    n, Tm = row["ranks"], row["T"]
+    compute = max(row["split"] - row["gathers"], 0.0) * n / Tm
+    return [(1, row["one"] * T / Tm, 0.0)] + [(P, compute * T / P, row["gathers"] * (P - 1) / (n - 1))
+                                              for P in gpus]
+
+
+def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_to):
+    """bench_ttft --cp n: each prompt split over n processes (context parallelism: one GPU each, NCCL; gloo on a
+    CPU), rank r prefilling the r-th slice, the last rank taking the first greedy token; beside it the same model
+    on the same prompt in one process (rank 0's device, chunks of `chunk`), the ratio (the aim: <= 0.55 on 2 GPUs),
+    the gathers of a split forward timed alone and their share, whether the split's first token is one process's.
+    Then a projection to 8 / 32 / 128 GPUs at project_to tokens (project_split) beside the report's figures.
+    Models with full attention or sinks cannot be split: skipped with a note. Returns the rows."""
+    cuda = device.startswith("cuda")
+    if cuda and n > torch.cuda.device_count():
+        raise ValueError(f"--cp {n} needs {n} GPUs, one a rank; {torch.cuda.device_count()} visible")
+    _, dt, _ = setup(device, gla)
+    ranks = f"{n} GPUs (NCCL)" if cuda else f"{n} gloo processes"
+    header(device, dt, gla, False, f"quant {quant}; one prompt split over {ranks}; one process: chunk {chunk}; "
+           f"layers {n_layer or 'all'}")
+    for name in models:
+        if not splittable(first_layers(name, n_layer)):
+            print(f"# {name}: skipped, full attention ('fa') or sinks cannot be split over ranks (kernels.cp_start)")
+    models = [name for name in models if splittable(first_layers(name, n_layer))]
+    if not models:
+        return []
+    print("\n".join(describe(name, n_layer) for name in models))
+    print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'gathers s':>9} "
+          f"{'share':>6} {'peak GiB':>9} {'token':>6}  (ratio: split / one process, aim <= 0.55 at 2 ranks; gathers "
+          "timed alone; peak: largest rank's; token: the split's first token is one process's)", flush=True)
+    if cuda:   # NVLink multicast off: a program using it can put a shared host's GPUs out of service
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "rows.pt")
+        mp.spawn(split_worker, args=(n, os.path.join(d, "store"), out, models, lengths, chunk, gla, n_layer, quant,
+                                     device), nprocs=n)
+        rows = torch.load(out) if os.path.exists(out) else []
+    for name in models:
+        row = max((r for r in rows if r["model"] == name), key=lambda r: r["T"], default=None)
+        if row is None:
+            continue
+        print(f"\n# projection, not a measurement: {name}, {project_to} tokens, from T={row['T']} on {row['ranks']} "
+              f"ranks: compute (split - gathers) x T / P; gathers x (P - 1) / ({row['ranks']} - 1) at this run's "
+              "link rate (between hosts slower); P = 1: one process scaled to T")
+        print(f"{'GPUs':>6} {'compute s':>10} {'gathers s':>10} {'TTFT s':>8}")
+        for P, comp, comm in project_split(row, project_to):
+            print(f"{P:>6} {comp:10.3f} {comm:10.4f} {comp + comm:8.3f}")
+    print(f"# the report (Table 7): {REPORT_SPLIT_TTFT}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- decode

@@ -2,11 +2,14 @@
 count active parameters, and each subcommand that takes --n_layer runs a tiny MoE model beside a dense one. The
 routes `bench.py spike_gemm` times compute what they claim (each against float64 on the same quantized
 operands), and `bench.py ttft / decode --quant` time the model as generate.py --quant int8 and convert.py
-w8aspike make it.
+w8aspike make it. `bench.py ttft --cp N` splits each prompt over N gloo processes and gets one process's first
+token.
 
 CPU: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench.py   (the spike_linear route then runs the Triton
 kernel under the interpreter; without it, its twin spike_linear_torch)
 """
+import re
+
 import pytest
 import torch
 
@@ -224,3 +227,42 @@ def test_bad_quant_fails_before_any_model():
     for fn in (bench.bench_ttft, bench.bench_decode):
         with pytest.raises(ValueError, match="choose one of bf16, int8, w8aspike"):
             fn(tiny=True, quant="fp4")
+
+
+def test_ttft_split_over_two_processes_gives_one_process_first_token(capfd):
+    """bench.py ttft --cp 2 on a CPU: two gloo processes prefill halves of each prompt, the last one's first greedy
+    token is the token one process gets from the whole prompt; the full-attention baseline is skipped with a note."""
+    rows = bench.bench_ttft(tiny=True, cp=2)
+    out = capfd.readouterr().out
+    assert "tiny-qwen: skipped, full attention" in out, out
+    assert [(r["model"], r["T"], r["ranks"]) for r in rows] == [("tiny", T, 2) for T in (64, 256, 1024)]
+    for r in rows:
+        assert r["token"] == r["token_one"] >= 0 and r["split"] > r["gathers"] > 0 and r["one"] > 0, r
+        assert re.search(rf"^ +tiny +{r['T']} +2 .* yes$", out, re.M), out   # its row, first tokens agreeing
+    assert "projection, not a measurement: tiny, 1048576 tokens, from T=1024 on 2 ranks" in out, out
+    assert all(f"\n{P:>6} " in out for P in (1, 8, 32, 128)) and "the report (Table 7)" in out, out
+
+
+def test_ttft_split_over_three_uneven_slices(capfd):
+    """Prompt lengths that 3 ranks cannot split evenly, and a one-process chunk that does not divide them."""
+    rows = bench.bench_ttft(models=("tiny",), lengths=(67, 200), chunk=32, device="cpu", cp=3)
+    assert [r["T"] for r in rows] == [67, 200] and all(r["token"] == r["token_one"] >= 0 for r in rows), rows
+    assert "split over 3 gloo processes" in capfd.readouterr().out
+
+
+def test_ttft_split_refuses_what_it_cannot_run(capsys):
+    with pytest.raises(ValueError, match="drop --compile"):
+        bench.bench_ttft(tiny=True, cp=2, compile=True)
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValueError, match="--cp 64 needs 64 GPUs"):
+            bench.bench_ttft(models=("tiny",), device="cuda", cp=64)
+    assert bench.bench_ttft(models=("tiny-qwen", "tiny-moe"), lengths=(64,), device="cpu", cp=2) == []   # no spawn
+    out = capsys.readouterr().out
+    assert "tiny-qwen: skipped" in out and "tiny-moe: skipped" in out, out
+
+
+def test_projection_scales_compute_down_and_gathers_up():
+    row = dict(ranks=2, T=1000, split=3.0, one=5.0, gathers=1.0)   # 2 s compute over 500 tokens a rank
+    proj = {P: (comp, comm) for P, comp, comm in bench.project_split(row, 8000, gpus=(8, 32))}
+    assert proj[1] == (40.0, 0.0)                              # one process, 8x the tokens
+    assert proj[8] == pytest.approx((4.0, 7.0)) and proj[32] == pytest.approx((1.0, 31.0))

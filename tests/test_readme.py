@@ -504,6 +504,8 @@ TABLE = {
     # ---- Benchmarks: on a GPU, shortened to one size each
     "python bench.py kernels": [Run(gpus=1, slow=True, append=("--T", "[4096]"), check=check_bench())],
     "python bench.py ttft": [Run(gpus=1, slow=True, append=("--lengths", "[8192]"), check=check_bench("floor"))],
+    "python bench.py ttft --cp 2 --lengths '[131072,1048576]' --models '[spikingbrain-7b]'": [Run(
+        gpus=2, slow=True, append=("--lengths", "[8192]"), check=check_bench("split over 2 GPUs", "projection"))],
     "python bench.py decode": [Run(gpus=1, slow=True, append=("--contexts", "[1024]", "--batches", "[1]", "--steps",
                                                                "8"), check=check_bench("bound"))],
     "python bench.py train": [Run(gpus=1, slow=True, append=("--n_layer", "2", "--long_seq_lens", "[]", "--steps", "2",
