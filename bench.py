@@ -743,8 +743,8 @@ def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quan
             m = quantize(random_model(name, device, dt, n_layer), quant)
             weights, parts = weight_bytes(m), split_collectives(m.config, device, dt)
 
-            def prompt(T):   # the same on every rank
-                return torch.randint(0, m.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+            def prompt(T, V=m.config.vocab_size):   # the same on every rank
+                return torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
             t0 = time.perf_counter()   # warm-up: two lengths, so that flex_attention's dynamic recompile is done
             for T in (min(lengths), 2 * min(lengths)):
                 peak = split_ttft(m, prompt(T), group)[2]
