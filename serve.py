@@ -12,9 +12,10 @@ lengths). The model name clients send is checked against the one served (GET /v1
 
 How it runs. LitServe forks an HTTP process (`Spec`) and spawns an inference worker (`Loop` driving an `Engine`). The
 HTTP process checks a request, answers a bad one at once with an OpenAI-style 4xx error, and queues a good one's token
-ids. The worker holds max_batch rows of one batched cache. Between two decode steps it takes whatever has arrived: a
-new conversation is prefilled alone into a batch-1 cache and copied into a free row, so the rows decoding meanwhile
-are not touched; a cancelled one (its client disconnected) frees its row. Then one `model(tokens, cache=cache,
+ids. The worker holds max_batch rows of one batched cache. Between two decode steps it takes whatever has arrived: the
+first waiting conversation is prefilled alone into a batch-1 cache and copied into a free row, so the rows decoding
+meanwhile are not touched (one prefill per step: its first token goes out at once, and the others keep decoding
+between two prefills); a cancelled one (its client disconnected) frees its row. Then one `model(tokens, cache=cache,
 input_pos=positions)` call decodes a token for every row in use, each row at its own position (rows are seated
 lowest first, and a step runs the first 1, 2, 4, ... max_batch rows that hold them: a lone conversation decodes at
 batch 1). Requests thus join and leave between any two steps (continuous batching); those beyond max_batch wait in
@@ -203,18 +204,19 @@ class Engine:
 
     @torch.no_grad()
     def step(self):
-        """Seat waiting conversations in free rows, then decode one token for every row. Returns [(conversation,
-        message)]; a message with text "" and no finish_reason is dropped."""
-        out = []
-        for i in range(len(self.rows)):
-            while self.rows[i] is None and self.waiting:   # a reply that ends at its first token leaves i free
-                c = self.waiting.popleft()
-                try:
-                    out.append(self.advance(i, self.admit(c, i)))
-                except Exception as e:   # this prompt's prefill failed (out of memory?): the others go on
-                    traceback.print_exc()
-                    self.rows[i] = None
-                    out.append((c, dict(error=f"prefill failed: {type(e).__name__}: {e}")))
+        """Seat the first waiting conversation in a free row, then decode one token for every row. One prefill per
+        step: its first token goes out as soon as it is made, and the rows already decoding advance a token between
+        two prefills instead of waiting for every queued prompt. Returns [(conversation, message)]; a message with
+        text "" and no finish_reason is dropped."""
+        out, free = [], next((i for i, c in enumerate(self.rows) if c is None), None)   # the lowest free row
+        if free is not None and self.waiting:
+            c = self.waiting.popleft()
+            try:
+                out.append(self.advance(free, self.admit(c, free)))
+            except Exception as e:   # this prompt's prefill failed (out of memory?): the others go on
+                traceback.print_exc()
+                self.rows[free] = None
+                out.append((c, dict(error=f"prefill failed: {type(e).__name__}: {e}")))
         rows = [i for i, c in enumerate(self.rows) if c is not None]
         if rows:
             logits = self.decode(next(n for n in self.sizes if n > rows[-1]))

@@ -343,9 +343,9 @@ def test_shutdown_is_clean(server):
 
 
 def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
-    """Rows are seated lowest first and a step runs the first n rows, n the power of two past the last seated one,
-    through a view of the cache that writes into it: one conversation in an 8-row engine decodes batch-1 steps and
-    replies as it does alone."""
+    """Rows are seated lowest first, one prefill per step, and a step runs the first n rows, n the power of two past
+    the last seated one, through a view of the cache that writes into it: one conversation in an 8-row engine decodes
+    batch-1 steps and replies as it does alone."""
     m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
     engine = serve.Engine(m, tok, max_batch=8, max_len=64)
     assert engine.sizes == [1, 2, 4, 8]
@@ -357,8 +357,9 @@ def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
     got = run(engine, {0: [(0, job(prompt, 10))]})
     assert got[0] == serial(m, tok, prompt, 10) and set(batches) == {1}
     batches.clear()
-    got = run(engine, {0: [(i, job(prompt[i:], 6)) for i in range(3)]})   # rows 0-2: steps of 4, then fewer
-    assert [got[i] for i in range(3)] == [serial(m, tok, prompt[i:], 6) for i in range(3)] and batches[0] == 4
+    got = run(engine, {0: [(i, job(prompt[i:], 6)) for i in range(3)]})   # one prefill a step: rows 0, 1, 2 join
+    assert [got[i] for i in range(3)] == [serial(m, tok, prompt[i:], 6) for i in range(3)]
+    assert batches[:3] == [1, 2, 4]   # steps of 1, 2, then 4 rows (3 in use), fewer as replies end
 
 
 def test_compiled_engine_replies_as_eager(tok_dir, monkeypatch):
