@@ -483,13 +483,14 @@ def bench_spike_gemm(*, preset: str = "spikingbrain-7b", rows: tuple[int, ...] =
 # ----------------------------------------------------------------------------- time to first token
 
 @torch.no_grad()
-def time_to_first_token(m, T, chunk, layers=None):
-    """Seconds from a random T-token prompt to its first greedy token on m's first `layers` blocks (None: all), and
-    the peak device bytes (0 off CUDA). A linear-time model prefills through a cache, `chunk` tokens a forward; a
-    full-attention model runs the prompt in one forward without a cache."""
+def time_to_first_token(m, T, chunk, layers=None, ids=None):
+    """Seconds from a random T-token prompt (or the prompt ids [1, T]) to its first greedy token on m's first
+    `layers` blocks (None: all), the peak device bytes (0 off CUDA) and the token. A linear-time model prefills
+    through a cache, `chunk` tokens a forward; a full-attention model runs the prompt in one forward without a
+    cache."""
     c, device = m.config, m.lm_head.weight.device
     cuda = device.type == "cuda"
-    ids = torch.randint(0, c.vocab_size, (1, T), device=device)
+    ids = torch.randint(0, c.vocab_size, (1, T), device=device) if ids is None else ids.to(device)
     blocks, m.blocks = m.blocks, m.blocks[:layers]
     try:
         if cuda:
@@ -500,8 +501,8 @@ def time_to_first_token(m, T, chunk, layers=None):
             logits = prefill(m, m.new_cache(1, T), ids, chunk)
         else:
             logits = m(ids, last_only=True)[0][:, -1]
-        logits.argmax(-1).item()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0
+        tok = logits.argmax(-1).item()
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0, tok
     finally:
         m.blocks = blocks
 
@@ -534,9 +535,9 @@ def ttft_at(m, T, done, chunk, budget_s, mem, compile):
             return extrapolate(done, T), None, f"extrapolated ({why}): {through}"
         if cached and guess > budget_s:
             k = max(2, int(c.n_layer * budget_s / guess) // 2 * 2)   # an even count keeps the layer mix
-            t, peak = time_to_first_token(m, T, chunk, k)
+            t, peak, _ = time_to_first_token(m, T, chunk, k)
             return t * c.n_layer / k, peak, f"measured on {k} of {c.n_layer} layers, scaled by {c.n_layer / k:.1f}"
-        t, peak = time_to_first_token(m, T, chunk)
+        t, peak, _ = time_to_first_token(m, T, chunk)
         if compile:                              # a first length past a size guard recompiles: time it again
             t = min(t, time_to_first_token(m, T, chunk)[0])
         done.append((T, t, peak))
@@ -654,17 +655,6 @@ def splittable(c):
 
 
 @torch.no_grad()
-def one_process_ttft(m, ids, chunk):
-    """(seconds, first greedy token) of ids [1, T] prefilled through a fresh cache in chunks, as
-    time_to_first_token times it, on this very prompt."""
-    device = m.lm_head.weight.device
-    ids = ids.to(device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    tok = prefill(m, m.new_cache(1, ids.shape[1]), ids, chunk).argmax(-1).item()
-    return time.perf_counter() - t0, tok
-
-
 @torch.no_grad()
 def split_ttft(m, ids, group):
     """Seconds from a start synchronized on every rank of `group` to the first greedy token of ids [1, T] split over
@@ -674,7 +664,7 @@ def split_ttft(m, ids, group):
     rank and -1 elsewhere, this rank's peak device bytes or 0)."""
     rank, n, device = dist.get_rank(group), dist.get_world_size(group), m.lm_head.weight.device
     T, cuda = ids.shape[1], device.type == "cuda"
-    x = ids[:, T * rank // n:T * (rank + 1) // n].to(device)
+    x = kernels.cp_slice(ids, group).to(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier(group)
@@ -750,9 +740,9 @@ def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quan
                 peak = split_ttft(m, prompt(T), group)[2]
             done = (2 * min(lengths), rank_max(peak, device, group))
             if rank == 0:
-                one_process_ttft(m, prompt(min(lengths)), chunk)
+                time_to_first_token(m, min(lengths), chunk, ids=prompt(min(lengths)))
                 if max(lengths) > chunk:
-                    one_process_ttft(m, prompt(2 * chunk), chunk)
+                    time_to_first_token(m, 2 * chunk, chunk, ids=prompt(2 * chunk))
             dist.barrier(group)
             say(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
             for T in lengths:
@@ -770,7 +760,7 @@ def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quan
                                        f"(no chunks within a slice): use more ranks or shorter --lengths") from e
                 tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
                 done = (T, peak)
-                t1, tok1 = one_process_ttft(m, ids, chunk) if rank == 0 else (0.0, -1)
+                t1, _, tok1 = time_to_first_token(m, T, chunk, ids=ids) if rank == 0 else (0.0, 0, -1)
                 comm = gather_seconds(parts, group, device)
                 row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok, token_one=tok1,
                            peak=peak)

@@ -922,6 +922,15 @@ def cp_start(T, group, device, c, targets=None, doc_ids=None, cache=None, input_
     return int(sum(lengths[:torch.distributed.get_rank(group)]))
 
 
+def cp_slice(t, group):
+    """This rank's contiguous slice of rows t [B, T] split over `group` (t itself for None): slice lengths differ by at
+    most one, rank r's starting at T * r // n."""
+    if group is None:
+        return t
+    r, n, T = torch.distributed.get_rank(group), torch.distributed.get_world_size(group), t.shape[1]
+    return t[:, T * r // n:T * (r + 1) // n]
+
+
 def cp_linear(q, g, o, state, group):
     """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
     [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering

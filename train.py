@@ -352,14 +352,6 @@ def cp_ranks(fabric, group):
     return fabric.global_rank // cp, fabric.world_size // cp
 
 
-def cp_slice(t, group):
-    """This rank's contiguous slice of rows t [B, T] (y is already shifted): slice lengths differ by at most one."""
-    if group is None:
-        return t
-    r, n, T = torch.distributed.get_rank(group), torch.distributed.get_world_size(group), t.shape[1]
-    return t[:, T * r // n:T * (r + 1) // n]
-
-
 def parallelize(model, mesh, mixed=True):
     """FSDP2: shard every block, then the rest (embeddings, sinks, final norm, head); materialize meta weights.
 
@@ -461,7 +453,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     while state["step"] < max_steps:
         rows = train_rows(len(train_data), state["iter_num"], dp_rank, dp, train.micro_batch_size, seed)
         x, y, doc = train_data.batch(rows, fabric.device)
-        x, y = cp_slice(x, cp_group), cp_slice(y, cp_group)
+        x, y = kernels.cp_slice(x, cp_group), kernels.cp_slice(y, cp_group)
         is_accumulating = (state["iter_num"] + 1) % accum != 0
         log_now = not is_accumulating and (state["step"] + 1) % train.log_interval == 0
         hooks = spike_hooks(model, metrics.sparsity) if log_now and config.spike_k else []
@@ -624,7 +616,7 @@ def validate(fabric, model, data, micro_batch_size, max_batches, cp_group=None):
     for i in range(n):
         rows = [((i * world + rank) * micro_batch_size + j) % len(data) for j in range(micro_batch_size)]
         x, y, doc = data.batch(rows, fabric.device)
-        x, y = cp_slice(x, cp_group), cp_slice(y, cp_group)
+        x, y = kernels.cp_slice(x, cp_group), kernels.cp_slice(y, cp_group)
         _, loss, _ = model(x, y, doc, cp_group=cp_group)
         nll.update(loss.float(), weight=(y != -100).sum())
     model.train()
