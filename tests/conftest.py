@@ -18,3 +18,13 @@ def tok_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tok"))
     tokenizer.save(d, {bytes([i]): i for i in range(256)}, SPECIALS)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: a second thread only adds synchronization on a busy 2-core
+    machine, and a server process started by the tests needs a core of its own."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -137,24 +137,28 @@ def test_chunk_gla_forward_state_pass(monkeypatch, split):
     check_gqa_varlen(200, 32, [0, 64, 65, 200], seed=21)
 
 
+def too_big(kernel, setting, value, need):
+    """A Triton kernel as a GPU with less shared memory would launch it: `kernel[grid](...)` raises OutOfResources
+    (needing `need` bytes) when its launch setting is `value`, and runs as usual otherwise."""
+    from triton.runtime.errors import OutOfResources
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw[setting] == value:
+                    raise OutOfResources(need, 232448, "shared memory")
+                return kernel[grid](*args, **kw)
+            return launch
+    return TooBig()
+
+
 @needs_triton
 def test_launch_settings_that_do_not_fit_fall_back(monkeypatch):
     """A launch that runs out of GPU resources under CONFIG (here: its 64-wide blocks) reruns under SAFE_CONFIG with
     one warning, remembered per device; the result is still exact."""
     import warnings
 
-    from triton.runtime.errors import OutOfResources
-
-    real = kernels._chunk_kernel
-
-    class TooBig:   # the chunk kernel as a GPU with less shared memory would launch it
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                if kw["BK"] == 64:
-                    raise OutOfResources(233528, 232448, "shared memory")
-                return real[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(kernels, "_chunk_kernel", TooBig())
+    monkeypatch.setattr(kernels, "_chunk_kernel", too_big(kernels._chunk_kernel, "BK", 64, 233528))
     monkeypatch.setattr(kernels, "options_failed", set())
     (q, k, v, g), s0 = inputs(1, 70, 2, 64, 64, gate=0.5, h0=True, seed=5)
     with pytest.warns(UserWarning, match="chunk_gla forward: kernel options .* do not compile"):
@@ -593,18 +597,7 @@ def test_spike_linear_tiles_that_do_not_fit_fall_back(monkeypatch):
     """The device's tiles (here a table entry for the CPU) fail to compile: one warning, SPIKE_GEMM_SAFE, exact."""
     import warnings
 
-    from triton.runtime.errors import OutOfResources
-
-    real = kernels._spike_gemm_kernel
-
-    class TooBig:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                if kw["BM"] == 128:
-                    raise OutOfResources(262144, 232448, "shared memory")
-                return real[grid](*args, **kw)
-            return launch
-    monkeypatch.setattr(kernels, "_spike_gemm_kernel", TooBig())
+    monkeypatch.setattr(kernels, "_spike_gemm_kernel", too_big(kernels._spike_gemm_kernel, "BM", 128, 262144))
     monkeypatch.setattr(kernels, "options_failed", set())
     device_key = torch.cuda.get_device_capability() if CUDA else "cpu"
     monkeypatch.setattr(kernels, "SPIKE_GEMM_CONFIGS", {device_key: dict(SMALL_TILES, BM=128)})

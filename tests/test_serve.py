@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STOPS = {SPECIALS["<|endoftext|>"], SPECIALS["<|im_end|>"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: a second thread only adds synchronization, and the server process needs a core
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
