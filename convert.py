@@ -774,8 +774,8 @@ def convert_dense(*, src: str, out: str, to: Literal["spikingbrain-7b", "spiking
     check_paths(src, out, overwrite)
     resolve_dtype(dtype)
     source = load_config(read_path(src, "config.yaml", "`convert.py dense` reads our checkpoint directory (a "
-                                             "run's final/); a Hugging Face Qwen2 directory converts with "
-                                             "`convert.py qwen2.5`"))
+                                                       "run's final/); a Hugging Face Qwen2 directory converts with "
+                                                       "`convert.py qwen2.5`"))
     files, headers = read_headers(src)
     check_dense(source, headers, src)
     check_shapes(model_shapes(source), {k: s for k, (s, _, _) in headers.items()}, src)
