@@ -744,8 +744,14 @@ ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and decod
                      # query and the reference otherwise, on CPU under TRITON_INTERPRET=1: tests)
 
 
+def on_gpu(q):
+    """"auto" takes a kernel for q on CUDA at the head dims the kernels compile (HEAD_DIMS); a model of other head
+    dims (a tiny test model) runs model.py's reference instead of stopping."""
+    return q.is_cuda and q.shape[-1] in HEAD_DIMS
+
+
 def use_gla(q):
-    return GLA_IMPL == "triton" or (GLA_IMPL == "auto" and q.is_cuda)
+    return GLA_IMPL == "triton" or (GLA_IMPL == "auto" and on_gpu(q))
 
 
 def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
@@ -759,7 +765,7 @@ def use_flex(q):
     """flex_attention for queries q [B, T, ...]? Compiled (CUDA), it needs more than one tile of 128 queries."""
     if q.is_cuda and q.shape[1] <= 128:
         return False
-    return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and q.is_cuda)
+    return ATTN_IMPL == "flex" or (ATTN_IMPL == "auto" and on_gpu(q))
 
 
 def use_band(q, window):
@@ -769,7 +775,7 @@ def use_band(q, window):
 
 def use_decode_attention(q):
     """decode_attention for q [B, 1, H, D] (one query per row over a cache, no gradient)?"""
-    return (q.shape[1] == 1 and (ATTN_IMPL == "triton" or (ATTN_IMPL == "auto" and q.is_cuda))
+    return (q.shape[1] == 1 and (ATTN_IMPL == "triton" or (ATTN_IMPL == "auto" and on_gpu(q)))
             and not (torch.is_grad_enabled() and q.requires_grad))
 
 
@@ -815,6 +821,40 @@ def flex(q, k, v, block_mask, gqa, path="mask"):
                          opts, key, f"flex_attention ({path} mask, head dim {q.shape[-1]}, {q.dtype})")
 
 
+def ordered(d):
+    """flex_attention's block lists from a tile map d [B, query tiles, key tiles] bool: per query tile how many key
+    tiles, and which (ascending, padded after), for one head shared by all."""
+    return (d.sum(-1, dtype=torch.int32)[:, None],
+            torch.argsort((~d).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None])
+
+
+def tile_bounds(x, tile):
+    """Per tile of `tile` tokens the smallest and largest of x [B, L] (the last tile padded with its last value),
+    and whether each tile is whole: ([B, n], [B, n], [n])."""
+    B, L = x.shape
+    n = -(-L // tile)
+    x = torch.cat([x, x[:, -1:].expand(B, n * tile - L)], 1).view(B, n, tile)
+    return x.amin(-1), x.amax(-1), torch.arange(1, n + 1, device=x.device) * tile <= L
+
+
+def mask_tiles(q_pos, k_pos, q_doc, k_doc, window, tile=128):
+    """Which tiles of model.visible's mask have some visible pair and which have all pairs visible, from each tile's
+    range of positions and documents (no [T, S] mask, nothing compiled): (some, full) [B, T / tile, S / tile] bool.
+    `some` may hold a tile with nothing visible (its mask_mod then hides every pair), `full` only a tile wholly
+    visible: sink keys (doc -1) alone, or one document on both sides, all keys before every query and within the
+    window."""
+    (qlo, qhi, qwhole), (klo, khi, kwhole) = tile_bounds(q_pos, tile), tile_bounds(k_pos, tile)
+    (qdlo, qdhi, _), (kdlo, kdhi, _) = tile_bounds(q_doc, tile), tile_bounds(k_doc, tile)
+    qlo, qhi, qdlo, qdhi = (x[:, :, None] for x in (qlo, qhi, qdlo, qdhi))
+    klo, khi, kdlo, kdhi = (x[:, None, :] for x in (klo, khi, kdlo, kdhi))
+    some = (qdlo <= kdhi) & (kdlo <= qdhi) & (klo <= qhi)                 # documents overlap, a key not after
+    full = (qdlo == qdhi) & (kdlo == kdhi) & (qdlo == kdlo) & (khi <= qlo)
+    if window is not None:
+        some, full = some & (qlo - khi <= window), full & (qhi - klo <= window)
+    full = (full | (kdhi == -1)) & qwhole[:, None] & kwhole[None, :]
+    return some | (kdlo == -1), full
+
+
 def swa_block_mask(T, S, off, window, device, tile=128):
     """flex_attention's block mask for sliding-window attention of one document, made from the band's edges
     without a [T, S] mask: query i sees key j iff 0 <= i + off - j <= window. Tiles of 128 x 128 wholly inside
@@ -831,16 +871,13 @@ def swa_block_mask(T, S, off, window, device, tile=128):
         some = (k_lo <= q_hi) & (k_hi >= q_lo - window)
         full = (k_hi <= q_lo) & (k_lo >= q_hi - window) & (m * tile + tile <= T) & (n * tile + tile <= S)
 
-        def ordered(d):   # per query tile: how many key tiles, and which (ascending, padded after)
-            return (d.sum(-1, dtype=torch.int32)[None, None],
-                    torch.argsort((~d).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None])
         shift = torch.tensor(off, device=device)
 
         def mask_mod(b, h, qi, ki):
             d = qi + shift - ki
             return (d >= 0) & (d <= window)
-        _swa_masks[key] = BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), tile, mask_mod,
-                                                   seq_lengths=(T, S))
+        _swa_masks[key] = BlockMask.from_kv_blocks(*ordered((some & ~full)[None]), *ordered(full[None]), tile,
+                                                   mask_mod, seq_lengths=(T, S))
     return _swa_masks[key]
 
 
@@ -855,14 +892,16 @@ def sliding_window_attention(q, k, v, q_start, k_start, window):
 
 
 def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
-    """model.attention on flex_attention: `visible` (model.visible) becomes a block mask, never a dense one.
-    q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S]. Returns [B, T, H, D]."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """model.attention on flex_attention: `visible` (model.visible) becomes a block mask, never a dense one: its
+    tiles from mask_tiles, `visible` itself inside the partial ones. q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc
+    [B, T] / [B, S]. Returns [B, T, H, D]."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     B, T, H, _ = q.shape
     def mask_mod(b, h, qi, ki):
         return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
-    bm = create_block_mask(mask_mod, B, None, T, k.shape[1], device=q.device, _compile=q.is_cuda)
+    some, full = mask_tiles(q_pos, k_pos, q_doc, k_doc, window)
+    bm = BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), 128, mask_mod, seq_lengths=(T, k.shape[1]))
     gqa = bool(H != k.shape[2])
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     return flex(q, k, v, bm, gqa).transpose(1, 2)

@@ -353,6 +353,53 @@ def test_swa_block_mask_tiles(T, S, off, W):
     assert torch.equal(full, tiles.all((2, 3)))
 
 
+def dense_tiles(vis):
+    """(any, all) per 128 x 128 tile of a [B, T, S] mask; padding counts as hidden for any, visible for all."""
+    pad = lambda x, v: F.pad(x, (0, -x.shape[2] % 128, 0, -x.shape[1] % 128), value=v)
+    tiles = lambda x: x.unflatten(1, (-1, 128)).unflatten(3, (-1, 128)).transpose(2, 3)   # (B, nq, nk, 128, 128)
+    return tiles(pad(vis, False)).any((3, 4)), tiles(pad(vis, True)).all((3, 4))
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_mask_tiles_bound_the_dense_mask(window):
+    """The tiles of packed documents with sinks (training) and of a cache with empty slots (a prefill chunk): every
+    tile with a visible pair is listed, and a tile is marked full (its mask skipped) only if every pair is visible.
+    One document without sinks: listed iff some pair is visible, full iff all are (the dense mask's tiles)."""
+    torch.manual_seed(3)
+    B, T, n_sink = 2, 700, 128
+    starts = [torch.tensor([0, 90, 91, 400]), torch.tensor([0, 300])]
+    doc = torch.stack([torch.zeros(T, dtype=torch.long).index_fill(0, s, 1).cumsum(0) for s in starts]) + 5
+    pos = torch.stack([torch.arange(T) - s[d - 6] for s, d in zip(starts, doc)]) + n_sink
+    sink_pos, sink_doc = torch.arange(n_sink).expand(B, -1), torch.full((B, n_sink), -1)
+    k_pos, k_doc = torch.cat([sink_pos, pos], 1), torch.cat([sink_doc, doc], 1)
+    cache_pos = torch.cat([sink_pos, torch.arange(n_sink, n_sink + 300).expand(B, -1),
+                           torch.full((B, 77), model.KVCache.EMPTY)], 1)                 # ring slots never written
+    cache_doc = torch.cat([sink_doc, torch.zeros(B, 377, dtype=torch.long)], 1)
+    one = torch.arange(640).expand(B, -1)                                          # whole tiles
+    for q_pos, k_pos, q_doc, k_doc in [(pos, k_pos, doc, k_doc), (cache_pos[:, -200:] * 0 + torch.arange(428, 628),
+                                       cache_pos, torch.zeros(B, 200, dtype=torch.long), cache_doc),
+                                      (one, one, one * 0, one * 0)]:
+        vis = model.visible(q_pos[:, :, None], k_pos[:, None], q_doc[:, :, None], k_doc[:, None], window)
+        some, full = kernels.mask_tiles(q_pos, k_pos, q_doc, k_doc, window)
+        any_, all_ = dense_tiles(vis)
+        assert (some | ~any_).all() and (all_ | ~full).all() and (some | ~full).all()
+    assert torch.equal(some, any_) and torch.equal(full, all_)
+
+
+def test_masked_attention_on_flex_matches_dense_reference(monkeypatch):
+    """Packed documents with sinks (the 76B recipe's training rows): the model's forward on flex_attention (uncompiled
+    on CPU) with mask_tiles' block mask equals the dense-mask path."""
+    torch.manual_seed(12)
+    m = GPT(Config.from_name("tiny-moe", max_seq_len=1024, window=100)).eval()
+    idx = torch.randint(0, 512, (2, 300))
+    doc_ids = torch.zeros(2, 300, dtype=torch.long)
+    doc_ids[0, 140:], doc_ids[0, 141:], doc_ids[1, 250:] = 1, 2, 1
+    with torch.no_grad():
+        ref = m(idx, doc_ids=doc_ids)[0]
+        monkeypatch.setattr(kernels, "ATTN_IMPL", "flex")
+        torch.testing.assert_close(m(idx, doc_ids=doc_ids)[0], ref, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("T,S,W", [(70, 70, 16), (5, 40, 16), (33, 50, 8), (16, 16, 16), (300, 317, 100),
                                    (140, 145, 16), (200, 456, 200), (129, 4200, 4096)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
