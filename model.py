@@ -115,10 +115,9 @@ class Config:
             if any(p not in MIXERS for p in parts) or len(parts) != len(set(parts)) or not 1 <= len(parts) <= 2 or \
                     sum(p in LINEAR_MIXERS for p in parts) > 1:
                 raise ValueError(f"layout[{i}]={spec!r}: use one of {MIXERS} or a linear+softmax pair like 'la+swa'")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
+        if self.n_head % self.n_kv_head or self.n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd} and be a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
         if any(not 0 <= i < self.n_layer for i in self.moe_layers):
             raise ValueError(f"moe_layers {self.moe_layers} must lie in 0..{self.n_layer - 1}")
         if self.moe_layers and not 1 <= self.top_k <= self.n_expert:
@@ -561,17 +560,12 @@ class GPT(nn.Module):
         return Cache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, input_pos=None, last_only=False, cp_group=None):
-        """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss).
-        targets: [B, T] next-token ids (-100: no loss) -> the mean loss, no logits (kernels.py makes them in chunks:
-        128k x 152k logits would take 40 GB). doc_ids: [B, T] non-decreasing document ids of packed rows (attention
-        and the GLA state never cross documents). cache: a `new_cache()` to prefill or decode with (one document per
-        row); positions follow cache.seen, which this call advances, or input_pos [B, T] (one compiled decode graph
-        for every step; the caller advances cache.seen).
-        last_only: logits of the last position only (prefill for generation). cp_group: a torch.distributed group
-        over which one sequence is split (context parallelism, kernels.py): idx is this rank's slice, ranks in order,
-        targets its targets; the loss is the mean over this rank's tokens (kernels.cp_loss: the sequence's mean, and
-        kernels.cp_reduce_grads after backward: one process's gradients; aux is this slice's); a fresh cache ends
-        holding the state after this slice, so the last rank's can decode on."""
+        """idx [B, T] token ids -> (logits [B, T, V] or None, loss or None, aux loss). targets [B, T] (-100: no loss)
+        -> the mean loss and no logits (kernels.py makes them in chunks). doc_ids [B, T]: non-decreasing document ids
+        of packed rows (attention and the GLA state never cross documents). cache: a `new_cache()` to prefill or
+        decode with; positions follow cache.seen (advanced here) or input_pos [B, T] (one compiled decode graph for
+        every step; the caller advances cache.seen). last_only: the last position's logits (prefill). cp_group: the
+        ranks over which one sequence is split (kernels.cp_*): idx is this rank's slice, the loss its tokens' mean."""
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
@@ -630,16 +624,10 @@ class GPT(nn.Module):
         """Training FLOPs per token (MFU's numerator): 6 * active matmul params + mixing, per layer forward + backward:
         softmax 12 * H * hd * keys seen (full causal: the whole context, as PaLM's MFU), linear 12 * H * hd^2."""
         c = self.config
-        n = self.num_params(active_only=True, embeddings=False) + self.lm_head.weight.numel()
-        mix = 0
-        for i in range(c.n_layer):
-            for kind in c.mixers(i):
-                if kind in LINEAR_MIXERS:
-                    mix += 12 * c.n_head * c.head_dim ** 2
-                else:
-                    keys = min(seq_len, c.window + 1) if kind == "swa" else seq_len
-                    mix += 12 * c.n_head * c.head_dim * (keys + c.n_sink)
-        return 6 * n + mix
+        keys = {"gla": c.head_dim, "la": c.head_dim, "fa": seq_len + c.n_sink,
+                "swa": min(seq_len, c.window + 1) + c.n_sink}
+        mix = sum(12 * c.n_head * c.head_dim * keys[kind] for i in range(c.n_layer) for kind in c.mixers(i))
+        return 6 * (self.num_params(active_only=True, embeddings=False) + self.lm_head.weight.numel()) + mix
 
 
 # ----------------------------------------------------------------------------- sampling
