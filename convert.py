@@ -9,6 +9,7 @@ literal map per format.
     python convert.py release   --src ckpt/sb7b   --to release --out export/sb7b --tokenizer V1-7B-base
     python convert.py tokenizer --src Qwen2.5-7B  --out assets/qwen-tokenizer
     python convert.py w8aspike  --ckpt ckpt/sb7b  --text calib.txt --out ckpt/sb7b-w8a   # INT8 weights, spikes
+    python convert.py fp8       --ckpt ckpt/sb7b  --out ckpt/sb7b-fp8   # e4m3 weights, spikes counted in e4m3
 
 (`qwen` is the same subcommand as `qwen2.5`.)
 
@@ -48,7 +49,7 @@ from model import PRESETS, GPT, Config, check_spike_k, layout_76b, moe_layers_76
 DType = Literal["bfloat16", "float16", "float32", "float64"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}  # header names
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()} | {torch.uint8: "U8"}   # U8: written (FP8 bits), never a source
 QUANTIZED = {".qweight": "W8ASpike", ".fp8_weight": "FP8"}   # a quantized layer's weight tensor -> its format
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -1038,7 +1039,7 @@ def load(ckpt, device="cpu", dtype=None, tokenizer_dir=None):
     return load_checkpoint(ckpt, device, dtype)[0], tokenizer
 
 
-# ----------------------------------------------------------------------------- float -> W8ASpike
+# ----------------------------------------------------------------------------- float -> W8ASpike, float -> FP8
 
 def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
     """Tokenize a UTF-8 text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short):
@@ -1112,6 +1113,77 @@ def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_si
           f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
 
 
+def read_float(ckpt, command):
+    """A float checkpoint from its headers, ours or a released directory: (config, files, headers, {source name: our
+    name}, whether lm_head is the tied embedding). Quantized checkpoints are refused (check_float)."""
+    if checkpoint_kind(ckpt) == "release":
+        config, files, headers, tied = read_release(ckpt)
+        return config, files, headers, {k: rename(k, RELEASE_MAP) for k in headers}, tied
+    config = load_config(os.path.join(ckpt, "config.yaml"))
+    files, headers = read_headers(ckpt)
+    check_float(ckpt, quantized_format(headers), command)
+    check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, ckpt)
+    return config, files, headers, {k: k for k in headers}, False
+
+
+def convert_fp8(*, ckpt: str, out: str, k: float = 3.0, tokenizer: str | None = None, overwrite: bool = False) -> None:
+    """A float checkpoint -> FP8: every projection of the blocks a spiking.FP8SpikeLinear (e4m3 weights, one float32
+    scale per output channel, spike-count inputs at k), saved as our checkpoint with the tokenizer files. Streamed
+    as the other conversions: each projection's weight is quantized as it is read and only its e4m3 bits (uint8)
+    and scales are written; every other tensor (embeddings, norms, lm_head, routers, sinks, the projections'
+    biases) is copied in its own dtype. The result is spiking.replace_linears_fp8 of the loaded float model, tensor
+    for tensor, and convert.load builds FP8SpikeLinear modules from it.
+
+    Args:
+        ckpt: float checkpoint directory (ours, or a released SpikingBrain-7B directory)
+        out: directory to write
+        k: activation threshold parameter of the spike counts (saved as the config's spike_k)
+        tokenizer: tokenizer directory, if not the checkpoint's (ours is copied, Hugging Face files converted)
+        overwrite: replace `out` if it exists.
+    """
+    if k is None:
+        raise ValueError("FP8 layers multiply spike counts: give a k > 0")
+    check_spike_k(k, "k")
+    check_paths(ckpt, out, overwrite)   # --out must not replace the float checkpoint it reads
+    config, files, headers, names, tied = read_float(ckpt, "fp8")
+    config.spike_k = k
+    with torch.device("meta"):   # the target's modules and tensor shapes, nothing allocated
+        model = spiking.replace_linears_fp8(GPT(config), k=k)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, spiking.FP8SpikeLinear)}
+    dtypes = {names[s]: st_dtype(d) for s, (_, d, _) in headers.items()}
+    if tied:
+        dtypes["lm_head.weight"] = dtypes["embed.weight"]
+    plan = {n: (tuple(t.shape), t.dtype if n.rpartition(".")[0] in fp8 and not n.endswith(".bias") else dtypes[n])
+            for n, t in model.state_dict().items()}
+    tok_src = tokenizer or ckpt   # ours is copied; Hugging Face files (a release directory) are converted
+    has_ours = all(os.path.isfile(os.path.join(tok_src, f)) for f in tok.TOKENIZER_FILES)
+    hf_tokenizer = None if has_ours else tok.read_hf_tokenizer(tok_src, optional=tokenizer is None)
+    with atomic_dir(out, overwrite) as tmp:
+        with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
+            for name, t in stream(ckpt, files, headers, f"fp8 <- {ckpt}"):
+                name = names[name]
+                layer, _, leaf = name.rpartition(".")
+                if layer in fp8 and leaf == "weight":
+                    bits, scales = spiking.quantize_weight_fp8(t)
+                    w.add(layer + ".fp8_weight", bits)
+                    w.add(layer + ".scales", scales)
+                else:
+                    w.add(name, t)
+                if tied and name == "embed.weight":
+                    w.add("lm_head.weight", t)
+        save_config(config, os.path.join(tmp, "config.yaml"))
+        if has_ours:
+            for f in tok.TOKENIZER_FILES:
+                shutil.copy(os.path.join(tok_src, f), tmp)
+        elif hf_tokenizer is not None:
+            tok.save(tmp, *hf_tokenizer)
+    weights = {n: math.prod(plan[n + ".fp8_weight"][0]) for n in fp8}
+    e4m3 = sum(weights.values()) + sum(4 * plan[n + ".scales"][0][0] for n in fp8)
+    source = sum(v * dtypes[n + ".weight"].itemsize for n, v in weights.items())
+    print(f"wrote {out}: {len(fp8)} FP8 layers, k={k}; their weights take {e4m3 / 1e6:,.1f} MB as e4m3 + scales "
+          f"({source / 1e6:,.1f} MB in {ckpt})")
+
+
 # ----------------------------------------------------------------------------- tokenizer: vocab.json + merges.txt -> tiktoken
 
 def convert_tokenizer(*, src: str, out: str, overwrite: bool = False) -> None:
@@ -1141,6 +1213,6 @@ if __name__ == "__main__":
     args = [qwen if a in ("qwen", "qwen2.5") else a for a in args[:1]] + args[1:]
     try:
         CLI({qwen: convert_qwen, "dense": convert_dense, "release": convert_release, "tokenizer": convert_tokenizer,
-             "w8aspike": convert_w8aspike}, args=args)
+             "w8aspike": convert_w8aspike, "fp8": convert_fp8}, args=args)
     except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")
