@@ -516,6 +516,9 @@ def test_fp8_counts_round_past_16_and_keep_wide_rows():
     # row 0: exact to 16, then 4 significant bits (17 -> 16, a tie to even; 100 -> 96); row 1 holds a count past
     # 448 (e4m3's largest): kept exact, the fast path's float path
     assert fp8_counts(c).tolist() == [[3.0, -16.0, 16.0, -96.0, 448.0], [1.0, 2.0, 3.0, 449.0, -17.0]]
+    # past 16 the nearest e4m3 value, ties to even (README): steps of 2 to 32, 4 to 64, ..., 32 from 256 to 448
+    c = T_([[17.0, 18.0, 19.0, 21.0, -23.0, 33.0, 35.0, 66.0, 300.0, 447.0]])
+    assert fp8_counts(c).tolist() == [[16.0, 18.0, 20.0, 20.0, -24.0, 32.0, 36.0, 64.0, 288.0, 448.0]]
 
 
 @pytest.mark.parametrize("bias", [True, False])
