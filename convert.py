@@ -9,18 +9,21 @@ literal map per format.
     python convert.py release   --src ckpt/sb7b   --to release --out export/sb7b --tokenizer V1-7B-base
     python convert.py tokenizer --src Qwen2.5-7B  --out assets/qwen-tokenizer
     python convert.py w8aspike  --ckpt ckpt/sb7b  --text calib.txt --out ckpt/sb7b-w8a   # INT8 weights, spikes
+    python convert.py fp8       --ckpt ckpt/sb7b  --out ckpt/sb7b-fp8   # e4m3 weights, spikes counted in e4m3
 
 (`qwen` is the same subcommand as `qwen2.5`.)
 
     model, tokenizer = load("ckpt/sb7b")            # any kind below; load_checkpoint(path) for the model alone
 
 Our checkpoint is a directory: config.yaml, one model.safetensors, and the tokenizer files of tokenizer.py
-(load_checkpoint also reads Hugging Face style shards + model.safetensors.index.json). Its weights are float, or
-W8ASpike (spiking.py's INT8 layers, recognised by their `.qweight` tensors). A released SpikingBrain-7B Hugging
-Face directory (config.json) loads directly too, renamed in memory. Conversions stream tensor by tensor: our
-model.safetensors is laid out from the target's shapes first and each tensor is written at its offset as it
-arrives, so memory holds one source tensor (and, for the release's sharded format, the shard being filled),
-never a whole model. The output directory appears only when complete.
+(load_checkpoint also reads Hugging Face style shards + model.safetensors.index.json). Its weights are float,
+W8ASpike (spiking.py's INT8 layers, recognised by their `.qweight` tensors) or FP8 (spiking.FP8SpikeLinear,
+recognised by `.fp8_weight`: e4m3 bits stored as uint8, float32 `.scales` per output channel); config.yaml's spike_k
+is the quantized layers' k. A released SpikingBrain-7B Hugging Face directory (config.json) loads directly too,
+renamed in memory. Conversions stream tensor by tensor: our model.safetensors is laid out from the target's shapes
+first and each tensor is written at its offset as it arrives, so memory holds one source tensor (and, for the
+release's sharded format, the shard being filled), never a whole model. The output directory appears only when
+complete.
 """
 import json
 import math
@@ -46,7 +49,8 @@ from model import PRESETS, GPT, Config, check_spike_k, layout_76b, moe_layers_76
 DType = Literal["bfloat16", "float16", "float32", "float64"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}  # header names
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()} | {torch.uint8: "U8"}   # U8: written (FP8 bits), never a source
+QUANTIZED = {".qweight": "W8ASpike", ".fp8_weight": "FP8"}   # a quantized layer's weight tensor -> its format
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # Hugging Face Qwen2 (Qwen2ForCausalLM) -> ours; "{}" is the layer index
@@ -181,6 +185,11 @@ def read_tensor(src, headers, name):
     """One tensor of a checkpoint directory, by the file its header entry names."""
     with safe_open(os.path.join(src, headers[name][2]), "pt") as h:
         return h.get_tensor(name)
+
+
+def quantized_format(names):
+    """'W8ASpike' or 'FP8' when a checkpoint's tensor names hold quantized layers, else None (float)."""
+    return next((f for suffix, f in QUANTIZED.items() if any(n.endswith(suffix) for n in names)), None)
 
 
 def check_shapes(want, have, source, hint=""):
@@ -380,7 +389,8 @@ def load_config(path):
 
 def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=True):
     """Write our checkpoint directory atomically: build it under a temp name, then rename over `out`. A model
-    with W8ASpike layers saves them as they are (qweight, scales, group width); load_checkpoint reads them back."""
+    with W8ASpike or FP8 layers saves them as they are (qweight, scales, group width; fp8_weight, scales);
+    load_checkpoint reads them back."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     with atomic_dir(out, overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, SINGLE),
@@ -392,7 +402,7 @@ def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=T
 
 
 def load_ours(path, device="cpu", dtype=None):
-    """Our checkpoint directory (one model.safetensors or shards + index), float or W8ASpike -> (model, config).
+    """Our checkpoint directory (one model.safetensors or shards + index), float, W8ASpike or FP8 -> (model, config).
 
     A float checkpoint's shapes are checked from the file headers before any weight is read; errors name what is
     missing or mis-shaped.
@@ -405,7 +415,7 @@ def load_ours(path, device="cpu", dtype=None):
                                 f"Hugging Face files")
     config = load_config(cfg_file)
     files, headers = read_headers(path)   # a corrupt or truncated file: an error that names it
-    if not any(k.endswith(".qweight") for k in headers):
+    if quantized_format(headers) is None:   # quantized layers: build_model checks them against their modules
         check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
     return build_model(config, read_state(path, files, device), device, dtype, path)
 
@@ -455,14 +465,16 @@ def read_state(path, files, device="cpu"):
 def build_model(config, state, device, dtype, source):
     """(model, config): GPT(config) holding `state`'s tensors (assigned, not copied), in dtype on device, eval mode.
 
-    W8ASpike layers in `state` (`.qweight`) become spiking.W8ASpikeLinear modules; their INT8 weights and float32
-    scales keep their dtypes whatever `dtype` is.
+    W8ASpike layers in `state` (`.qweight`) become spiking.W8ASpikeLinear modules, FP8 layers (`.fp8_weight`)
+    spiking.FP8SpikeLinear; their INT8 or e4m3 weights and float32 scales keep their dtypes whatever `dtype` is. The
+    modules are made on the meta device and take `state`'s tensors: no float copy of a quantized projection exists.
     """
     with torch.device("meta"):
         model = spiking.replace_linears_for_state(GPT(config), state, config.spike_k)
     check_state(model, state, source)
     if dtype is not None:
-        keep = {n + ".scales" for n, m in model.named_modules() if isinstance(m, spiking.W8ASpikeLinear)}
+        quantized = (spiking.W8ASpikeLinear, spiking.FP8SpikeLinear)
+        keep = {n + ".scales" for n, m in model.named_modules() if isinstance(m, quantized)}
         state = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     return model.to(device).eval(), config
@@ -745,8 +757,9 @@ def check_dense(config, headers, src):
         problems.append(f"MoE layers {config.moe_layers}")
     if config.n_sink:
         problems.append(f"{config.n_sink} sink tokens")
-    if any(k.endswith(".qweight") for k in headers):
-        problems.append("W8ASpike weights (INT8): convert the float checkpoint they were made from")
+    if fmt := quantized_format(headers):
+        problems.append(f"{fmt} weights ({dict(W8ASpike='INT8', FP8='e4m3')[fmt]}): convert the float checkpoint "
+                        f"they were made from")
     if problems:
         raise ValueError(f"{src} is not a dense checkpoint: " + "; ".join(problems) + ". `convert.py dense` reads our "
                          "qwen2.5 layout (full attention in every layer, dense FFNs, no sinks), e.g. the final/ of a "
@@ -974,7 +987,7 @@ def convert_release(*, src: str, out: str, to: Literal["ours", "release"], dtype
 # ----------------------------------------------------------------------------- loading any checkpoint
 
 def checkpoint_kind(path):
-    """'ours' (config.yaml: float or W8ASpike) or 'release' (a released SpikingBrain-7B directory, config.json)."""
+    """'ours' (config.yaml: float, W8ASpike or FP8) or 'release' (a released SpikingBrain-7B directory, config.json)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a checkpoint directory: give one written by train.py or convert.py, "
                                 f"or a released SpikingBrain-7B directory")
@@ -995,9 +1008,9 @@ def read_config(ckpt):
 
 def load_checkpoint(path, device="cpu", dtype=None):
     """Any checkpoint directory -> (model, config), eval mode, on `device`: ours (config.yaml + model.safetensors or
-    shards + index), float or W8ASpike, or a released SpikingBrain-7B Hugging Face directory (config.json).
+    shards + index), float, W8ASpike or FP8, or a released SpikingBrain-7B Hugging Face directory (config.json).
 
-    dtype: a torch dtype or its name (default: as saved); W8ASpike scales stay float32 and INT8 weights INT8.
+    dtype: a torch dtype or its name (default: as saved); quantized layers keep float32 scales and 8-bit weights.
     """
     kind = checkpoint_kind(path)
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -1026,7 +1039,7 @@ def load(ckpt, device="cpu", dtype=None, tokenizer_dir=None):
     return load_checkpoint(ckpt, device, dtype)[0], tokenizer
 
 
-# ----------------------------------------------------------------------------- float -> W8ASpike
+# ----------------------------------------------------------------------------- float -> W8ASpike, float -> FP8
 
 def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
     """Tokenize a UTF-8 text file and cut it into rows [N, seq_len + 1] (one shorter row if the text is short):
@@ -1046,6 +1059,13 @@ def text_rows(tokenizer, text_file, seq_len, max_tokens=None):
     n = max(1, len(ids) // (seq_len + 1))
     width = min(seq_len + 1, len(ids))
     return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+
+
+def check_float(ckpt, fmt, command):
+    """A quantizing command reads float weights: a W8ASpike or FP8 checkpoint (fmt) is refused, with the fix."""
+    if fmt:
+        raise ValueError(f"{ckpt} is already {'an' if fmt == 'FP8' else 'a'} {fmt} checkpoint: `convert.py {command}` "
+                         f"quantizes float weights; give it the float checkpoint {ckpt} was made from")
 
 
 def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_size: int = 128,
@@ -1079,8 +1099,7 @@ def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_si
         rows = text_rows(load_tokenizer(ckpt, tokenizer), text, seq_len, n_samples * (seq_len + 1))
     check_paths(ckpt, out, overwrite)   # --out must not replace the float checkpoint it reads
     model, config = load_checkpoint(ckpt, device, dtype)
-    if any(isinstance(m, spiking.W8ASpikeLinear) for m in model.modules()):
-        raise ValueError(f"{ckpt} is already a W8ASpike checkpoint: quantize the float checkpoint it came from")
+    check_float(ckpt, spiking.quantized_format(model), "w8aspike")
     scales, n_rows = None, 0
     if calibrated:
         scales = spiking.calibrate(model, rows.split(batch_size), n_samples=n_samples, k=k, group_size=group_size)
@@ -1092,6 +1111,77 @@ def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_si
     n = sum(isinstance(m, spiking.W8ASpikeLinear) for m in model.modules())
     print(f"wrote {out}: {n} W8ASpike layers, k={k}, group_size={group_size}, "
           f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
+
+
+def read_float(ckpt, command):
+    """A float checkpoint from its headers, ours or a released directory: (config, files, headers, {source name: our
+    name}, whether lm_head is the tied embedding). Quantized checkpoints are refused (check_float)."""
+    if checkpoint_kind(ckpt) == "release":
+        config, files, headers, tied = read_release(ckpt)
+        return config, files, headers, {k: rename(k, RELEASE_MAP) for k in headers}, tied
+    config = load_config(os.path.join(ckpt, "config.yaml"))
+    files, headers = read_headers(ckpt)
+    check_float(ckpt, quantized_format(headers), command)
+    check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, ckpt)
+    return config, files, headers, {k: k for k in headers}, False
+
+
+def convert_fp8(*, ckpt: str, out: str, k: float = 3.0, tokenizer: str | None = None, overwrite: bool = False) -> None:
+    """A float checkpoint -> FP8: every projection of the blocks a spiking.FP8SpikeLinear (e4m3 weights, one float32
+    scale per output channel, spike-count inputs at k), saved as our checkpoint with the tokenizer files. Streamed
+    as the other conversions: each projection's weight is quantized as it is read and only its e4m3 bits (uint8)
+    and scales are written; every other tensor (embeddings, norms, lm_head, routers, sinks, the projections'
+    biases) is copied in its own dtype. The result is spiking.replace_linears_fp8 of the loaded float model, tensor
+    for tensor, and convert.load builds FP8SpikeLinear modules from it.
+
+    Args:
+        ckpt: float checkpoint directory (ours, or a released SpikingBrain-7B directory)
+        out: directory to write
+        k: activation threshold parameter of the spike counts (saved as the config's spike_k)
+        tokenizer: tokenizer directory, if not the checkpoint's (ours is copied, Hugging Face files converted)
+        overwrite: replace `out` if it exists.
+    """
+    if k is None:
+        raise ValueError("FP8 layers multiply spike counts: give a k > 0")
+    check_spike_k(k, "k")
+    check_paths(ckpt, out, overwrite)   # --out must not replace the float checkpoint it reads
+    config, files, headers, names, tied = read_float(ckpt, "fp8")
+    config.spike_k = k
+    with torch.device("meta"):   # the target's modules and tensor shapes, nothing allocated
+        model = spiking.replace_linears_fp8(GPT(config), k=k)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, spiking.FP8SpikeLinear)}
+    dtypes = {names[s]: st_dtype(d) for s, (_, d, _) in headers.items()}
+    if tied:
+        dtypes["lm_head.weight"] = dtypes["embed.weight"]
+    plan = {n: (tuple(t.shape), t.dtype if n.rpartition(".")[0] in fp8 and not n.endswith(".bias") else dtypes[n])
+            for n, t in model.state_dict().items()}
+    tok_src = tokenizer or ckpt   # ours is copied; Hugging Face files (a release directory) are converted
+    has_ours = all(os.path.isfile(os.path.join(tok_src, f)) for f in tok.TOKENIZER_FILES)
+    hf_tokenizer = None if has_ours else tok.read_hf_tokenizer(tok_src, optional=tokenizer is None)
+    with atomic_dir(out, overwrite) as tmp:
+        with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
+            for name, t in stream(ckpt, files, headers, f"fp8 <- {ckpt}"):
+                name = names[name]
+                layer, _, leaf = name.rpartition(".")
+                if layer in fp8 and leaf == "weight":
+                    bits, scales = spiking.quantize_weight_fp8(t)
+                    w.add(layer + ".fp8_weight", bits)
+                    w.add(layer + ".scales", scales)
+                else:
+                    w.add(name, t)
+                if tied and name == "embed.weight":
+                    w.add("lm_head.weight", t)
+        save_config(config, os.path.join(tmp, "config.yaml"))
+        if has_ours:
+            for f in tok.TOKENIZER_FILES:
+                shutil.copy(os.path.join(tok_src, f), tmp)
+        elif hf_tokenizer is not None:
+            tok.save(tmp, *hf_tokenizer)
+    weights = {n: math.prod(plan[n + ".fp8_weight"][0]) for n in fp8}
+    e4m3 = sum(weights.values()) + sum(4 * plan[n + ".scales"][0][0] for n in fp8)
+    source = sum(v * dtypes[n + ".weight"].itemsize for n, v in weights.items())
+    print(f"wrote {out}: {len(fp8)} FP8 layers, k={k}; their weights take {e4m3 / 1e6:,.1f} MB as e4m3 + scales "
+          f"({source / 1e6:,.1f} MB in {ckpt})")
 
 
 # ----------------------------------------------------------------------------- tokenizer: vocab.json + merges.txt -> tiktoken
@@ -1123,6 +1213,6 @@ if __name__ == "__main__":
     args = [qwen if a in ("qwen", "qwen2.5") else a for a in args[:1]] + args[1:]
     try:
         CLI({qwen: convert_qwen, "dense": convert_dense, "release": convert_release, "tokenizer": convert_tokenizer,
-             "w8aspike": convert_w8aspike}, args=args)
+             "w8aspike": convert_w8aspike, "fp8": convert_fp8}, args=args)
     except (ValueError, OSError) as e:   # bad input: the message says what and where, a traceback adds nothing
         sys.exit(f"error: {e}")

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint (ours, float or W8ASpike, or a released SpikingBrain-7B directory): lm-evaluation-harness
+"""Evaluate a checkpoint (ours, float, W8ASpike or FP8, or a released SpikingBrain-7B directory): lm-evaluation-harness
 tasks, a long-context recall suite, and spike statistics.
 
     python eval.py lm --ckpt out/tiny/final --tasks '[my_tasks/qa.yaml]'           # a local task, offline
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import convert
 from model import Linear, check_spike_k, sample
-from spiking import W8ASpikeLinear, collect_stats
+from spiking import W8ASpikeLinear, collect_stats, quantized_format
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -477,7 +477,8 @@ def spikes(*, ckpt: str, text: str, k: list[float] = [2.0, 3.0, 4.0], seq_len: i
     """Spike statistics, energy saving and perplexity change of a checkpoint over a text, for each k.
 
     Args:
-        ckpt: checkpoint directory: ours (float or W8ASpike) or a released SpikingBrain-7B directory
+        ckpt: checkpoint directory: ours (float or W8ASpike; FP8 is refused: it has no run without spikes) or a
+            released SpikingBrain-7B directory
         text: UTF-8 text file to measure on
         k: threshold parameters to sweep, e.g. --k '[2,3,4]'
         seq_len: tokens per row
@@ -492,6 +493,9 @@ def spikes(*, ckpt: str, text: str, k: list[float] = [2.0, 3.0, 4.0], seq_len: i
     check_sweep(k, coding, window)   # arguments, tokenizer and text fail before the model loads
     rows = convert.text_rows(convert.load_tokenizer(ckpt, tokenizer), text, seq_len, max_tokens)
     model, _ = convert.load_checkpoint(ckpt, device, dtype)
+    if quantized_format(model) == "FP8":
+        raise ValueError(f"{ckpt} is an FP8 checkpoint, whose layers take spike counts only: the sweep's baseline "
+                         f"without spikes cannot run on it; measure the float checkpoint it was made from")
     results = spike_sweep(model, rows, k, batch_size=batch_size, coding=coding, window=window)
     print(f"{ckpt}: {rows.numel()} tokens of {text}, {coding} coding")
     print(format_table(results, window))
@@ -515,7 +519,7 @@ def lm(*, ckpt: str, tasks: list[str], include_path: list[str] | None = None, li
     """lm-evaluation-harness tasks on a checkpoint; prints lm-eval's results table.
 
     Args:
-        ckpt: checkpoint directory: ours (float or W8ASpike) or a released SpikingBrain-7B directory
+        ckpt: checkpoint directory: ours (float, W8ASpike or FP8) or a released SpikingBrain-7B directory
         tasks: task names (from --include_path, or lm-eval's catalogue with --hub true) or task YAML files
         include_path: directories of task YAML files (their data local: dataset_path json, csv or parquet)
         limit: at most this many documents per task (a value below 1: that share of them)
@@ -578,7 +582,7 @@ def recall(*, ckpt: str, lengths: list[int] | None = None, depths: list[float] =
     """Long-context recall: accuracy of greedy answers per task, context length and needle depth.
 
     Args:
-        ckpt: checkpoint directory: ours (float or W8ASpike) or a released SpikingBrain-7B directory
+        ckpt: checkpoint directory: ours (float, W8ASpike or FP8) or a released SpikingBrain-7B directory
         lengths: context lengths in tokens, prompt and answer (default: 1024, 2048, ... up to config.max_seq_len,
             at most 32768)
         depths: needle depths in % of the context (0: right after the instructions, 100: right before the question)

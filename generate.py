@@ -8,6 +8,7 @@
     python generate.py --ckpt out/ckpt --spike 3                # spiking activations; prints their sparsity
     python generate.py --ckpt out/ckpt --quant int8             # INT8 weights: decode reads half the bytes
     python generate.py --ckpt out/ckpt --spike 3 --quant fp8    # e4m3 weights, spike counts on FP8 tensor cores
+    python generate.py --ckpt out/ckpt-fp8                      # the same from an FP8 checkpoint (convert.py fp8)
     python generate.py --ckpt out/ckpt --device cpu             # CPU (float32)
 
 After every reply it prints (on stderr) time to first token, prefill and decode speed and cache memory.
@@ -333,7 +334,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
     """Chat with a checkpoint (no --prompt) or complete one prompt. Sampling defaults are Qwen2.5-Instruct's.
 
     Args:
-        ckpt: checkpoint directory: ours (config.yaml + safetensors, float or W8ASpike) or a released
+        ckpt: checkpoint directory: ours (config.yaml + safetensors, float, W8ASpike or FP8) or a released
             SpikingBrain-7B Hugging Face directory (config.json).
         prompt: one-shot: complete this raw text (special-token strings become their ids); "-" reads stdin.
         system: chat: the system message.
@@ -351,7 +352,9 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         quant: int8: INT8 weights (groups of 128 input channels) for every projection of a float checkpoint,
             activations kept; decode steps on CUDA read the 8-bit weights (kernels.int8_gemv). fp8: e4m3 weights
             per output channel, spike counts taken as e4m3 (spiking.replace_linears_fp8; needs spiking activations:
-            --spike or a spiking checkpoint); on CUDA with capability >= 8.9 torch._scaled_mm multiplies them.
+            --spike or a spiking checkpoint); on CUDA with capability >= 8.9 torch._scaled_mm multiplies them. An FP8
+            checkpoint (convert.py fp8) runs so without --quant: fp8 leaves it as it is, and int8 refuses it (as it
+            refuses a W8ASpike one: INT8 weights are made from float ones).
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
     """
@@ -376,9 +379,9 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
     print(f"loaded {ckpt} ({model.config.name}, {model.num_params() / 1e6:,.1f}M parameters, {dt}, {device}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if quant == "int8":   # after the count above: the INT8 layers hold buffers, not parameters
-        spiking.quantize_int8(model, group_size=128)
-    elif quant == "fp8":   # FP8 here multiplies spike counts: the model's spike k (--spike or the checkpoint's)
-        spiking.replace_linears_fp8(model, k=model.config.spike_k)
+        spiking.quantize_int8(model, group_size=128)   # refuses a W8ASpike or FP8 checkpoint, naming it
+    elif quant == "fp8" and spiking.quantized_format(model) != "FP8":   # an FP8 checkpoint is FP8 already
+        spiking.replace_linears_fp8(model, k=model.config.spike_k)   # FP8 multiplies spike counts: the model's k
     gen = Generator(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, stop=stop, prefill_chunk=prefill_chunk, compile=compile,
                     spike_stats=model.config.spike_k is not None)

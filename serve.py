@@ -485,7 +485,7 @@ def main(*, ckpt: str, tokenizer: str | None = None, host: str = "127.0.0.1", po
     """Serve a checkpoint to OpenAI clients until Ctrl-C or SIGTERM.
 
     Args:
-        ckpt: checkpoint directory: ours (float or W8ASpike) or a released SpikingBrain-7B directory.
+        ckpt: checkpoint directory: ours (float, W8ASpike or FP8) or a released SpikingBrain-7B directory.
         tokenizer: tokenizer directory, when the checkpoint has none.
         host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: TCP port.

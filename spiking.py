@@ -1,5 +1,5 @@
 """Spiking toolkit: spike codings, integrate-and-fire simulation, statistics, energy, rasters, W8ASpike. A library:
-it reads and writes no files (convert.py loads and saves W8ASpike checkpoints, eval.py measures checkpoints).
+it reads and writes no files (convert.py loads and saves W8ASpike and FP8 checkpoints, eval.py measures checkpoints).
 
 The spiking activation itself (`spike_quant`, the straight-through `spike`, `Linear.spike_k`) lives in
 model.py, so training, generation and this file share one definition; it is re-exported here.
@@ -18,6 +18,7 @@ model.py, so training, generation and this file share one definition; it is re-e
 
 Commands that use it:
     python convert.py w8aspike --ckpt out/ckpt --text data/calib.txt --out out/ckpt-w8aspike   # calibrate, quantize
+    python convert.py fp8 --ckpt out/ckpt --out out/ckpt-fp8      # e4m3 weights (FP8SpikeLinear), streamed
     python eval.py spikes --ckpt out/ckpt --text data/valid.txt --k '[2,3,4]'   # sparsity, energy, d ppl per k
 
 Departures from the release (BICLab/SpikingBrain-7B, W8ASpike/):
@@ -42,7 +43,7 @@ __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
            "W8ASpikeLinear", "w8aspike_reference", "replace_linears", "quantize_int8", "replace_linears_for_state",
            "calibrate", "search_scales", "check_group_size", "quantize_weight_fp8", "dequantize_weight_fp8",
-           "fp8_counts", "FP8SpikeLinear", "replace_linears_fp8"]
+           "fp8_counts", "FP8SpikeLinear", "replace_linears_fp8", "quantized_format"]
 
 # ----------------------------------------------------------------------------- codings: counts <-> spike trains
 
@@ -552,13 +553,29 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     return model
 
 
+def quantized_format(model):
+    """'W8ASpike' or 'FP8' when the model's projections are quantized layers (a W8ASpike or FP8 checkpoint loads
+    so), else None."""
+    kinds = {W8ASpikeLinear: "W8ASpike", FP8SpikeLinear: "FP8"}
+    return next((kinds[type(m)] for m in model.modules() if type(m) in kinds), None)
+
+
+def _check_float(model):
+    """Every quantizer starts from float projections: a model without them is refused, naming what it holds."""
+    if _linears(model):
+        return
+    held = {"W8ASpike": "a W8ASpike checkpoint holds INT8", "FP8": "an FP8 checkpoint holds e4m3",
+            None: None}[quantized_format(model)]
+    raise ValueError("no float projections to quantize" +
+                     (f" ({held} weights already: quantize the float checkpoint it came from)" if held else ""))
+
+
 def quantize_int8(model, group_size=128):
     """INT8 weights (max|w| / 127 per group of group_size input channels) for every model.Linear, keeping the
     model's activations: weight-only INT8 for a float model (spike_k None), W8ASpike for a spiking one. The layers
     are W8ASpikeLinear (same buffers, same checkpoint format): with spike_k None their decode steps run
     kernels.int8_gemv on CUDA. In place; returns the model."""
-    if not _linears(model):
-        raise ValueError("no float projections to quantize (a W8ASpike checkpoint holds INT8 weights already)")
+    _check_float(model)
     config = getattr(model, "config", None)
     return replace_linears(model, k=config.spike_k if isinstance(config, Config) else None, group_size=group_size)
 
@@ -714,26 +731,30 @@ def replace_linears_fp8(model, *, k=3.0):
     if k is None:
         raise ValueError("FP8 layers multiply spike counts: give a spike k > 0 (generate.py --spike K)")
     check_spike_k(k, "spike k")
-    targets = _linears(model)
-    if not targets:
-        raise ValueError("no float projections to quantize (a W8ASpike checkpoint holds INT8 weights already)")
-    for name, m in targets:
+    _check_float(model)
+    for name, m in _linears(model):
         _swap(model, name, FP8SpikeLinear.from_linear(m, k))
     if isinstance(getattr(model, "config", None), Config):
         model.config.spike_k = k
     return model
 
 
-# ----------------------------------------------------------------------------- a saved W8ASpike model's modules
+# ----------------------------------------------------------------------------- a saved quantized model's modules
 
 def replace_linears_for_state(model, state, k=3.0):
-    """Swap each model.Linear whose entries in `state` are a W8ASpike layer's (`<name>.qweight`) for a
-    W8ASpikeLinear (activation k) of the saved group width, so that model.load_state_dict(state) fits; the other
-    layers stay. The width is the layer's `._extra_state`; states without one (saved before partial groups existed)
-    have equal groups, and the scales' shape gives it (added to state). Under torch.device("meta") nothing is
-    allocated. Returns the model.
+    """Swap each model.Linear whose entries in `state` are a quantized layer's for that layer, so that
+    model.load_state_dict(state) fits; the other layers stay. `<name>.qweight`: a W8ASpikeLinear (activation k) of
+    the saved group width, which is the layer's `._extra_state`; states without one (saved before partial groups
+    existed) have equal groups, and the scales' shape gives it (added to state). `<name>.fp8_weight`: an
+    FP8SpikeLinear at k (k None is an error: its inputs are spike counts). Under torch.device("meta") nothing is
+    allocated, so a saved FP8 or INT8 model loads without a float copy of its projections. Returns the model.
     """
     for name, m in _linears(model):
+        if name + ".fp8_weight" in state:
+            if k is None:
+                raise ValueError(f"{name} holds FP8 weights, which multiply spike counts: the config needs a spike_k")
+            _swap(model, name, FP8SpikeLinear(m.in_features, m.out_features, m.bias is not None, k))
+            continue
         if name + ".qweight" not in state:
             continue
         if name + "._extra_state" not in state and name + ".scales" in state:

@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import unicodedata
@@ -702,14 +703,14 @@ def test_cli_help_says_the_readme_commands():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read().split("## Converting checkpoints")[1].split("\n## ")[0]
     commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("python convert.py ")]
-    assert {c[2] for c in commands} == {"qwen2.5", "dense", "release", "tokenizer", "w8aspike"}
+    assert {c[2] for c in commands} == {"qwen2.5", "dense", "release", "tokenizer", "w8aspike", "fp8"}
 
     def help_of(*args):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"],
                            capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         return r.stdout
-    assert "{qwen2.5,dense,release,tokenizer,w8aspike}" in help_of()
+    assert "{qwen2.5,dense,release,tokenizer,w8aspike,fp8}" in help_of()
     helps = {sub: help_of(sub) for sub in {c[2] for c in commands}}
     assert "convert.py [options] qwen2.5 " in helps["qwen2.5"]
     for c in commands:   # every option the README gives, and every --to value, is in its subcommand's help
@@ -854,6 +855,147 @@ def test_w8aspike_user_errors(tmp_path):
                         "--text", str(text), "--out", str(tmp_path / "q3")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "not a checkpoint directory" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def st_header(path):
+    """(header length, {name: entry}) of one safetensors file, read as bytes: the file's exact layout."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return n, json.loads(f.read(n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_command_writes_replace_linears_fp8(tmp_path, capsys, dtype):
+    """convert.py fp8 streams what spiking.replace_linears_fp8 makes of the loaded float model: the same tensors bit for
+    bit, so the loaded checkpoint gives the same logits; the projections are stored as e4m3 bits (uint8: one byte a
+    weight) and float32 scales, no float copy; the rest keeps the source's dtype; spike_k and the tokenizer go along."""
+    torch.manual_seed(0)
+    config = Config.from_name("tiny")
+    ck = str(tmp_path / "ck")
+    convert.save_checkpoint(GPT(config).to(dtype), config, ck, byte_tokenizer(tmp_path / "bytes"))
+    convert.convert_fp8(ckpt=ck, out=str(tmp_path / "q"))
+    assert "wrote " + str(tmp_path / "q") + ": 32 FP8 layers, k=3.0" in capsys.readouterr().out
+    q, t = convert.load(str(tmp_path / "q"))                              # with the tokenizer files
+    ref = spiking.replace_linears_fp8(convert.load_checkpoint(ck)[0], k=3.0)
+    a, b = q.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert q.config == ref.config and q.config.spike_k == 3.0 and t.n_vocab == 257
+    fp8 = {n: m for n, m in q.named_modules() if isinstance(m, spiking.FP8SpikeLinear)}
+    assert len(fp8) == 32 and all(m.spike_k == 3.0 for m in fp8.values())
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(q(idx)[0], ref(idx)[0])
+    # the file: e4m3 bits and scales for each projection, nothing else of it; every other tensor as in the source
+    n, header = st_header(tmp_path / "q" / "model.safetensors")
+    header.pop("__metadata__")
+    _, src = convert.read_headers(ck)
+    src_name = convert.ST_NAMES[dtype]
+    assert not any(k.endswith(".weight") and k.rpartition(".")[0] in fp8 for k in header)
+    for name, m in fp8.items():
+        assert header[name + ".fp8_weight"]["dtype"] == "U8" and header[name + ".scales"]["dtype"] == "F32"
+        assert header[name + ".fp8_weight"]["shape"] == [m.out_features, m.in_features]
+        assert header[name + ".scales"]["shape"] == [m.out_features]
+    rest = {k: v for k, v in header.items() if k.rpartition(".")[0] not in fp8 or k.endswith(".bias")}
+    assert rest.keys() == {k for k in src if k.rpartition(".")[0] not in fp8 or k.endswith(".bias")}
+    assert all(v["dtype"] == src_name for v in rest.values())
+    # sizes: the projections take 1 byte a weight + 4 a scale; the file is its header and its tensors, nothing more
+    size = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+    for name, m in fp8.items():
+        assert size[name + ".fp8_weight"] == m.out_features * m.in_features and size[name + ".scales"] == 4 * m.out_features
+    assert os.path.getsize(tmp_path / "q" / "model.safetensors") == 8 + n + sum(size.values())
+    weights = sum(m.out_features * m.in_features for m in fp8.values())
+    float_bytes = sum(math.prod(src[name + ".weight"][0]) for name in fp8) * dtype.itemsize
+    assert float_bytes == weights * dtype.itemsize and sum(size[k] for k in size if ".fp8_weight" in k) == weights
+
+
+def test_fp8_command_from_the_release(tmp_path):
+    """A released directory (bf16 shards, a tied head made from the embedding, Hugging Face tokenizer files): renamed,
+    quantized as replace_linears_fp8 quantizes the loaded release, its tokenizer converted into ours."""
+    c = release_config(tie_word_embeddings=True, vocab_size=320)      # room for the tokenizer's 280 tokens
+    shapes = {k: ((320, 32) if k == "model.embeddings.weight" else s)  # lm_head not stored: made from the embedding
+              for k, s in release_shapes(c).items() if k != "lm_head.weight"}
+    os.makedirs(tmp_path / "rel")
+    write_sharded(tmp_path / "rel", random_tensors(shapes, seed=5, dtype=torch.bfloat16), 2)
+    write_config(tmp_path / "rel", c)
+    vocab, merges = train_bpe(corpus()[:3000], 20)
+    write_hf_tokenizer(tmp_path / "rel", vocab, merges)
+    convert.convert_fp8(ckpt=str(tmp_path / "rel"), out=str(tmp_path / "q"), k=2.0)
+    q, qt = convert.load(str(tmp_path / "q"))
+    rel, rt = convert.load(str(tmp_path / "rel"))
+    ref = spiking.replace_linears_fp8(rel, k=2.0)
+    a, b = q.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert a["embed.weight"].dtype == torch.bfloat16 and torch.equal(a["lm_head.weight"], a["embed.weight"])
+    assert q.config.spike_k == 2.0 and qt.encode(TEXTS[0]) == rt.encode(TEXTS[0])
+    idx = torch.randint(0, c["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(q(idx)[0], ref(idx)[0])
+
+
+def test_fp8_loads_without_a_float_copy_of_the_projections(tmp_path, monkeypatch):
+    """Loading builds the FP8 modules on the meta device and assigns the file's tensors: nothing is quantized or
+    dequantized, and the e4m3 bits and scales keep their dtypes under --dtype."""
+    ck = ours(tmp_path)
+    convert.convert_fp8(ckpt=ck, out=str(tmp_path / "q"))
+    for f in ("quantize_weight_fp8", "dequantize_weight_fp8"):
+        monkeypatch.setattr(spiking, f, lambda *a, **k: pytest.fail("a float projection weight was made"))
+    monkeypatch.setattr(spiking.FP8SpikeLinear, "from_linear", lambda *a, **k: pytest.fail("quantized at load"))
+    q, _ = convert.load_checkpoint(str(tmp_path / "q"), dtype="bfloat16")
+    up = q.get_submodule("blocks.1.mlp.up_proj")
+    assert isinstance(up, spiking.FP8SpikeLinear) and up.fp8_weight.dtype == torch.uint8
+    assert up.scales.dtype == torch.float32 and q.embed.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, torch.nn.Linear) and m is not q.lm_head for m in q.modules())
+
+
+def test_fp8_user_errors(tmp_path):
+    ck = ours(tmp_path)
+    args = dict(ckpt=ck, out=str(tmp_path / "q"))
+    for kw, err, msg in [(dict(k=0.0), ValueError, "k=0.0 must be > 0"),
+                         (dict(k=None), ValueError, "FP8 layers multiply spike counts"),
+                         (dict(ckpt=str(tmp_path / "nope")), FileNotFoundError, "nope does not exist"),
+                         (dict(ckpt=str(tmp_path)), FileNotFoundError, "not a checkpoint directory"),
+                         (dict(out=ck), ValueError, "would replace the source")]:
+        with pytest.raises(err, match=msg):
+            convert.convert_fp8(**{**args, **kw})
+    assert not os.path.exists(tmp_path / "q") and not leftovers(tmp_path)
+    convert.convert_fp8(**args)
+    with pytest.raises(FileExistsError, match="pass --overwrite true"):
+        convert.convert_fp8(**args)
+    w8 = spiking.replace_linears(convert.load_checkpoint(ck)[0], k=3.0, group_size=32)
+    convert.save_checkpoint(w8, w8.config, str(tmp_path / "w8"))
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    for src, kind in (("w8", "a W8ASpike"), ("q", "an FP8")):          # quantized sources: refused by name, with the fix
+        with pytest.raises(ValueError, match=f"already {kind} checkpoint: `convert.py fp8` quantizes float weights; "
+                                             f"give it the float checkpoint"):
+            convert.convert_fp8(ckpt=str(tmp_path / src), out=str(tmp_path / "q2"))
+    with pytest.raises(ValueError, match="already an FP8 checkpoint: `convert.py w8aspike`"):
+        convert.convert_w8aspike(ckpt=str(tmp_path / "q"), out=str(tmp_path / "q2"), text=str(text), calibrated=False)
+    assert not os.path.exists(tmp_path / "q2") and not leftovers(tmp_path)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "fp8", "--ckpt", str(tmp_path / "q"),
+                        "--out", str(tmp_path / "q3")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "already an FP8 checkpoint" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_fp8_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    ck = ours(tmp_path)
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    calls = []
+
+    def failing_add(self, name, t):
+        calls.append(name)
+        if len(calls) % 20 == 0:
+            raise OSError("disk full")
+        return real_add(self, name, t)
+    real_add = convert.FileWriter.add
+    monkeypatch.setattr(convert.FileWriter, "add", failing_add)
+    for out in ("out", "new"):
+        with pytest.raises(OSError, match="disk full"):
+            convert.convert_fp8(ckpt=ck, out=str(tmp_path / out), overwrite=True)
+    assert os.listdir(tmp_path / "out") == ["keep.txt"] and not os.path.exists(tmp_path / "new")
+    assert not leftovers(tmp_path)
 
 
 # ----------------------------------------------------------------------------- tokenizer

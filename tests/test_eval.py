@@ -67,6 +67,9 @@ def test_spikes_on_float_and_w8aspike_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     spikes(ckpt=str(tmp_path / "q"), text=text, k=[3.0], seq_len=32, max_tokens=256, dtype="float64")
     assert len(capsys.readouterr().out.splitlines()) == 5
+    convert.convert_fp8(ckpt=ckpt, out=str(tmp_path / "fp8"))         # no run without spikes: refused by name
+    with pytest.raises(ValueError, match="is an FP8 checkpoint, whose layers take spike counts only: .* float checkpoint"):
+        spikes(ckpt=str(tmp_path / "fp8"), text=text, k=[3.0], seq_len=32, max_tokens=256)
 
 
 def test_spikes_user_errors(tmp_path):

@@ -176,6 +176,23 @@ def test_spiking_and_w8aspike_print_sparsity(ckpt, tmp_path, capsys):
     assert "[spikes: sparsity" in capsys.readouterr()[1]
 
 
+def test_fp8_checkpoint_generates_as_quant_fp8(ckpt, tmp_path, capsys):
+    """An FP8 checkpoint (convert.py fp8) runs without flags as --spike 3 --quant fp8 on its float source: the same
+    greedy reply; --quant fp8 on it changes nothing; --quant int8 is refused by name."""
+    convert.convert_fp8(ckpt=ckpt, out=str(tmp_path / "fp8"))
+    capsys.readouterr()
+    replies = []
+    for args in (dict(ckpt=ckpt, spike=3.0, quant="fp8"), dict(ckpt=str(tmp_path / "fp8")),
+                 dict(ckpt=str(tmp_path / "fp8"), quant="fp8")):
+        generate.main(**args, device="cpu", prompt="Once", max_new_tokens=6, temperature=0, stop=[])
+        out, err = capsys.readouterr()
+        assert "[spikes: sparsity" in err
+        replies.append(out)
+    assert replies[0] == replies[1] == replies[2] and len(replies[0]) > 1
+    with pytest.raises(ValueError, match=r"an FP8 checkpoint holds e4m3 weights already: quantize the float checkpoint"):
+        generate.main(ckpt=str(tmp_path / "fp8"), device="cpu", prompt="Once", quant="int8")
+
+
 def test_sampling_with_a_seed_is_deterministic(tok_dir):
     m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
     replies = []

@@ -259,6 +259,11 @@ def check_generate(r, ws):
     assert r.stderr.startswith("loaded ") and "[TTFT" in r.stderr and "decode" in r.stderr, r.stderr
 
 
+def check_generate_spiking(r, ws):
+    check_generate(r, ws)
+    assert "[spikes: sparsity" in r.stderr, r.stderr                 # a quantized checkpoint's layers spike
+
+
 def check_chat(replies, spiking=False):
     def check(r, ws):
         assert r.stderr.count("[TTFT") == replies and "(history cleared)" in r.stderr, r.stderr
@@ -314,6 +319,17 @@ def check_w8aspike(r, ws):
     assert "W8ASpike layers" in r.stdout and "group_size=128" in r.stdout
 
 
+def check_fp8(r, ws):
+    from safetensors import safe_open
+    d = ws.path / "out" / "tiny" / "final-fp8"
+    is_checkpoint(d)                                                 # tokenizer files copied
+    assert "FP8 layers, k=3.0" in r.stdout and yaml_of(d / "config.yaml")["spike_k"] == 3.0
+    with safe_open(d / "model.safetensors", "pt") as f:               # e4m3 bits, no float projection weights
+        names = list(f.keys())
+        assert f.get_slice("blocks.0.mlp.up_proj.fp8_weight").get_dtype() == "U8"
+    assert "blocks.0.mlp.up_proj.weight" not in names
+
+
 def extra_declared(cmd):
     """pip install -e ".[X]": X is an extra that pyproject.toml declares."""
     extra = re.search(r"\.\[(\w+)\]", cmd).group(1)
@@ -359,6 +375,7 @@ ABLATION_SHORT = ("--train.max_steps", "2", "--train.log_interval", "1", "--eval
 LM_EVAL = None if importlib.util.find_spec("lm_eval") else 'needs lm-eval: pip install -e ".[eval]"'
 CKPT = "out/tiny/final"
 W8A = "python convert.py w8aspike --ckpt CKPT --text FILE --out CKPT-w8a"
+FP8 = "python convert.py fp8 --ckpt CKPT --out CKPT-fp8"
 QWEN_7B = "python convert.py qwen2.5 --src Qwen2.5-7B --to spikingbrain-7b --out ckpt/sb7b-init"
 RELEASE_IN = "python convert.py release --src V1-7B-base --to ours --out ckpt/sb7b"
 PREPARE = "python train.py prepare --inputs PATHS --out DIR --tokenizer_dir DIR"
@@ -421,7 +438,9 @@ TABLE = {
     'python generate.py --ckpt CKPT --prompt "Once upon"': [
         Run(subs={"CKPT": CKPT}, append=("--max_new_tokens", "8"), check=check_generate, needs=((DEMO, ""),)),
         Run(name="W8ASpike", subs={"CKPT": CKPT + "-w8a"}, append=("--max_new_tokens", "8"), check=check_generate,
-            needs=((W8A, ""),), slow=True)],
+            needs=((W8A, ""),), slow=True),
+        Run(name="FP8", subs={"CKPT": CKPT + "-fp8"}, append=("--max_new_tokens", "8"), check=check_generate_spiking,
+            needs=((FP8, ""),))],
     "python generate.py --ckpt V1-7B-base --compile true": [
         Run(gpus=1, slow=True, append=("--max_new_tokens", "8"), stdin="Hello\n/reset\nAnd again\n/quit\n",
             check=check_chat(2))],
@@ -453,6 +472,7 @@ TABLE = {
     # CKPT: the demo's export; FILE: valid.txt, a few kB of Python's docs
     W8A: [Run(subs={"CKPT": CKPT, "FILE": "valid.txt"}, append=("--n_samples", "4", "--seq_len", "32"),
               check=check_w8aspike, needs=((DEMO, ""),), slow=True)],
+    FP8: [Run(subs={"CKPT": CKPT}, check=check_fp8, needs=((DEMO, ""),))],
     # ---- Reproduce the conversion claim on one GPU: the chain runs in order, shrunk, in tests/test_recipe_mini.py
     **{cmd: [Run(skip="run in order, shrunk, by tests/test_recipe_mini.py")] for cmd in (
         "python train.py --config configs/mini-dense.yaml",

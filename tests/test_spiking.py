@@ -7,6 +7,7 @@ Every expected number is worked out by hand (in the comments) or by an independe
 import math
 import os
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ import convert
 from convert import load_checkpoint
 from model import GPT, Config, Linear
 from spiking import (FP8SpikeLinear, W8ASpikeLinear, calibrate, coding_range, collect_stats, decode, default_steps,
-                     dequantize_weight_fp8, encode, energy, fp8_counts, if_neuron, quantize_weight, quantize_weight_fp8,
-                     replace_linears, replace_linears_fp8, replace_linears_for_state, search_scales, spike,
-                     spike_events, spike_quant, spike_raster, w8aspike_reference)
+                     dequantize_weight_fp8, encode, energy, fp8_counts, if_neuron, quantize_int8, quantize_weight,
+                     quantize_weight_fp8, quantized_format, replace_linears, replace_linears_fp8,
+                     replace_linears_for_state, search_scales, spike, spike_events, spike_quant, spike_raster,
+                     w8aspike_reference)
 
 T_ = torch.tensor
 
@@ -514,6 +516,9 @@ def test_fp8_counts_round_past_16_and_keep_wide_rows():
     # row 0: exact to 16, then 4 significant bits (17 -> 16, a tie to even; 100 -> 96); row 1 holds a count past
     # 448 (e4m3's largest): kept exact, the fast path's float path
     assert fp8_counts(c).tolist() == [[3.0, -16.0, 16.0, -96.0, 448.0], [1.0, 2.0, 3.0, 449.0, -17.0]]
+    # past 16 the nearest e4m3 value, ties to even (README): steps of 2 to 32, 4 to 64, ..., 32 from 256 to 448
+    c = T_([[17.0, 18.0, 19.0, 21.0, -23.0, 33.0, 35.0, 66.0, 300.0, 447.0]])
+    assert fp8_counts(c).tolist() == [[16.0, 18.0, 20.0, 20.0, -24.0, 32.0, 36.0, 64.0, 288.0, 448.0]]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -636,6 +641,49 @@ def test_replace_linears_for_state_swaps_only_the_saved_w8aspike_layers():
     assert w8["blocks.0.mlp.up_proj"].group_size == 32 and w8["blocks.0.attn.gk_proj.1"].group_size == 16
     assert all(type(m) is Linear for n, m in model.named_modules() if n.startswith("blocks.1.") and "proj" in n)
     model.load_state_dict(state, assign=True)                          # every tensor has its place
+
+
+def test_fp8_save_load(tmp_path):
+    """An FP8 model saves as its buffers (e4m3 bits as uint8, float32 scales) and loads back as FP8SpikeLinear layers
+    at the config's k: the same logits; under a dtype the bits and scales keep theirs."""
+    model = replace_linears_fp8(_tiny(spike_k=2.0), k=3.0)
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    convert.save_checkpoint(model, model.config, str(tmp_path / "q"))
+    loaded, config = load_checkpoint(str(tmp_path / "q"))
+    assert config.spike_k == 3.0
+    m = loaded.get_submodule("blocks.1.mlp.up_proj")
+    assert isinstance(m, FP8SpikeLinear) and m.fp8_weight.dtype == torch.uint8 and m.spike_k == 3.0
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    bf, _ = load_checkpoint(str(tmp_path / "q"), dtype=torch.bfloat16)
+    up = bf.get_submodule("blocks.1.mlp.up_proj")
+    assert bf.embed.weight.dtype == torch.bfloat16 and up.scales.dtype == torch.float32 and up.fp8_weight.dtype == torch.uint8
+
+
+def test_replace_linears_for_state_swaps_fp8_layers():
+    state = {k: v for k, v in replace_linears_fp8(_tiny(), k=2.0).state_dict().items() if k.startswith("blocks.0.")}
+    state.update({k: v for k, v in _tiny(seed=1).state_dict().items() if not k.startswith("blocks.0.")})
+    with torch.device("meta"):
+        model = replace_linears_for_state(GPT(Config.from_name("tiny")), state, k=2.0)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, FP8SpikeLinear)}
+    assert set(fp8) == {k.removesuffix(".fp8_weight") for k in state if k.endswith(".fp8_weight")}
+    assert len(fp8) == 9 and all(n.startswith("blocks.0.") and m.spike_k == 2.0 for n, m in fp8.items())
+    assert all(type(m) is Linear for n, m in model.named_modules() if n.startswith("blocks.1.") and "proj" in n)
+    assert quantized_format(model) == "FP8"
+    model.load_state_dict(state, assign=True)                          # every tensor has its place
+    with torch.device("meta"), pytest.raises(ValueError, match="holds FP8 weights, .* needs a spike_k"):
+        replace_linears_for_state(GPT(Config.from_name("tiny")), state, k=None)
+
+
+def test_quantizers_refuse_a_quantized_model_by_name():
+    for model, fmt, held in ((replace_linears(_tiny(), k=3.0), "a W8ASpike", "INT8"),
+                             (replace_linears_fp8(_tiny(), k=3.0), "an FP8", "e4m3")):
+        assert quantized_format(model) == fmt.split()[1]
+        for quantize in (quantize_int8, partial(replace_linears_fp8, k=3.0)):
+            with pytest.raises(ValueError, match=f"no float projections to quantize \\({fmt} checkpoint holds {held} "
+                                                 f"weights already: quantize the float checkpoint it came from\\)"):
+                quantize(model)
+    assert quantized_format(_tiny()) is None
 
 
 @pytest.mark.parametrize("w8", [False, True])
