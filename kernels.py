@@ -1502,7 +1502,7 @@ def _spike(x, k):
 def moe_experts(x, w, idx, experts):
     """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * experts[idx[n, j]](x[n]).
 
-    x [N, C]; w [N, k] float32, the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
+    x [N, C]; w [N, k] float32 (or wider), the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
     SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token, expert)
     rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked [E, ...]
     (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and the spike

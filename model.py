@@ -479,7 +479,7 @@ class MoE(nn.Module):
     def forward(self, x):
         c, shape = self.c, x.shape
         x = x.reshape(-1, shape[-1])                                        # (N, C)
-        probs = F.softmax(self.router(x).float(), -1)                       # (N, E)
+        probs = F.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), -1)   # (N, E)
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
@@ -488,7 +488,7 @@ class MoE(nn.Module):
         return out.view(shape), aux, load.detach()
 
     def routed(self, x, w, idx):
-        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32), ids idx [N, k]."""
+        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
         if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
             return kernels.moe_experts(x, w, idx, self.experts)
         out = torch.zeros_like(x)
