@@ -650,8 +650,9 @@ REPORT_SPLIT_TTFT = ("H100, sequence parallel, 7B: ~1.0-1.07 s from 256k to 4M t
 
 
 def splittable(c):
-    """Can one prompt of this config be split over ranks? kernels.cp_start takes gla, la and swa layers, no sinks."""
-    return not c.n_sink and all(k in (*LINEAR_MIXERS, "swa") for i in range(c.n_layer) for k in c.mixers(i))
+    """Does ttft --cp time this config? Not with full attention ('fa'): its gathers (every rank's keys) grow with the
+    prompt, unlike the fixed sends split_collectives times and project_split scales."""
+    return all(k != "fa" for i in range(c.n_layer) for k in c.mixers(i))
 
 
 @torch.no_grad()
@@ -678,17 +679,20 @@ def split_ttft(m, ids, group):
 
 
 def split_collectives(c, device, dt):
-    """What one rank sends in a split forward's all_gathers, in their order (B = 1): the slice lengths (cp_start),
-    then per layer each linear branch's state and summed log-decay (cp_linear, float32) and each SWA branch's last
-    `window` keys and values and their positions (cp_halo)."""
-    parts = [torch.zeros(1, dtype=torch.long, device=device)]
+    """What one rank sends in a split forward's all_gathers, in their order (B = 1): its slice length and last
+    document (cp_start), then per layer each linear branch's state and decay (cp_linear, float32) and each SWA
+    branch's last `window` keys and values (cp_attention), the first SWA branch their positions and documents before
+    them (cp_before)."""
+    parts, first = [torch.zeros(1, 3, dtype=torch.long, device=device)], True
     for i in range(c.n_layer):
         for kind in c.mixers(i):
             if kind in LINEAR_MIXERS:
                 parts.append(torch.zeros(1, c.n_kv_head, c.head_dim, c.head_dim + 1, device=device))
             else:
-                parts += [torch.zeros(1, c.window, c.n_kv_head, 2 * c.head_dim, device=device, dtype=dt),
-                          torch.zeros(1, c.window, dtype=torch.long, device=device)]
+                if first:
+                    parts.append(torch.zeros(1, c.window, 2, dtype=torch.long, device=device))
+                    first = False
+                parts.append(torch.zeros(1, c.window, c.n_kv_head, 2 * c.head_dim, device=device, dtype=dt))
     return parts
 
 
@@ -794,7 +798,7 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
     on the same prompt in one process (rank 0's device, chunks of `chunk`), the ratio (the aim: <= 0.55 on 2 GPUs),
     the gathers of a split forward timed alone and their share, whether the split's first token is one process's.
     Then a projection to 8 / 32 / 128 GPUs at project_to tokens (project_split) beside the report's figures.
-    Models with full attention or sinks cannot be split: skipped with a note. Returns the rows."""
+    Models with full attention are skipped with a note (splittable). Returns the rows."""
     cuda = device.startswith("cuda")
     if cuda and n > torch.cuda.device_count():
         raise ValueError(f"--cp {n} needs {n} GPUs, one a rank; {torch.cuda.device_count()} visible")
@@ -804,7 +808,7 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
            f"layers {n_layer or 'all'}")
     for name in models:
         if not splittable(first_layers(name, n_layer)):
-            print(f"# {name}: skipped, full attention ('fa') or sinks cannot be split over ranks (kernels.cp_start)")
+            print(f"# {name}: skipped, full attention ('fa'): its gathers grow with the prompt (splittable)")
     models = [name for name in models if splittable(first_layers(name, n_layer))]
     if not models:
         return []

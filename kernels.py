@@ -15,9 +15,10 @@ compare against:
   channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
-- context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group, GLA
-  states passed on in one all-gather per layer, the SWA keys before each slice fetched, the gradients sent back
-  through the gathers (cp_*; twin: model.GPT.forward and its backward in one process).
+- context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group (packed
+  documents may cross the slices; every rank runs the sinks), GLA states passed on in one all-gather per layer, the
+  keys before each slice fetched (SWA: the window's; full attention: all), the gradients sent back through the
+  gathers (cp_*; twin: model.GPT.forward and its backward in one process).
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates, the
 ops they guard and the cp_* steps of a split sequence. Nothing here imports model.py: what it needs of it (a cache,
 model.attention) comes as arguments.
@@ -51,6 +52,7 @@ and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), al
 """
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -922,9 +924,13 @@ def band_prefill(q, k, v, pos, doc, kv, window):
 
 # ----------------------------------------------------------------------------- context parallelism
 # One sequence split over the ranks of a torch.distributed group, rank r holding the r-th contiguous slice (any
-# lengths): prefill, and training with the loss and gradients of one process. Linear branches pass states (LASP-2),
-# SWA branches fetch the keys before their slice. Under autograd every rank's backward must run the same collectives
-# in the same order: each gather's outputs reach every rank's loss, even where a rank reads none of them (cp_linear).
+# lengths): prefill, and training with the loss and gradients of one process. Packed documents may cross the slices'
+# edges. Linear branches pass states (LASP-2); softmax branches fetch the keys before their slice (SWA: those within
+# the window; full attention: all). Each rank runs the sink tokens itself (they are parameters, the same on every
+# rank: n_sink more tokens a rank and no communication) and reads only its own copy of them, so the gradients summed
+# over the ranks (cp_reduce_grads) count each rank's use of the sinks once. Under autograd every rank's backward must
+# run the same collectives in the same order: each gather's outputs reach every rank's loss, even where a rank reads
+# none of them (cp_linear's zero state, cp_before's empty selection on rank 0).
 
 class CPGather(torch.autograd.Function):
     """all_gather of x (same shape on every rank) whose backward hands each rank the sum over ranks of its part's
@@ -949,72 +955,143 @@ def cp_gather(x, group):
     return list(CPGather.apply(x, group))
 
 
-def cp_start(T, group, device, c, targets=None, doc_ids=None, cache=None, input_pos=None):
-    """Global position of this rank's first token: the summed slice lengths of the ranks before it. Checks first that
-    the split supports the call (config c, GPT.forward's arguments)."""
-    if (doc_ids is not None or input_pos is not None or c.n_sink or cache is not None and cache.seen or
-            any("fa" in c.mixers(i) for i in range(c.n_layer))):
-        raise NotImplementedError("a sequence split over ranks (cp_group) runs gla, la and swa layers from position 0 "
-                                  "(prefill, or training with targets: cp_loss, cp_reduce_grads); not doc_ids, "
-                                  "input_pos, sinks or full attention ('fa') layers")
-    lengths = cp_gather(torch.tensor([T], device=device), group)
-    return int(sum(lengths[:torch.distributed.get_rank(group)]))
+@dataclass
+class CPSlice:
+    """This rank's part of a split sequence: cp_start makes it once a forward, every layer reads it. lengths: every
+    rank's slice length; n_sink: the sink tokens each rank runs before its slice; docs: packed documents given;
+    head [B]: how many of the slice's first tokens continue what enters it (the previous rank's last document; on
+    rank 0 the sinks), T where no document starts in the slice, 0 where one starts at its first token; shift [B, T]:
+    the positions a document begun on an earlier rank already took, added to its tokens here."""
+    group: object
+    rank: int
+    lengths: list
+    n_sink: int
+    docs: bool
+    head: torch.Tensor
+    shift: torch.Tensor
+    keys: dict = field(default_factory=dict)   # positions and documents of the keys cp_before gathers, by window
+
+    @property
+    def start(self):
+        """Global index of this rank's first token (sinks not counted)."""
+        return sum(self.lengths[:self.rank])
+
+
+def cp_start(idx, group, n_sink, doc_ids=None, cache=None, input_pos=None):
+    """This rank's CPSlice of a split sequence, idx [B, T] being its slice: one all_gather of every rank's slice
+    length and, per row, its last document and how many tokens of it the slice holds. doc_ids [B, T]:
+    this rank's slice (kernels.cp_slice) of the rows' non-decreasing document ids, numbered alike on every rank.
+    n_sink: the sinks GPT.forward prepends. Refuses what the split cannot run first (GPT.forward's arguments)."""
+    if input_pos is not None or cache is not None and cache.seen:
+        raise NotImplementedError("a sequence split over ranks (cp_group) runs from position 0 (prefill, or training "
+                                  "with targets: cp_loss, cp_reduce_grads); not input_pos or a cache holding tokens")
+    T, rank = idx.shape[1], torch.distributed.get_rank(group)
+    ar = torch.arange(T, device=idx.device)
+    doc = torch.zeros_like(idx) if doc_ids is None else doc_ids.long()
+    starts = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)                 # (B, T), the first token too
+    last = torch.where(starts, ar, 0).amax(1)                                       # the last document's first token
+    info = torch.stack(cp_gather(torch.stack([torch.full_like(last, T), doc[:, -1], T - last], 1), group))   # (n,B,3)
+    d0, offset, alive = doc[:, 0], torch.zeros_like(last), torch.ones_like(last, dtype=torch.bool)
+    for j in reversed(range(rank)):   # back over the ranks before while they end in this slice's first document
+        alive = alive & (info[j, :, 1] == d0)                                       # (ids never decrease: then all
+        offset = offset + torch.where(alive, info[j, :, 2], 0)                      # of rank j+1 was that document)
+    cont = info[rank - 1, :, 1] == d0 if rank else torch.ones_like(alive)
+    head = torch.where(cont, torch.where(starts & (ar > 0), ar, T).amin(1), 0)
+    return CPSlice(group, rank, info[:, 0, 0].tolist(), n_sink, doc_ids is not None, head,
+                   torch.where(ar < head[:, None], offset[:, None], 0))
 
 
 def cp_slice(t, group):
     """This rank's contiguous slice of rows t [B, T] split over `group` (t itself for None): slice lengths differ by at
     most one, rank r's starting at T * r // n."""
-    if group is None:
+    if group is None or t is None:
         return t
     r, n, T = torch.distributed.get_rank(group), torch.distributed.get_world_size(group), t.shape[1]
     return t[:, T * r // n:T * (r + 1) // n]
 
 
-def cp_linear(q, g, o, state, group):
-    """A linear branch over a split sequence. This rank ran gla on its slice from a zero state (o [B, T, H, V], state
-    [B, Hkv, K, V]); one all_gather of every rank's state and summed log-decay L [B, Hkv, K] gives the state entering
-    the slice, S_in = exp(L_{r-1}) S_in(r-1) + S_{r-1} scanned from rank 0, and the part of o it explains,
-    scale * (q_t * exp(b_t)) @ S_in with b_t the log-decay from the slice start to t: a correction, not a second gla.
-    Returns o and the state after the slice (the whole prefix's)."""
-    b = g.cumsum(1)                                                              # (B, T, Hkv, K), <= 0
-    parts = cp_gather(torch.cat([state, b[:, -1, ..., None].to(state.dtype)], -1), group)   # (B, Hkv, K, V + 1)
-    rank = torch.distributed.get_rank(group)
+def cp_linear(q, k, v, g, cu_seqlens, cp, gla):
+    """A linear branch (gla or la) over this rank's slice of a split sequence. q, k, g [B, n_sink + T, H or Hkv, K],
+    v [B, n_sink + T, Hkv, V] (the sinks first); cu_seqlens: the slice's documents in its flattened rows, each row
+    starting one (model.GPT.forward's), or None; cp: cp_start's; gla: model.gla. Returns o [B, n_sink + T, H, V] and
+    the state after the slice [B, Hkv, K, V] (the whole prefix's).
+    The sinks run first, on every rank alike, and leave the state h that starts every document. gla then runs on the
+    slice from zero states, or from h for a document starting in it: the first cp.head tokens of a row continue what
+    enters the slice and start from zero. One all_gather of every rank's last state and its decay over the slice (zero
+    where a document starts in it: that state owes nothing to what came before) gives the state entering this slice,
+    S_in = decay_{r-1} S_in(r-1) + S_{r-1} from S_in(0) = h (zero without sinks), and the part of o it explains,
+    scale * (q_t exp(b_t)) @ S_in for the head tokens, b_t the log-decay from the slice start to t: a correction,
+    not a second gla."""
+    s, rank = cp.n_sink, cp.rank
+    o_sink = h = None
+    if s:
+        o_sink, h = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])               # h: (1, Hkv, K, V)
+        q, k, v, g = (t[:, s:] for t in (q, k, v, g))
+    (B, T, Hkv), head = g.shape[:3], cp.head
+    if cu_seqlens is None:   # one document a row: it starts from h where it starts at the slice's first token
+        h0 = None if h is None else h.expand(B, -1, -1, -1) * (head == 0)[:, None, None, None]
+        o, state = gla(q, k, v, g, initial_state=h0)
+    else:
+        first = cu_seqlens[:-1].long()                                             # documents' first tokens
+        row = first // T
+        fresh = (first % T > 0) | (head[row] == 0)
+        h0 = None if h is None else h.expand(len(first), -1, -1, -1) * fresh[:, None, None, None]
+        o, states = gla(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v, g)), initial_state=h0,
+                        cu_seqlens=cu_seqlens)
+        o, state = o.view(B, T, *o.shape[2:]), states[torch.bincount(row, minlength=B).cumsum(0) - 1]   # row's last
+    b = g.cumsum(1)                                                                # (B, T, Hkv, K), <= 0
+    decay = torch.where((head < T)[:, None, None], 0, b[:, -1].exp()).to(state.dtype)[..., None]   # (B, Hkv, K, 1)
+    parts = cp_gather(torch.cat([state, decay], -1), cp.group)                     # (B, Hkv, K, V + 1)
     s_in = parts[rank][..., :-1] * 0   # zero, yet tied to the gather: rank 0's backward must reach its collective too
+    if h is not None:
+        s_in = s_in + h
     for p in parts[:rank]:
-        s_in = p[..., -1:].exp() * s_in + p[..., :-1]
-    Hkv = g.shape[2]
-    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * b.exp()[:, :, :, None] * q.shape[-1] ** -0.5   # (B, T, Hkv, G, K)
-    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)               # GQA: head h // G
-    return (o + corr).to(o.dtype), b[:, -1, ..., None].exp().to(state.dtype) * s_in + state
+        s_in = p[..., -1:] * s_in + p[..., :-1]
+    on = (torch.arange(T, device=q.device) < head[:, None])[:, :, None, None]     # (B, T, 1, 1) the head tokens
+    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * (b.exp() * on)[:, :, :, None] * q.shape[-1] ** -0.5   # (B,T,Hkv,G,K)
+    corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)  # GQA: head h // G
+    o = (o + corr).to(o.dtype)
+    if o_sink is not None:
+        o = torch.cat([o_sink.expand(B, -1, -1, -1), o], 1)
+    return o, decay * s_in + state
 
 
-def cp_halo(k, v, pos, window, group):
-    """The keys, values and positions [B, h, ...] of the `window` positions before this slice (fewer at the start),
-    held by the ranks before it. Every rank sends its last `window` keys (padded with position -1 where its slice is
-    shorter): an all_gather, so a slice may be shorter than the window; point-to-point from the ranks in reach would
-    send less."""
-    pad = max(window - k.shape[1], 0)
-    kv = F.pad(torch.cat([k, v], -1)[:, -window:], (0, 0, 0, 0, pad, 0))        # (B, window, Hkv, 2D)
-    kv, kpos = torch.cat(cp_gather(kv, group), 1), torch.cat(cp_gather(F.pad(pos[:, -window:], (pad, 0), value=-1),
-                                                                       group), 1)
-    start = int(pos[0, 0])
-    keep = (kpos[0] >= max(start - window, 0)) & (kpos[0] < start)             # rows share positions
-    hk, hv = kv[:, keep].chunk(2, -1)
-    return hk, hv, kpos[:, keep]
+def cp_before(x, window, cp):
+    """What the ranks before this one hold of x [B, T, ...] (their slices, no sinks) that this slice's queries may
+    see: the `window` tokens before it (SWA) or all of them (window None: full attention) -> [B, L, ...]. One
+    all_gather: every rank sends its last `window` tokens (its whole slice for None), front-padded to one length P,
+    so a slice may be shorter than the window; the selection is by global index, on rank 0 empty."""
+    lengths, P = torch.tensor(cp.lengths), max(cp.lengths) if window is None else window
+    parts = torch.cat(cp_gather(F.pad(x[:, -P:], (0, 0) * (x.dim() - 2) + (max(P - x.shape[1], 0), 0)), cp.group), 1)
+    ends = lengths.cumsum(0)
+    at = (ends[:, None] - P + torch.arange(P)).flatten()                           # global index of each slot
+    lo = 0 if window is None else cp.start - window
+    keep = (at >= (ends - lengths).repeat_interleave(P)) & (at >= lo) & (at < cp.start)   # not padding, in reach
+    return parts[:, keep.nonzero().flatten().to(x.device)]
 
 
-def cp_window_attention(q, k, v, pos, window, kv, group, attention):
-    """model.Attention's SWA of this rank's slice of a split sequence (q, k after RoPE): the keys before it
-    (cp_halo), then its own. A fresh cache kv (a model.KVCache, or None) gets both, so the last rank's cache is the
-    one a single process would hold. attention: model.attention, the reference when the band is not used."""
-    hk, hv, hpos = cp_halo(k, v, pos, window, group)
-    k, v, kpos = torch.cat([hk, k], 1), torch.cat([hv, v], 1), torch.cat([hpos, pos], 1)
+def cp_attention(q, k, v, pos, doc, window, kv, cp, attention):
+    """model.Attention's softmax branch over this rank's slice of a split sequence: SWA, or full attention for window
+    None. q, k after RoPE, [B, n_sink + T, ...]; pos/doc [B, n_sink + T] (doc None: one document, no sinks). The keys:
+    the sinks' (this rank's copy), those of the ranks before in reach (cp_before; their positions and documents
+    gathered once a forward), then the slice's own; `attention` (model.attention) masks by position and document. A
+    fresh cache kv (a model.KVCache, or None) gets them all, so the last rank's cache is the one a single process
+    would hold.
+    Memory of full attention: every rank receives all ranks' keys and values of the layer (ranks x longest slice x
+    Hkv x 2 x head_dim, the whole sequence's, not 1/ranks of it) and autograd keeps those of the ranks before it for
+    the backward; the last rank attends over the most keys (no ring, no load balancing)."""
+    s = cp.n_sink
+    doc = torch.zeros_like(pos) if doc is None else doc
+    if window not in cp.keys:   # the same in every layer of this window
+        cp.keys[window] = cp_before(torch.stack([pos[:, s:], doc[:, s:]], -1), window, cp).unbind(-1)
+    (hpos, hdoc), (hk, hv) = cp.keys[window], cp_before(torch.cat([k[:, s:], v[:, s:]], -1), window, cp).chunk(2, -1)
+    k, v, kpos, kdoc = (torch.cat([x[:, :s], h, x[:, s:]], 1) for x, h in ((k, hk), (v, hv), (pos, hpos), (doc, hdoc)))
     if kv is not None:
-        kv.write(k, v, kpos, torch.zeros_like(kpos))
-    if use_band(q, window):
+        kv.write(k, v, kpos, kdoc)
+    if not s and not cp.docs and use_band(q, window):   # one document, no sinks: the band's tiles alone
         start = int(pos[0, 0])
         return sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
-    return attention(q, k, v, pos, kpos, torch.zeros_like(pos), torch.zeros_like(kpos), window)
+    return attention(q, k, v, pos, kpos, doc, kdoc, window)
 
 
 def cp_loss(loss, n_tokens, group):
@@ -1502,7 +1579,7 @@ def _spike(x, k):
 def moe_experts(x, w, idx, experts):
     """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * experts[idx[n, j]](x[n]).
 
-    x [N, C]; w [N, k] float32, the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
+    x [N, C]; w [N, k] float32 (or wider), the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
     SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token, expert)
     rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked [E, ...]
     (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and the spike

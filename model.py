@@ -408,7 +408,7 @@ class Attention(nn.Module):
         window = self.c.window if kind == "swa" else None
         kv = None if cache is None else cache.kv
         if cp is not None:   # one slice of a sequence split over ranks: the keys before it come from the ranks before
-            return kernels.cp_window_attention(q, k, v, pos, window, kv, cp, attention)
+            return kernels.cp_attention(q, k, v, pos, doc, window, kv, cp, attention)
         if kv is None:
             if doc is None and kernels and kernels.use_band(q, window):   # only the band's tiles are computed
                 return kernels.sliding_window_attention(q, k, v, 0, 0, window)
@@ -432,11 +432,12 @@ class Attention(nn.Module):
         else:               # "la": sigmoid keys, forget gate tied to the key: decay = 1 - k
             q, g = F.relu(q), F.logsigmoid(-k.to(ft))
             k = torch.sigmoid(k)
-        if cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
+        if cp is not None:   # a slice of a split sequence: the state entering it comes from the ranks before
+            o, state = kernels.cp_linear(q, k, v, g, cu_seqlens, cp, gla)
+        elif cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
             return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
-        o, state = gla(q, k, v, g, initial_state=None if cache is None or cp is not None else cache.state)
-        if cp is not None:   # a slice of a split sequence: add what the state entering it contributes
-            o, state = kernels.cp_linear(q, g, o, state, cp)
+        else:
+            o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state)
         if cache is not None:
             cache.state.copy_(state)
         return o.to(x.dtype)
@@ -479,7 +480,7 @@ class MoE(nn.Module):
     def forward(self, x):
         c, shape = self.c, x.shape
         x = x.reshape(-1, shape[-1])                                        # (N, C)
-        probs = F.softmax(self.router(x).float(), -1)                       # (N, E)
+        probs = F.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), -1)   # (N, E)
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
@@ -488,7 +489,7 @@ class MoE(nn.Module):
         return out.view(shape), aux, load.detach()
 
     def routed(self, x, w, idx):
-        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32), ids idx [N, k]."""
+        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
         if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
             return kernels.moe_experts(x, w, idx, self.experts)
         out = torch.zeros_like(x)
@@ -565,7 +566,7 @@ class GPT(nn.Module):
         of packed rows (attention and the GLA state never cross documents). cache: a `new_cache()` to prefill or
         decode with; positions follow cache.seen (advanced here) or input_pos [B, T] (one compiled decode graph for
         every step; the caller advances cache.seen). last_only: the last position's logits (prefill). cp_group: the
-        ranks over which one sequence is split (kernels.cp_*): idx is this rank's slice, the loss its tokens' mean."""
+        ranks splitting one sequence (kernels.cp_*): idx, doc_ids are this rank's slice, the loss its tokens' mean."""
         c, (B, T) = self.config, idx.shape
         if input_pos is None and not torch.compiler.is_compiling() and ((idx < 0) | (idx >= c.vocab_size)).any():
             raise ValueError(f"token ids must lie in [0, vocab_size={c.vocab_size}); got {idx.min()}..{idx.max()}: "
@@ -573,20 +574,21 @@ class GPT(nn.Module):
         if cp_group is not None and kernels is None:
             raise RuntimeError("a sequence split over ranks (cp_group) runs in kernels.py: put it beside model.py")
         x = self.embed(idx)
-        n_sink, pos = 0, input_pos   # input_pos given: cache.seen is not read (a compiled step would guard on it)
+        n_sink, pos, cp = 0, input_pos, None   # input_pos given: cache.seen is not read (a compiled step would guard)
         if input_pos is None or cp_group is not None:
             n_sink = c.n_sink if cache is None or cache.seen == 0 else 0             # sinks enter once per sequence
             base = n_sink if cache is None else cache.seen + n_sink
             if cp_group is not None:   # this rank's slice follows the ranks before it
-                base += kernels.cp_start(T, cp_group, idx.device, c, targets, doc_ids, cache, input_pos)
+                cp = kernels.cp_start(idx, cp_group, n_sink, doc_ids, cache, input_pos)
+                base += cp.start
             pos = torch.arange(base, base + T, device=idx.device).expand(B, T)
         doc, cu_seqlens = None, None
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids (packed documents) are for training and scoring: call without a cache")
-            doc = doc_ids + torch.arange(B, device=idx.device)[:, None] * (T + 1)   # unique across rows
+            doc = doc_ids.long()   # compared within a row only, so a split row's ranks (cp) see the same ids
             pos, start = doc_positions(doc)
-            pos = pos + n_sink                                             # every document starts after the sinks
+            pos = pos + n_sink + (0 if cp is None else cp.shift)   # after the sinks and a document's earlier ranks
             if start.sum() > B:   # the linear branches see the flattened rows as documents
                 cu_seqlens = F.pad(start.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
         elif cache is not None or n_sink:
@@ -598,7 +600,7 @@ class GPT(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         rot = rope_table(pos, c.head_dim, c.rope_theta, torch.promote_types(x.dtype, torch.float32))
         for i, block in enumerate(self.blocks):
-            x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i], cp_group)
+            x, a = block(x, pos, rot, doc, cu_seqlens, None if cache is None else cache.layers[i], cp)
             aux = aux + a
         if cache is not None and input_pos is None:
             cache.seen = base + T   # base counts the sinks and, over a split sequence, the slices before this one

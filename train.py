@@ -4,7 +4,7 @@ and supervised fine-tuning (SFT). `main` sets a run up and `fit` is its loop; ev
     python train.py --config configs/tiny.yaml                     # the demo: a tiny SpikingBrain on Python's docs, CPU
     python train.py --config configs/tiny.yaml --resume auto       # continue from the newest checkpoint in out_dir
     python train.py --config configs/tiny.yaml --devices 2 --accelerator cpu --strategy fsdp   # FSDP2, 2 processes
-    python train.py --config configs/tiny.yaml --devices 2 --accelerator cpu --context_parallel 2 --data.doc_mask false
+    python train.py --config configs/tiny.yaml --devices 2 --accelerator cpu --context_parallel 2   # rows split in 2
     python train.py --config configs/cpt-7b-8k.yaml --devices 8    # CPT stage 1 on one 8-GPU node (FSDP2)
     python train.py --config configs/cpt-76b-8k.yaml --devices 8 --num_nodes 8 --dry_run true  # memory plan only
     python train.py prepare --inputs corpus/ chats.jsonl --out data/mine --tokenizer_dir DIR  # -> token shards
@@ -155,7 +155,7 @@ def main(
         num_nodes: nodes (the same command runs on each).
         accelerator: "cpu", "cuda" or "auto".
         strategy: "auto" = fsdp for more than one device; "ddp"; "fsdp" (FSDP2, per-block sharding, CPU gloo too).
-        context_parallel: devices that split each row between them (gla/la/swa layers, no doc_mask).
+        context_parallel: devices that split each row between them (every layout, sinks, packed documents).
         precision: "bf16-mixed" (bf16 compute, fp32 weights and optimizer), "bf16-true", "32-true"; default:
             bf16-mixed on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16), else 32-true (AVX2 CPUs
             emulate bf16 matmuls about 10x slower than fp32).
@@ -172,7 +172,7 @@ def main(
     strategy = ("fsdp" if world_size > 1 else "single") if strategy == "auto" else strategy
     check_sizes(train, eval)
     cp = context_parallel
-    check_context_parallel(cp, world_size, config, data, train)
+    check_context_parallel(cp, world_size, train)
     train, batch_note = fit_micro_batch(train, world_size, cp)
     if dry_run:
         print("\n".join(filter(None, [batch_note, plan(config, train, world_size, strategy, precision, cp)])))
@@ -236,21 +236,12 @@ def fit_micro_batch(train, world_size, cp=1):
                                                   f"{rows} rows per {'device' if cp == 1 else 'rank'}")
 
 
-def check_context_parallel(cp, world_size, config, data, train):
+def check_context_parallel(cp, world_size, train):
     """What kernels.py's split sequence cannot run is refused before any process starts, each with its fix."""
     if cp < 1 or world_size % cp:
         raise ValueError(f"context_parallel={cp} must divide the {world_size} devices (devices x num_nodes)")
     if cp == 1:
         return
-    if data.doc_mask:
-        raise ValueError("context_parallel does not run packed documents (document ids would cross the split): "
-                         "train without them with --data.doc_mask false")
-    if config.n_sink:
-        raise ValueError(f"context_parallel does not run attention sinks (model_config.n_sink={config.n_sink}): "
-                         f"use a model without sinks (--model_config.n_sink 0) or context_parallel 1")
-    if fa := [i for i in range(config.n_layer) if "fa" in config.mixers(i)]:
-        raise ValueError(f"context_parallel does not run full attention ('fa' in layers {fa}): use a layout of "
-                         f"gla, la and swa layers (e.g. spikingbrain-7b's) or context_parallel 1")
     if train.seq_len < cp:
         raise ValueError(f"train.seq_len={train.seq_len} is shorter than context_parallel={cp}: every device needs "
                          f"a token of each row")
@@ -453,7 +444,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     while state["step"] < max_steps:
         rows = train_rows(len(train_data), state["iter_num"], dp_rank, dp, train.micro_batch_size, seed)
         x, y, doc = train_data.batch(rows, fabric.device)
-        x, y = kernels.cp_slice(x, cp_group), kernels.cp_slice(y, cp_group)
+        x, y, doc = (kernels.cp_slice(t, cp_group) for t in (x, y, doc))
         is_accumulating = (state["iter_num"] + 1) % accum != 0
         log_now = not is_accumulating and (state["step"] + 1) % train.log_interval == 0
         hooks = spike_hooks(model, metrics.sparsity) if log_now and config.spike_k else []
@@ -616,7 +607,7 @@ def validate(fabric, model, data, micro_batch_size, max_batches, cp_group=None):
     for i in range(n):
         rows = [((i * world + rank) * micro_batch_size + j) % len(data) for j in range(micro_batch_size)]
         x, y, doc = data.batch(rows, fabric.device)
-        x, y = kernels.cp_slice(x, cp_group), kernels.cp_slice(y, cp_group)
+        x, y, doc = (kernels.cp_slice(t, cp_group) for t in (x, y, doc))
         _, loss, _ = model(x, y, doc, cp_group=cp_group)
         nll.update(loss.float(), weight=(y != -100).sum())
     model.train()
@@ -817,8 +808,9 @@ def activation_bytes(c, seq_len):
 def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, strategy, precision, checkpointing,
                     cp=1):
     """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits. With
-    context parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens."""
-    seq_len = -(-seq_len // cp)
+    context parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens, and
+    in each full-attention layer the keys and values gathered from the devices before it (the last device's share)."""
+    row, seq_len = seq_len, -(-seq_len // cp)
     c, tokens = config, micro_batch_size * (seq_len + config.n_sink)
     w, g, o = {"bf16-mixed": (4, 4, 8), "bf16-true": (2, 2, 4), "32-true": (4, 4, 8)}.get(precision, (4, 4, 8))
     shard = world_size if strategy == "fsdp" else 1
@@ -826,6 +818,8 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
     block = (n_params - emb - c.n_sink * c.n_embd) / c.n_layer
     per_layer = activation_bytes(c, seq_len)
     acts = tokens * (sum(per_layer) if not checkpointing else 2 * c.n_embd * c.n_layer + max(per_layer))
+    fa = sum("fa" in c.mixers(i) for i in range(c.n_layer))
+    acts += micro_batch_size * (row - seq_len) * 4 * c.n_kv_head * c.head_dim * (min(fa, 1) if checkpointing else fa)
     mem = {"weights": w * n_params / shard, "grads": g * n_params / shard, "optimizer": o * n_params / shard,
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
            "gathered": (2 * 2 * block + 2 * emb) * (shard > 1),

@@ -1,5 +1,6 @@
 """Context parallelism on CPU: one sequence split over 2 and 3 gloo processes gives, slice by slice, the logits,
-GLA states and decode cache of one process, and in training its loss and every parameter gradient (float64)."""
+GLA states and decode cache of one process, and in training its loss and every parameter gradient (float64): the
+7B layout, packed documents crossing the slices' edges or starting on one, and sinks, full attention and MoE."""
 import datetime
 import os
 import sys
@@ -14,6 +15,10 @@ import kernels  # noqa: E402
 import model as M  # noqa: E402
 
 T = 23   # divisible by neither 2 nor 3
+SPLITS = [
+    [[12, 23], [3, 23], [22, 23]],          # 2 ranks: near-even, short first slice, a 1-token last slice
+    [[7, 15, 23], [2, 20, 23], [10, 11, 23]],   # 3 ranks: T // 3 per rank and uneven ones, a 1-token middle slice
+]
 
 
 def tiny(name="tiny", **kw):
@@ -27,52 +32,81 @@ def _init(rank, world, store):
                             timeout=datetime.timedelta(seconds=60))
 
 
-def _worker(rank, world, store, splits):
+def _entry(rank, world, store, check, splits):
     _init(rank, world, store)
     try:
-        idx = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(1))
-        nxt = torch.randint(0, 512, (2, 1), generator=torch.Generator().manual_seed(2))
-        for window in (4, 16):   # shorter than a slice, longer than one (the keys before it span several ranks)
-            model = tiny(window=window)
-            for ends in splits:
-                s, e = ([0] + ends)[rank], ends[rank]
-                with torch.no_grad():
-                    ref_cache = model.new_cache(2, e + 1)
-                    ref = model(idx[:, :e], cache=ref_cache)[0]
-                    cache = model.new_cache(2, T + 1)
-                    logits = model(idx[:, s:e], cache=cache, cp_group=dist.group.WORLD)[0]
-                    torch.testing.assert_close(logits, ref[:, s:], rtol=1e-9, atol=1e-11)
-                    assert cache.seen == ref_cache.seen == e
-                    for i, kind in enumerate(model.config.layout):   # the state after this slice: the prefix's
-                        if kind == "gla":
-                            torch.testing.assert_close(cache.layers[i].state, ref_cache.layers[i].state,
-                                                       rtol=1e-9, atol=1e-12)
-                    if rank == world - 1:   # the last rank holds the whole sequence's cache: decode goes on
-                        torch.testing.assert_close(model(nxt, cache=cache)[0], model(nxt, cache=ref_cache)[0],
-                                                   rtol=1e-9, atol=1e-11)
-        for window, layout in ((4, None), (16, None), (16, ["la+swa", "gla", "swa", "la"])):
-            _check_training(rank, splits, idx, tiny(window=window, **({"layout": layout} if layout else {})))
-        with pytest.raises(NotImplementedError, match="not doc_ids"):   # packed documents would cross ranks
-            model(idx[:, :3], doc_ids=torch.zeros_like(idx[:, :3]), cp_group=dist.group.WORLD)
-        with torch.no_grad(), pytest.raises(NotImplementedError, match="full"):
-            tiny("tiny-moe")(idx[:, :3], cp_group=dist.group.WORLD)   # sinks and fa layers
+        check(rank, world, splits)
     finally:
         dist.destroy_process_group()
 
 
-def _check_training(rank, splits, idx, model):
-    """Each rank's loss over its slice, combined (cp_loss), backward on every rank, the gradients summed
-    (cp_reduce_grads): one process's loss and gradients, the keys and GLA states read from other ranks having sent
-    their gradients back through the gathers."""
-    targets = torch.randint(0, 512, idx.shape, generator=torch.Generator().manual_seed(3))
-    targets[0, ::4], targets[1, 5:9], targets[:, -1] = -100, -100, -100   # ranks count unequal tokens, or none
-    ref_loss = model(idx, targets=targets)[1]
-    ref_loss.backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+def spawn(tmp_path, check, splits):
+    world = len(splits[0])
+    mp.spawn(_entry, args=(world, str(tmp_path / "store"), check, splits), nprocs=world)
+
+
+def ids():
+    return (torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(1)),
+            torch.randint(0, 512, (2, 1), generator=torch.Generator().manual_seed(2)))
+
+
+def packed(ends):
+    """Document ids [2, T] for slices ending at `ends`: in row 0 a document crosses every slice edge (the one
+    starting 2 tokens before it; a 1-token slice lies inside it), in row 1 one starts exactly on every edge."""
+    starts = ([0, 5] + [e - 2 for e in ends[:-1]], [0, 4] + ends[:-1])
+    return torch.stack([torch.isin(torch.arange(T), torch.tensor(s)).long().cumsum(0) for s in starts])
+
+
+def _check_prefill(rank, world, splits, model):
+    """Each rank's logits through a fresh cache equal one process's over the prefix ending with its slice; its GLA/LA
+    states are the prefix's; the last rank's cache (states, keys, positions) is one process's and decodes alike."""
+    idx, nxt = ids()
     for ends in splits:
         s, e = ([0] + ends)[rank], ends[rank]
+        with torch.no_grad():
+            ref_cache = model.new_cache(2, e + 1)
+            ref = model(idx[:, :e], cache=ref_cache)[0]
+            cache = model.new_cache(2, T + 1)
+            logits = model(idx[:, s:e], cache=cache, cp_group=dist.group.WORLD)[0]
+            torch.testing.assert_close(logits, ref[:, s:], rtol=1e-9, atol=1e-11)
+            assert cache.seen == ref_cache.seen == e + model.config.n_sink
+            for layer, ref_layer in zip(cache.layers, ref_cache.layers):   # the state after this slice: the prefix's
+                if hasattr(layer, "state"):
+                    torch.testing.assert_close(layer.state, ref_layer.state, rtol=1e-9, atol=1e-12)
+            if rank == world - 1:   # the last rank holds the whole sequence's cache: decode goes on
+                for (n, a), b in zip(cache.named_buffers(), ref_cache.buffers()):
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+                torch.testing.assert_close(model(nxt, cache=cache)[0], model(nxt, cache=ref_cache)[0],
+                                           rtol=1e-9, atol=1e-11)
+
+
+def _check_packed_logits(rank, splits, model):
+    """Logits of packed rows (packed(ends), no cache) on each rank equal one process's over the whole rows."""
+    idx, _ = ids()
+    for ends in splits:
+        s, e, doc = ([0] + ends)[rank], ends[rank], packed(ends)
+        with torch.no_grad():
+            ref = model(idx, doc_ids=doc)[0]
+            got = model(idx[:, s:e], doc_ids=doc[:, s:e], cp_group=dist.group.WORLD)[0]
+        torch.testing.assert_close(got, ref[:, s:e], rtol=1e-9, atol=1e-11)
+
+
+def _check_training(rank, splits, model, docs=False):
+    """Each rank's loss over its slice, combined (cp_loss), backward on every rank, the gradients summed
+    (cp_reduce_grads): one process's loss and gradients, the keys and GLA states read from other ranks having sent
+    their gradients back through the gathers. docs: packed rows (packed(ends), sliced like the tokens)."""
+    idx, _ = ids()
+    targets = torch.randint(0, 512, idx.shape, generator=torch.Generator().manual_seed(3))
+    targets[0, ::4], targets[1, 5:9], targets[:, -1] = -100, -100, -100   # ranks count unequal tokens, or none
+    for ends in splits:
+        s, e, doc = ([0] + ends)[rank], ends[rank], packed(ends) if docs else None
         model.zero_grad(set_to_none=True)
-        loss = model(idx[:, s:e], targets=targets[:, s:e], cp_group=dist.group.WORLD)[1]
+        ref_loss = model(idx, targets=targets, doc_ids=doc)[1]
+        ref_loss.backward()
+        ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        loss = model(idx[:, s:e], targets=targets[:, s:e], doc_ids=None if doc is None else doc[:, s:e],
+                     cp_group=dist.group.WORLD)[1]
         loss = kernels.cp_loss(loss, (targets[:, s:e] != -100).sum(), dist.group.WORLD)
         loss.backward()
         kernels.cp_reduce_grads(model, dist.group.WORLD)
@@ -81,10 +115,46 @@ def _check_training(rank, splits, idx, model):
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-13, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("splits", [
-    [[12, 23], [3, 23], [22, 23]],          # 2 ranks: near-even, short first slice, a 1-token last slice
-    [[7, 15, 23], [2, 20, 23], [10, 11, 23]],   # 3 ranks: T // 3 per rank and uneven ones, a 1-token middle slice
-], ids=["2ranks", "3ranks"])
+def check_7b_layout(rank, world, splits):
+    idx, _ = ids()
+    for window in (4, 16):   # shorter than a slice, longer than one (the keys before it span several ranks)
+        _check_prefill(rank, world, splits, tiny(window=window))
+    for window, layout in ((4, None), (16, None), (16, ["la+swa", "gla", "swa", "la"])):
+        _check_training(rank, splits, tiny(window=window, **({"layout": layout} if layout else {})))
+    model = tiny()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="input_pos"):
+        model(idx[:, :3], input_pos=torch.arange(3).expand(2, 3), cp_group=dist.group.WORLD)
+    cache = model.new_cache(2, T + 1)
+    cache.seen = 3
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="a cache holding tokens"):
+        model(idx[:, :3], cache=cache, cp_group=dist.group.WORLD)
+
+
+def check_packed(rank, world, splits):
+    for window in (4, 16):
+        model = tiny(window=window)
+        _check_packed_logits(rank, splits, model)
+        _check_training(rank, splits, model, docs=True)
+
+
+def check_sinks_fa_moe(rank, world, splits):
+    model = tiny("tiny-moe")   # la+swa / la+fa, 4 sinks, MoE
+    _check_prefill(rank, world, splits, model)
+    _check_packed_logits(rank, splits, model)
+    _check_training(rank, splits, model)
+    _check_training(rank, splits, model, docs=True)
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
 def test_context_parallel_matches_one_process(tmp_path, splits):
-    world = len(splits[0])
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), splits), nprocs=world)
+    spawn(tmp_path, check_7b_layout, splits)
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
+def test_packed_documents_across_slices_match_one_process(tmp_path, splits):
+    spawn(tmp_path, check_packed, splits)
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
+def test_sinks_full_attention_and_moe_match_one_process(tmp_path, splits):
+    spawn(tmp_path, check_sinks_fa_moe, splits)

@@ -371,8 +371,8 @@ def check_upcycled(mlp, g, u, d, config, x):
         torch.testing.assert_close(m.down_proj.weight, d * alpha ** 2, rtol=1e-15, atol=0)
     with torch.no_grad():
         out, _, _ = mlp(x)
-        # the top-k router weight, in float32 as the model keeps its router probabilities
-        w = F.softmax(mlp.router(x).float(), -1).topk(k, -1).values.double().sum(-1, keepdim=True)
+        # the top-k router weight (float64 here, as the model keeps its router probabilities in x's dtype or float32)
+        w = F.softmax(mlp.router(x), -1).topk(k, -1).values.sum(-1, keepdim=True)
     torch.testing.assert_close(out, (F.silu(x @ g.T) * (x @ u.T)) @ d.T * (S + w) / (S + k / N), rtol=1e-12,
                                atol=1e-14)
 

@@ -581,9 +581,9 @@ def swiglu(m, v):
 
 def moe_per_token(moe, x):
     """model.MoE token by token: the shared experts plus each of the top-k experts times its router probability
-    (float32, as the model keeps them), and the Switch balance loss from counts."""
+    (float32 or wider, as the model keeps them), and the Switch balance loss from counts."""
     c = moe.c
-    probs = F.softmax((x @ moe.router.weight.T).float(), -1)
+    probs = F.softmax((x @ moe.router.weight.T).to(torch.promote_types(x.dtype, torch.float32)), -1)
     w, idx = probs.topk(c.top_k, -1)
     out = torch.stack([sum(swiglu(s, v) for s in moe.shared) +
                        sum(w[n, j] * swiglu(moe.experts[idx[n, j]], v) for j in range(c.top_k))

@@ -407,8 +407,8 @@ TABLE = {
             check=lambda r, ws: is_checkpoint(ws.path / "out" / "cpt-7b-8k" / "final")),
         Run(name="N nodes", optional=True, skip="multi-node: covered by the dry run over 2 nodes"),
     ],
-    "python train.py --config configs/cpt-7b-128k.yaml --devices 8 --context_parallel 8 --data.doc_mask false "
-    "--dry_run true": [Run(check=check_cp_dry_run)],
+    "python train.py --config configs/cpt-7b-128k.yaml --devices 8 --context_parallel 8 --dry_run true": [
+        Run(check=check_cp_dry_run)],
     "python train.py --config configs/cpt-76b-8k.yaml --devices 8 --num_nodes 8 --dry_run true": [
         Run(check=check_dry_run(64, 74, 78))],
     "python train.py --config configs/tiny.yaml --print_config": [

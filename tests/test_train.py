@@ -484,15 +484,17 @@ def test_bench_train_runs_on_cpu(capsys):
 
 # ----------------------------------------------------------------------------- FSDP, two processes
 
-def launcher(pydoc, tmp_path, seq_len, micro, batch, *more):
-    """train.py in a subprocess from one saved initial model (FSDP's sharded init draws other numbers):
-    launch(out_dir, *extra_args) -> the TensorBoard losses of each run in out_dir."""
+def launcher(pydoc, tmp_path, seq_len, micro, batch, *more, model="tiny", **overrides):
+    """train.py in a subprocess from one saved initial model (FSDP's sharded init draws other numbers) of preset
+    `model` with vocab_size 2048 and `overrides`: launch(out_dir, *extra_args) -> the TensorBoard losses of each run
+    in out_dir."""
     from convert import save_checkpoint
 
     torch.manual_seed(0)
-    config = Config.from_name("tiny", vocab_size=2048)
+    config = Config.from_name(model, vocab_size=2048, **overrides)
     save_checkpoint(GPT(config), config, tmp_path / "init", TOK)
-    args = ["--model", "tiny", "--model_config", "{vocab_size: 2048}", "--init_from", str(tmp_path / "init"),
+    args = ["--model", model, "--model_config", json.dumps({"vocab_size": 2048, **overrides}),
+            "--init_from", str(tmp_path / "init"),
             "--data.path", str(pydoc), "--train.seq_len", str(seq_len), "--train.micro_batch_size", str(micro),
             "--train.global_batch_size", str(batch), "--train.max_steps", "4", "--train.warmup_steps", "1",
             "--train.lr", "3e-3", "--train.min_lr", "3e-4", "--train.log_interval", "1", "--train.save_interval", "2",
@@ -562,21 +564,42 @@ def test_context_parallel_matches_one_process(pydoc, tmp_path):
     assert np.isclose(val[4], want[4], rtol=1e-5)   # the same validation rows, each split over the 2 processes
 
 
+@pytest.mark.slow
+def test_context_parallel_packed_documents_sinks_full_attention(tmp_path):
+    # short documents: rows of 32 tokens hold several, some crossing the split at 16. tiny-moe: 4 sinks, la+fa and
+    # la+swa layers, MoE; aux_loss_coef 0, as a slice's balance loss is its own tokens', not the row's
+    texts = [" ".join(["word"] * (3 + i % 9) + [f"document {i}."]) for i in range(160)]
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare(inputs=[str(tmp_path / "short.jsonl")], out=tmp_path / "data", tokenizer_dir=TOK, val_fraction=0.1)
+    _, _, doc = Packed(tmp_path / "data", "train", 32, Tokenizer(TOK)).batch(range(8), torch.device("cpu"))
+    assert (doc[:, 15] == doc[:, 16]).any() and (doc[:, 15] != doc[:, 16]).any() and (doc[:, -1] > 0).all()
+    over = {"aux_loss_coef": 0.0}
+    launch = launcher(tmp_path / "data", tmp_path, 32, 2, 4, "--precision", "32-true", "--accelerator", "cpu",
+                      "--context_parallel", "2", "--devices", "2", "--strategy", "ddp", model="tiny-moe", **over)
+    launch(tmp_path / "cp")
+    run(tmp_path / "data", tmp_path / "one", model="tiny-moe", model_config={"vocab_size": 2048, **over}, max_steps=4,
+        warmup_steps=1, save_interval=2, init_from=tmp_path / "init")
+    for tag in ("train/loss", "train/grad_norm", "val/loss"):
+        got, want = scalars(tmp_path / "cp", tag)[0], scalars(tmp_path / "one", tag)[0]
+        assert sorted(got) == sorted(want) and np.allclose([got[s] for s in want], [want[s] for s in want],
+                                                           rtol=1e-5), (tag, got, want)
+
+
 def test_context_parallel_refuses_what_it_cannot_split():
     def plan(model="tiny", devices=2, cp=2, doc_mask=False, **kw):
         train.main(model=model, data=train.DataArgs(doc_mask=doc_mask), train=train.TrainArgs(**kw), devices=devices,
                    context_parallel=cp, dry_run=True)
-    for kw, match in (({"doc_mask": True}, "--data.doc_mask false"), ({"devices": 3}, "must divide the 3 devices"),
-                      ({"model": "tiny-moe"}, "sinks.*--model_config.n_sink 0"), ({"seq_len": 1}, "shorter than"),
+    for kw, match in (({"devices": 3}, "must divide the 3 devices"), ({"seq_len": 1}, "shorter than"),
                       ({"compile": True}, "--train.compile false")):
         with pytest.raises(ValueError, match=match):
             plan(**kw)
-    with pytest.raises(ValueError, match=r"full attention \('fa' in layers \[1, 3\]\)"):
-        train.main(model="tiny-moe", model_config={"n_sink": 0}, data=train.DataArgs(doc_mask=False), devices=2,
-                   context_parallel=2, dry_run=True)
+    plan(model="tiny-moe", doc_mask=True)   # sinks, full attention and packed documents split too
     c = Config.from_name("spikingbrain-7b")   # the 128k stage: a device holds 1/8 of each row's activations
     one, split = (train.estimate_memory(c, params_7b(), 1, 131072, 64, "fsdp", "bf16-mixed", True, cp) for cp in (1, 8))
     assert split["activations"] == one["activations"] / 8 and split["weights"] == one["weights"]
+    c = Config.from_name("spikingbrain-7b", layout=["gla", "fa"] * 14)   # with checkpointing one fa layer at a time
+    one, split = (train.estimate_memory(c, params_7b(), 1, 131072, 64, "fsdp", "bf16-mixed", True, cp) for cp in (1, 8))
+    assert split["activations"] - one["activations"] / 8 == 7 * 16384 * 2 * c.n_kv_head * c.head_dim * 2   # K, V bf16
 
 
 @pytest.mark.slow
