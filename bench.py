@@ -43,7 +43,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import triton
 from jsonargparse import CLI
@@ -718,66 +717,56 @@ def rank_max(x, device, group):
     return int(t)
 
 
-def split_worker(rank, n, store, out, models, lengths, chunk, gla, n_layer, quant, device):
-    """One rank of ttft_split: every model, every length, rows printed on rank 0 and saved to `out`."""
-    cuda = device.startswith("cuda")
-    if cuda:
-        device = f"cuda:{rank}"
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))   # the ranks share the CPU's cores
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=n,
-                            timeout=datetime.timedelta(minutes=30),   # rank 0 alone times one process meanwhile
-                            device_id=torch.device(device) if cuda else None)   # barriers on this rank's GPU
-    group, say = dist.group.WORLD, print if rank == 0 else lambda *a, **k: None
-    try:
-        _, dt, mem = setup(device, gla)
-        rows = []
-        for name in models:
-            m = quantize(random_model(name, device, dt, n_layer), quant)
-            weights, parts = weight_bytes(m), split_collectives(m.config, device, dt)
+def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant):
+    """One rank of ttft_split (kernels.cp_launch): every model, every length, rows printed on rank 0 and saved to
+    `out`."""
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    say = print if rank == 0 else lambda *a, **k: None
+    _, dt, mem = setup(device, gla)
+    rows = []
+    for name in models:
+        m = quantize(random_model(name, device, dt, n_layer), quant)
+        weights, parts = weight_bytes(m), split_collectives(m.config, device, dt)
 
-            def prompt(T, V=m.config.vocab_size):   # the same on every rank
-                return torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
-            t0 = time.perf_counter()   # warm-up: two lengths, so that flex_attention's dynamic recompile is done
-            for T in (min(lengths), 2 * min(lengths)):
-                peak = split_ttft(m, prompt(T), group)[2]
-            done = (2 * min(lengths), rank_max(peak, device, group))
-            if rank == 0:
-                time_to_first_token(m, min(lengths), chunk, ids=prompt(min(lengths)))
-                if max(lengths) > chunk:
-                    time_to_first_token(m, 2 * chunk, chunk, ids=prompt(2 * chunk))
-            dist.barrier(group)
-            say(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-            for T in lengths:
-                S = -(-T // n)   # the longest slice; peak memory grows with it: skip what would not fit, on all ranks
-                need = weights + (done[1] - weights) * S / -(-done[0] // n)
-                if need > 0.92 * mem:
-                    say(f"{name:>16} {T:>8} skipped: each rank prefills its slice ({S} tokens) in one forward, "
-                        f"~{need / 2**30:.0f} GiB; more ranks make it shorter", flush=True)
-                    continue
-                ids = prompt(T)
-                try:
-                    t, tok, peak = split_ttft(m, ids, group)
-                except torch.OutOfMemoryError as e:   # the other ranks wait in a gather: stop the run
-                    raise RuntimeError(f"rank {rank}: out of memory prefilling a slice of {S} tokens in one forward "
-                                       f"(no chunks within a slice): use more ranks or shorter --lengths") from e
-                tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
-                done = (T, peak)
-                t1, _, tok1 = time_to_first_token(m, T, chunk, ids=ids) if rank == 0 else (0.0, 0, -1)
-                comm = gather_seconds(parts, group, device)
-                row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok, token_one=tok1,
-                           peak=peak)
-                rows.append(row)
-                if rank == 0:   # the one-process figures are rank 0's
-                    mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
-                    print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} {comm / t:6.1%} "
-                          f"{mem_s} {'yes' if tok == tok1 else 'no':>6}", flush=True)
-            del m
+        def prompt(T, V=m.config.vocab_size):   # the same on every rank
+            return torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
+        t0 = time.perf_counter()   # warm-up: two lengths, so that flex_attention's dynamic recompile is done
+        for T in (min(lengths), 2 * min(lengths)):
+            peak = split_ttft(m, prompt(T), group)[2]
+        done = (2 * min(lengths), rank_max(peak, device, group))
         if rank == 0:
-            torch.save(rows, out)
-    finally:
-        dist.destroy_process_group()
+            time_to_first_token(m, min(lengths), chunk, ids=prompt(min(lengths)))
+            if max(lengths) > chunk:
+                time_to_first_token(m, 2 * chunk, chunk, ids=prompt(2 * chunk))
+        dist.barrier(group)
+        say(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        for T in lengths:
+            S = -(-T // n)   # the longest slice; peak memory grows with it: skip what would not fit, on all ranks
+            need = weights + (done[1] - weights) * S / -(-done[0] // n)
+            if need > 0.92 * mem:
+                say(f"{name:>16} {T:>8} skipped: each rank prefills its slice ({S} tokens) in one forward, "
+                    f"~{need / 2**30:.0f} GiB; more ranks make it shorter", flush=True)
+                continue
+            ids = prompt(T)
+            try:
+                t, tok, peak = split_ttft(m, ids, group)
+            except torch.OutOfMemoryError as e:   # the other ranks wait in a gather: stop the run
+                raise RuntimeError(f"rank {rank}: out of memory prefilling a slice of {S} tokens in one forward "
+                                   f"(no chunks within a slice): use more ranks or shorter --lengths") from e
+            tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
+            done = (T, peak)
+            t1, _, tok1 = time_to_first_token(m, T, chunk, ids=ids) if rank == 0 else (0.0, 0, -1)
+            comm = gather_seconds(parts, group, device)
+            row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok, token_one=tok1,
+                       peak=peak)
+            rows.append(row)
+            if rank == 0:   # the one-process figures are rank 0's
+                mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
+                print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} {comm / t:6.1%} "
+                      f"{mem_s} {'yes' if tok == tok1 else 'no':>6}", flush=True)
+        del m
+    if rank == 0:
+        torch.save(rows, out)
 
 
 def project_split(row, T, gpus=(8, 32, 128)):
@@ -816,12 +805,10 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
     print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'gathers s':>9} "
           f"{'share':>6} {'peak GiB':>9} {'token':>6}  (ratio: split / one process, aim <= 0.55 at 2 ranks; gathers "
           "timed alone; peak: largest rank's; token: the split's first token is one process's)", flush=True)
-    if cuda:   # NVLink multicast off: a program using it can put a shared host's GPUs out of service
-        os.environ["NCCL_NVLS_ENABLE"] = "0"
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.pt")
-        mp.spawn(split_worker, args=(n, os.path.join(d, "store"), out, models, lengths, chunk, gla, n_layer, quant,
-                                     device), nprocs=n)
+        kernels.cp_launch(split_worker, n, device, out, models, lengths, chunk, gla, n_layer, quant,
+                          timeout=datetime.timedelta(minutes=30))   # rank 0 alone times one process meanwhile
         rows = torch.load(out) if os.path.exists(out) else []
     for name in models:
         row = max((r for r in rows if r["model"] == name), key=lambda r: r["T"], default=None)

@@ -50,12 +50,17 @@ exact e^(b_t - b_s) per pair, slower. So no exponential ever exceeds e^MAX_EXP.
 Backward of g: with dG = q*dq - k*dk per position, dg_t = sum_{u >= t in chunk} dG_u + sum_v(S_end*dS_end),
 and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), all at hand in one chunk.
 """
+import datetime
 import os
+import pickle
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -1120,6 +1125,71 @@ def cp_reduce_grads(model, group):
     for w in work:
         w.wait()
 
+
+
+def cp_init(rank, n, store, device, timeout=datetime.timedelta(minutes=30)):
+    """Join rank `rank` of n processes that split sequences: NCCL with one GPU a rank (cuda:rank) for a CUDA device,
+    gloo on the CPU (the ranks share its cores). store: a file path all ranks name alike (torch.distributed's file
+    rendezvous). Returns (group, device): the world group and this rank's device. cp_close leaves it."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=n, timeout=timeout,
+                                         device_id=torch.device(device) if cuda else None)   # barriers on its GPU
+    return torch.distributed.group.WORLD, device
+
+
+def cp_close():
+    torch.distributed.destroy_process_group()
+
+
+def _cp_rank(rank, n, store, device, timeout, fn, args):
+    group, device = cp_init(rank, n, store, device, timeout)
+    try:
+        fn(group, device, *args)
+    except BaseException as e:   # kept for cp_launch, which raises the first rank's error as it was
+        with open(f"{store}.error{rank}", "wb") as f:
+            pickle.dump((time.time(), e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")), f)
+        raise
+    finally:
+        cp_close()
+
+
+def _picklable(e):
+    try:
+        pickle.loads(pickle.dumps(e))
+        return True
+    except Exception:
+        return False
+
+
+def cp_launch(fn, n, device, *args, timeout=datetime.timedelta(minutes=30)):
+    """Run fn(group, device, *args) in n new processes, one a rank of a split sequence (cp_init: one GPU each on
+    CUDA), and wait for all of them. fn and args must pickle (torch.multiprocessing spawn). When a rank fails, the
+    others are stopped (a collective would wait for it until `timeout`) and its exception is raised here as it was
+    raised there (chained to the spawn error, which holds its traceback); when several fail, the first one's, since
+    the others then fail in the collectives it left."""
+    if device.startswith("cuda"):
+        if n > torch.cuda.device_count():
+            raise ValueError(f"{n} ranks need {n} GPUs, one a rank; {torch.cuda.device_count()} visible")
+        os.environ["NCCL_NVLS_ENABLE"] = "0"   # NVLink multicast off: it can put a shared host's GPUs out of service
+    with tempfile.TemporaryDirectory() as d:
+        store = os.path.join(d, "store")
+        try:
+            mp.spawn(_cp_rank, args=(n, store, device, timeout, fn, args), nprocs=n)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as spawned:
+            errors = []
+            for r in range(n):
+                if os.path.exists(f"{store}.error{r}"):
+                    with open(f"{store}.error{r}", "rb") as f:
+                        errors.append(pickle.load(f))
+            if not errors:
+                raise
+            raise min(errors, key=lambda te: te[0])[1] from spawned
 
 # ----------------------------------------------------------------------------- the loss without full logits
 
