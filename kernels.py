@@ -51,6 +51,7 @@ Backward of g: with dG = q*dq - k*dk per position, dg_t = sum_{u >= t in chunk} 
 and the last term is e^B * sum_v(S0*dh) + sum_s k_s e^(B - b_s) * (v_s dh^T), all at hand in one chunk.
 """
 import datetime
+import logging
 import os
 import pickle
 import tempfile
@@ -1179,6 +1180,9 @@ def cp_launch(fn, n, device, *args, timeout=datetime.timedelta(minutes=30)):
         os.environ["NCCL_NVLS_ENABLE"] = "0"   # NVLink multicast off: it can put a shared host's GPUs out of service
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)   # not its warning for each rank it stops: the failed rank's error says why
         try:
             mp.spawn(_cp_rank, args=(n, store, device, timeout, fn, args), nprocs=n)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as spawned:
@@ -1190,6 +1194,8 @@ def cp_launch(fn, n, device, *args, timeout=datetime.timedelta(minutes=30)):
             if not errors:
                 raise
             raise min(errors, key=lambda te: te[0])[1] from spawned
+        finally:
+            spawn_log.setLevel(level)
 
 # ----------------------------------------------------------------------------- the loss without full logits
 
