@@ -10,12 +10,16 @@
     python generate.py --ckpt out/ckpt --spike 3 --quant fp8    # e4m3 weights, spike counts on FP8 tensor cores
     python generate.py --ckpt out/ckpt-fp8                      # the same from an FP8 checkpoint (convert.py fp8)
     python generate.py --ckpt out/ckpt --device cpu             # CPU (float32)
+    cat book.txt | python generate.py --ckpt out/ckpt --prompt - --cp 2   # the prompt's prefill split over 2 GPUs
 
 After every reply it prints (on stderr) time to first token, prefill and decode speed and cache memory.
 A prompt is prefilled in chunks of --prefill_chunk tokens, so a million-token prompt needs only one chunk's
 activations. The cache of a GLA/SWA model has a fixed size whatever the context (GLA state + SWA ring);
 full-attention layers keep every key and grow as the conversation does. The chat keeps the conversation in
 the cache between turns: each turn prefills only its new tokens.
+--cp N (one-shot only) splits the prompt's prefill over N processes (kernels.cp_launch: one GPU each, or gloo
+processes on a CPU), each prefilling its contiguous slice in one forward; the last one, whose cache then holds the
+whole prompt, samples and decodes the reply alone.
 """
 import codecs
 import contextlib
@@ -48,6 +52,14 @@ def prefill(model, cache, ids, chunk, stop=()):
             return None
         logits = model(ids[:, a:a + chunk], cache=cache, last_only=True)[0]
     return logits[:, -1]
+
+
+@torch.no_grad()
+def split_prefill(model, cache, ids, group):
+    """Feed ids [B, T] split over the ranks of `group` (context parallelism): each rank feeds its slice
+    (kernels.cp_slice) in one forward, into a fresh cache or None. Returns the slice's last logits [B, V]: on the
+    last rank, the whole prompt's, its cache then holding the prompt as one process's would."""
+    return model(kernels.cp_slice(ids, group), cache=cache, cp_group=group, last_only=True)[0][:, -1]
 
 
 def has_full_attention(config):
@@ -108,13 +120,14 @@ class Generator:
 
     def __init__(self, model, tokenizer, *, max_new_tokens=512, temperature=1.0, top_k=None, top_p=None,
                  repetition_penalty=1.0, stop=None, prefill_chunk=32768, compile=False, spike_stats=False,
-                 err=None):
+                 err=None, cp_group=None):
         self.model, self.tok, self.config, self.err = model, tokenizer, model.config, err or sys.stderr
         self.max_new_tokens, self.prefill_chunk = max_new_tokens, prefill_chunk
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.penalty = repetition_penalty
         self.stop = set(stop_ids(tokenizer, stop))
         self.spike_stats, self.compiled = spike_stats, compile
+        self.cp_group = cp_group   # the first prompt is prefilled split over its ranks (split_prefill), not in chunks
         self.device = model.lm_head.weight.device
         self.step = model.forward   # a decode step: one token per row at positions given as a tensor
         self.reset()
@@ -168,10 +181,7 @@ class Generator:
 
     def check_room(self, n_new, hint=""):
         """The sequence plus n_new tokens and at least one reply token must fit in config.max_seq_len."""
-        total, limit = len(self.ids) + n_new, self.config.max_seq_len
-        if total >= limit:
-            raise ValueError(f"the prompt makes the sequence {total} tokens long; {self.config.name} takes at most "
-                             f"{limit} tokens of prompt and reply together (config.max_seq_len){hint}")
+        check_length(self.config, len(self.ids) + n_new, hint)
 
     @torch.no_grad()
     def extend(self, new_ids, out):
@@ -191,7 +201,10 @@ class Generator:
             self.room(len(self.ids) + n_new)
             fed = self.fed
             ids = torch.tensor([self.ids[fed:]], device=dev)
-            logits = prefill(self.model, self.cache, ids, self.prefill_chunk, stop=interrupted)
+            if self.cp_group is None:
+                logits = prefill(self.model, self.cache, ids, self.prefill_chunk, stop=interrupted)
+            else:   # the other ranks run split_prefill beside it
+                logits = split_prefill(self.model, self.cache, ids, self.cp_group)
             n_prefill = self.fed - fed
             if self.penalty != 1.0:
                 seen = torch.zeros(1, self.config.vocab_size, dtype=torch.bool, device=dev)
@@ -247,6 +260,13 @@ class Generator:
                      f"sparsity {100 * m['sparsity']:.1f}% over a 3-step window, {100 * m['silent']:.1f}% zero "
                      f"counts, {m['spikes_per_channel']:.2f} spikes per channel and token]")
         print(line, file=self.err, flush=True)
+
+
+def check_length(config, total, hint=""):
+    """A sequence of `total` tokens leaves room for at least one reply token within config.max_seq_len."""
+    if total >= config.max_seq_len:
+        raise ValueError(f"the prompt makes the sequence {total} tokens long; {config.name} takes at most "
+                         f"{config.max_seq_len} tokens of prompt and reply together (config.max_seq_len){hint}")
 
 
 def stop_ids(tokenizer, stop):
@@ -326,11 +346,48 @@ def repl(chat):
         chat.gen.report(stats)
 
 
+def load(ckpt, tokenizer, device, dt, spike, quant, say=True):
+    """The checkpoint's model (spiking activations, quantized weights as asked) and tokenizer; `say`: print what was
+    loaded on stderr."""
+    t0 = time.perf_counter()
+    model, tok = convert.load(ckpt, device, dt, tokenizer)
+    if spike is not None:
+        model.set_spike_k(spike)
+    if say:
+        print(f"loaded {ckpt} ({model.config.name}, {model.num_params() / 1e6:,.1f}M parameters, {dt}, {device}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    if quant == "int8":   # after the count above: the INT8 layers hold buffers, not parameters
+        spiking.quantize_int8(model, group_size=128)   # refuses a W8ASpike or FP8 checkpoint, naming it
+    elif quant == "fp8" and spiking.quantized_format(model) != "FP8":   # an FP8 checkpoint is FP8 already
+        spiking.replace_linears_fp8(model, k=model.config.spike_k)   # FP8 multiplies spike counts: the model's k
+    return model, tok
+
+
+def split_one_shot(group, device, ids, ckpt, tokenizer, dt, spike, quant, seed, options):
+    """One process of main(cp=N) (kernels.cp_launch): load the checkpoint, prefill this rank's slice of the prompt
+    ids (split_prefill); the last rank then samples and decodes as one process does (Generator.extend, its cache
+    holding the whole prompt), printing the reply and the statistics line. The others end after the prefill."""
+    rank, last = torch.distributed.get_rank(group), torch.distributed.get_world_size(group) - 1
+    if seed is not None:   # before loading, as in one process: the same random stream reaches the sampler
+        torch.manual_seed(seed)
+    model, tok = load(ckpt, tokenizer, device, dt, spike, quant, say=rank == last)
+    gen = Generator(model, tok, **options, spike_stats=model.config.spike_k is not None, cp_group=group)
+    gen.check_room(len(ids))   # every rank refuses alike, before any collective
+    torch.distributed.barrier(group)   # the time to first token counts the split prefill, not the ranks' loading
+    if rank < last:
+        split_prefill(model, None, torch.tensor([ids], device=gen.device), group)
+        return
+    _, stats = gen.extend(ids, sys.stdout)
+    sys.stdout.write("\n")
+    gen.report(stats)
+
+
 def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tokenizer: str | None = None,
          max_new_tokens: int = 512, temperature: float = 0.7, top_k: int | None = 20, top_p: float | None = 0.8,
          repetition_penalty: float = 1.05, seed: int | None = None, stop: list[str] | None = None,
          prefill_chunk: int = 32768, compile: bool = False, spike: float | None = None,
-         quant: Literal["int8", "fp8"] | None = None, device: str = DEFAULT_DEVICE, dtype: str | None = None) -> None:
+         quant: Literal["int8", "fp8"] | None = None, device: str = DEFAULT_DEVICE, dtype: str | None = None,
+         cp: int = 1) -> None:
     """Chat with a checkpoint (no --prompt) or complete one prompt. Sampling defaults are Qwen2.5-Instruct's.
 
     Args:
@@ -357,6 +414,11 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
             refuses a W8ASpike one: INT8 weights are made from float ones).
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
+        cp: one-shot: split the prompt's prefill over this many processes (context parallelism; on CUDA one GPU
+            each, cuda:0 to cuda:cp-1, NCCL; on a CPU gloo processes sharing its cores). Each loads the checkpoint
+            and prefills its contiguous slice of the prompt in one forward (not in chunks of prefill_chunk); the
+            last one samples and decodes the reply alone. The prompt needs at least cp tokens. Spiking sparsity
+            (--spike) then counts the last rank's slice and the reply.
     """
     if temperature < 0 or max_new_tokens < 1 or prefill_chunk < 1 or repetition_penalty <= 0:
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, prefill_chunk >= 1, repetition_penalty > 0")
@@ -365,26 +427,35 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
     check_spike_k(spike, "spike")
     if quant not in (None, "int8", "fp8"):
         raise ValueError(f"quant={quant!r}: choose int8 or fp8")
+    if cp < 1:
+        raise ValueError(f"cp={cp}: need at least 1 process")
+    if cp > 1 and prompt is None:
+        raise ValueError(f"--cp {cp} splits one prompt's prefill: give --prompt TEXT (or --prompt - to read stdin), "
+                         "or drop --cp to chat (the chat runs in one process)")
+    if cp > 1 and compile:
+        raise ValueError(f"--cp {cp} runs the eager model: drop --compile")
+    if cp > 1 and device.startswith("cuda") and cp > torch.cuda.device_count():
+        raise ValueError(f"--cp {cp} needs {cp} GPUs, one a process; {torch.cuda.device_count()} visible "
+                         f"(or --device cpu)")
     dt = convert.resolve_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is not None and not prompt:
         raise ValueError("empty prompt: give at least one token of text")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, stop=stop, prefill_chunk=prefill_chunk, compile=compile)
+    if cp > 1:
+        ids = convert.load_tokenizer(ckpt, tokenizer).encode(prompt, specials=True)
+        if len(ids) < cp:
+            raise ValueError(f"the prompt is {len(ids)} tokens: --cp {cp} splits it into {cp} slices of at least one "
+                             f"token; give a longer prompt or --cp {len(ids)} or fewer")
+        check_length(convert.read_config(ckpt), len(ids))   # before N processes load the weights
+        kernels.cp_launch(split_one_shot, cp, device, ids, ckpt, tokenizer, dt, spike, quant, seed, options)
+        return
     if seed is not None:
         torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    model, tok = convert.load(ckpt, device, dt, tokenizer)
-    if spike is not None:
-        model.set_spike_k(spike)
-    print(f"loaded {ckpt} ({model.config.name}, {model.num_params() / 1e6:,.1f}M parameters, {dt}, {device}) in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    if quant == "int8":   # after the count above: the INT8 layers hold buffers, not parameters
-        spiking.quantize_int8(model, group_size=128)   # refuses a W8ASpike or FP8 checkpoint, naming it
-    elif quant == "fp8" and spiking.quantized_format(model) != "FP8":   # an FP8 checkpoint is FP8 already
-        spiking.replace_linears_fp8(model, k=model.config.spike_k)   # FP8 multiplies spike counts: the model's k
-    gen = Generator(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, stop=stop, prefill_chunk=prefill_chunk, compile=compile,
-                    spike_stats=model.config.spike_k is not None)
+    model, tok = load(ckpt, tokenizer, device, dt, spike, quant)
+    gen = Generator(model, tok, **options, spike_stats=model.config.spike_k is not None)
     if prompt is None:
         repl(Chat(gen, system))
         return

@@ -274,6 +274,65 @@ def test_release_directory_generates_directly(ckpt, tok_dir, tmp_path, capsys):
     assert replies[0] == replies[1] and len(replies[0]) > 1
 
 
+# ----------------------------------------------------------------------------- --cp: the prompt's prefill split
+
+CP_PROMPT = "The quick brown fox jumps over the lazy dog, then it runs far into the hills."   # > 4 windows of 16
+
+
+@pytest.fixture(scope="module")
+def ascii_ckpts(tmp_path_factory):
+    """tiny (gla / swa) and tiny-moe (4 sinks, la+swa / la+fa, MoE) checkpoints whose tokenizer has one token per
+    printable ASCII character and nothing else: the printed reply spells its tokens out, one character each."""
+    d = tmp_path_factory.mktemp("cp")
+    tokenizer.save(str(d / "tok"), {bytes([c]): i for i, c in enumerate(range(32, 127))},
+                   {"<|endoftext|>": 95, "<|im_start|>": 96, "<|im_end|>": 97})
+    for name in ("tiny", "tiny-moe"):
+        torch.manual_seed(0)
+        m = GPT(Config.from_name(name))
+        convert.save_checkpoint(m, m.config, str(d / name), str(d / "tok"))
+    return {name: str(d / name) for name in ("tiny", "tiny-moe")}
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_split_prefill_prints_one_process_reply(name, ascii_ckpts, capfd):
+    """--cp 2 and 3 (gloo processes): the last rank's cache holds the whole prompt and its greedy reply, printed by
+    it alone with one statistics line, is one process's; with a seed, so is a sampled one (tiny)."""
+    kw = dict(ckpt=ascii_ckpts[name], device="cpu", dtype="float64", prompt=CP_PROMPT, max_new_tokens=12, stop=[])
+    runs = [dict(temperature=0, cp=2), dict(temperature=0, cp=3)] + ([dict(seed=3, cp=2)] if name == "tiny" else [])
+    for run in runs:
+        generate.main(**kw, **{**run, "cp": 1})
+        one = capfd.readouterr()[0]
+        generate.main(**kw, **run)
+        out, err = capfd.readouterr()
+        assert out == one and len(out) == 13, (run, out, one)
+        assert err.startswith("loaded ") and err.count("loaded ") == err.count("[TTFT") == 1, err
+        assert f"prefill {len(CP_PROMPT)} tok" in err, err
+
+
+def test_split_prefill_refusals(ascii_ckpts):
+    kw = dict(ckpt=ascii_ckpts["tiny"], device="cpu")
+    with pytest.raises(ValueError, match="--prompt - to read stdin\\), or drop --cp to chat"):
+        generate.main(**kw, cp=2)
+    with pytest.raises(ValueError, match="the prompt is 2 tokens: --cp 3 splits"):
+        generate.main(**kw, prompt="ab", cp=3)
+    with pytest.raises(ValueError, match="drop --compile"):
+        generate.main(**kw, prompt="abc", cp=2, compile=True)
+    with pytest.raises(ValueError, match="cp=0"):
+        generate.main(**kw, prompt="abc", cp=0)
+    n = max(2, torch.cuda.device_count() + 1)   # refused before any process starts: a machine without CUDA checks it
+    with pytest.raises(ValueError, match=f"--cp {n} needs {n} GPUs, one a process; {torch.cuda.device_count()} vis"):
+        generate.main(ckpt=ascii_ckpts["tiny"], device="cuda", prompt="abcdefgh", cp=n)
+    with pytest.raises(ValueError, match="the prompt makes the sequence 4096 tokens long"):
+        generate.main(**kw, prompt="x" * 4096, cp=2)
+    # refused inside the ranks (each builds its FP8 layers, which need spiking activations): one line, no hang
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", ascii_ckpts["tiny"], "--device",
+                        "cpu", "--prompt", "-", "--cp", "2", "--quant", "fp8"], input=CP_PROMPT, capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stdout == "", r
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("loaded ")]   # the last rank's, if first
+    assert lines == ["error: FP8 layers multiply spike counts: give a spike k > 0 (generate.py --spike K)"], r.stderr
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
 def test_decode_step_compiles_to_one_graph(name):
     """GPT.forward with input_pos (generate.py's decode step) is one graph for every position and cache."""
