@@ -259,6 +259,20 @@ def check_generate(r, ws):
     assert r.stderr.startswith("loaded ") and "[TTFT" in r.stderr and "decode" in r.stderr, r.stderr
 
 
+CP_PROMPT = "Once upon a time, in a land far away, there lived a fox who liked to read old books by the river."
+
+
+def check_split_prefill(r, ws):
+    """The reply of the prompt split over 2 processes is one process's (the same command without --cp)."""
+    check_generate(r, ws)
+    assert r.stdout.strip(), r.stdout
+    one = ws.run("python generate.py --ckpt CKPT --prompt -", Run(
+        subs={"CKPT": CKPT}, stdin=CP_PROMPT,
+        append=("--max_new_tokens", "8", "--temperature", "0", "--device", "cpu", "--dtype", "float64")))
+    assert one.returncode == 0, out(one)[-2000:]
+    assert r.stdout == one.stdout, (r.stdout, one.stdout)
+
+
 def check_generate_spiking(r, ws):
     check_generate(r, ws)
     assert "[spikes: sparsity" in r.stderr, r.stderr                 # a quantized checkpoint's layers spike
@@ -441,6 +455,10 @@ TABLE = {
             needs=((W8A, ""),), slow=True),
         Run(name="FP8", subs={"CKPT": CKPT + "-fp8"}, append=("--max_new_tokens", "8"), check=check_generate_spiking,
             needs=((FP8, ""),))],
+    # two gloo processes on the CPU (--device cpu: one GPU a process otherwise), greedy in float64 (no near ties)
+    "python generate.py --ckpt CKPT --prompt - --cp 2": [
+        Run(subs={"CKPT": CKPT}, stdin=CP_PROMPT, check=check_split_prefill, needs=((DEMO, ""),),
+            append=("--max_new_tokens", "8", "--temperature", "0", "--device", "cpu", "--dtype", "float64"))],
     "python generate.py --ckpt V1-7B-base --compile true": [
         Run(gpus=1, slow=True, append=("--max_new_tokens", "8"), stdin="Hello\n/reset\nAnd again\n/quit\n",
             check=check_chat(2))],
