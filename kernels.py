@@ -18,7 +18,7 @@ compare against:
 - context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group (packed
   documents may cross the slices; every rank runs the sinks), GLA states passed on in one all-gather per layer, the
   keys before each slice fetched (SWA: the window's; full attention: all), the gradients sent back through the
-  gathers (cp_*; twin: model.GPT.forward and its backward in one process).
+  gathers (cp_*; twin: model.GPT.forward and its backward in one process); cp_launch starts the ranks' processes.
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates, the
 ops they guard and the cp_* steps of a split sequence. Nothing here imports model.py: what it needs of it (a cache,
 model.attention) comes as arguments.
