@@ -139,3 +139,27 @@ def test_generate_compiled_equals_eager_on_a_converted_checkpoint(tmp_path):
                                  timeout=600))
         outs.append(p.stdout)
     assert outs[0] == outs[1] and outs[0].strip()
+
+
+@pytest.mark.parametrize("preset", ["spikingbrain-7b", "spikingbrain-76b"])
+def test_generate_split_prefill_on_two_gpus_equals_one(preset, tmp_path):
+    """generate.py --cp 2 (NCCL, one GPU each: flex_attention over the sinks, the keys gathered from the rank before
+    and the slice's own; the GLA state passed on) prints the one-GPU greedy reply, for the 7B layout and the 76B's
+    (sinks, la+fa, MoE), converted from a Qwen2 checkpoint."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    src, ckpt = tmp_path / "qwen", tmp_path / "sb"
+    make_qwen(src, vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=256, max_position_embeddings=4096)
+    check(subprocess.run([sys.executable, str(ROOT / "convert.py"), "qwen2.5", "--src", str(src), "--to", preset,
+                          "--out", str(ckpt)], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300))
+    import pydoc_data.topics
+    prompt = pydoc_data.topics.topics["assert"][:3000]    # several tiles of 128 tokens on each GPU
+    outs = []
+    for cp in ("1", "2"):
+        p = check(subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(ckpt), "--tokenizer",
+                                  str(TOK), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24",
+                                  "--dtype", "float32", "--cp", cp], cwd=tmp_path, env=env(), capture_output=True,
+                                 text=True, timeout=600))
+        outs.append(p.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()
