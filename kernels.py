@@ -1128,6 +1128,22 @@ def cp_reduce_grads(model, group):
 
 
 
+def cp_balance(probs, idx, shape, cp):
+    """model.MoE's balance statistics over a split sequence: per expert the routed count and the router probabilities'
+    sum, and the token count, over every rank's tokens with the sinks counted once (rank 0's; every rank runs them).
+    probs [N, E], idx [N, k] of this rank's N = B * (n_sink + T) tokens, shape: the MoE input's [B, n_sink + T, C].
+    One all_reduce; the sums' value is the whole sequence's, their gradient this rank's tokens' only (as cp_loss), so
+    the gradients summed over the ranks (cp_reduce_grads) are one process's."""
+    keep = torch.ones(shape[:2], dtype=torch.bool, device=probs.device)
+    keep[:, :cp.n_sink if cp.rank else 0] = False
+    keep = keep.flatten()
+    E = probs.shape[-1]
+    counts, psum = F.one_hot(idx[keep], E).sum((0, 1)).to(probs.dtype), probs[keep].sum(0)
+    stats = torch.cat([counts, psum.detach(), psum.new_tensor([keep.sum()])])
+    torch.distributed.all_reduce(stats, group=cp.group)
+    return stats[:E], psum + (stats[E:2 * E] - psum.detach()), stats[-1]
+
+
 def cp_init(rank, n, store, device, timeout=datetime.timedelta(minutes=30)):
     """Join rank `rank` of n processes that split sequences: NCCL with one GPU a rank (cuda:rank) for a CUDA device,
     gloo on the CPU (the ranks share its cores). store: a file path all ranks name alike (torch.distributed's file

@@ -477,16 +477,19 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(c) for _ in range(c.n_expert))
         self.shared = nn.ModuleList(MLP(c) for _ in range(c.n_shared_expert))
 
-    def forward(self, x):
+    def forward(self, x, cp=None):
         c, shape = self.c, x.shape
         x = x.reshape(-1, shape[-1])                                        # (N, C)
         probs = F.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), -1)   # (N, E)
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
-        load = F.one_hot(idx, c.n_expert).float().sum((0, 1)) / idx.numel()
-        aux = c.n_expert * (load * probs.mean(0)).sum()
-        return out.view(shape), aux, load.detach()
+        counts, psum, n = F.one_hot(idx, c.n_expert).sum((0, 1)).to(probs.dtype), probs.sum(0), idx.shape[0]
+        if cp is not None:   # a slice of a split sequence: the whole sequence's statistics
+            counts, psum, n = kernels.cp_balance(probs, idx, shape, cp)
+        load = counts / (n * c.top_k)
+        aux = c.n_expert * (load * psum / n).sum()
+        return out.view(shape), aux, load.detach().float()
 
     def routed(self, x, w, idx):
         """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
@@ -509,7 +512,7 @@ class Block(nn.Module):
 
     def forward(self, x, pos, rot, doc, cu_seqlens=None, cache=None, cp=None):
         x = x + self.attn(self.attn_norm(x), pos, rot, doc, cu_seqlens, cache, cp)
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), cp) if isinstance(self.mlp, MoE) else self.mlp(self.mlp_norm(x))
         h, aux = h[:2] if isinstance(h, tuple) else (h, x.new_zeros((), dtype=torch.float32))   # aux: MoE balance loss
         return x + h, aux
 

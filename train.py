@@ -454,9 +454,9 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
                 loss = kernels.cp_loss(loss, (y != -100).sum(), cp_group)
             for h in hooks:   # before backward: checkpointed blocks would run them again in the recompute
                 h.remove()
-            # cp * loss: the strategies average gradients over all dp * cp ranks, a row's is the sum over its cp
-            # ranks (context_group). aux is this slice's MoE balance loss: averaged over the slices
-            fabric.backward((cp * loss + config.aux_loss_coef * aux) / accum)
+            # times cp: the strategies average gradients over all dp * cp ranks, a row's is the sum over its cp ranks
+            # (context_group); loss and aux (kernels.cp_balance) are the row's on every cp rank
+            fabric.backward(cp * (loss + config.aux_loss_coef * aux) / accum)
         metrics.loss.update(loss.detach())
         step_loss = step_loss + loss.detach()
         state["iter_num"] += 1

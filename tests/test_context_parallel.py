@@ -92,8 +92,9 @@ def _check_packed_logits(rank, splits, model):
 
 
 def _check_training(rank, splits, model, docs=False):
-    """Each rank's loss over its slice, combined (cp_loss), backward on every rank, the gradients summed
-    (cp_reduce_grads): one process's loss and gradients, the keys and GLA states read from other ranks having sent
+    """Each rank's loss over its slice, combined (cp_loss), plus half the MoE balance loss (the sequence's,
+    kernels.cp_balance), backward on every rank, the gradients summed (cp_reduce_grads): one process's loss, balance
+    loss and gradients, the keys and GLA states read from other ranks having sent
     their gradients back through the gathers. docs: packed rows (packed(ends), sliced like the tokens)."""
     idx, _ = ids()
     targets = torch.randint(0, 512, idx.shape, generator=torch.Generator().manual_seed(3))
@@ -101,16 +102,17 @@ def _check_training(rank, splits, model, docs=False):
     for ends in splits:
         s, e, doc = ([0] + ends)[rank], ends[rank], packed(ends) if docs else None
         model.zero_grad(set_to_none=True)
-        ref_loss = model(idx, targets=targets, doc_ids=doc)[1]
-        ref_loss.backward()
+        _, ref_loss, ref_aux = model(idx, targets=targets, doc_ids=doc)
+        (ref_loss + 0.5 * ref_aux).backward()                            # aux: the MoE balance loss, or 0
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        loss = model(idx[:, s:e], targets=targets[:, s:e], doc_ids=None if doc is None else doc[:, s:e],
-                     cp_group=dist.group.WORLD)[1]
+        _, loss, aux = model(idx[:, s:e], targets=targets[:, s:e], doc_ids=None if doc is None else doc[:, s:e],
+                             cp_group=dist.group.WORLD)
         loss = kernels.cp_loss(loss, (targets[:, s:e] != -100).sum(), dist.group.WORLD)
-        loss.backward()
+        (loss + 0.5 * aux).backward()
         kernels.cp_reduce_grads(model, dist.group.WORLD)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=0)
+        torch.testing.assert_close(aux, ref_aux, rtol=1e-9, atol=1e-15)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-13, msg=lambda m: f"{n}: {m}")
 

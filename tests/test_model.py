@@ -588,7 +588,7 @@ def moe_per_token(moe, x):
     out = torch.stack([sum(swiglu(s, v) for s in moe.shared) +
                        sum(w[n, j] * swiglu(moe.experts[idx[n, j]], v) for j in range(c.top_k))
                        for n, v in enumerate(x)])
-    load = torch.stack([(idx == e).sum() for e in range(c.n_expert)]) / idx.numel()
+    load = torch.stack([(idx == e).sum() for e in range(c.n_expert)]).to(probs.dtype) / idx.numel()
     return out, c.n_expert * (load * probs.mean(0)).sum(), load
 
 

@@ -567,13 +567,13 @@ def test_context_parallel_matches_one_process(pydoc, tmp_path):
 @pytest.mark.slow
 def test_context_parallel_packed_documents_sinks_full_attention(tmp_path):
     # short documents: rows of 32 tokens hold several, some crossing the split at 16. tiny-moe: 4 sinks, la+fa and
-    # la+swa layers, MoE; aux_loss_coef 0, as a slice's balance loss is its own tokens', not the row's
+    # la+swa layers, MoE with its balance loss (the row's on every rank: kernels.cp_balance)
     texts = [" ".join(["word"] * (3 + i % 9) + [f"document {i}."]) for i in range(160)]
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prepare(inputs=[str(tmp_path / "short.jsonl")], out=tmp_path / "data", tokenizer_dir=TOK, val_fraction=0.1)
     _, _, doc = Packed(tmp_path / "data", "train", 32, Tokenizer(TOK)).batch(range(8), torch.device("cpu"))
     assert (doc[:, 15] == doc[:, 16]).any() and (doc[:, 15] != doc[:, 16]).any() and (doc[:, -1] > 0).all()
-    over = {"aux_loss_coef": 0.0}
+    over = {"aux_loss_coef": 0.5}
     launch = launcher(tmp_path / "data", tmp_path, 32, 2, 4, "--precision", "32-true", "--accelerator", "cpu",
                       "--context_parallel", "2", "--devices", "2", "--strategy", "ddp", model="tiny-moe", **over)
     launch(tmp_path / "cp")
