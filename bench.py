@@ -655,7 +655,6 @@ def splittable(c):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def split_ttft(m, ids, group):
     """Seconds from a start synchronized on every rank of `group` to the first greedy token of ids [1, T] split over
     them, when every rank is done: rank r prefills the r-th slice (lengths as even as possible) in one forward
@@ -788,9 +787,8 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
     the gathers of a split forward timed alone and their share, whether the split's first token is one process's.
     Then a projection to 8 / 32 / 128 GPUs at project_to tokens (project_split) beside the report's figures.
     Models with full attention are skipped with a note (splittable). Returns the rows."""
+    kernels.cp_check_devices(n, device)   # before the header: a refused run prints nothing
     cuda = device.startswith("cuda")
-    if cuda and n > torch.cuda.device_count():
-        raise ValueError(f"--cp {n} needs {n} GPUs, one a rank; {torch.cuda.device_count()} visible")
     _, dt, _ = setup(device, gla)
     ranks = f"{n} GPUs (NCCL)" if cuda else f"{n} gloo processes"
     header(device, dt, gla, False, f"quant {quant}; one prompt split over {ranks}; one process: chunk {chunk}; "

@@ -50,7 +50,6 @@ DType = Literal["bfloat16", "float16", "float32", "float64"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}  # header names
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()} | {torch.uint8: "U8"}   # U8: written (FP8 bits), never a source
-QUANTIZED = {".qweight": "W8ASpike", ".fp8_weight": "FP8"}   # a quantized layer's weight tensor -> its format
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # Hugging Face Qwen2 (Qwen2ForCausalLM) -> ours; "{}" is the layer index
@@ -185,11 +184,6 @@ def read_tensor(src, headers, name):
     """One tensor of a checkpoint directory, by the file its header entry names."""
     with safe_open(os.path.join(src, headers[name][2]), "pt") as h:
         return h.get_tensor(name)
-
-
-def quantized_format(names):
-    """'W8ASpike' or 'FP8' when a checkpoint's tensor names hold quantized layers, else None (float)."""
-    return next((f for suffix, f in QUANTIZED.items() if any(n.endswith(suffix) for n in names)), None)
 
 
 def check_shapes(want, have, source, hint=""):
@@ -397,8 +391,7 @@ def save_checkpoint(model_or_state, config, out, tokenizer_dir=None, overwrite=T
                   metadata={"format": "pt"})
         save_config(config, os.path.join(tmp, "config.yaml"))
         if tokenizer_dir is not None:
-            for f in tok.TOKENIZER_FILES:
-                shutil.copy(os.path.join(tokenizer_dir, f), tmp)
+            tok.copy_tokenizer(tokenizer_dir, tmp)
 
 
 def load_ours(path, device="cpu", dtype=None):
@@ -415,7 +408,7 @@ def load_ours(path, device="cpu", dtype=None):
                                 f"Hugging Face files")
     config = load_config(cfg_file)
     files, headers = read_headers(path)   # a corrupt or truncated file: an error that names it
-    if quantized_format(headers) is None:   # quantized layers: build_model checks them against their modules
+    if spiking.quantized_format(headers) is None:   # quantized: build_model checks them against their modules
         check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, path)
     return build_model(config, read_state(path, files, device), device, dtype, path)
 
@@ -757,7 +750,7 @@ def check_dense(config, headers, src):
         problems.append(f"MoE layers {config.moe_layers}")
     if config.n_sink:
         problems.append(f"{config.n_sink} sink tokens")
-    if fmt := quantized_format(headers):
+    if fmt := spiking.quantized_format(headers):
         problems.append(f"{fmt} weights ({dict(W8ASpike='INT8', FP8='e4m3')[fmt]}): convert the float checkpoint "
                         f"they were made from")
     if problems:
@@ -795,12 +788,9 @@ def convert_dense(*, src: str, out: str, to: Literal["spikingbrain-7b", "spiking
     config = target_config({k: getattr(source, k) for k in DENSE_FIELDS}, to, n_expert, n_sink)
     out_dtype = output_dtype(dtype, headers, src)
 
-    def copy_tokenizer(d):
-        for f in tok.TOKENIZER_FILES:
-            shutil.copy(os.path.join(src, f), d)
-    has_tokenizer = all(os.path.isfile(os.path.join(src, f)) for f in tok.TOKENIZER_FILES)
     write_dense(stream(src, files, headers, f"{to} <- {src}"), DENSE_MAP, config, out, dtype=out_dtype, seed=seed,
-                overwrite=overwrite, save_tokenizer=copy_tokenizer if has_tokenizer else None)
+                overwrite=overwrite,
+                save_tokenizer=(lambda d: tok.copy_tokenizer(src, d)) if tok.has_tokenizer(src) else None)
 
 
 # ----------------------------------------------------------------------------- released SpikingBrain-7B <-> ours
@@ -1106,8 +1096,7 @@ def convert_w8aspike(*, ckpt: str, out: str, text: str, k: float = 3.0, group_si
         n_rows = min(n_samples, rows.shape[0])
     spiking.replace_linears(model, k=k, group_size=group_size, scales=scales)
     tok_dir = tokenizer or ckpt
-    has_tok = all(os.path.isfile(os.path.join(tok_dir, f)) for f in tok.TOKENIZER_FILES)
-    save_checkpoint(model, config, out, tok_dir if has_tok else None, overwrite)
+    save_checkpoint(model, config, out, tok_dir if tok.has_tokenizer(tok_dir) else None, overwrite)
     n = sum(isinstance(m, spiking.W8ASpikeLinear) for m in model.modules())
     print(f"wrote {out}: {n} W8ASpike layers, k={k}, group_size={group_size}, "
           f"{f'calibrated on {n_rows} rows of {rows.shape[1]} tokens' if calibrated else 'max scales'}")
@@ -1121,7 +1110,7 @@ def read_float(ckpt, command):
         return config, files, headers, {k: rename(k, RELEASE_MAP) for k in headers}, tied
     config = load_config(os.path.join(ckpt, "config.yaml"))
     files, headers = read_headers(ckpt)
-    check_float(ckpt, quantized_format(headers), command)
+    check_float(ckpt, spiking.quantized_format(headers), command)
     check_shapes(model_shapes(config), {k: s for k, (s, _, _) in headers.items()}, ckpt)
     return config, files, headers, {k: k for k in headers}, False
 
@@ -1156,7 +1145,7 @@ def convert_fp8(*, ckpt: str, out: str, k: float = 3.0, tokenizer: str | None = 
     plan = {n: (tuple(t.shape), t.dtype if n.rpartition(".")[0] in fp8 and not n.endswith(".bias") else dtypes[n])
             for n, t in model.state_dict().items()}
     tok_src = tokenizer or ckpt   # ours is copied; Hugging Face files (a release directory) are converted
-    has_ours = all(os.path.isfile(os.path.join(tok_src, f)) for f in tok.TOKENIZER_FILES)
+    has_ours = tok.has_tokenizer(tok_src)
     hf_tokenizer = None if has_ours else tok.read_hf_tokenizer(tok_src, optional=tokenizer is None)
     with atomic_dir(out, overwrite) as tmp:
         with FileWriter(os.path.join(tmp, SINGLE), plan) as w:
@@ -1173,8 +1162,7 @@ def convert_fp8(*, ckpt: str, out: str, k: float = 3.0, tokenizer: str | None = 
                     w.add("lm_head.weight", t)
         save_config(config, os.path.join(tmp, "config.yaml"))
         if has_ours:
-            for f in tok.TOKENIZER_FILES:
-                shutil.copy(os.path.join(tok_src, f), tmp)
+            tok.copy_tokenizer(tok_src, tmp)
         elif hf_tokenizer is not None:
             tok.save(tmp, *hf_tokenizer)
     weights = {n: math.prod(plan[n + ".fp8_weight"][0]) for n in fp8}

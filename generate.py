@@ -434,9 +434,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
                          "or drop --cp to chat (the chat runs in one process)")
     if cp > 1 and compile:
         raise ValueError(f"--cp {cp} runs the eager model: drop --compile")
-    if cp > 1 and device.startswith("cuda") and cp > torch.cuda.device_count():
-        raise ValueError(f"--cp {cp} needs {cp} GPUs, one a process; {torch.cuda.device_count()} visible "
-                         f"(or --device cpu)")
+    kernels.cp_check_devices(cp, device)
     dt = convert.resolve_dtype(dtype) or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if prompt == "-":
         prompt = sys.stdin.read()

@@ -1127,7 +1127,6 @@ def cp_reduce_grads(model, group):
         w.wait()
 
 
-
 def cp_balance(probs, idx, shape, cp):
     """model.MoE's balance statistics over a split sequence: per expert the routed count and the router probabilities'
     sum, and the token count, over every rank's tokens with the sinks counted once (rank 0's; every rank runs them).
@@ -1184,15 +1183,21 @@ def _picklable(e):
         return False
 
 
+def cp_check_devices(n, device):
+    """n ranks of a split sequence on `device` (cp_launch): on CUDA one GPU each, so n of them must be visible."""
+    if n > 1 and device.startswith("cuda") and n > torch.cuda.device_count():
+        raise ValueError(f"--cp {n} needs {n} GPUs, one a process; {torch.cuda.device_count()} visible "
+                         f"(or --device cpu)")
+
+
 def cp_launch(fn, n, device, *args, timeout=datetime.timedelta(minutes=30)):
     """Run fn(group, device, *args) in n new processes, one a rank of a split sequence (cp_init: one GPU each on
     CUDA), and wait for all of them. fn and args must pickle (torch.multiprocessing spawn). When a rank fails, the
     others are stopped (a collective would wait for it until `timeout`) and its exception is raised here as it was
     raised there (chained to the spawn error, which holds its traceback); when several fail, the first one's, since
     the others then fail in the collectives it left."""
+    cp_check_devices(n, device)
     if device.startswith("cuda"):
-        if n > torch.cuda.device_count():
-            raise ValueError(f"{n} ranks need {n} GPUs, one a rank; {torch.cuda.device_count()} visible")
         os.environ["NCCL_NVLS_ENABLE"] = "0"   # NVLink multicast off: it can put a shared host's GPUs out of service
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
@@ -1500,7 +1505,7 @@ def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
 # scale, the weight as e4m3 per output channel with its scale (spiking.FP8SpikeLinear). e4m3 holds every integer up
 # to +-16 exactly and 3 mantissa bits beyond (17 -> 16, 100 -> 96, up to 448), so unlike the int8 route the counts
 # past 16 are rounded; in exchange torch._scaled_mm's FP8 GEMMs outrun the int8 kernel on Hopper (BENCHMARKS.md).
-FP8_MAX = 448.0            # e4m3's largest finite value; rows with a count past it take the float path
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max   # 448, e4m3's largest: rows with a count past it take the float path
 SPIKE_FP8_IMPL = "auto"    # "auto": spike_linear_fp8 on CUDA (capability >= 8.9, torch._scaled_mm present), the float
                            # reference elsewhere; "torch" forces the reference; "scaled_mm" forces torch._scaled_mm (on
                            # a CPU torch's own kernel, float32 out: tests)
@@ -1551,9 +1556,10 @@ def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
     a GPU the tensor cores' accumulation takes the place of 2^-24 (Hopper's FP8 MMA keeps fewer bits within one
     instruction), the bf16 output's 2^-9 dominating it. Counts up to +-16 are exact in e4m3, so there y64 is the
     product of the exact counts; a count c past 16 is rounded to 4 significant bits, |e4m3(c) - c| <= |c| / 16,
-    which moves y by at most sum over those counts of |c w| / 16 * vth * scale. A row with a count past 448 (e4m3's largest) is recomputed by the twin on its exact counts (one read of
-    a flag on the host per call, as w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple
-    of 16) runs the twin in float64: slower, never an error.
+    which moves y by at most sum over those counts of |c w| / 16 * vth * scale. A row with a count past 448
+    (e4m3's largest) is recomputed by the twin on its exact counts (one read of a flag on the host per call, as
+    w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple of 16) runs the twin in float64:
+    slower, never an error.
     """
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -1671,12 +1677,12 @@ def _spike(x, k):
 def moe_experts(x, w, idx, experts):
     """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * experts[idx[n, j]](x[n]).
 
-    x [N, C]; w [N, k] float32 (or wider), the router weights of the chosen experts; idx [N, k] int64, their ids; experts: E
-    SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token, expert)
-    rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked [E, ...]
-    (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and the spike
-    statistics keep one module per expert. Every expert is in the graph (a zero gradient without rows): all FSDP ranks
-    reduce the same set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
+    x [N, C]; w [N, k] float32 (or wider), the router weights of the chosen experts; idx [N, k] int64, their ids;
+    experts: E SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token,
+    expert) rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked
+    [E, ...] (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and
+    the spike statistics keep one module per expert. Every expert is in the graph (a zero gradient without rows):
+    all FSDP ranks reduce the same set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
     """
     (N, k), E = idx.shape, len(experts)
     if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:

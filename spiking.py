@@ -553,11 +553,14 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     return model
 
 
-def quantized_format(model):
-    """'W8ASpike' or 'FP8' when the model's projections are quantized layers (a W8ASpike or FP8 checkpoint loads
-    so), else None."""
-    kinds = {W8ASpikeLinear: "W8ASpike", FP8SpikeLinear: "FP8"}
-    return next((kinds[type(m)] for m in model.modules() if type(m) in kinds), None)
+QUANTIZED = {"qweight": "W8ASpike", "fp8_weight": "FP8"}   # a quantized layer's weight buffer -> its format
+
+
+def quantized_format(state):
+    """'W8ASpike' or 'FP8' when the projections are quantized layers, else None (float): of a model (a W8ASpike or
+    FP8 checkpoint loads so), or from the tensor names of a state (a checkpoint's headers, before anything loads)."""
+    names = state.state_dict() if isinstance(state, nn.Module) else state
+    return next((f for leaf, f in QUANTIZED.items() if any(n.endswith("." + leaf) for n in names)), None)
 
 
 def _check_float(model):
@@ -658,7 +661,7 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
 
 # ----------------------------------------------------------------------------- FP8: spike counts x e4m3 weights
 
-FP8_MAX = 448.0   # e4m3's largest finite value (kernels.FP8_MAX)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max   # 448, e4m3's largest finite value
 
 
 def quantize_weight_fp8(w):

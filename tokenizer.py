@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import unicodedata
 from collections import Counter, defaultdict
@@ -180,6 +181,17 @@ def bytes_to_unicode():
 def _json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def has_tokenizer(path):
+    """Are our tokenizer files (TOKENIZER_FILES) all in `path`?"""
+    return all(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def copy_tokenizer(src, dst):
+    """Our tokenizer files from directory src into directory dst."""
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(src, f), dst)
 
 
 def has_hf_tokenizer(src):
