@@ -59,8 +59,8 @@ PRESETS = {
 def _typed(key, value, tp):
     """A config value as its field's type tp: "3", 3 or "null" (command lines, YAML) converted, others an error."""
     import yaml
-    optional = type(None) in typing.get_args(tp)
-    base = next((t for t in typing.get_args(tp) if t is not type(None)), tp)
+    args = typing.get_args(tp)
+    optional, base = type(None) in args, next((t for t in args if t is not type(None)), tp)
     base = typing.get_origin(base) or base                                       # list[str] -> list
     if isinstance(value, str) and base is not str:
         try:
@@ -137,7 +137,6 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        d = dict(d)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
@@ -521,10 +520,8 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 def doc_positions(doc_ids):
     """Positions restarting at each document of packed rows (doc_ids [B, T], non-decreasing), and document starts."""
-    B, T = doc_ids.shape
-    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    start = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)
     first = torch.where(start, idx, 0).cummax(1).values                # index where each token's doc starts
     return idx - first, start
 
@@ -547,7 +544,7 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=self.config.init_std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, RMSNorm):
+        elif isinstance(m, RMSNorm):   # also after a meta-device build (train.py's FSDP2 init)
             nn.init.ones_(m.weight)
         elif isinstance(m, GPT) and m.sinks is not None:
             nn.init.normal_(m.sinks, std=self.config.init_std)
