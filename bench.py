@@ -484,7 +484,8 @@ def bench_spike_gemm(*, preset: str = "spikingbrain-7b", rows: tuple[int, ...] =
 @torch.no_grad()
 def time_to_first_token(m, T, chunk, layers=None, ids=None):
     """Seconds from a random T-token prompt (or the prompt ids [1, T]) to its first greedy token on m's first
-    `layers` blocks (None: all), the peak device bytes (0 off CUDA) and the token. A linear-time model prefills
+    `layers` blocks (None: all), the peak device bytes (0 off CUDA) and the last position's logits [V] (the token:
+    their argmax). A linear-time model prefills
     through a cache, `chunk` tokens a forward; a full-attention model runs the prompt in one forward without a
     cache."""
     c, device = m.config, m.lm_head.weight.device
@@ -500,8 +501,8 @@ def time_to_first_token(m, T, chunk, layers=None, ids=None):
             logits = prefill(m, m.new_cache(1, T), ids, chunk)
         else:
             logits = m(ids, last_only=True)[0][:, -1]
-        tok = logits.argmax(-1).item()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0, tok
+        logits[0].argmax().item()   # the token, on the host: the clock stops with it
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if cuda else 0, logits[0]
     finally:
         m.blocks = blocks
 
@@ -754,15 +755,20 @@ def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant
                                    f"(no chunks within a slice): use more ranks or shorter --lengths") from e
             tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
             done = (T, peak)
-            t1, _, tok1 = time_to_first_token(m, T, chunk, ids=ids) if rank == 0 else (0.0, 0, -1)
+            t1, tok1, gap, top2 = 0.0, -1, 0.0, 0.0
+            if rank == 0:   # where the split's token stands among one process's logits: a near tie or not
+                t1, _, logits = time_to_first_token(m, T, chunk, ids=ids)
+                logits = logits.float()
+                tok1, (a, b) = logits.argmax().item(), logits.topk(2).values.tolist()
+                gap, top2 = (logits[tok1] - logits[tok]).item(), a - b
             comm = gather_seconds(parts, group, device)
-            row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok, token_one=tok1,
-                       peak=peak)
+            row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok,
+                       token_one=tok1, token_gap=gap, top2=top2, peak=peak)
             rows.append(row)
             if rank == 0:   # the one-process figures are rank 0's
                 mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
                 print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} {comm / t:6.1%} "
-                      f"{mem_s} {'yes' if tok == tok1 else 'no':>6}", flush=True)
+                      f"{mem_s} {'yes' if tok == tok1 else 'no':>6} {gap:9.4f} {top2:9.4f}", flush=True)
         del m
     if rank == 0:
         torch.save(rows, out)
@@ -801,8 +807,10 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
         return []
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'gathers s':>9} "
-          f"{'share':>6} {'peak GiB':>9} {'token':>6}  (ratio: split / one process, aim <= 0.55 at 2 ranks; gathers "
-          "timed alone; peak: largest rank's; token: the split's first token is one process's)", flush=True)
+          f"{'share':>6} {'peak GiB':>9} {'token':>6} {'gap':>9} {'top2':>9}  (ratio: split / one process, aim <= 0.55 "
+          "at 2 ranks; gathers timed alone; peak: largest rank's; token: the split's first token is one process's; "
+          "gap: one process's logit of its token less that of the split's token; top2: its top two logits' "
+          "difference)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.pt")
         kernels.cp_launch(split_worker, n, device, out, models, lengths, chunk, gla, n_layer, quant,
