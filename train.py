@@ -415,9 +415,9 @@ def resume_state(fabric, state, resume, out_dir):
                                 f"to start fresh when there is none")
     if path is None:
         return
-    fabric.print(f"resuming from {path}")
-    data = state["data"]
+    t0, data = time.perf_counter(), state["data"]
     load_state(fabric, path, state)
+    fabric.print(f"resumed from {path} (step {state['step']}) in {time.perf_counter() - t0:.1f} s")
     if state["data"] != data:
         raise ValueError(f"{path} was trained on other data ({state['data']}); this run has "
                          f"{data}: point data.path at the original data or start fresh")
@@ -485,7 +485,11 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
                 bar.write(f"step {state['step']}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}")
             metrics.restart(state["step"])   # validation time is not training time
         if (train.save_interval and state["step"] % train.save_interval == 0) or last:
-            save(fabric, state, config, out_dir, train.keep_last)
+            seconds, size = save(fabric, state, config, out_dir, train.keep_last)
+            fabric.log_dict({"perf/checkpoint_s": seconds}, step=state["step"])
+            if fabric.global_rank == 0:
+                gb = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+                bar.write(f"step {state['step']}: checkpoint of {gb} written in {seconds:.1f} s")
             metrics.restart(state["step"])
     bar.close()
     metrics.summary()
@@ -637,7 +641,9 @@ COMPLETE = "complete"   # the file a checkpoint gets last, once every rank's par
 
 def save(fabric, state, config, out_dir, keep_last):
     """out_dir/step-XXXXXXX/{state, config.yaml, complete}: written under a temp name, renamed when complete. Older
-    checkpoints are deleted oldest first, each renamed away first: a kill never leaves half of one as step-*."""
+    checkpoints are deleted oldest first, each renamed away first: a kill never leaves half of one as step-*.
+    Returns the seconds it took (all ranks' writes) and its bytes (rank 0's count, 0 on the others)."""
+    t0, size = time.perf_counter(), 0
     name = f"step-{state['step']:07d}"
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if fabric.global_rank == 0:
@@ -650,6 +656,7 @@ def save(fabric, state, config, out_dir, keep_last):
     fabric.barrier()
     if fabric.global_rank == 0:
         (tmp / COMPLETE).touch()
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         if final.exists():
             remove_dir(final)
         os.replace(tmp, final)
@@ -660,6 +667,7 @@ def save(fabric, state, config, out_dir, keep_last):
             if old not in keep:
                 remove_dir(old)
     fabric.barrier()
+    return time.perf_counter() - t0, size
 
 
 def latest_checkpoint(out_dir):

@@ -183,6 +183,8 @@ def check_demo(r, ws):
     tiny = ws.path / "out" / "tiny"
     is_checkpoint(tiny / "final")                                    # what generate.py and eval.py load
     assert (tiny / "step-0000002" / "state").exists()                # resumable
+    size = sum(f.stat().st_size for f in (tiny / "step-0000002").rglob("*") if f.is_file())
+    assert f"step 2: checkpoint of {size / 1e6:.1f} MB written in " in out(r), out(r)   # its size and time
     assert list((tiny / "logs").rglob("events.out.tfevents.*"))       # TensorBoard logs
     assert (ws.path / "data" / "pydoc" / "meta.json").is_file()      # Python's docs, prepared on first use
     assert "--- sample ---" in r.stdout                              # "ends with a sample that generate.py continues"
@@ -191,7 +193,7 @@ def check_demo(r, ws):
 
 def check_resume(r, ws):
     tiny = ws.path / "out" / "tiny"
-    assert "resuming from out/tiny/step-0000002" in out(r)
+    assert re.search(r"resumed from out/tiny/step-0000002 \(step 2\) in [0-9.]+ s", out(r)), out(r)
     assert (tiny / "step-0000004" / "state").exists()
     assert sorted(scalars(tiny / "logs", "train/loss")) == [1, 2, 3, 4]   # steps 3-4 continue steps 1-2
 
