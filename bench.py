@@ -12,6 +12,7 @@
     python bench.py spike_gemm   # W8ASpike's projections: int8 spike counts x INT8 weights vs bf16 (and FP8)
     python bench.py ttft --quant int8; python bench.py decode --quant w8aspike   # quantized as generate/convert do
     python bench.py ttft --quant fp8   # spike counts x e4m3 weights on FP8 tensor cores (generate.py --quant fp8)
+    python bench.py decode --quant fp8 # its decode steps: e4m3 weights read a byte each (kernels.fp8_gemv)
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
     python bench.py moe --tiny true
     python bench.py serve --tiny true
@@ -173,7 +174,7 @@ def quantize(m, quant):
     (spiking.replace_linears at k = SPIKE_K, groups of 128, max scales: calibration picks other scales, not other
     work); either way every model.Linear becomes a spiking.W8ASpikeLinear. "fp8" as generate.py --quant fp8 makes
     it at k = SPIKE_K (spiking.replace_linears_fp8: e4m3 weights per output channel, spike counts as e4m3: on CUDA
-    torch._scaled_mm). Returns m."""
+    kernels.fp8_gemv for a decode step, torch._scaled_mm for more rows). Returns m."""
     check_quant(quant)
     if quant == "int8":
         return spiking.quantize_int8(m, group_size=128)
@@ -182,6 +183,21 @@ def quantize(m, quant):
     if quant == "fp8":
         return spiking.replace_linears_fp8(m, k=SPIKE_K)
     return m
+
+
+def decode_route(quant, device, rows=1):
+    """The path a decode step's projections take under `quant` on device (rows: batch x new tokens), as the layers
+    dispatch (FP8SpikeLinear.forward, W8ASpikeLinear.forward): for bench.py decode's header."""
+    x = torch.empty(rows, 128, device=device)
+    if quant == "fp8":
+        return ("kernels.fp8_gemv (e4m3 bytes converted in registers)" if kernels.use_fp8_gemv(x) else
+                "kernels.spike_linear_fp8 (torch._scaled_mm)" if kernels.use_spike_fp8(x) else
+                "FP8SpikeLinear's float reference")
+    if quant == "int8":
+        return "kernels.int8_gemv" if kernels.use_int8_gemv(x, 128) else "dequantized weights, F.linear"
+    if quant == "w8aspike":
+        return "kernels.spike_linear" if kernels.use_spike_gemm(x) else "W8ASpikeLinear's float reference"
+    return "F.linear"
 
 
 def weight_bytes(m, skip=()):
@@ -915,7 +931,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         quant: every model's projections as `quantize` makes them: bf16 (as they are), int8 (weight-only INT8, as
             generate.py --quant int8: on CUDA kernels.int8_gemv up to 8 rows a step) or w8aspike (spike counts x
             INT8 weights, as convert.py w8aspike: on CUDA kernels.spike_linear) or fp8 (spike counts x e4m3
-            weights, as generate.py --quant fp8: on CUDA kernels.spike_linear_fp8).
+            weights, as generate.py --quant fp8: on CUDA kernels.fp8_gemv up to 8 rows a step, no host sync, so
+            --compile keeps it in the graph). The header names the route (decode_route).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -925,8 +942,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     cuda, dt, mem = setup(device, gla)
     bw = device_rate(device, "copy")
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
-           f"quant {quant}; device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; "
-           f"{steps} steps; layers {n_layer or 'all'}")
+           f"quant {quant}; projections at batch {batches[0]}: {decode_route(quant, device, batches[0])}; "
+           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
+           f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)

@@ -409,9 +409,10 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         quant: int8: INT8 weights (groups of 128 input channels) for every projection of a float checkpoint,
             activations kept; decode steps on CUDA read the 8-bit weights (kernels.int8_gemv). fp8: e4m3 weights
             per output channel, spike counts taken as e4m3 (spiking.replace_linears_fp8; needs spiking activations:
-            --spike or a spiking checkpoint); on CUDA with capability >= 8.9 torch._scaled_mm multiplies them. An FP8
-            checkpoint (convert.py fp8) runs so without --quant: fp8 leaves it as it is, and int8 refuses it (as it
-            refuses a W8ASpike one: INT8 weights are made from float ones).
+            --spike or a spiking checkpoint); on CUDA decode steps read the e4m3 weights (kernels.fp8_gemv) and
+            longer inputs run torch._scaled_mm (capability >= 8.9). An FP8 checkpoint (convert.py fp8) runs so
+            without --quant: fp8 leaves it as it is, and int8 refuses it (as it refuses a W8ASpike one: INT8 weights
+            are made from float ones).
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
         cp: one-shot: split the prompt's prefill over this many processes (context parallelism; on CUDA one GPU

@@ -15,6 +15,9 @@ compare against:
   channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
+- decode with e4m3 weights: the same GEMV kernel reading the e4m3 bytes, the counts rounded to e4m3 (a row past 448
+  kept exact) by a select, no host sync, so compiled decode keeps it in its graph (fp8_gemv; twin:
+  spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear picks it for up to INT8_GEMV_MAX_ROWS rows).
 - context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group (packed
   documents may cross the slices; every rank runs the sinks), GLA states passed on in one all-gather per layer, the
   keys before each slice fetched (SWA: the window's; full attention: all), the gradients sent back through the
@@ -1559,7 +1562,8 @@ def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
     which moves y by at most sum over those counts of |c w| / 16 * vth * scale. A row with a count past 448
     (e4m3's largest) is recomputed by the twin on its exact counts (one read of a flag on the host per call, as
     w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple of 16) runs the twin in float64:
-    slower, never an error.
+    slower, never an error. A decode step (a few rows) takes fp8_gemv instead (FP8SpikeLinear's dispatch): no host
+    sync, so not behind this function's compiler.disable.
     """
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -1721,13 +1725,24 @@ INT8_GEMV_IMPL = "auto"    # "auto": int8_gemv on CUDA (capability >= 8.0) for <
 
 
 @triton.jit
-def _int8_gemv_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _e4m3_to_f32(b):
+    """e4m3 bits (uint8, from quantize_weight_fp8: never the NaNs 0x7f, 0xff) -> fp32 by integer ops, for GPUs whose
+    Triton has no e4m3 conversion (capability < 8.9): the sign and the 7 exponent-mantissa bits placed in an fp16
+    (exponent bias 15) are the value times 2^-8, e4m3's subnormals (exponent 0) fp16 subnormals; both steps exact."""
+    h = b.to(tl.int32)
+    h = ((h & 0x80) << 8) | ((h & 0x7F) << 7)
+    return h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FMT: tl.constexpr):
     """Partial sums out[split, :, cols] = sum over the split's K tiles of scales[g, cols] * (x[:, tile] @
-    w[cols, tile]^T): x [M, K] (float), w int8 [N, K], scales fp32 [N, G] (as stored: no transposed copy per
+    w[cols, tile]^T): x [M, K] (float), w 8-bit [N, K], scales fp32 [N, G] (as stored: no transposed copy per
     call; they are 1/GS of the weight bytes), out fp32 [splits, M, N]. BK divides GS (or K is one group): each
-    tile lies in group lo // GS. Weights convert to x's dtype exactly (|q| <= 127), so every product is exact in
-    fp32."""
+    tile lies in group lo // GS. FMT: 0 int8 weights; 1 e4m3 bits (uint8) converted by Triton; 2 the same bits
+    decoded by _e4m3_to_f32. Weights convert to x's dtype exactly (|q| <= 127, or e4m3's 4 significant bits), so
+    every product is exact in fp32."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                  # columns past N wrap around: no masks; not stored
@@ -1739,8 +1754,12 @@ def _int8_gemv_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.con
         lo = t * BK
         m = lo + o_k < K
         xt = tl.load(px + lo, mask=(rows < M)[:, None] & m[None, :], other=0.0)
-        wt = tl.load(pw + lo, mask=m[:, None], other=0).to(xt.dtype)
-        part = tl.dot(xt, wt, input_precision=PREC)
+        wt = tl.load(pw + lo, mask=m[:, None], other=0)
+        if FMT == 1:
+            wt = wt.to(tl.float8e4nv, bitcast=True)
+        elif FMT == 2:
+            wt = _e4m3_to_f32(wt)
+        part = tl.dot(xt, wt.to(xt.dtype), input_precision=PREC)
         acc += part * tl.load(scales + rn * G + lo // GS)[None, :]
     tl.store(out + pid_s * M * N + rows[:, None] * N + cols[None, :], acc,
              mask=(rows < M)[:, None] & (cols < N)[None, :])
@@ -1762,9 +1781,10 @@ def int8_gemv_fits(K, group_size):
     return _int8_gemv_tile_k(K, min(group_size, K), 16) is not None
 
 
-def _int8_gemv(x, w, st, out, group_size, splits, cfg):
-    """Launch _int8_gemv_kernel with cfg's settings; splits along K (None: enough programs to fill the GPU twice,
-    cut to whole tiles); the partial sums of the splits add up in fp32 afterwards."""
+def _gemv8(x, w, st, out, group_size, splits, cfg, fmt=0, prec=None):
+    """Launch _gemv8_kernel with cfg's settings and weight format fmt (0: int8, 1 or 2: e4m3 bits); splits along K
+    (None: enough programs to fill the GPU twice, cut to whole tiles); the partial sums of the splits add up in fp32
+    afterwards. prec: tl.dot's input precision (None: "ieee" for fp32 x, no tf32 rounding of the activations)."""
     M, K = x.shape
     N = w.shape[0]
     BK = _int8_gemv_tile_k(K, group_size, cfg["BK"])
@@ -1775,10 +1795,9 @@ def _int8_gemv(x, w, st, out, group_size, splits, cfg):
     per = triton.cdiv(k_tiles, max(1, min(splits, k_tiles)))      # K tiles per split
     S = triton.cdiv(k_tiles, per)
     part = out if S == 1 else x.new_empty(S, M, N, dtype=torch.float32)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"          # fp32 x: no tf32 rounding of the activations
-    _int8_gemv_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size, BM=16,
-                                    BN=cfg["BN"], BK=BK, PREC=prec, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"])
+    prec = prec or ("ieee" if x.dtype == torch.float32 else "tf32")
+    _gemv8_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size, BM=16, BN=cfg["BN"], BK=BK,
+                                PREC=prec, FMT=fmt, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:
         torch.sum(part, 0, out=out)
     return out
@@ -1825,7 +1844,7 @@ def _int8_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     dev = x.device
     opts = INT8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
     g = min(group_size, K)
-    return with_fallback(lambda cfg: _int8_gemv(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE), opts,
+    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE), opts,
                          ("int8_gemv", str(dev)), "int8_gemv")
 
 
@@ -1878,3 +1897,105 @@ def use_int8_gemv(x, group_size):
         return False
     return INT8_GEMV_IMPL == "triton" or (INT8_GEMV_IMPL == "auto" and x.is_cuda
                                           and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+# ----------------------------------------------------------------------------- decode with FP8 (e4m3) weights
+
+# FP8SpikeLinear's decode step (a few rows) on the 8-bit GEMV above: the e4m3 weight read as its bytes and converted
+# in registers (by Triton on capability >= 8.9 and in the interpreter, by integer ops on older GPUs: no FP8 tensor
+# cores needed), one scale per output channel (one group of K). Unlike spike_linear_fp8 (torch._scaled_mm) it reads
+# no flag on the host, so a compiled decode step keeps it in its graph. Settings as INT8_GEMV_CONFIGS (fp32 counts
+# instead of bf16 activations), a starting point not yet swept; INT8_GEMV_SAFE where they do not compile.
+FP8_GEMV_CONFIGS = {(9, 0): dict(BN=64, BK=128, num_warps=4, num_stages=4),
+                    (8, 0): dict(BN=64, BK=128, num_warps=4, num_stages=3)}
+FP8_GEMV_IMPL = "auto"    # "auto": fp8_gemv on CUDA (capability >= 8.0) for <= INT8_GEMV_MAX_ROWS rows, else
+                          # spike_linear_fp8 / the float reference; "triton" forces it (TRITON_INTERPRET=1 on a CPU:
+                          # tests), "torch" turns it off
+
+
+def fp8_gemv_counts_torch(x, k=3.0):
+    """The counts spike_linear_fp8_torch multiplies, as fp8_gemv's kernel takes them: x [M, K] -> rows [hi; lo]
+    fp32 [2M, K] with hi + lo = the counts (e4m3-rounded, or exact on a row holding one past 448), hi their top 11
+    significant bits and lo the rest, both exact in tf32 for |counts| < 2^22 (a count is at most K k); vth fp32
+    [M, 1]. Pure tensor ops: no host sync."""
+    counts, vth = spike_quant_torch(x, k)
+    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
+    c = torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float())
+    hi = (c.view(torch.int32) & -8192).view(torch.float32)   # the low 13 of fp32's 23 mantissa bits cleared
+    return torch.cat([hi, c - hi]), vth
+
+
+def _fp8_gemv_format(device):
+    """_gemv8_kernel's FMT for e4m3 weights on device: 1 (Triton's conversion) on capability >= 8.9 and in the
+    interpreter, 2 (integer decoding) on older GPUs, where Triton has no e4m3 type."""
+    return 2 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9) else 1
+
+
+@torch.library.custom_op("spikingbrain::fp8_gemv", mutates_args=())
+def _fp8_gemv_op(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, splits: Optional[int]) -> torch.Tensor:
+    """x fp32 [R, K] @ (e4m3(bits) * scale[:, None]).T: fp32 [R, N] (bits uint8 [N, K], scale [N]). One opaque op, as
+    _int8_gemv_op. tl.dot in tf32 on CUDA: exact for fp8_gemv_counts_torch's rows."""
+    (R, K), N = x.shape, bits.shape[0]
+    out = x.new_empty(R, N, dtype=torch.float32)
+    if R == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    xc, w, st, dev = x.float().contiguous(), bits.contiguous(), scale.float().contiguous().view(N, 1), x.device
+    opts = FP8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    fmt, prec = _fp8_gemv_format(dev), "tf32" if dev.type == "cuda" else "ieee"
+    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, K, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
+                         ("fp8_gemv", str(dev)), "fp8_gemv")
+
+
+@_fp8_gemv_op.register_fake
+def _(x, bits, scale, splits):
+    return x.new_empty(x.shape[0], bits.shape[0], dtype=torch.float32)
+
+
+def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
+    """spiking.FP8SpikeLinear's decode forward (a few rows), the product of spike_linear_fp8 with no host sync:
+        y[m, n] = (sum_k c[m, k] * e4m3(bits[n, k])) * scale[n] * vth[m]  (+ bias[n]),
+    counts, vth = spike_quant(x, k), c = the counts rounded to e4m3, but a row holding a count past 448 keeps its
+    exact counts (selected by torch.where, not by a host-side branch). x [..., K] (at most 16 rows; decode:
+    INT8_GEMV_MAX_ROWS); bits uint8 [N, K] (FP8SpikeLinear.fp8_weight, or the float8_e4m3fn view); scale [N]; bias
+    [N] or None. Returns [..., N] in x's dtype.
+
+    The counts enter the kernel as two fp32 rows each (hi + lo, fp8_gemv_counts_torch), products exact, sums in
+    fp32: against spike_linear_fp8_torch (float64, the same operands), before the cast to x's dtype,
+        |y - y64| <= (BK + 2P + 4) 2^-24 (sum_k |c w| vth scale + |bias|)
+    with BK <= 128 the K tile and P the tiles of a row (int8_gemv's bound, plus the hi + lo sum and vth). Twin:
+    spike_linear_fp8_torch.
+    """
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    K, N = x.shape[-1], bits.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if bits.dtype == torch.float8_e4m3fn:
+        bits = bits.view(torch.uint8)
+    if bits.dtype != torch.uint8 or bits.shape != (N, K) or scale.shape != (N,) or (
+            bias is not None and bias.shape != (N,)):
+        raise ValueError(f"fp8_gemv: x [..., K], bits uint8 [N, K], scale [N], bias [N] or None; got "
+                         f"{tuple(x.shape)}, {bits.dtype} {tuple(bits.shape)}, {tuple(scale.shape)}, "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if M > 8:   # each row enters the kernel as two (hi, lo): 16, its tile of rows
+        raise ValueError(f"fp8_gemv multiplies at most 8 rows (decode); got {M}: use spike_linear_fp8")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
+    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
+    c, vth = (compiled(fp8_gemv_counts_torch) if fused else fp8_gemv_counts_torch)(x2, k)
+    y = _fp8_gemv_op(c, bits, scale, splits)
+    y = (y[:M] + y[M:]) * vth
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def use_fp8_gemv(x):
+    """fp8_gemv for an FP8SpikeLinear's input x [..., K]? Decode-sized inputs (<= INT8_GEMV_MAX_ROWS rows) in
+    inference, on CUDA (capability >= 8.0) or forced by FP8_GEMV_IMPL = "triton"."""
+    if (torch.is_grad_enabled() and x.requires_grad) or x.shape[:-1].numel() > min(INT8_GEMV_MAX_ROWS, 8):
+        return False
+    return FP8_GEMV_IMPL == "triton" or (FP8_GEMV_IMPL == "auto" and x.is_cuda
+                                         and torch.cuda.get_device_capability(x.device) >= (8, 0))

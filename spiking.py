@@ -692,9 +692,11 @@ def fp8_counts(counts):
 class FP8SpikeLinear(nn.Module):
     """Linear with e4m3 weights (one scale per output channel) and spike-count inputs taken as e4m3:
     y = (W8 * scales) (e4m3(counts) * vth) + b. Buffers: fp8_weight uint8 [out, in] (e4m3 bits), scales float32
-    [out], bias [out] or None. Inference only. On CUDA (capability >= 8.9), without gradients, the product runs on
-    FP8 tensor cores (kernels.spike_linear_fp8, torch._scaled_mm with vth and the scales as row and column scales);
-    elsewhere the float reference below, on the same quantized operands."""
+    [out], bias [out] or None. Inference only. On CUDA, without gradients, a decode step (at most
+    kernels.INT8_GEMV_MAX_ROWS rows) runs kernels.fp8_gemv (capability >= 8.0: reads the e4m3 bytes, converts them in
+    registers, no host sync); more rows run on FP8 tensor cores (capability >= 8.9: kernels.spike_linear_fp8,
+    torch._scaled_mm with vth and the scales as row and column scales); elsewhere the float reference below, on the
+    same quantized operands."""
 
     def __init__(self, in_features, out_features, bias=True, spike_k=3.0, device=None, dtype=None):
         super().__init__()
@@ -716,6 +718,8 @@ class FP8SpikeLinear(nn.Module):
         return m
 
     def forward(self, x):
+        if kernels and kernels.use_fp8_gemv(x):    # decode: e4m3 weights read a byte each, no host sync (compiles)
+            return kernels.fp8_gemv(x, self.fp8_weight, self.scales, self.spike_k, self.bias)
         if kernels and kernels.use_spike_fp8(x):   # e4m3 counts x e4m3 weights, torch._scaled_mm
             return kernels.spike_linear_fp8(x, self.fp8_weight.view(torch.float8_e4m3fn), self.scales, self.spike_k,
                                             self.bias)

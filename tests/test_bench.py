@@ -213,7 +213,7 @@ def test_ttft_times_the_quantized_model(monkeypatch, capsys, quant, k):
 
 
 @pytest.mark.parametrize("quant,k", QUANTS)
-def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch, quant, k):
+def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch, capsys, quant, k):
     timed, sized = [], []
     time_decode, weight_bytes = bench.time_decode, bench.weight_bytes
     monkeypatch.setattr(bench, "time_decode", lambda step, *a: (timed.append(step.__self__), time_decode(step, *a))[1])
@@ -221,6 +221,19 @@ def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch
     bench.bench_decode(tiny=True, quant=quant)
     assert_quantized(timed, k, LAYER[quant])
     assert timed and all(any(m is s for s in sized) for m in timed)   # the bound's bytes: the timed model
+    assert f"quant {quant}; projections at batch 1: {bench.decode_route(quant, 'cpu')};" in capsys.readouterr()[0]
+
+
+def test_decode_route_names_the_layers_dispatch(monkeypatch):
+    """bench.py decode's header names the projections' path as the layers pick it: on a CPU the float references;
+    with the fp8 GEMV forced (as on CUDA) kernels.fp8_gemv up to 8 rows, torch._scaled_mm's route past them."""
+    assert bench.decode_route("fp8", "cpu") == "FP8SpikeLinear's float reference"
+    assert bench.decode_route("int8", "cpu") == "dequantized weights, F.linear"
+    assert bench.decode_route("bf16", "cpu") == "F.linear"
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    assert bench.decode_route("fp8", "cpu", 8).startswith("kernels.fp8_gemv")
+    monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+    assert bench.decode_route("fp8", "cpu", 9) == "kernels.spike_linear_fp8 (torch._scaled_mm)"
 
 
 def test_bad_quant_fails_before_any_model():

@@ -307,11 +307,12 @@ def test_bad_inputs_raise_before_launch():
 
 def test_bench_profile_counts_every_gla_kernel():
     """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel,
-    except the decode attention kernel (softmax attention) and the spike GEMM and INT8 GEMV (matmuls)."""
+    except the decode attention kernel (softmax attention) and the spike GEMM and the 8-bit GEMV (matmuls: INT8
+    or e4m3 weights)."""
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
     others = {"_decode_attention_kernel": "softmax attention", "_spike_gemm_kernel": "matmul",
-              "_int8_gemv_kernel": "matmul"}
+              "_gemv8_kernel": "matmul"}
     kinds = {n: others.get(n, "GLA kernels") for n in names}
     assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
@@ -874,3 +875,185 @@ def test_use_spike_fp8(monkeypatch):
     assert not kernels.use_spike_fp8(x.requires_grad_())   # inference only
     monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "torch")
     assert not kernels.use_spike_fp8(torch.randn(4, 32, device=DEV))
+
+
+# ----------------------------------------------------------------------------- decode with FP8 (e4m3) weights
+
+def assert_fp8_gemv_close(y, x, w8, s, k, bias):
+    """y (fp32) against the float64 twin spike_linear_fp8_torch on the same operands, within fp8_gemv's stated bound
+    (BK = 128, P counted for the narrowest tiles, 16 channels); the magnitudes are those of the rounded counts."""
+    K = x.shape[1]
+    P = -(-K // 16)
+    want = kernels.spike_linear_fp8_torch(x, w8, s, k, bias)
+    counts, vth = spike_quant_ref(x, k)
+    wide = counts.abs().amax(-1, keepdim=True) > 448
+    c = torch.where(wide, counts, counts.clamp(-448, 448).to(torch.float8_e4m3fn).float()).double()
+    mag = (c.abs() @ (w8.double() * s.double()[:, None]).abs().T) * vth.double()
+    mag = mag if bias is None else mag + bias.double().abs()
+    err = (y.double() - want).abs()
+    assert y.shape == want.shape and (err <= (128 + 2 * P + 4) * 2.0 ** -24 * mag).all(), (err / mag).max().item()
+    return want
+
+
+@needs_triton
+@pytest.mark.parametrize("M,wide,splits", [(1, False, None), (1, True, 1), (3, True, 3), (8, True, None)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_gemv_matches_float64_twin(M, wide, splits, bias):
+    """K = 200 (a partial last tile, masked), N = 48 (a column tile past the edge); heavy-tailed x: counts past 16,
+    which e4m3 rounds, and (wide) a row whose count passes 448, kept exact: the twin's rounded or exact counts."""
+    x, w8, s, b = fp8_operands(M, 200, 48, seed=10 + M, spread=1.0)
+    if wide:
+        x[M - 1, 7] = 1e4
+    b = b if bias else None
+    y = kernels.fp8_gemv(x.view(M, 1, 200), w8.view(torch.uint8), s, 3.0, b, splits=splits)
+    assert y.shape == (M, 1, 48) and y.dtype == torch.float32
+    want = assert_fp8_gemv_close(y.view(M, 48), x, w8, s, 3.0, b)
+    counts = spike_quant_ref(x, 3.0)[0]
+    rest = counts[:M - wide]                 # rows rounded in e4m3: some counts past 16, none past 448
+    assert (rest.abs() <= 448).all() and (M == wide or (rest.abs() > 16).any())
+    if wide:   # the twin's exact counts on that row, rounded ones elsewhere
+        assert counts[M - 1].abs().max() > 448
+        exact = kernels.spike_linear_fp8_torch(x[M - 1:], w8, s, 3.0, b)
+        assert torch.equal(want[M - 1:], exact)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_fp8_gemv_decodes_every_e4m3_byte(fmt):
+    """Every e4m3 bit pattern but the NaNs (0x7f, 0xff: quantize_weight_fp8 never makes them) through the kernel
+    times the identity: torch's own float8_e4m3fn value, exactly (a zero's sign aside). fmt 1: Triton's conversion
+    (GPUs of capability >= 8.9, the interpreter); fmt 2: _e4m3_to_f32's integer decoding (older GPUs)."""
+    bits = torch.arange(256, dtype=torch.int32)
+    bits = torch.where((bits == 0x7F) | (bits == 0xFF), 0, bits).to(torch.uint8).view(16, 16).to(DEV)
+    out = torch.full((16, 16), float("nan"), device=DEV)
+    eye = torch.eye(16, device=DEV)
+    kernels._gemv8(eye, bits, torch.ones(16, 1, device=DEV), out, 16, 1, kernels.INT8_GEMV_SAFE, fmt, "ieee")
+    assert torch.equal(out.T, bits.view(torch.float8_e4m3fn).float())
+
+
+@needs_triton
+def test_fp8_linear_decode_through_the_gemv(monkeypatch):
+    """FP8SpikeLinear with fp8_gemv forced (as on CUDA): decode-sized inputs (1, 3 and 8 rows) through it, within its
+    bound of the twin; more rows than INT8_GEMV_MAX_ROWS, gradients and FP8_GEMV_IMPL "torch" keep the other paths;
+    "auto" takes it on CUDA only."""
+    from spiking import FP8SpikeLinear
+    torch.manual_seed(0)
+    m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
+    w8 = m.fp8_weight.view(torch.float8_e4m3fn)
+    calls = []
+    real = kernels.fp8_gemv
+    monkeypatch.setattr(kernels, "fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
+        x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
+        with torch.no_grad():
+            y = m(x)
+        assert calls and y.shape == (*shape[:2], 48) and y.dtype == x.dtype
+        assert_fp8_gemv_close(y.view(-1, 48), x.view(-1, 200), w8, m.scales, 3.0, m.bias)
+        calls.clear()
+    with torch.no_grad():
+        m(torch.randn(1, 9, 200, device=DEV))
+    m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "torch")
+    with torch.no_grad():
+        m(torch.randn(1, 1, 200, device=DEV))
+    assert not calls
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "auto")
+    assert kernels.use_fp8_gemv(torch.randn(2, 200, device=DEV)) == (
+        CUDA and torch.cuda.get_device_capability() >= (8, 0))
+
+
+@needs_triton
+def test_fp8_model_decodes_the_same_tokens_through_the_gemv(monkeypatch):
+    """A tiny model with every projection an FP8SpikeLinear: greedy decode with every step's projections through
+    fp8_gemv gives the tokens of its float reference path."""
+    import spiking
+    from model import GPT, Config, generate
+    torch.manual_seed(0)
+    m = spiking.replace_linears_fp8(GPT(Config.from_name("tiny")).to(DEV).eval(), k=3.0)
+    idx = torch.randint(0, m.config.vocab_size, (1, 12), device=DEV)
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "torch")
+    monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "torch")
+    ref = generate(m, idx, 10, temperature=0)
+    calls = []
+    real = kernels.fp8_gemv
+    monkeypatch.setattr(kernels, "fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    assert generate(m, idx, 10, temperature=0) == ref and calls
+
+
+@needs_triton
+def test_fp8_linear_decode_compiles_in_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) of FP8SpikeLinear's decode forward with fp8_gemv forced: one graph (no break:
+    no host sync, the kernel one custom op with a fake), the op in it, and the eager output; a row whose count
+    passes 448 too."""
+    from spiking import FP8SpikeLinear
+    torch.manual_seed(0)
+    m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    step = torch.compile(m, fullgraph=True, backend=backend)
+    for big in (False, True):
+        x = torch.randn(1, 1, 200, device=DEV)
+        if big:
+            x[0, 0, 3] = 1e4
+        with torch.no_grad():
+            y, want = step(x), m(x)
+        assert torch.equal(y, want)
+    assert len(graphs) == 1 and "fp8_gemv" in str(graphs[0].graph)
+    torch._dynamo.reset()
+
+
+@needs_triton
+def test_fp8_gemv_tiles_that_do_not_fit_fall_back(monkeypatch):
+    """The device's tiles (here a table entry for the CPU) fail to compile: one warning, INT8_GEMV_SAFE, within the
+    bound."""
+    monkeypatch.setattr(kernels, "_gemv8_kernel", too_big(kernels._gemv8_kernel, "BN", 64, 262144))
+    monkeypatch.setattr(kernels, "options_failed", set())
+    device_key = torch.cuda.get_device_capability() if CUDA else "cpu"
+    monkeypatch.setattr(kernels, "FP8_GEMV_CONFIGS", {device_key: dict(BN=64, BK=64, num_warps=4, num_stages=2)})
+    x, w8, s, b = fp8_operands(2, 200, 48, seed=4)
+    with pytest.warns(UserWarning, match="fp8_gemv: kernel options .* do not compile"):
+        y = kernels.fp8_gemv(x, w8, s, 3.0, b)
+    assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+
+
+def test_fp8_gemv_bad_inputs():
+    x, w8, s, b = fp8_operands(2, 64, 48, seed=0)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        kernels.fp8_gemv(x.repeat(5, 1), w8, s, 3.0)
+    with pytest.raises(ValueError, match=r"bits uint8 \[N, K\]"):
+        kernels.fp8_gemv(x[:, :32], w8, s, 3.0)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.fp8_gemv(x, w8, s[:4], 3.0)
+    with pytest.raises(ValueError, match="k=0"):
+        kernels.fp8_gemv(x, w8, s, 0)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_fp8_gemv_7b_shape(M):
+    """A 7B MLP projection (K=3584, N=18944), heavy-tailed activations with a row past 448: the kernel (fp32 in and
+    out) within its bound of the float64 twin, and FP8SpikeLinear's bf16 output (the CUDA decode path) within bf16
+    rounding of it."""
+    from spiking import FP8SpikeLinear
+    x, w8, s, b = fp8_operands(M, 3584, 18944, seed=M, spread=1.0)
+    x[-1, 5] = 1e4
+    assert_fp8_gemv_close(kernels.fp8_gemv(x, w8, s, 3.0, b), x, w8, s, 3.0, b)
+    m = FP8SpikeLinear(3584, 18944, True, 3.0, device="cuda", dtype=torch.bfloat16)
+    m.fp8_weight.copy_(w8.view(torch.uint8))
+    m.scales.copy_(s)
+    m.bias.copy_(b)
+    xb = x.bfloat16()
+    assert kernels.use_fp8_gemv(xb)
+    with torch.no_grad():
+        out = m(xb)
+    want = kernels.spike_linear_fp8_torch(xb, w8, s, 3.0, m.bias)
+    assert out.dtype == torch.bfloat16 and rms_err(out, want) < 4e-3
