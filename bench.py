@@ -196,7 +196,9 @@ def decode_route(quant, device, rows=1):
     if quant == "int8":
         return "kernels.int8_gemv" if kernels.use_int8_gemv(x, 128) else "dequantized weights, F.linear"
     if quant == "w8aspike":
-        return "kernels.spike_linear" if kernels.use_spike_gemm(x) else "W8ASpikeLinear's float reference"
+        return ("kernels.w8aspike_gemv (int8 bytes converted in registers)"
+                if kernels.use_w8aspike_gemv(x, 128, SPIKE_K) else
+                "kernels.spike_linear" if kernels.use_spike_gemm(x) else "W8ASpikeLinear's float reference")
     return "F.linear"
 
 

@@ -15,6 +15,8 @@ compare against:
   channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
+- decode with W8ASpike layers: the same GEMV on the exact spike counts (two fp16 rows each), no host sync
+  (w8aspike_gemv; twin: spike_linear_torch; spiking.W8ASpikeLinear with a spike k picks it for decode rows).
 - decode with e4m3 weights: the same GEMV kernel reading the e4m3 bytes, the counts rounded to e4m3 (a row past 448
   kept exact) by a select, no host sync, so compiled decode keeps it in its graph (fp8_gemv; twin:
   spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear picks it for up to INT8_GEMV_MAX_ROWS rows).
@@ -1830,9 +1832,10 @@ def _check_int8_gemv(x, qweight, scales, group_size, bias):
 
 @torch.library.custom_op("spikingbrain::int8_gemv", mutates_args=())
 def _int8_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                  splits: Optional[int]) -> torch.Tensor:
+                  splits: Optional[int], tf32: bool = False) -> torch.Tensor:
     """One opaque op, so that a compiled decode step (CUDA graphs) keeps it inside its graph instead of breaking
-    around every projection. fp32 [M, N]."""
+    around every projection. fp32 [M, N]. tf32: fp32 x whose values tf32 holds exactly (w8aspike_gemv's) multiply in
+    tf32 on CUDA."""
     (M, K), N = x.shape, qweight.shape[0]
     out = x.new_empty(M, N, dtype=torch.float32)
     if M == 0 or N == 0:
@@ -1844,12 +1847,13 @@ def _int8_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     dev = x.device
     opts = INT8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
     g = min(group_size, K)
-    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE), opts,
+    prec = "tf32" if tf32 and dev.type == "cuda" else None
+    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE, 0, prec), opts,
                          ("int8_gemv", str(dev)), "int8_gemv")
 
 
 @_int8_gemv_op.register_fake
-def _(x, qweight, scales, group_size, splits):
+def _(x, qweight, scales, group_size, splits, tf32=False):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
@@ -1886,6 +1890,36 @@ def int8_gemv_torch(x, qweight, scales, group_size, bias=None):
         c = slice(j, min(j + group_size, K))
         y = y + (x[:, c].double() @ qweight[:, c].double().T) * scales[:, g].double()
     return y if bias is None else y + bias.double()
+
+
+def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None):
+    """spiking.W8ASpikeLinear's decode forward (a few rows) on int8_gemv's kernel, with no host sync (a compiled
+    decode step keeps it in its graph; w8aspike_linear reads a flag on the host per call):
+        y[m, n] = vth[m] * sum_g scales[n, g] * (sum_{k in group g} counts[m, k] * qweight[n, k])  (+ bias[n]),
+    counts, vth = spike_quant(x, k), every count exact (none clamped to int8). x [..., K], at most
+    INT8_GEMV_MAX_ROWS rows; qweight, scales, bias as int8_gemv. Returns [..., N] in x's dtype.
+
+    The counts enter the kernel as two fp32 rows each, hi = trunc(c / 2^11) and lo = c - 2^11 hi, integers of at
+    most 2^11 in size for |c| < 2^22 (a count is at most K k: use_w8aspike_gemv checks K k < 2^22), so tf32 holds
+    them and every product with an int8 weight exactly (tl.dot in tf32 on CUDA, fp32 elsewhere); y = (2^11 y_hi +
+    y_lo) vth. Only fp32 sums round: int8_gemv's bound for each of the two rows, times vth (tested). Twin:
+    spike_linear_torch on spike_quant_torch's counts."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    counts, vth = spike_quant_torch(x2, k)
+    lo = torch.fmod(counts, 2048.0)   # c's sign: |2^11 hi| + |lo| = |c|, no cancellation between the two rows
+    y = _int8_gemv_op(torch.cat([(counts - lo) / 2048.0, lo]), qweight, scales, group_size, splits, True)
+    y = (y[:M] * 2048.0 + y[M:]) * vth
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def use_w8aspike_gemv(x, group_size, k):
+    """w8aspike_gemv for a W8ASpikeLinear's input x [..., K] at spike k? Where use_int8_gemv would take the layer's
+    decode rows (the hi and lo rows of at most INT8_GEMV_MAX_ROWS fit the kernel's 16) and K k < 2^22."""
+    return x.shape[-1] * k < 2 ** 22 and x.shape[:-1].numel() <= 8 and use_int8_gemv(x, group_size)
 
 
 def use_int8_gemv(x, group_size):

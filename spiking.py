@@ -449,8 +449,8 @@ class W8ASpikeLinear(nn.Module):
     last group the scales' shape does not determine it. spike_k=None turns the input spikes off (INT8 weights,
     float activations: weight-only INT8, `quantize_int8`). Inference only. On CUDA, without gradients, the spiking
     forward multiplies int8 counts by the int8 weights on tensor cores (kernels.w8aspike_linear: exact integer
-    sums, fp32 scaling), and the weight-only forward of a decode step (a few rows) reads the int8 weights and
-    dequantizes them in registers (kernels.int8_gemv); elsewhere both run the float reference below.
+    sums, fp32 scaling), and a decode step (a few rows) reads the int8 weights and dequantizes them in registers
+    (kernels.w8aspike_gemv on the spike counts, kernels.int8_gemv weight-only); elsewhere the float reference below.
     """
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
@@ -476,6 +476,8 @@ class W8ASpikeLinear(nn.Module):
             y = kernels.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.group_size,
                                   self.bias)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.spike_k is not None and kernels and kernels.use_w8aspike_gemv(x, self.group_size, self.spike_k):
+            return kernels.w8aspike_gemv(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None and kernels and kernels.use_spike_gemm(x):   # int8 counts x int8 weights
             return kernels.w8aspike_linear(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None:

@@ -226,7 +226,7 @@ def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch
 
 def test_decode_route_names_the_layers_dispatch(monkeypatch):
     """bench.py decode's header names the projections' path as the layers pick it: on a CPU the float references;
-    with the fp8 GEMV forced (as on CUDA) kernels.fp8_gemv up to 8 rows, torch._scaled_mm's route past them."""
+    with the GEMVs forced (as on CUDA) kernels.fp8_gemv / w8aspike_gemv up to 8 rows, the GEMMs past them."""
     assert bench.decode_route("fp8", "cpu") == "FP8SpikeLinear's float reference"
     assert bench.decode_route("int8", "cpu") == "dequantized weights, F.linear"
     assert bench.decode_route("bf16", "cpu") == "F.linear"
@@ -234,6 +234,12 @@ def test_decode_route_names_the_layers_dispatch(monkeypatch):
     assert bench.decode_route("fp8", "cpu", 8).startswith("kernels.fp8_gemv")
     monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
     assert bench.decode_route("fp8", "cpu", 9) == "kernels.spike_linear_fp8 (torch._scaled_mm)"
+    assert bench.decode_route("w8aspike", "cpu") == "W8ASpikeLinear's float reference"
+    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_IMPL", "triton")
+    assert bench.decode_route("w8aspike", "cpu", 8).startswith("kernels.w8aspike_gemv")
+    assert bench.decode_route("w8aspike", "cpu", 9) == "kernels.spike_linear"
+    assert bench.decode_route("int8", "cpu", 8) == "kernels.int8_gemv"
 
 
 def test_bad_quant_fails_before_any_model():

@@ -695,6 +695,72 @@ def test_int8_gemv_other_group_widths(group_size, K):
     assert y16.dtype == torch.float16 and rms_err(y16, want) < 1e-3
 
 
+def assert_w8aspike_gemv_close(y, x, qweight, scales, group_size, k, bias):
+    """y (fp32) against the float64 twin on spike_quant's exact counts, within w8aspike_gemv's bound: int8_gemv's for
+    the hi and the lo row (|hi| 2^11 + |lo| = |counts|), times vth, plus the bias and the final sums."""
+    counts, vth = spike_quant_ref(x, k)
+    want = kernels.spike_linear_torch(counts, vth, qweight, scales, group_size, bias, torch.float64)
+    mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), group_size,
+                                     None if bias is None else bias.abs(), torch.float64)
+    P = -(-x.shape[1] // 16)
+    err = (y.double() - want).abs()
+    assert y.shape == want.shape and (err <= (128 + 2 * P + 6) * 2.0 ** -24 * mag).all(), err.max().item()
+    return counts
+
+
+@needs_triton
+@pytest.mark.parametrize("M,splits,bias", [(1, None, True), (3, 1, False), (8, 3, True)])
+def test_w8aspike_gemv_matches_float64_twin(M, splits, bias):
+    """W8ASpike's decode GEMV on exact spike counts: K = 200 (groups of 128 and 72), N = 48; heavy-tailed x with
+    counts past 127 (no int8 clamp here) and, at k = 12, a row whose count passes 2^11 (the hi row at work)."""
+    x, qweight, scales, b = gemv_operands(M, 200, 48, 128, seed=20 + M)
+    x = x * torch.exp(torch.randn_like(x))
+    x[-1, 3] = 1e4
+    b = b if bias else None
+    for k in (3.0, 12.0):
+        y = kernels.w8aspike_gemv(x.view(M, 1, 200), qweight, scales, 128, k, b, splits=splits)
+        assert y.shape == (M, 1, 48) and y.dtype == torch.float32
+        counts = assert_w8aspike_gemv_close(y.view(M, 48), x, qweight, scales, 128, k, b)
+        assert counts.abs().max() > (2048 if k == 12 else 127), counts.abs().max()
+
+
+@needs_triton
+def test_w8aspike_linear_decode_through_the_gemv(monkeypatch):
+    """W8ASpikeLinear with a spike k and INT8_GEMV_IMPL "triton" (as on CUDA): decode rows (1, 3, 8) through
+    w8aspike_gemv within its bound, and one compiled graph (fullgraph: no host sync) equal to eager; more rows or
+    gradients keep the other paths; without spikes the weight-only int8_gemv as before."""
+    from spiking import W8ASpikeLinear
+    torch.manual_seed(0)
+    m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), 128, spike_k=3.0).to(DEV)
+    calls = []
+    real = kernels.w8aspike_gemv
+    monkeypatch.setattr(kernels, "w8aspike_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
+    for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
+        x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
+        with torch.no_grad():
+            y = m(x)
+        assert calls and y.shape == (*shape[:2], 48)
+        assert_w8aspike_gemv_close(y.view(-1, 48), x.view(-1, 200), m.qweight, m.scales, 128, 3.0, m.bias)
+        calls.clear()
+    with torch.no_grad():
+        m(torch.randn(1, 9, 200, device=DEV))
+    m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
+    assert not calls
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    torch._dynamo.reset()
+    step = torch.compile(m, fullgraph=True, backend=backend)
+    x = torch.randn(1, 1, 200, device=DEV)
+    with torch.no_grad():
+        assert torch.equal(step(x), m(x))
+    assert len(graphs) == 1 and "int8_gemv" in str(graphs[0].graph)
+    torch._dynamo.reset()
+
+
 def test_int8_gemv_bad_inputs():
     x, qweight, scales, _ = gemv_operands(2, 200, 48, 128)
     with pytest.raises(ValueError, match="share K"):
@@ -1034,6 +1100,30 @@ def test_fp8_gemv_bad_inputs():
         kernels.fp8_gemv(x, w8, s[:4], 3.0)
     with pytest.raises(ValueError, match="k=0"):
         kernels.fp8_gemv(x, w8, s, 0)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_w8aspike_gemv_7b_shape(M):
+    """A 7B MLP projection (K=3584, N=18944, groups of 128), heavy-tailed activations with a count past 2^11 at k=3:
+    the kernel within its bound of the float64 twin, and W8ASpikeLinear's bf16 decode output within bf16 rounding."""
+    from spiking import W8ASpikeLinear
+    x, qweight, scales, b = gemv_operands(M, 3584, 18944, 128, seed=M)
+    x = x * torch.exp(torch.randn_like(x))
+    x[-1, 5] = 1e5
+    assert_w8aspike_gemv_close(kernels.w8aspike_gemv(x, qweight, scales, 128, 3.0, b), x, qweight, scales, 128, 3.0, b)
+    m = W8ASpikeLinear(3584, 18944, True, 128, 3.0, device="cuda", dtype=torch.bfloat16)
+    m.qweight.copy_(qweight)
+    m.scales.copy_(scales)
+    m.bias.copy_(b)
+    xb = x.bfloat16()
+    assert kernels.use_w8aspike_gemv(xb, 128, 3.0)
+    with torch.no_grad():
+        out = m(xb)
+    c, v = spike_quant_ref(xb, 3.0)
+    want = kernels.spike_linear_torch(c, v, qweight, scales, 128, m.bias, torch.float64)
+    assert out.dtype == torch.bfloat16 and rms_err(out, want) < 4e-3
 
 
 @gpu
