@@ -1268,12 +1268,15 @@ def bench_serve(*, models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"),
 # ----------------------------------------------------------------------------- training
 
 def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, warmup, full_loss, precision,
-                activation_checkpointing, compile, device):
+                activation_checkpointing, compile, device, cp_group=None):
     """Training tokens/s of the preset's first n_layer layers (None: all) on rows of T tokens: `warmup`, then
     `steps` timed optimizer steps, each of `accum` micro-batches (forward, loss, backward) and AdamW. full_loss:
     the loss over every position and the whole vocabulary (else on the last position only). docs > 1: that many
-    equal documents per row, with document masks. Returns (config, tokens/s, training FLOPs per token, peak memory
-    GB: nan off CUDA)."""
+    equal documents per row, with document masks. cp_group: the rows split over its ranks as train.py
+    --context_parallel runs them (each rank its slice, kernels.cp_loss, the gradients summed over the ranks by
+    kernels.cp_reduce_grads; full_loss only); tokens/s then counts the whole rows, from every rank together.
+    Returns (config, tokens/s, training FLOPs per token, peak memory GB: nan off CUDA; under cp_group the largest
+    rank's)."""
     c = first_layers(preset, n_layer)
     dtype = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32, "32-true": torch.float32}[precision]
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -1285,8 +1288,9 @@ def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, war
     if activation_checkpointing:
         kernels.checkpoint_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    x = torch.randint(0, c.vocab_size, (micro_batch_size, T), device=device)
+    x = torch.randint(0, c.vocab_size, (micro_batch_size, T), generator=torch.Generator().manual_seed(T)).to(device)
     doc = (torch.arange(T, device=device) * docs // T).expand(micro_batch_size, T) if docs > 1 else None
+    x, doc = kernels.cp_slice(x, cp_group), kernels.cp_slice(doc, cp_group)   # this rank's slice (None: all)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -1297,24 +1301,38 @@ def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, war
         for _ in range(accum):
             with autocast:
                 if full_loss:
-                    _, loss, aux = model(x, x, doc_ids=doc)
+                    _, loss, aux = model(x, x, doc_ids=doc, cp_group=cp_group)
+                    if cp_group is not None:
+                        loss = kernels.cp_loss(loss, x.numel(), cp_group)
                 else:
                     logits, _, aux = model(x, doc_ids=doc, last_only=True)
                     loss = F.cross_entropy(logits[:, -1].float(), x[:, -1])
             (loss + c.aux_loss_coef * aux).backward()
+        if cp_group is not None:
+            kernels.cp_reduce_grads(model, cp_group)
         opt.step()
         opt.zero_grad(set_to_none=True)
     synchronize(device)
     tok_s = steps * accum * micro_batch_size * T / (time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return c, tok_s, model.flops_per_token(T), mem
+    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    if cp_group is not None:
+        mem = rank_max(mem, device, cp_group)
+    return c, tok_s, model.flops_per_token(T), mem / 1e9 if device.type == "cuda" else float("nan")
+
+
+def train_split_worker(group, device, out, preset, T, kw):
+    """One rank of bench_train --cp (kernels.cp_launch): train_speed on rows of T tokens split over the group; rank 0
+    saves the result to `out`."""
+    r = train_speed(preset, T, full_loss=True, device=torch.device(device), cp_group=group, **kw)
+    if dist.get_rank(group) == 0:
+        torch.save(r, out)
 
 
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
                 seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
                 accum: int = 1, steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
                 activation_checkpointing: bool = True, compile: bool = False, docs: int = 4,
-                peak_flops: float | None = None, device: str = "auto") -> None:
+                peak_flops: float | None = None, device: str = "auto", cp: int = 1) -> list[dict] | None:
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
     At seq_len: full training steps (`accum` micro-batches of forward, loss over the whole vocabulary and backward,
@@ -1328,6 +1346,9 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
     restarting at each; flex_attention on CUDA), as train.py's recipes run; the one-document figure (docs = 1,
     no masks) follows in the same table. peak_flops: the MFU denominator (default: kernels.peak_flops).
+    cp > 1: `preset` only, one row of seq_len tokens split over cp processes (one GPU each, NCCL; gloo on a CPU) as
+    train.py --context_parallel trains it, beside one process on rows of seq_len / cp (the same tokens per device):
+    tokens/s per device and their ratio (the aim at 256k on 2 GPUs against 128k on one: >= 0.85). Returns its rows.
     On CPU, e.g.: python bench.py train --preset tiny --baseline tiny-qwen --seq_len 256 --long_seq_lens [1024]
     """
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -1338,9 +1359,11 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
           f"{activation_checkpointing}, compile {compile}, "
           f"{warmup} warm-up + {steps} timed steps, peak " +
           (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"))
-    print("\n".join(describe(p, n_layer) for p in (preset, baseline)))
+    print("\n".join(describe(p, n_layer) for p in ((preset,) if cp > 1 else (preset, baseline))))
     fixed = dict(n_layer=n_layer, micro_batch_size=micro_batch_size, precision=precision, compile=compile,
                  activation_checkpointing=activation_checkpointing, device=dev)
+    if cp > 1:
+        return train_split(preset, seq_len, cp, dict(fixed, accum=accum, docs=docs, steps=steps, warmup=warmup), peak)
 
     def run(p, T, full_loss, steps=steps, warmup=warmup, accum=accum, docs=docs):
         try:
@@ -1373,6 +1396,35 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
         ratio = f"{a[1] / b[1]:.2f}x" if a and b else "n/a"
         print(f"{preset} / {baseline} at {T} (loss on the last position): {speeds[0]} / {speeds[1]} tokens/s = {ratio}",
               flush=True)
+
+
+def train_split(preset, T, n, fixed, peak):
+    """bench_train --cp n: rows of T tokens split over n processes (train_split_worker), then one process on rows of
+    T // n on the first device; a row each. Returns the rows."""
+    kw = {k: v for k, v in fixed.items() if k != "device"}
+    dev = fixed["device"]
+    kernels.cp_check_devices(n, dev.type)
+    print(f"| model | layers | seq | devices | documents per row | tokens/s per device | MFU | peak memory GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for ranks, seq in ((n, T), (1, T // n)):
+        if ranks > 1:
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, "r.pt")
+                kernels.cp_launch(train_split_worker, n, "cuda" if dev.type == "cuda" else "cpu", out, preset, seq, kw)
+                c, tok_s, flops, mem = torch.load(out, weights_only=False)
+        else:
+            c, tok_s, flops, mem = train_speed(preset, seq, full_loss=True, **fixed)
+        per = tok_s / ranks
+        mfu = f"{flops * per / peak:.1%}" if peak else "n/a"
+        print(f"| {preset} | {c.n_layer} | {seq} | {ranks} | {fixed['docs']} | {per:.0f} | {mfu} | "
+              f"{f'{mem:.1f}' if dev.type == 'cuda' else 'n/a'} |", flush=True)
+        rows.append(dict(seq=seq, ranks=ranks, tok_s_per_device=per, mfu=flops * per / peak if peak else None,
+                         peak_gb=mem))
+    print(f"{preset}: {T} tokens split over {n} devices / {T // n} on one: "
+          f"{rows[0]['tok_s_per_device'] / rows[1]['tok_s_per_device']:.2f}x tokens/s per device "
+          f"(aim >= 0.85 at 256k on 2 GPUs)")
+    return rows
 
 
 # ----------------------------------------------------------------------------- softmax attention alone

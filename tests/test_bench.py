@@ -263,6 +263,19 @@ def test_ttft_split_over_two_processes_gives_one_process_first_token(capfd):
     assert all(f"\n{P:>6} " in out for P in (1, 8, 32, 128)) and "the report (Table 7)" in out, out
 
 
+def test_train_split_over_two_processes(capfd):
+    """bench.py train --cp 2 on a CPU: a row split over two gloo processes as train.py --context_parallel trains it
+    (4 packed documents, one crossing the slices' edge), then one process on rows of half the length; one table row
+    each and the ratio of tokens/s per device."""
+    rows = bench.bench_train(preset="tiny", seq_len=256, cp=2, device="cpu", steps=1, warmup=1, docs=3)
+    out = capfd.readouterr().out
+    assert [(r["seq"], r["ranks"]) for r in rows] == [(256, 2), (128, 1)], rows
+    assert all(r["tok_s_per_device"] > 0 for r in rows), rows
+    assert "| tiny | 4 | 256 | 2 | 3 |" in out and "| tiny | 4 | 128 | 1 | 3 |" in out, out
+    ratio = rows[0]["tok_s_per_device"] / rows[1]["tok_s_per_device"]
+    assert f"tiny: 256 tokens split over 2 devices / 128 on one: {ratio:.2f}x tokens/s per device" in out, out
+
+
 def test_ttft_split_over_three_uneven_slices(capfd):
     """Prompt lengths that 3 ranks cannot split evenly, and a one-process chunk that does not divide them."""
     rows = bench.bench_ttft(models=("tiny",), lengths=(67, 200), chunk=32, device="cpu", cp=3)

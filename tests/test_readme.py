@@ -550,6 +550,10 @@ TABLE = {
                                                                "8"), check=check_bench("bound"))],
     "python bench.py train": [Run(gpus=1, slow=True, append=("--n_layer", "2", "--long_seq_lens", "[]", "--steps", "2",
                                                               "--warmup", "1"), check=check_bench())],
+    "python bench.py train --cp 2 --seq_len 262144 --n_layer 4": [Run(
+        gpus=2, slow=True, append=("--seq_len", "16384", "--n_layer", "2", "--steps", "2", "--warmup", "1"),
+        check=check_bench("| spikingbrain-7b | 2 | 16384 | 2 |", "| spikingbrain-7b | 2 | 8192 | 1 |",
+                          "tokens/s per device"))],
     "python bench.py profile": [Run(gpus=1, slow=True, append=("--n_layer", "2", "--seq_len", "2048", "--chunk",
                                                                 "2048"), check=check_bench())],
     "python bench.py swa": [Run(gpus=1, slow=True, append=("--T", "8192", "--decode", "[[1,4097]]"),
