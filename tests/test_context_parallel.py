@@ -1,6 +1,7 @@
 """Context parallelism on CPU: one sequence split over 2 and 3 gloo processes gives, slice by slice, the logits,
 GLA states and decode cache of one process, and in training its loss and every parameter gradient (float64): the
-7B layout, packed documents crossing the slices' edges or starting on one, and sinks, full attention and MoE."""
+7B layout, packed documents crossing the slices' edges or starting on one, and sinks, full attention and MoE, also
+with activation checkpointing."""
 import datetime
 import os
 import sys
@@ -91,20 +92,22 @@ def _check_packed_logits(rank, splits, model):
         torch.testing.assert_close(got, ref[:, s:e], rtol=1e-9, atol=1e-11)
 
 
-def _check_training(rank, splits, model, docs=False):
+def _check_training(rank, splits, model, docs=False, ref_model=None):
     """Each rank's loss over its slice, combined (cp_loss), plus half the MoE balance loss (the sequence's,
     kernels.cp_balance), backward on every rank, the gradients summed (cp_reduce_grads): one process's loss, balance
     loss and gradients, the keys and GLA states read from other ranks having sent
-    their gradients back through the gathers. docs: packed rows (packed(ends), sliced like the tokens)."""
+    their gradients back through the gathers. docs: packed rows (packed(ends), sliced like the tokens). ref_model:
+    the one process's model, when not `model` itself (the same weights; checkpoint wrappers' names aside)."""
+    ref_model = ref_model or model
     idx, _ = ids()
     targets = torch.randint(0, 512, idx.shape, generator=torch.Generator().manual_seed(3))
     targets[0, ::4], targets[1, 5:9], targets[:, -1] = -100, -100, -100   # ranks count unequal tokens, or none
     for ends in splits:
         s, e, doc = ([0] + ends)[rank], ends[rank], packed(ends) if docs else None
-        model.zero_grad(set_to_none=True)
-        _, ref_loss, ref_aux = model(idx, targets=targets, doc_ids=doc)
+        ref_model.zero_grad(set_to_none=True)
+        _, ref_loss, ref_aux = ref_model(idx, targets=targets, doc_ids=doc)
         (ref_loss + 0.5 * ref_aux).backward()                            # aux: the MoE balance loss, or 0
-        ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+        ref = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
         model.zero_grad(set_to_none=True)
         _, loss, aux = model(idx[:, s:e], targets=targets[:, s:e], doc_ids=None if doc is None else doc[:, s:e],
                              cp_group=dist.group.WORLD)
@@ -114,6 +117,7 @@ def _check_training(rank, splits, model, docs=False):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=0)
         torch.testing.assert_close(aux, ref_aux, rtol=1e-9, atol=1e-15)
         for n, p in model.named_parameters():
+            n = n.replace("._checkpoint_wrapped_module", "")
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-13, msg=lambda m: f"{n}: {m}")
 
 
@@ -147,6 +151,16 @@ def check_sinks_fa_moe(rank, world, splits):
     _check_training(rank, splits, model, docs=True)
 
 
+def check_checkpointed(rank, world, splits):
+    """Activation checkpointing (kernels.checkpoint_blocks, as the recipes train): every rank runs each block's
+    forward, gathers included, again in its backward, in the same order; loss and gradients are one process's
+    without checkpointing."""
+    model = tiny("tiny-moe")
+    kernels.checkpoint_blocks(model)
+    assert all("_checkpoint_wrapped_module" in n for n, _ in model.blocks.named_parameters())
+    _check_training(rank, splits, model, docs=True, ref_model=tiny("tiny-moe"))
+
+
 @pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
 def test_context_parallel_matches_one_process(tmp_path, splits):
     spawn(tmp_path, check_7b_layout, splits)
@@ -160,3 +174,7 @@ def test_packed_documents_across_slices_match_one_process(tmp_path, splits):
 @pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
 def test_sinks_full_attention_and_moe_match_one_process(tmp_path, splits):
     spawn(tmp_path, check_sinks_fa_moe, splits)
+
+
+def test_activation_checkpointing_matches_one_process(tmp_path):
+    spawn(tmp_path, check_checkpointed, SPLITS[1])
