@@ -8,17 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 import data
 from data import Packed, prepare, train_rows
 import convert
+import kernels
 from model import GPT, Config
 from tokenizer import Tokenizer
 
@@ -743,3 +746,67 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(pydoc, tmp_path):
     assert not marker.exists()
     torch.load(ckpt / "state", weights_only=False)              # the exploit is real: unrestricted loading runs it
     assert marker.exists()
+
+
+def sharded_rank(group, device, out, preset, T):
+    """One of two ranks holding a whole model (random weights, bf16 on CUDA, float32 on a CPU) sharded by
+    train.parallelize (FSDP2, as train.py), its routed experts frozen (the 76B's bf16 weights are ~76 GB a GPU and
+    its experts' gradients would be as much again). One forward + backward on T tokens (4 packed documents,
+    activation checkpointing), then 8 greedy tokens through the cache, and the same sequence's logits without one."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cuda = device.startswith("cuda")
+    c = Config.from_name(preset)
+    with torch.device("meta"):
+        m = GPT(c).to(torch.bfloat16 if cuda else torch.float32)
+    for n, p in m.named_parameters():
+        p.requires_grad_(".experts." not in n)
+    kernels.checkpoint_blocks(m)
+    m = train.parallelize(m, init_device_mesh("cuda" if cuda else "cpu", (2,), mesh_dim_names=("data_parallel",)),
+                          mixed=False)
+    peak = (lambda: torch.cuda.max_memory_allocated() / 1e9) if cuda else (lambda: float("nan"))
+    x = torch.randint(0, c.vocab_size, (1, T), generator=torch.Generator().manual_seed(1)).to(device)
+    doc = (torch.arange(T, device=device) * 4 // T)[None]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    _, loss, aux = m(x, x, doc_ids=doc)
+    (loss + c.aux_loss_coef * aux).backward()
+    res = dict(loss=loss.item(), aux=aux.item(), step_s=time.perf_counter() - t0, train_peak_gb=peak(),
+               grads=[(n, p.grad is not None and bool(torch.isfinite(p.grad.to_local()).all()))
+                      for n, p in m.named_parameters() if p.requires_grad],
+               expert_grads=sum(p.grad is not None for n, p in m.named_parameters() if ".experts." in n))
+    m.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        prompt, steps, toks = x[:, :64], [], []
+        cache = m.new_cache(1, 64 + 8)
+        logits = m(prompt, cache=cache, last_only=True)[0][:, -1]
+        for _ in range(8):
+            steps.append(logits.float())
+            toks.append(logits.argmax(-1, keepdim=True))
+            logits = m(toks[-1], cache=cache)[0][:, -1]
+        full = m(torch.cat([prompt] + toks[:-1], 1))[0][0, 63:].float()   # position 63's logits and on
+    res.update(tokens=torch.cat(toks, 1).tolist(), cached=torch.cat(steps), uncached=full.cpu(),
+               gen_peak_gb=peak())
+    res["cached"] = res["cached"].cpu()
+    if dist.get_rank(group) == 0:
+        torch.save(res, out)
+
+
+def sharded_run(tmp_path, preset, T, device):
+    """sharded_rank on two processes (NCCL, one GPU each; gloo on a CPU): rank 0's results."""
+    out = tmp_path / "r.pt"
+    kernels.cp_launch(sharded_rank, 2, device, str(out), preset, T)
+    return torch.load(out, weights_only=False)
+
+
+def test_sharded_model_trains_a_step_and_decodes_cpu(tmp_path):
+    """The code of the GPU suite's whole-76B run, on tiny-moe over two gloo processes: finite losses, a gradient for
+    every trainable parameter and none for the frozen experts, the cached decode's logits the no-cache forward's."""
+    r = sharded_run(tmp_path, "tiny-moe", 256, "cpu")
+    assert math.isfinite(r["loss"]) and math.isfinite(r["aux"]) and r["expert_grads"] == 0
+    assert r["grads"] and all(ok for _, ok in r["grads"]), [n for n, ok in r["grads"] if not ok][:5]
+    assert len(r["tokens"][0]) == 8
+    torch.testing.assert_close(r["cached"], r["uncached"], rtol=1e-4, atol=1e-5)
