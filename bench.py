@@ -1048,16 +1048,40 @@ def start_server(ckpt, log, **flags):
     return proc, f"http://127.0.0.1:{port}/v1", log
 
 
-def wait_server(proc, url, log, wait_s):
-    """Until the server's /health answers; an error with its log's end if it exits or takes over wait_s seconds."""
-    deadline = time.monotonic() + wait_s
+def wait_server(proc, url, log, wait_s, name="serve.py", every=15.0):
+    """Until the server's /health answers; an error with its log's end if it exits or takes over wait_s seconds. Its
+    warm-up lines (serve.py --compile: "warm-up: ...", a stage each) are printed as they come and, when none has come
+    for `every` seconds, a line saying how long it has been: a start of minutes shows. Returns (seconds until it
+    answered, the warm-up's seconds or None)."""
+    t0 = time.monotonic()
+    deadline, said, read, warm = t0 + wait_s, t0, 0, None
+
+    def show():   # the log's new whole lines; True when one was printed
+        nonlocal read, warm
+        with open(log, "rb") as f:
+            f.seek(read)
+            new = f.read()
+        new = new[:new.rfind(b"\n") + 1]
+        read += len(new)
+        lines = [line for line in new.decode(errors="replace").splitlines() if line.startswith("warm-up: ")]
+        for line in lines:
+            print(f"{name:>16} {line}", flush=True)
+            if line.startswith("warm-up: done in "):
+                warm = float(line.split()[3])
+        return bool(lines)
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r:
                 if r.status == 200:
-                    return
+                    show()
+                    return time.monotonic() - t0, warm
         except OSError:   # not listening yet, or 503 while the worker loads the checkpoint
             pass
+        if show():
+            said = time.monotonic()
+        elif time.monotonic() - said >= every:
+            print(f"{name:>16} waiting for serve.py: {time.monotonic() - t0:.0f} s", flush=True)
+            said = time.monotonic()
         time.sleep(0.5)
     why = f"exit status {proc.returncode}" if proc.poll() is not None else f"no answer in {wait_s:.0f} s"
     with open(log) as f:
@@ -1173,7 +1197,8 @@ def bench_serve(*, models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"),
         lengths: prompt lengths in tokens.
         clients: concurrent clients per run (the server gets max(clients) rows).
         max_tokens: tokens each client asks for (>= 2).
-        compile: serve.py --compile true (its start then compiles prefill and decode: minutes per model).
+        compile: serve.py --compile true (its start then compiles prefill and decode: minutes per model; its
+            warm-up lines are shown while it starts, and their total as `warm-up s`).
         device: cuda (cuda:N) or cpu.
         wait_s: longest wait for a server to start, and for one run's replies.
         tiny: CPU smoke run: tiny models, short prompts, clients 1 and 2.
@@ -1218,8 +1243,11 @@ def bench_serve(*, models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"),
                     servers[name] = start_server(os.path.join(d, "ckpt"), os.path.join(d, "log"), max_batch=rows,
                                                  max_len=max_len, device=device, dtype=str(dt).split(".")[1],
                                                  compile=str(compile).lower())
+                warm = {}
                 for name in group:
-                    wait_server(*servers[name], wait_s)
+                    up, warm[name] = wait_server(*servers[name], wait_s, name)
+                    print(f"{name:>16} serve.py up after a {up:.0f} s wait" +
+                          ("" if warm[name] is None else f" (warm-up s: {warm[name]:.0f})"), flush=True)
                     shutil.rmtree(os.path.join(tmp, name, "ckpt"))   # in the server's memory now
                 t1 = time.perf_counter()
                 with ThreadPoolExecutor(len(group)) as pool:   # each server's kernels compile in its own processes
@@ -1240,7 +1268,7 @@ def bench_serve(*, models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"),
                             prompt = sorted({r["prompt_tokens"] for r in res})
                             r = dict(model=name, length=L, clients=n, prompt_tokens=prompt[0], server_pid=proc.pid,
                                      row_bytes=row_bytes(configs[name], L + max_tokens, dt), server_bytes=held,
-                                     results=res, **f)
+                                     warmup_s=warm[name], results=res, **f)
                             out.append(r)
                             agg[name, L, n] = f["decode"]
                             gib = f"{held / 2**30:10.1f}" if held else f"{'-':>10}"

@@ -110,9 +110,9 @@ class Engine:
     """max_batch rows of one batched cache, a conversation in each; `step` seats waiting conversations in free rows
     and decodes one token for every row."""
 
-    def __init__(self, model, tok, max_batch, max_len, prefill_chunk=32768, compile=False):
+    def __init__(self, model, tok, max_batch, max_len, prefill_chunk=32768, compile=False, err=None):
         self.model, self.tok, self.max_len, self.chunk, self.compiled = model, tok, max_len, prefill_chunk, compile
-        self.device = model.lm_head.weight.device
+        self.device, self.err = model.lm_head.weight.device, err or sys.stderr
         self.cache = model.new_cache(max_batch, max_len)
         self.rows = [None] * max_batch                   # the Conversation in each row; None: free
         self.waiting = collections.deque()
@@ -126,15 +126,22 @@ class Engine:
         self.stop_ids = {tok.special_tokens[s] for s in ("<|endoftext|>", "<|im_end|>") if s in tok.special_tokens}
         # a step decodes the first n rows only, n the power of two (or max_batch) past the last seated row: rows are
         # seated lowest first, so one conversation costs a batch-1 step, not a max_batch one. Each n has its own view
-        # of the cache (same storage) and, compiled, its own graph.
+        # of the cache (same storage) and, compiled, its own graph (a cache's buffers have static shapes in dynamo).
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.views = {n: self.cache if n == max_batch else rows_of(self.cache, n) for n in self.sizes}
-        self.step_fn = model.forward
+        self.steps = {n: model.forward for n in self.sizes}   # the decode step of n rows
         if compile:
             kernels.compile_blocks(model)
-            self.step_fn = kernels.compile_decode(model.forward, self.device)
+            # coordinate-descent tuning for batch 1 only: it is what turns that step's matmuls into tuned GEMVs; at
+            # more rows they stay cuBLAS's and the tuning would only add its cost to every row count's compile
+            one = kernels.compile_decode(model.forward, self.device)
+            more = kernels.compile_decode(model.forward, self.device, gemv=False) if self.device.type == "cuda" else one
+            self.steps = {n: one if n == 1 else more for n in self.sizes}
             for v in self.views.values():
                 kernels.static_cache(v)
+            # warm_up compiles a fixed set of graphs per function (prefill regimes times layer kinds, a decode step
+            # per row count); past dynamo's default limit of 8 the rest would run uncompiled
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.warm_up()
 
     @property
@@ -143,14 +150,31 @@ class Engine:
 
     @torch.no_grad()
     def warm_up(self):
-        """Compile the prefill (two lengths: the second makes it dynamic; on CUDA two more past 128 tokens, where SWA
-        prefill moves to flex_attention) and the batched decode step now, not inside the first requests."""
+        """Compile every graph a request can need now, not inside the first requests (steady state compiles nothing),
+        and print each stage's time (a big model's start is long). Prefill: prompt lengths 5 and 6 (the second makes
+        the length dynamic), 1 to 4 (one token takes the decode path, and the GLA layers run a few tokens
+        recurrently) and on CUDA 129 and 130 (SWA prefill moves to flex_attention past 128 tokens); a length an
+        earlier graph covers only runs. (On a CPU the reference GLA unrolls its 64-token chunks: a longer prompt
+        compiles once per chunk count.) Decode: a graph per row count, 3 runs each (CUDA graph trees: a warm-up run,
+        a recording, a replay)."""
+        t0 = t = time.perf_counter()
+        lengths = (5, 6, 1, 2, 3, 4) + ((129, 130) if self.device.type == "cuda" else ())
+        lengths = [n for n in lengths if n < self.max_len]   # a prompt leaves room for a token
+        self.say(f"compiling the prefill (prompts of {', '.join(map(str, lengths))} tokens) and the decode step "
+                 f"(for {', '.join(map(str, self.sizes))} rows)")
         tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        for n in (5, 6, 129, 130) if self.device.type == "cuda" else (5, 6):
+        for n in lengths:
             self.model(tok.expand(1, n), cache=self.model.new_cache(1, self.max_len), last_only=True)
+        self.say(f"prefill compiled in {time.perf_counter() - t:.1f} s")
         for n in self.sizes:
-            for _ in range(3):  # CUDA graph trees: a warm-up run, a recording, a replay
+            t = time.perf_counter()
+            for _ in range(3):
                 self.decode(n)
+            self.say(f"decode for {n} row{'s' if n > 1 else ''} compiled in {time.perf_counter() - t:.1f} s")
+        self.say(f"done in {time.perf_counter() - t0:.1f} s")
+
+    def say(self, what):
+        print(f"warm-up: {what}", file=self.err, flush=True)
 
     def decode(self, n):
         """One decode step over the first n rows -> logits [n, V]."""
@@ -158,7 +182,7 @@ class Engine:
             torch.compiler.cudagraph_mark_step_begin()
         tok = torch.tensor(self.next[:n], device=self.device)[:, None]
         pos = torch.tensor(self.pos[:n], device=self.device)[:, None]
-        return self.step_fn(tok, cache=self.views[n], input_pos=pos, last_only=True)[0][:, -1]
+        return self.steps[n](tok, cache=self.views[n], input_pos=pos, last_only=True)[0][:, -1]
 
     def pick(self, logits, rows):
         """Each row's next token from its logits [len(rows), V]: penalties, then greedy or sampled."""
@@ -495,7 +519,8 @@ def main(*, ckpt: str, tokenizer: str | None = None, host: str = "127.0.0.1", po
         prefill_chunk: prompt tokens per forward pass while prefilling a new conversation.
         device: cuda, cuda:N or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
-        compile: torch.compile the blocks for prefill and the batched decode step (CUDA graphs on GPU).
+        compile: torch.compile the blocks for prefill and the batched decode step (CUDA graphs on GPU), all of it
+            before serving (Engine.warm_up: a `warm-up:` line per stage on stderr).
         name: the model name clients send (default: the config's preset name, else the checkpoint directory's).
     """
     if max_batch < 1 or prefill_chunk < 1:

@@ -346,7 +346,7 @@ def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
     for v in engine.views.values():   # views of the same storage
         assert [b.data_ptr() for b in v.buffers()] == [b.data_ptr() for b in engine.cache.buffers()]
     batches, forward = [], m.forward
-    monkeypatch.setattr(engine, "step_fn", lambda idx, **kw: (batches.append(idx.shape[0]), forward(idx, **kw))[1])
+    engine.steps = {n: lambda idx, **kw: (batches.append(idx.shape[0]), forward(idx, **kw))[1] for n in engine.sizes}
     prompt = list(b"one row of eight")
     got = run(engine, {0: [(0, job(prompt, 10))]})
     assert got[0] == serial(m, tok, prompt, 10) and set(batches) == {1}
@@ -356,17 +356,30 @@ def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
     assert batches[:3] == [1, 2, 4]   # steps of 1, 2, then 4 rows (3 in use), fewer as replies end
 
 
-def test_compiled_engine_replies_as_eager(tok_dir, monkeypatch):
+def test_compiled_engine_replies_as_eager_and_compiles_only_in_its_warm_up(tok_dir, monkeypatch):
     """serve.py --compile: the prefill blocks and the decode step of every row count compiled (captured by dynamo,
-    run by its eager backend on a CPU), the cache views marked static; replies as the eager engine's, for one and
-    for three conversations at once."""
+    run by its eager backend on a CPU), the cache views marked static; replies as the eager engine's. The warm-up
+    compiles every graph and says so stage by stage; after it, prompts of any length (a token, a few: the recurrent
+    GLA path, many; under 64 here, where the reference GLA unrolls 64-token chunks) and any number of rows in use
+    compile nothing."""
     import functools
+    from torch._dynamo.utils import counters
     m, tok = tiny("tiny"), tokenizer.Tokenizer(tok_dir)
-    prompt = list(b"compiled rows")
-    arrivals = lambda: {0: [(i, job(prompt[i:], 8)) for i in range(3)], 9: [(3, job(prompt, 5))]}   # noqa: E731
+    prompt = list(b"compiled rows, of every length up to this one")
+    arrivals = lambda: {0: [(i, job(prompt[:n], 6)) for i, n in enumerate((1, 13, 3))],     # noqa: E731
+                        4: [(3, job(prompt[:2], 9)), (4, job(prompt[:40], 5))], 9: [(5, job(prompt[:4], 5))],
+                        12: [(6, job(prompt[:27], 4))], 30: [(7, job(prompt[:7], 3))]}
     want = run(serve.Engine(m, tok, max_batch=4, max_len=64), arrivals())
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    engine = serve.Engine(tiny("tiny"), tok, max_batch=4, max_len=64, compile=True)
-    assert engine.compiled and run(engine, arrivals()) == want
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    err = io.StringIO()
+    engine = serve.Engine(tiny("tiny"), tok, max_batch=4, max_len=64, compile=True, err=err)
+    lines = err.getvalue().splitlines()
+    assert engine.compiled and [line.split(" compiled in ")[0] for line in lines[1:-1]] == \
+        ["warm-up: prefill", "warm-up: decode for 1 row", "warm-up: decode for 2 rows", "warm-up: decode for 4 rows"]
+    assert lines[0].startswith("warm-up: compiling") and lines[-1].startswith("warm-up: done in")
+    compiled = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+    assert run(engine, arrivals()) == want
+    assert (counters["frames"]["total"], counters["stats"]["unique_graphs"]) == compiled
     torch._dynamo.reset()
