@@ -1830,31 +1830,31 @@ def _check_int8_gemv(x, qweight, scales, group_size, bias):
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
 
 
-@torch.library.custom_op("spikingbrain::int8_gemv", mutates_args=())
-def _int8_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                  splits: Optional[int], tf32: bool = False) -> torch.Tensor:
-    """One opaque op, so that a compiled decode step (CUDA graphs) keeps it inside its graph instead of breaking
-    around every projection. fp32 [M, N]. tf32: fp32 x whose values tf32 holds exactly (w8aspike_gemv's) multiply in
-    tf32 on CUDA."""
-    (M, K), N = x.shape, qweight.shape[0]
+@torch.library.custom_op("spikingbrain::gemv8", mutates_args=())
+def _gemv8_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, group_size: int, splits: Optional[int],
+              fp8: bool = False, tf32: bool = False) -> torch.Tensor:
+    """_gemv8_kernel as one opaque op, so that a compiled decode step (CUDA graphs) keeps it inside its graph instead
+    of breaking around every projection: x [M, K] @ (w * scales per group).T, fp32 [M, N]. w int8, or (fp8) e4m3
+    bits as uint8 with one group of K (scales [N, 1]). tf32: fp32 x whose values tf32 holds exactly (fp8_gemv's and
+    w8aspike_gemv's count rows) multiply in tf32 on CUDA; otherwise fp32 x multiplies in full fp32."""
+    (M, K), N = x.shape, w.shape[0]
     out = x.new_empty(M, N, dtype=torch.float32)
     if M == 0 or N == 0:
         return out
     if K == 0:
         return out.zero_()
-    xc, w = x.contiguous(), qweight.contiguous()
-    st = scales.float().contiguous()                                           # [N, G]
-    dev = x.device
-    opts = INT8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
-    g = min(group_size, K)
+    xc, wc, st, dev = x.contiguous(), w.contiguous(), scales.float().contiguous(), x.device   # st [N, G]
+    name, table = ("fp8_gemv", FP8_GEMV_CONFIGS) if fp8 else ("int8_gemv", INT8_GEMV_CONFIGS)
+    opts = table.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    fmt, g = _fp8_gemv_format(dev) if fp8 else 0, min(group_size, K)
     prec = "tf32" if tf32 and dev.type == "cuda" else None
-    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, g, splits, cfg or INT8_GEMV_SAFE, 0, prec), opts,
-                         ("int8_gemv", str(dev)), "int8_gemv")
+    return with_fallback(lambda cfg: _gemv8(xc, wc, st, out, g, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
+                         (name, str(dev)), name)
 
 
-@_int8_gemv_op.register_fake
-def _(x, qweight, scales, group_size, splits, tf32=False):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+@_gemv8_op.register_fake
+def _(x, w, scales, group_size, splits, fp8=False, tf32=False):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
 def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
@@ -1875,7 +1875,7 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
-    y = _int8_gemv_op(x, qweight, scales, group_size, splits)
+    y = _gemv8_op(x, qweight, scales, group_size, splits)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -1909,7 +1909,7 @@ def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None)
     M = x2.shape[0]
     counts, vth = spike_quant_torch(x2, k)
     lo = torch.fmod(counts, 2048.0)   # c's sign: |2^11 hi| + |lo| = |c|, no cancellation between the two rows
-    y = _int8_gemv_op(torch.cat([(counts - lo) / 2048.0, lo]), qweight, scales, group_size, splits, True)
+    y = _gemv8_op(torch.cat([(counts - lo) / 2048.0, lo]), qweight, scales, group_size, splits, tf32=True)
     y = (y[:M] * 2048.0 + y[M:]) * vth
     if bias is not None:
         y = y + bias.float()
@@ -1965,28 +1965,6 @@ def _fp8_gemv_format(device):
     return 2 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9) else 1
 
 
-@torch.library.custom_op("spikingbrain::fp8_gemv", mutates_args=())
-def _fp8_gemv_op(x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor, splits: Optional[int]) -> torch.Tensor:
-    """x fp32 [R, K] @ (e4m3(bits) * scale[:, None]).T: fp32 [R, N] (bits uint8 [N, K], scale [N]). One opaque op, as
-    _int8_gemv_op. tl.dot in tf32 on CUDA: exact for fp8_gemv_counts_torch's rows."""
-    (R, K), N = x.shape, bits.shape[0]
-    out = x.new_empty(R, N, dtype=torch.float32)
-    if R == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.zero_()
-    xc, w, st, dev = x.float().contiguous(), bits.contiguous(), scale.float().contiguous().view(N, 1), x.device
-    opts = FP8_GEMV_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
-    fmt, prec = _fp8_gemv_format(dev), "tf32" if dev.type == "cuda" else "ieee"
-    return with_fallback(lambda cfg: _gemv8(xc, w, st, out, K, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
-                         ("fp8_gemv", str(dev)), "fp8_gemv")
-
-
-@_fp8_gemv_op.register_fake
-def _(x, bits, scale, splits):
-    return x.new_empty(x.shape[0], bits.shape[0], dtype=torch.float32)
-
-
 def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
     """spiking.FP8SpikeLinear's decode forward (a few rows), the product of spike_linear_fp8 with no host sync:
         y[m, n] = (sum_k c[m, k] * e4m3(bits[n, k])) * scale[n] * vth[m]  (+ bias[n]),
@@ -2019,7 +1997,7 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
     c, vth = (compiled(fp8_gemv_counts_torch) if fused else fp8_gemv_counts_torch)(x2, k)
-    y = _fp8_gemv_op(c, bits, scale, splits)
+    y = _gemv8_op(c.float(), bits, scale.view(-1, 1), K, splits, fp8=True, tf32=True)
     y = (y[:M] + y[M:]) * vth
     if bias is not None:
         y = y + bias.float()

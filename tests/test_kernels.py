@@ -22,6 +22,24 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
+def spy(monkeypatch, name):
+    """Calls to kernels.<name> from here on: a list that grows by one per call (the function still runs)."""
+    calls, real = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def fullgraph(m):
+    """torch.compile(m, fullgraph=True) on aot_eager (dynamo reset first) and the list of graphs it compiles."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    torch._dynamo.reset()
+    return torch.compile(m, fullgraph=True, backend=backend), graphs
+
+
 def rms_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
@@ -572,9 +590,7 @@ def test_w8aspike_module_through_the_kernel_equals_the_reference(monkeypatch):
     m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), group_size=128, spike_k=3.0).to(DEV)
     x = torch.cat([torch.randn(37, 200), wide_rows()]).view(1, 43, 200).to(DEV) * 0.7
     monkeypatch.setattr(kernels, "SPIKE_GEMM_SAFE", SMALL_TILES)
-    calls = []
-    real = kernels.spike_linear
-    monkeypatch.setattr(kernels, "spike_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = spy(monkeypatch, "spike_linear")
     monkeypatch.setattr(kernels, "SPIKE_GEMM_IMPL", "triton")
     with torch.no_grad():
         fast = m(x)
@@ -732,9 +748,7 @@ def test_w8aspike_linear_decode_through_the_gemv(monkeypatch):
     from spiking import W8ASpikeLinear
     torch.manual_seed(0)
     m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), 128, spike_k=3.0).to(DEV)
-    calls = []
-    real = kernels.w8aspike_gemv
-    monkeypatch.setattr(kernels, "w8aspike_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = spy(monkeypatch, "w8aspike_gemv")
     monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
     for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
         x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
@@ -747,17 +761,11 @@ def test_w8aspike_linear_decode_through_the_gemv(monkeypatch):
         m(torch.randn(1, 9, 200, device=DEV))
     m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
     assert not calls
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    torch._dynamo.reset()
-    step = torch.compile(m, fullgraph=True, backend=backend)
+    step, graphs = fullgraph(m)
     x = torch.randn(1, 1, 200, device=DEV)
     with torch.no_grad():
         assert torch.equal(step(x), m(x))
-    assert len(graphs) == 1 and "int8_gemv" in str(graphs[0].graph)
+    assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
     torch._dynamo.reset()
 
 
@@ -783,9 +791,7 @@ def test_int8_linear_through_the_kernel_equals_the_reference(monkeypatch):
     from spiking import W8ASpikeLinear
     torch.manual_seed(0)
     m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), group_size=128, spike_k=None).to(DEV)
-    calls = []
-    real = kernels.int8_gemv
-    monkeypatch.setattr(kernels, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = spy(monkeypatch, "int8_gemv")
     for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
         x = torch.randn(shape, device=DEV)
         monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
@@ -803,28 +809,6 @@ def test_int8_linear_through_the_kernel_equals_the_reference(monkeypatch):
     assert not calls
 
 
-@needs_triton
-def test_int8_model_decodes_the_same_tokens_through_the_kernel(monkeypatch):
-    """A tiny model with INT8 weights (spiking.quantize_int8): greedy decode with every step's projections through
-    int8_gemv gives the tokens of its float reference path."""
-    import spiking
-    from model import generate
-    from model import GPT, Config
-    torch.manual_seed(0)
-    m = spiking.quantize_int8(GPT(Config.from_name("tiny")).to(DEV).eval())
-    assert not spiking._linears(m) and m.config.spike_k is None
-    with pytest.raises(ValueError, match="INT8 weights already"):
-        spiking.quantize_int8(m)
-    idx = torch.randint(0, m.config.vocab_size, (1, 12), device=DEV)
-    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "torch")
-    ref = generate(m, idx, 10, temperature=0)
-    calls = []
-    real = kernels.int8_gemv
-    monkeypatch.setattr(kernels, "int8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
-    assert generate(m, idx, 10, temperature=0) == ref and calls
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("M", [1, 4])
@@ -832,7 +816,7 @@ def test_gpu_int8_gemv_7b_shape(M):
     """A 7B MLP projection (K=3584, N=18944) from bf16 activations: the kernel (fp32 sums) within its bound of
     float64 on the same operands before the cast, and its bf16 output within bf16 rounding."""
     x, qweight, scales, b = gemv_operands(M, 3584, 18944, 128, torch.bfloat16)
-    y = kernels._int8_gemv_op(x, qweight, scales, 128, None)
+    y = kernels._gemv8_op(x, qweight, scales, 128, None)
     assert_gemv_close(y, x, qweight, scales, 128, None)
     out = kernels.int8_gemv(x, qweight, scales, 128, b)
     assert out.dtype == torch.bfloat16 and rms_err(out, kernels.int8_gemv_torch(x, qweight, scales, 128, b)) < 4e-3
@@ -1006,9 +990,7 @@ def test_fp8_linear_decode_through_the_gemv(monkeypatch):
     torch.manual_seed(0)
     m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
     w8 = m.fp8_weight.view(torch.float8_e4m3fn)
-    calls = []
-    real = kernels.fp8_gemv
-    monkeypatch.setattr(kernels, "fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = spy(monkeypatch, "fp8_gemv")
     monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
     for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
         x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
@@ -1030,21 +1012,28 @@ def test_fp8_linear_decode_through_the_gemv(monkeypatch):
 
 
 @needs_triton
-def test_fp8_model_decodes_the_same_tokens_through_the_gemv(monkeypatch):
-    """A tiny model with every projection an FP8SpikeLinear: greedy decode with every step's projections through
-    fp8_gemv gives the tokens of its float reference path."""
+@pytest.mark.parametrize("quant", ["int8", "w8aspike", "fp8"])
+def test_quantized_model_decodes_the_same_tokens_through_the_gemv(quant, monkeypatch):
+    """A tiny model whose projections are 8-bit layers (spiking.quantize_int8: INT8 weights, float activations;
+    replace_linears: W8ASpike at k = 3; replace_linears_fp8): greedy decode with every step's projections through
+    the decode GEMV (int8_gemv, w8aspike_gemv, fp8_gemv) gives the tokens of the layers' float reference path."""
     import spiking
     from model import GPT, Config, generate
     torch.manual_seed(0)
-    m = spiking.replace_linears_fp8(GPT(Config.from_name("tiny")).to(DEV).eval(), k=3.0)
+    m = GPT(Config.from_name("tiny")).to(DEV).eval()
+    if quant == "int8":
+        m = spiking.quantize_int8(m)
+        assert not spiking._linears(m) and m.config.spike_k is None
+        with pytest.raises(ValueError, match="INT8 weights already"):
+            spiking.quantize_int8(m)
+    else:
+        m = (spiking.replace_linears if quant == "w8aspike" else spiking.replace_linears_fp8)(m, k=3.0)
     idx = torch.randint(0, m.config.vocab_size, (1, 12), device=DEV)
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "torch")
-    monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "torch")
+    for switch in ("INT8_GEMV_IMPL", "FP8_GEMV_IMPL", "SPIKE_GEMM_IMPL", "SPIKE_FP8_IMPL"):
+        monkeypatch.setattr(kernels, switch, "torch")
     ref = generate(m, idx, 10, temperature=0)
-    calls = []
-    real = kernels.fp8_gemv
-    monkeypatch.setattr(kernels, "fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    calls = spy(monkeypatch, f"{quant}_gemv")
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL" if quant == "fp8" else "INT8_GEMV_IMPL", "triton")
     assert generate(m, idx, 10, temperature=0) == ref and calls
 
 
@@ -1057,14 +1046,7 @@ def test_fp8_linear_decode_compiles_in_one_graph(monkeypatch):
     torch.manual_seed(0)
     m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
     monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    step = torch.compile(m, fullgraph=True, backend=backend)
+    step, graphs = fullgraph(m)
     for big in (False, True):
         x = torch.randn(1, 1, 200, device=DEV)
         if big:
@@ -1072,7 +1054,7 @@ def test_fp8_linear_decode_compiles_in_one_graph(monkeypatch):
         with torch.no_grad():
             y, want = step(x), m(x)
         assert torch.equal(y, want)
-    assert len(graphs) == 1 and "fp8_gemv" in str(graphs[0].graph)
+    assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
     torch._dynamo.reset()
 
 
