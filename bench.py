@@ -1432,7 +1432,7 @@ def train_split(preset, T, n, fixed, peak):
     kw = {k: v for k, v in fixed.items() if k != "device"}
     dev = fixed["device"]
     kernels.cp_check_devices(n, dev.type)
-    print(f"| model | layers | seq | devices | documents per row | tokens/s per device | MFU | peak memory GB |")
+    print("| model | layers | seq | devices | documents per row | tokens/s per device | MFU | peak memory GB |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for ranks, seq in ((n, T), (1, T // n)):
