@@ -1846,10 +1846,21 @@ def _gemv8_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, group_size
     xc, wc, st, dev = x.contiguous(), w.contiguous(), scales.float().contiguous(), x.device   # st [N, G]
     name, table = ("fp8_gemv", FP8_GEMV_CONFIGS) if fp8 else ("int8_gemv", INT8_GEMV_CONFIGS)
     opts = table.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
-    fmt, g = _fp8_gemv_format(dev) if fp8 else 0, min(group_size, K)
-    prec = "tf32" if tf32 and dev.type == "cuda" else None
-    return with_fallback(lambda cfg: _gemv8(xc, wc, st, out, g, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
-                         (name, str(dev)), name)
+    g, prec = min(group_size, K), "tf32" if tf32 and dev.type == "cuda" else None
+
+    def run(fmt):
+        return with_fallback(lambda cfg: _gemv8(xc, wc, st, out, g, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
+                             (name, str(dev)), name)
+    fmt = _fp8_gemv_format(dev) if fp8 else 0
+    if fmt != 1:
+        return run(fmt)
+    try:
+        return run(1)
+    except triton.compiler.errors.CompilationError as e:   # this Triton has no e4m3 conversion here after all
+        fp8_format_failed.add(str(dev))
+        warnings.warn(f"fp8_gemv: Triton's e4m3 conversion does not compile on {dev} ({str(e).strip()[:160]}); "
+                      f"decoding the e4m3 bits with integer operations instead", stacklevel=2)
+        return run(2)
 
 
 @_gemv8_op.register_fake
@@ -1961,8 +1972,14 @@ def fp8_gemv_counts_torch(x, k=3.0):
 
 def _fp8_gemv_format(device):
     """_gemv8_kernel's FMT for e4m3 weights on device: 1 (Triton's conversion) on capability >= 8.9 and in the
-    interpreter, 2 (integer decoding) on older GPUs, where Triton has no e4m3 type."""
+    interpreter, 2 (integer decoding) on older GPUs, where Triton has no e4m3 type, and where 1 did not compile
+    (fp8_format_failed: a Triton version without it falls back instead of stopping the run)."""
+    if str(device) in fp8_format_failed:
+        return 2
     return 2 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9) else 1
+
+
+fp8_format_failed = set()   # devices where Triton's e4m3 conversion did not compile
 
 
 def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):

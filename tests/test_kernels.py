@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernels
 from model import gla_recurrent
@@ -1070,6 +1071,27 @@ def test_fp8_gemv_tiles_that_do_not_fit_fall_back(monkeypatch):
     with pytest.warns(UserWarning, match="fp8_gemv: kernel options .* do not compile"):
         y = kernels.fp8_gemv(x, w8, s, 3.0, b)
     assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+
+
+@needs_triton
+def test_fp8_gemv_without_an_e4m3_conversion_decodes_the_bits(monkeypatch):
+    """A Triton whose e4m3 conversion does not compile (FMT 1): one warning, the integer decoding (FMT 2) from then
+    on for that device, within the bound of the twin."""
+    real, fmts = kernels._gemv8, []
+
+    def no_e4m3(*a):
+        fmts.append(a[7])
+        if a[7] == 1:
+            raise triton.compiler.errors.CompilationError(None, None, "no e4m3 type")
+        return real(*a)
+    monkeypatch.setattr(kernels, "_gemv8", no_e4m3)
+    monkeypatch.setattr(kernels, "fp8_format_failed", set())
+    x, w8, s, b = fp8_operands(2, 200, 48, seed=5)
+    with pytest.warns(UserWarning, match="e4m3 conversion does not compile"):
+        y = kernels.fp8_gemv(x, w8, s, 3.0, b)
+    assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+    assert_fp8_gemv_close(kernels.fp8_gemv(x, w8, s, 3.0, b), x, w8, s, 3.0, b)
+    assert fmts == [1, 2, 2]
 
 
 def test_fp8_gemv_bad_inputs():
