@@ -773,20 +773,23 @@ def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant
                                    f"(no chunks within a slice): use more ranks or shorter --lengths") from e
             tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
             done = (T, peak)
-            t1, tok1, gap, top2 = 0.0, -1, 0.0, 0.0
+            t1, t_s, tok1, gap, top2 = 0.0, 0.0, -1, 0.0, 0.0
             if rank == 0:   # where the split's token stands among one process's logits: a near tie or not
                 t1, _, logits = time_to_first_token(m, T, chunk, ids=ids)
                 logits = logits.float()
                 tok1, (a, b) = logits.argmax().item(), logits.topk(2).values.tolist()
                 gap, top2 = (logits[tok1] - logits[tok]).item(), a - b
+                # one process again, in chunks as long as a slice: a forward of a slice's length, without the split
+                t_s = time_to_first_token(m, T, S, ids=ids)[0] if S != chunk else t1
             comm = gather_seconds(parts, group, device)
-            row = dict(model=name, T=T, ranks=n, split=t, one=t1, gathers=comm, token=tok,
+            row = dict(model=name, T=T, ranks=n, split=t, one=t1, one_slices=t_s, gathers=comm, token=tok,
                        token_one=tok1, token_gap=gap, top2=top2, peak=peak)
             rows.append(row)
             if rank == 0:   # the one-process figures are rank 0's
                 mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
-                print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} {comm / t:6.1%} "
-                      f"{mem_s} {'yes' if tok == tok1 else 'no':>6} {gap:9.4f} {top2:9.4f}", flush=True)
+                print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {t_s:9.3f} {comm:9.4f} "
+                      f"{comm / t:6.1%} {mem_s} {'yes' if tok == tok1 else 'no':>6} {gap:9.4f} {top2:9.4f}",
+                      flush=True)
         del m
     if rank == 0:
         torch.save(rows, out)
@@ -824,11 +827,12 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
     if not models:
         return []
     print("\n".join(describe(name, n_layer) for name in models))
-    print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'gathers s':>9} "
-          f"{'share':>6} {'peak GiB':>9} {'token':>6} {'gap':>9} {'top2':>9}  (ratio: split / one process, aim <= 0.55 "
-          "at 2 ranks; gathers timed alone; peak: largest rank's; token: the split's first token is one process's; "
-          "gap: one process's logit of its token less that of the split's token; top2: its top two logits' "
-          "difference)", flush=True)
+    print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'1 p slc s':>9} "
+          f"{'gathers s':>9} {'share':>6} {'peak GiB':>9} {'token':>6} {'gap':>9} {'top2':>9}  (ratio: split / one "
+          "process, aim <= 0.55 at 2 ranks; 1 p slc: one process in chunks of a slice's length, the forward size "
+          "without the split; gathers timed alone; peak: largest rank's; token: the split's first token is one "
+          "process's; gap: one process's logit of its token less that of the split's token; top2: its top two "
+          "logits' difference)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "rows.pt")
         kernels.cp_launch(split_worker, n, device, out, models, lengths, chunk, gla, n_layer, quant,

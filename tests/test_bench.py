@@ -258,6 +258,7 @@ def test_ttft_split_over_two_processes_gives_one_process_first_token(capfd):
     for r in rows:
         assert r["token"] == r["token_one"] >= 0 and r["split"] > r["gathers"] > 0 and r["one"] > 0, r
         assert r["token_gap"] == 0 and r["top2"] >= 0, r   # the same token: no gap; top2 a difference of sorted logits
+        assert r["one_slices"] > 0, r   # one process in chunks of a slice's length (128 / 2 = 64 tokens and on)
         assert re.search(rf"^ +tiny +{r['T']} +2 .* yes +0\.0000 +{r['top2']:.4f}$", out, re.M), out   # its row
     assert "projection, not a measurement: tiny, 1048576 tokens, from T=1024 on 2 ranks" in out, out
     assert all(f"\n{P:>6} " in out for P in (1, 8, 32, 128)) and "the report (Table 7)" in out, out
