@@ -190,7 +190,7 @@ def decode_route(quant, device, rows=1):
     dispatch (FP8SpikeLinear.forward, W8ASpikeLinear.forward): for bench.py decode's header."""
     x = torch.empty(rows, 128, device=device)
     if quant == "fp8":
-        return ("kernels.fp8_gemv (e4m3 bytes converted in registers)" if kernels.use_fp8_gemv(x) else
+        return ("kernels.fp8_gemv (e4m3 bytes converted in registers)" if kernels.use_fp8_gemv(x, SPIKE_K) else
                 "kernels.spike_linear_fp8 (torch._scaled_mm)" if kernels.use_spike_fp8(x) else
                 "FP8SpikeLinear's float reference")
     if quant == "int8":
@@ -1443,7 +1443,7 @@ def train_split(preset, T, n, fixed, peak):
         if ranks > 1:
             with tempfile.TemporaryDirectory() as d:
                 out = os.path.join(d, "r.pt")
-                kernels.cp_launch(train_split_worker, n, "cuda" if dev.type == "cuda" else "cpu", out, preset, seq, kw)
+                kernels.cp_launch(train_split_worker, n, dev.type, out, preset, seq, kw)
                 c, tok_s, flops, mem = torch.load(out, weights_only=False)
         else:
             c, tok_s, flops, mem = train_speed(preset, seq, full_loss=True, **fixed)

@@ -15,8 +15,8 @@ compare against:
   channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
-- decode with W8ASpike layers: the same GEMV on the exact spike counts (two fp16 rows each), no host sync
-  (w8aspike_gemv; twin: spike_linear_torch; spiking.W8ASpikeLinear with a spike k picks it for decode rows).
+- decode with W8ASpike layers: the same GEMV on the exact spike counts (two fp32 rows each, exact in tf32), no host
+  sync (w8aspike_gemv; twin: spike_linear_torch; spiking.W8ASpikeLinear with a spike k picks it for decode rows).
 - decode with e4m3 weights: the same GEMV kernel reading the e4m3 bytes, the counts rounded to e4m3 (a row past 448
   kept exact) by a select, no host sync, so compiled decode keeps it in its graph (fp8_gemv; twin:
   spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear picks it for up to INT8_GEMV_MAX_ROWS rows).
@@ -1536,13 +1536,19 @@ def fp8_fits(K, N):
     return K % 16 == 0 and N % 16 == 0
 
 
+def e4m3_counts(counts):
+    """The counts FP8 layers multiply, float32: rounded to e4m3 (exact up to +-16), but a row holding a count past
+    FP8_MAX keeps its exact counts (spiking.fp8_counts' rule, which spiking.py keeps for use without this file)."""
+    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
+    return torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float())
+
+
 def spike_linear_fp8_torch(x, weight, scale, k=3.0, bias=None, out_dtype=torch.float64):
     """Float64 twin of spike_linear_fp8 on the same quantized operands: the counts rounded to e4m3 (a row holding a
     count past 448 keeps its exact counts, as spike_linear_fp8's float path), the e4m3 weight times its scale.
     x [M, K]; weight float8_e4m3fn [N, K]; scale [N]; bias [N] or None. -> [M, N] in out_dtype."""
     counts, vth = spike_quant_torch(x, k)
-    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
-    c = torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()).double()
+    c = e4m3_counts(counts).double()
     y = (c @ (weight.double() * scale.double()[:, None]).T) * vth.double()
     return (y if bias is None else y + bias.double()).to(out_dtype)
 
@@ -1903,34 +1909,57 @@ def int8_gemv_torch(x, qweight, scales, group_size, bias=None):
     return y if bias is None else y + bias.double()
 
 
-def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None):
-    """spiking.W8ASpikeLinear's decode forward (a few rows) on int8_gemv's kernel, with no host sync (a compiled
-    decode step keeps it in its graph; w8aspike_linear reads a flag on the host per call):
-        y[m, n] = vth[m] * sum_g scales[n, g] * (sum_{k in group g} counts[m, k] * qweight[n, k])  (+ bias[n]),
-    counts, vth = spike_quant(x, k), every count exact (none clamped to int8). x [..., K], at most
-    INT8_GEMV_MAX_ROWS rows; qweight, scales, bias as int8_gemv. Returns [..., N] in x's dtype.
+def spike_count_rows_torch(x, k=3.0, fp8=False):
+    """The spike counts of x [M, K] as the 8-bit GEMV multiplies them (w8aspike_gemv, fp8_gemv): rows [hi; lo] fp32
+    [2M, K] with hi + lo = the counts c (fp8: e4m3_counts' rounding; else exact), hi their top 11 significant bits
+    and lo the rest. Both have c's sign (|hi| + |lo| = |c|: no cancellation between the two rows' products) and are
+    exact in tf32 for |c| < 2^22 (a count is at most K k: spike_gemv_fits). vth fp32 [M, 1]. No host sync."""
+    counts, vth = spike_quant_torch(x, k)
+    c = e4m3_counts(counts) if fp8 else counts
+    hi = (c.view(torch.int32) & -8192).view(torch.float32)   # the low 13 of fp32's 23 mantissa bits cleared
+    return torch.cat([hi, c - hi]), vth
 
-    The counts enter the kernel as two fp32 rows each, hi = trunc(c / 2^11) and lo = c - 2^11 hi, integers of at
-    most 2^11 in size for |c| < 2^22 (a count is at most K k: use_w8aspike_gemv checks K k < 2^22), so tf32 holds
-    them and every product with an int8 weight exactly (tl.dot in tf32 on CUDA, fp32 elsewhere); y = (2^11 y_hi +
-    y_lo) vth. Only fp32 sums round: int8_gemv's bound for each of the two rows, times vth (tested). Twin:
-    spike_linear_torch on spike_quant_torch's counts."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+
+def spike_gemv_fits(x, k):
+    """Does the 8-bit GEMV take the spike counts of x [..., K] at k? At most 8 rows (each enters as two: the
+    kernel's tile holds 16; and within INT8_GEMV_MAX_ROWS), counts below 2^22 (a count is at most K k)."""
+    return x.shape[:-1].numel() <= min(INT8_GEMV_MAX_ROWS, 8) and x.shape[-1] * k < 2 ** 22
+
+
+def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
+    """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> spike_count_rows_torch (one compiled pass when eager
+    on CUDA), the gemv8 op on the hi and lo rows in tf32, y = (y_hi + y_lo) vth (+ bias) -> [..., N] in x's dtype."""
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
-    counts, vth = spike_quant_torch(x2, k)
-    lo = torch.fmod(counts, 2048.0)   # c's sign: |2^11 hi| + |lo| = |c|, no cancellation between the two rows
-    y = _gemv8_op(torch.cat([(counts - lo) / 2048.0, lo]), qweight, scales, group_size, splits, tf32=True)
-    y = (y[:M] * 2048.0 + y[M:]) * vth
+    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
+    rows, vth = (compiled(spike_count_rows_torch) if fused else spike_count_rows_torch)(x2, k, fp8)
+    y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True)
+    y = (y[:M] + y[M:]) * vth
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
+def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None):
+    """spiking.W8ASpikeLinear's decode forward (a few rows) on int8_gemv's kernel, with no host sync (a compiled
+    decode step keeps it in its graph; w8aspike_linear reads a flag on the host per call):
+        y[m, n] = vth[m] * sum_g scales[n, g] * (sum_{k in group g} counts[m, k] * qweight[n, k])  (+ bias[n]),
+    counts, vth = spike_quant(x, k), every count exact (none clamped to int8). x [..., K], at most 8 rows
+    (spike_gemv_fits); qweight, scales, bias as int8_gemv. Returns [..., N] in x's dtype.
+
+    The counts enter the kernel as two fp32 rows each (hi + lo, spike_count_rows_torch), so every product with an
+    int8 weight is exact (tl.dot in tf32 on CUDA, fp32 elsewhere). Only fp32 sums round: int8_gemv's bound for each
+    of the two rows, then their sum and * vth (tested). Twin: spike_linear_torch on spike_quant_torch's counts."""
+    _check_int8_gemv(x.reshape(-1, x.shape[-1]), qweight, scales, group_size, bias)
+    return _spike_gemv(x, qweight, scales, group_size, k, bias, splits, fp8=False)
+
+
 def use_w8aspike_gemv(x, group_size, k):
     """w8aspike_gemv for a W8ASpikeLinear's input x [..., K] at spike k? Where use_int8_gemv would take the layer's
-    decode rows (the hi and lo rows of at most INT8_GEMV_MAX_ROWS fit the kernel's 16) and K k < 2^22."""
-    return x.shape[-1] * k < 2 ** 22 and x.shape[:-1].numel() <= 8 and use_int8_gemv(x, group_size)
+    decode rows and the 8-bit GEMV takes their counts (spike_gemv_fits)."""
+    return spike_gemv_fits(x, k) and use_int8_gemv(x, group_size)
 
 
 def use_int8_gemv(x, group_size):
@@ -1958,18 +1987,6 @@ FP8_GEMV_IMPL = "auto"    # "auto": fp8_gemv on CUDA (capability >= 8.0) for <= 
                           # tests), "torch" turns it off
 
 
-def fp8_gemv_counts_torch(x, k=3.0):
-    """The counts spike_linear_fp8_torch multiplies, as fp8_gemv's kernel takes them: x [M, K] -> rows [hi; lo]
-    fp32 [2M, K] with hi + lo = the counts (e4m3-rounded, or exact on a row holding one past 448), hi their top 11
-    significant bits and lo the rest, both exact in tf32 for |counts| < 2^22 (a count is at most K k); vth fp32
-    [M, 1]. Pure tensor ops: no host sync."""
-    counts, vth = spike_quant_torch(x, k)
-    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
-    c = torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float())
-    hi = (c.view(torch.int32) & -8192).view(torch.float32)   # the low 13 of fp32's 23 mantissa bits cleared
-    return torch.cat([hi, c - hi]), vth
-
-
 def _fp8_gemv_format(device):
     """_gemv8_kernel's FMT for e4m3 weights on device: 1 (Triton's conversion) on capability >= 8.9 and in the
     interpreter, 2 (integer decoding) on older GPUs, where Triton has no e4m3 type, and where 1 did not compile
@@ -1986,21 +2003,17 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
     """spiking.FP8SpikeLinear's decode forward (a few rows), the product of spike_linear_fp8 with no host sync:
         y[m, n] = (sum_k c[m, k] * e4m3(bits[n, k])) * scale[n] * vth[m]  (+ bias[n]),
     counts, vth = spike_quant(x, k), c = the counts rounded to e4m3, but a row holding a count past 448 keeps its
-    exact counts (selected by torch.where, not by a host-side branch). x [..., K] (at most 16 rows; decode:
+    exact counts (selected by torch.where, not by a host-side branch). x [..., K] (at most 8 rows; decode:
     INT8_GEMV_MAX_ROWS); bits uint8 [N, K] (FP8SpikeLinear.fp8_weight, or the float8_e4m3fn view); scale [N]; bias
     [N] or None. Returns [..., N] in x's dtype.
 
-    The counts enter the kernel as two fp32 rows each (hi + lo, fp8_gemv_counts_torch), products exact, sums in
+    The counts enter the kernel as two fp32 rows each (hi + lo, spike_count_rows_torch), products exact, sums in
     fp32: against spike_linear_fp8_torch (float64, the same operands), before the cast to x's dtype,
         |y - y64| <= (BK + 2P + 4) 2^-24 (sum_k |c w| vth scale + |bias|)
     with BK <= 128 the K tile and P the tiles of a row (int8_gemv's bound, plus the hi + lo sum and vth). Twin:
     spike_linear_fp8_torch.
     """
-    if not k > 0:
-        raise ValueError(f"spike k={k} must be > 0")
-    K, N = x.shape[-1], bits.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    K, N, M = x.shape[-1], bits.shape[0], x.shape[:-1].numel()
     if bits.dtype == torch.float8_e4m3fn:
         bits = bits.view(torch.uint8)
     if bits.dtype != torch.uint8 or bits.shape != (N, K) or scale.shape != (N,) or (
@@ -2012,19 +2025,13 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
         raise ValueError(f"fp8_gemv multiplies at most 8 rows (decode); got {M}: use spike_linear_fp8")
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
-    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
-    c, vth = (compiled(fp8_gemv_counts_torch) if fused else fp8_gemv_counts_torch)(x2, k)
-    y = _gemv8_op(c.float(), bits, scale.view(-1, 1), K, splits, fp8=True, tf32=True)
-    y = (y[:M] + y[M:]) * vth
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+    return _spike_gemv(x, bits, scale.view(N, 1), K, k, bias, splits, fp8=True)
 
 
-def use_fp8_gemv(x):
-    """fp8_gemv for an FP8SpikeLinear's input x [..., K]? Decode-sized inputs (<= INT8_GEMV_MAX_ROWS rows) in
-    inference, on CUDA (capability >= 8.0) or forced by FP8_GEMV_IMPL = "triton"."""
-    if (torch.is_grad_enabled() and x.requires_grad) or x.shape[:-1].numel() > min(INT8_GEMV_MAX_ROWS, 8):
+def use_fp8_gemv(x, k=3.0):
+    """fp8_gemv for an FP8SpikeLinear's input x [..., K] at spike k? Decode-sized inputs the 8-bit GEMV takes
+    (spike_gemv_fits) in inference, on CUDA (capability >= 8.0) or forced by FP8_GEMV_IMPL = "triton"."""
+    if (torch.is_grad_enabled() and x.requires_grad) or not spike_gemv_fits(x, k):
         return False
     return FP8_GEMV_IMPL == "triton" or (FP8_GEMV_IMPL == "auto" and x.is_cuda
                                          and torch.cuda.get_device_capability(x.device) >= (8, 0))

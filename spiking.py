@@ -720,7 +720,7 @@ class FP8SpikeLinear(nn.Module):
         return m
 
     def forward(self, x):
-        if kernels and kernels.use_fp8_gemv(x):    # decode: e4m3 weights read a byte each, no host sync (compiles)
+        if kernels and kernels.use_fp8_gemv(x, self.spike_k):   # decode: e4m3 bytes in registers, no host sync
             return kernels.fp8_gemv(x, self.fp8_weight, self.scales, self.spike_k, self.bias)
         if kernels and kernels.use_spike_fp8(x):   # e4m3 counts x e4m3 weights, torch._scaled_mm
             return kernels.spike_linear_fp8(x, self.fp8_weight.view(torch.float8_e4m3fn), self.scales, self.spike_k,

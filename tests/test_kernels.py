@@ -741,35 +741,6 @@ def test_w8aspike_gemv_matches_float64_twin(M, splits, bias):
         assert counts.abs().max() > (2048 if k == 12 else 127), counts.abs().max()
 
 
-@needs_triton
-def test_w8aspike_linear_decode_through_the_gemv(monkeypatch):
-    """W8ASpikeLinear with a spike k and INT8_GEMV_IMPL "triton" (as on CUDA): decode rows (1, 3, 8) through
-    w8aspike_gemv within its bound, and one compiled graph (fullgraph: no host sync) equal to eager; more rows or
-    gradients keep the other paths; without spikes the weight-only int8_gemv as before."""
-    from spiking import W8ASpikeLinear
-    torch.manual_seed(0)
-    m = W8ASpikeLinear.from_linear(torch.nn.Linear(200, 48), 128, spike_k=3.0).to(DEV)
-    calls = spy(monkeypatch, "w8aspike_gemv")
-    monkeypatch.setattr(kernels, "INT8_GEMV_IMPL", "triton")
-    for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
-        x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
-        with torch.no_grad():
-            y = m(x)
-        assert calls and y.shape == (*shape[:2], 48)
-        assert_w8aspike_gemv_close(y.view(-1, 48), x.view(-1, 200), m.qweight, m.scales, 128, 3.0, m.bias)
-        calls.clear()
-    with torch.no_grad():
-        m(torch.randn(1, 9, 200, device=DEV))
-    m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
-    assert not calls
-    step, graphs = fullgraph(m)
-    x = torch.randn(1, 1, 200, device=DEV)
-    with torch.no_grad():
-        assert torch.equal(step(x), m(x))
-    assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
-    torch._dynamo.reset()
-
-
 def test_int8_gemv_bad_inputs():
     x, qweight, scales, _ = gemv_operands(2, 200, 48, 128)
     with pytest.raises(ValueError, match="share K"):
@@ -982,34 +953,60 @@ def test_fp8_gemv_decodes_every_e4m3_byte(fmt):
     assert torch.equal(out.T, bits.view(torch.float8_e4m3fn).float())
 
 
-@needs_triton
-def test_fp8_linear_decode_through_the_gemv(monkeypatch):
-    """FP8SpikeLinear with fp8_gemv forced (as on CUDA): decode-sized inputs (1, 3 and 8 rows) through it, within its
-    bound of the twin; more rows than INT8_GEMV_MAX_ROWS, gradients and FP8_GEMV_IMPL "torch" keep the other paths;
-    "auto" takes it on CUDA only."""
-    from spiking import FP8SpikeLinear
+def eight_bit_layer(kind):
+    """A W8ASpikeLinear (groups of 128) or FP8SpikeLinear at spike k 3 from a random nn.Linear(200, 48); the switch
+    of its decode GEMV, the kernel's name, and a check of an output against the float64 twin within its bound."""
+    import spiking
     torch.manual_seed(0)
-    m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
-    w8 = m.fp8_weight.view(torch.float8_e4m3fn)
-    calls = spy(monkeypatch, "fp8_gemv")
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    lin = torch.nn.Linear(200, 48)
+    if kind == "w8aspike":
+        m = spiking.W8ASpikeLinear.from_linear(lin, 128, spike_k=3.0).to(DEV)
+        return m, "INT8_GEMV_IMPL", "w8aspike_gemv", lambda y, x: assert_w8aspike_gemv_close(
+            y, x, m.qweight, m.scales, 128, 3.0, m.bias)
+    m = spiking.FP8SpikeLinear.from_linear(lin, 3.0).to(DEV)
+    return m, "FP8_GEMV_IMPL", "fp8_gemv", lambda y, x: assert_fp8_gemv_close(
+        y, x, m.fp8_weight.view(torch.float8_e4m3fn), m.scales, 3.0, m.bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["w8aspike", "fp8"])
+def test_8bit_linear_decode_through_the_gemv(kind, monkeypatch):
+    """W8ASpikeLinear (spike k 3) and FP8SpikeLinear with their decode GEMV forced (as on CUDA): decode rows (1, 3, 8)
+    through it, within its bound of the twin; more rows than INT8_GEMV_MAX_ROWS, gradients and the switch at "torch"
+    keep the other paths, "auto" takes it on CUDA only. torch.compile(fullgraph=True) of the decode forward: one
+    graph (no break: no host sync, the kernel one custom op with a fake) holding the op, and the eager output, also
+    on a row whose count passes 448."""
+    m, switch, name, close = eight_bit_layer(kind)
+    monkeypatch.setattr(kernels, switch, "triton")
+    step, graphs = fullgraph(m)
+    for big in (False, True):
+        x = torch.randn(1, 1, 200, device=DEV)
+        if big:
+            x[0, 0, 3] = 1e4
+        with torch.no_grad():
+            assert torch.equal(step(x), m(x))
+    assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
+    torch._dynamo.reset()
+    calls = spy(monkeypatch, name)   # after compiling: the compiled graph would guard on the list's length
     for shape in [(1, 1, 200), (3, 1, 200), (1, 8, 200)]:
         x = torch.randn(shape, device=DEV) * torch.exp(torch.randn(shape, device=DEV))
         with torch.no_grad():
             y = m(x)
         assert calls and y.shape == (*shape[:2], 48) and y.dtype == x.dtype
-        assert_fp8_gemv_close(y.view(-1, 48), x.view(-1, 200), w8, m.scales, 3.0, m.bias)
+        close(y.view(-1, 48), x.view(-1, 200))
         calls.clear()
     with torch.no_grad():
         m(torch.randn(1, 9, 200, device=DEV))
     m(torch.randn(1, 2, 200, device=DEV, requires_grad=True))
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "torch")
+    assert not calls
+    monkeypatch.setattr(kernels, switch, "torch")
     with torch.no_grad():
         m(torch.randn(1, 1, 200, device=DEV))
     assert not calls
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "auto")
-    assert kernels.use_fp8_gemv(torch.randn(2, 200, device=DEV)) == (
-        CUDA and torch.cuda.get_device_capability() >= (8, 0))
+    monkeypatch.setattr(kernels, switch, "auto")
+    x = torch.randn(2, 200, device=DEV)
+    use = kernels.use_fp8_gemv(x, 3.0) if kind == "fp8" else kernels.use_w8aspike_gemv(x, 128, 3.0)
+    assert use == (CUDA and torch.cuda.get_device_capability() >= (8, 0))
 
 
 @needs_triton
@@ -1036,27 +1033,6 @@ def test_quantized_model_decodes_the_same_tokens_through_the_gemv(quant, monkeyp
     calls = spy(monkeypatch, f"{quant}_gemv")
     monkeypatch.setattr(kernels, "FP8_GEMV_IMPL" if quant == "fp8" else "INT8_GEMV_IMPL", "triton")
     assert generate(m, idx, 10, temperature=0) == ref and calls
-
-
-@needs_triton
-def test_fp8_linear_decode_compiles_in_one_graph(monkeypatch):
-    """torch.compile(fullgraph=True) of FP8SpikeLinear's decode forward with fp8_gemv forced: one graph (no break:
-    no host sync, the kernel one custom op with a fake), the op in it, and the eager output; a row whose count
-    passes 448 too."""
-    from spiking import FP8SpikeLinear
-    torch.manual_seed(0)
-    m = FP8SpikeLinear.from_linear(torch.nn.Linear(200, 48), 3.0).to(DEV)
-    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
-    step, graphs = fullgraph(m)
-    for big in (False, True):
-        x = torch.randn(1, 1, 200, device=DEV)
-        if big:
-            x[0, 0, 3] = 1e4
-        with torch.no_grad():
-            y, want = step(x), m(x)
-        assert torch.equal(y, want)
-    assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
-    torch._dynamo.reset()
 
 
 @needs_triton
