@@ -176,5 +176,9 @@ def test_whole_76b_on_two_gpus(tmp_path):
     print({k: v for k, v in r.items() if k in ("loss", "aux", "step_s", "train_peak_gb", "gen_peak_gb", "tokens")})
     assert math.isfinite(r["loss"]) and math.isfinite(r["aux"]) and r["expert_grads"] == 0
     assert r["grads"] and all(ok for _, ok in r["grads"]), [n for n, ok in r["grads"] if not ok][:5]
+    # pure bf16 (no fp32 weights): each of the 56 residual additions and the few roundings inside each sublayer add
+    # an independent relative error of up to 2^-9, a random walk of ~sqrt(56 * 5) * 2^-9 = 3.3% per computation,
+    # 4.6% between two computations in different orders (cached: recurrent GLA and one-token attention; uncached:
+    # chunked). 10% is twice that; a wrong cache (positions, states) leaves unrelated logits, ~140% apart.
     err = (r["cached"] - r["uncached"]).norm() / r["uncached"].norm()
-    assert err < 5e-2, err
+    assert err < 0.1, err
