@@ -430,6 +430,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
         cp_group=None):
     """Micro-batches accumulated into optimizer steps until max_steps; logs, validation and checkpoints between.
     With a cp_group (context_group) its ranks read the same rows, each the loss of its slice of them."""
+    from lightning.fabric.strategies import ModelParallelStrategy
     from tqdm import tqdm
 
     model, optimizer = state["model"], state["optimizer"]
@@ -441,6 +442,10 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
     metrics = Metrics(fabric, model, accum * train.log_interval, train.global_batch_size * train.seq_len,
                       flops_per_token, peak, state["step"])
     step_loss = 0.0   # the step's micro-batch losses, summed on the device for the finiteness check
+    # DDP skips the gradient all-reduce until the last micro-batch of a step. FSDP2 reduce-scatters after every one:
+    # skipped, it would keep each device's whole gradient unsharded (fp32) until the step's end, 4 bytes a
+    # parameter on every device (the 76B's 304 GB), where reduced its fp32 shards accumulate
+    sync_each = isinstance(fabric.strategy, ModelParallelStrategy)
     while state["step"] < max_steps:
         rows = train_rows(len(train_data), state["iter_num"], dp_rank, dp, train.micro_batch_size, seed)
         x, y, doc = train_data.batch(rows, fabric.device)
@@ -448,7 +453,7 @@ def fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops
         is_accumulating = (state["iter_num"] + 1) % accum != 0
         log_now = not is_accumulating and (state["step"] + 1) % train.log_interval == 0
         hooks = spike_hooks(model, metrics.sparsity) if log_now and config.spike_k else []
-        with fabric.no_backward_sync(model, enabled=is_accumulating):
+        with fabric.no_backward_sync(model, enabled=is_accumulating and not sync_each):
             _, loss, aux = model(x, y, doc, cp_group=cp_group)
             if cp_group is not None:   # the rows' mean loss, the same on every cp rank
                 loss = kernels.cp_loss(loss, (y != -100).sum(), cp_group)
@@ -817,7 +822,8 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
                     cp=1):
     """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits. With
     context parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens, and
-    in each full-attention layer the keys and values gathered from the devices before it (the last device's share)."""
+    in each full-attention layer the keys and values gathered from the devices before it (the last device's share).
+    FSDP's gradients stay sharded between the micro-batches of a step: fit reduce-scatters after each."""
     row, seq_len = seq_len, -(-seq_len // cp)
     c, tokens = config, micro_batch_size * (seq_len + config.n_sink)
     w, g, o = {"bf16-mixed": (4, 4, 8), "bf16-true": (2, 2, 4), "32-true": (4, 4, 8)}.get(precision, (4, 4, 8))

@@ -446,6 +446,7 @@ def test_dry_run_plans_7b_without_allocating(world, capsys):
     c = Config.from_name("spikingbrain-7b")
     ck, no = (train.estimate_memory(c, params_7b(), 1, 8192, world, "fsdp", "bf16-mixed", x) for x in (True, False))
     assert ck["weights"] == 4 * params_7b() / world and ck["optimizer"] == 8 * params_7b() / world
+    assert ck["grads"] == 4 * params_7b() / world   # fp32 shards, however many micro-batches a step (fit)
     assert ck["activations"] < no["activations"] / 5 and ck["logits"] == 8192 * 152064 * 6 + 152064 * 3584 * 8 + 8192 * 3584 * 2
 
 
@@ -512,11 +513,32 @@ def launcher(pydoc, tmp_path, seq_len, micro, batch, *more, model="tiny", **over
     return launch
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "single"])
+def test_fsdp_reduces_every_micro_batch(pydoc, tmp_path, monkeypatch, strategy):
+    """Between the micro-batches of a step FSDP2 reduce-scatters (its fp32 gradient shards accumulate); skipped, it
+    would hold each device's whole gradient unsharded, 4 bytes a parameter on every device. Without sharding the
+    sync is skipped until a step's last micro-batch."""
+    import lightning
+    asked, original = [], lightning.fabric.Fabric.no_backward_sync
+
+    def spy(self, module, enabled=True):
+        asked.append(enabled)
+        return original(self, module, enabled)
+
+    monkeypatch.setattr(lightning.fabric.Fabric, "no_backward_sync", spy)
+    train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
+               data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1, strategy=strategy,
+               train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2, save_interval=0),
+               eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0))
+    assert asked == ([False] * 4 if strategy == "fsdp" else [True, False] * 2)
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
     from convert import load_checkpoint
 
-    launch = launcher(pydoc, tmp_path, 32, 2, 4, "--precision", "32-true", "--accelerator", "cpu", "--devices", "2",
+    # 2 micro-batches of one row per device a step: their fp32 gradient shards accumulate between the reduce-scatters
+    launch = launcher(pydoc, tmp_path, 32, 1, 4, "--precision", "32-true", "--accelerator", "cpu", "--devices", "2",
                       "--strategy", "fsdp")
     fsdp = launch(tmp_path / "fsdp")[0]
     shards = os.listdir(tmp_path / "fsdp" / "step-0000002" / "state")
