@@ -526,10 +526,18 @@ def test_fsdp_reduces_every_micro_batch(pydoc, tmp_path, monkeypatch, strategy):
         return original(self, module, enabled)
 
     monkeypatch.setattr(lightning.fabric.Fabric, "no_backward_sync", spy)
-    train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
-               data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1, strategy=strategy,
-               train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2, save_interval=0),
-               eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0))
+    env = dict(os.environ)
+    try:   # in this process: FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
+        train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
+                   data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
+                   strategy=strategy, eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
+                   train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
+                                         save_interval=0))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
     assert asked == ([False] * 4 if strategy == "fsdp" else [True, False] * 2)
 
 
