@@ -1933,6 +1933,10 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
+    if not spike_gemv_fits(x, k):   # 2M rows would pass the kernel's 16-row tile: the rows past it never written
+        name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
+        raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
+                         f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
     rows, vth = (compiled(spike_count_rows_torch) if fused else spike_count_rows_torch)(x2, k, fp8)
     y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True)
@@ -2013,7 +2017,7 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
     with BK <= 128 the K tile and P the tiles of a row (int8_gemv's bound, plus the hi + lo sum and vth). Twin:
     spike_linear_fp8_torch.
     """
-    K, N, M = x.shape[-1], bits.shape[0], x.shape[:-1].numel()
+    K, N = x.shape[-1], bits.shape[0]
     if bits.dtype == torch.float8_e4m3fn:
         bits = bits.view(torch.uint8)
     if bits.dtype != torch.uint8 or bits.shape != (N, K) or scale.shape != (N,) or (
@@ -2021,8 +2025,6 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
         raise ValueError(f"fp8_gemv: x [..., K], bits uint8 [N, K], scale [N], bias [N] or None; got "
                          f"{tuple(x.shape)}, {bits.dtype} {tuple(bits.shape)}, {tuple(scale.shape)}, "
                          f"{None if bias is None else tuple(bias.shape)}")
-    if M > 8:   # each row enters the kernel as two (hi, lo): 16, its tile of rows
-        raise ValueError(f"fp8_gemv multiplies at most 8 rows (decode); got {M}: use spike_linear_fp8")
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     return _spike_gemv(x, bits, scale.view(N, 1), K, k, bias, splits, fp8=True)

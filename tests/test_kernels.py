@@ -741,6 +741,18 @@ def test_w8aspike_gemv_matches_float64_twin(M, splits, bias):
         assert counts.abs().max() > (2048 if k == 12 else 127), counts.abs().max()
 
 
+@needs_triton
+def test_w8aspike_gemv_refuses_more_rows_than_its_tile():
+    """Each row's counts enter the kernel as two rows, 16 its tile: 9 to 16 rows (which int8_gemv itself takes) are
+    refused, not left half computed; so are counts that could reach 2^22 (K k), past tf32's exact integers."""
+    x, qweight, scales, _ = gemv_operands(12, 200, 48, 128)
+    with pytest.raises(ValueError, match="w8aspike_gemv multiplies at most 8 rows"):
+        kernels.w8aspike_gemv(x, qweight, scales, 128, 3.0)
+    with pytest.raises(ValueError, match=r"below 2\^22"):
+        kernels.w8aspike_gemv(x[:2], qweight, scales, 128, 2.0 ** 22 / 200)
+    kernels.w8aspike_gemv(x[:8], qweight, scales, 128, 3.0)
+
+
 def test_int8_gemv_bad_inputs():
     x, qweight, scales, _ = gemv_operands(2, 200, 48, 128)
     with pytest.raises(ValueError, match="share K"):
