@@ -1448,11 +1448,11 @@ def train_split(preset, T, n, fixed, peak):
         else:
             c, tok_s, flops, mem = train_speed(preset, seq, full_loss=True, **fixed)
         per = tok_s / ranks
-        mfu = f"{flops * per / peak:.1%}" if peak else "n/a"
-        print(f"| {preset} | {c.n_layer} | {seq} | {ranks} | {fixed['docs']} | {per:.0f} | {mfu} | "
-              f"{f'{mem:.1f}' if dev.type == 'cuda' else 'n/a'} |", flush=True)
-        rows.append(dict(seq=seq, ranks=ranks, tok_s_per_device=per, mfu=flops * per / peak if peak else None,
-                         peak_gb=mem))
+        mfu = flops * per / peak if peak else None
+        print(f"| {preset} | {c.n_layer} | {seq} | {ranks} | {fixed['docs']} | {per:.0f} | "
+              f"{'n/a' if mfu is None else f'{mfu:.1%}'} | {f'{mem:.1f}' if dev.type == 'cuda' else 'n/a'} |",
+              flush=True)
+        rows.append(dict(seq=seq, ranks=ranks, tok_s_per_device=per, mfu=mfu, peak_gb=mem))
     print(f"{preset}: {T} tokens split over {n} devices / {T // n} on one: "
           f"{rows[0]['tok_s_per_device'] / rows[1]['tok_s_per_device']:.2f}x tokens/s per device "
           f"(aim >= 0.85 at 256k on 2 GPUs)")
