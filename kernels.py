@@ -1021,24 +1021,19 @@ def cp_slice(t, group):
     return t[:, T * r // n:T * (r + 1) // n]
 
 
-def cp_linear(q, k, v, g, cu_seqlens, cp, gla):
-    """A linear branch (gla or la) over this rank's slice of a split sequence. q, k, g [B, n_sink + T, H or Hkv, K],
-    v [B, n_sink + T, Hkv, V] (the sinks first); cu_seqlens: the slice's documents in its flattened rows, each row
-    starting one (model.GPT.forward's), or None; cp: cp_start's; gla: model.gla. Returns o [B, n_sink + T, H, V] and
-    the state after the slice [B, Hkv, K, V] (the whole prefix's).
-    The sinks run first, on every rank alike, and leave the state h that starts every document. gla then runs on the
-    slice from zero states, or from h for a document starting in it: the first cp.head tokens of a row continue what
+def cp_linear(q, k, v, g, cu_seqlens, cp, gla, h=None):
+    """A linear branch (gla or la) over this rank's slice of a split sequence. q, k, g [B, T, H or Hkv, K],
+    v [B, T, Hkv, V] (the sinks' tokens not included); cu_seqlens: the slice's documents in its flattened rows, each
+    row starting one (model.GPT.forward's), or None; cp: cp_start's; gla: model.gla; h [1, Hkv, K, V]: the state the
+    sinks leave, which starts every document (None: zero). Returns o [B, T, H, V] and the state after the slice
+    [B, Hkv, K, V] (the whole prefix's).
+    gla runs on the slice from zero states, or from h for a document starting in it: the first cp.head tokens of a row continue what
     enters the slice and start from zero. One all_gather of every rank's last state and its decay over the slice (zero
     where a document starts in it: that state owes nothing to what came before) gives the state entering this slice,
     S_in = decay_{r-1} S_in(r-1) + S_{r-1} from S_in(0) = h (zero without sinks), and the part of o it explains,
     scale * (q_t exp(b_t)) @ S_in for the head tokens, b_t the log-decay from the slice start to t: a correction,
     not a second gla."""
-    s, rank = cp.n_sink, cp.rank
-    o_sink = h = None
-    if s:
-        o_sink, h = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])               # h: (1, Hkv, K, V)
-        q, k, v, g = (t[:, s:] for t in (q, k, v, g))
-    (B, T, Hkv), head = g.shape[:3], cp.head
+    rank, (B, T, Hkv), head = cp.rank, g.shape[:3], cp.head
     if cu_seqlens is None:   # one document a row: it starts from h where it starts at the slice's first token
         h0 = None if h is None else h.expand(B, -1, -1, -1) * (head == 0)[:, None, None, None]
         o, state = gla(q, k, v, g, initial_state=h0)
@@ -1061,10 +1056,7 @@ def cp_linear(q, k, v, g, cu_seqlens, cp, gla):
     on = (torch.arange(T, device=q.device) < head[:, None])[:, :, None, None]     # (B, T, 1, 1) the head tokens
     qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * (b.exp() * on)[:, :, :, None] * q.shape[-1] ** -0.5   # (B,T,Hkv,G,K)
     corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)  # GQA: head h // G
-    o = (o + corr).to(o.dtype)
-    if o_sink is not None:
-        o = torch.cat([o_sink.expand(B, -1, -1, -1), o], 1)
-    return o, decay * s_in + state
+    return (o + corr).to(o.dtype), decay * s_in + state
 
 
 def cp_before(x, window, cp):

@@ -431,28 +431,25 @@ class Attention(nn.Module):
         else:               # "la": sigmoid keys, forget gate tied to the key: decay = 1 - k
             q, g = F.relu(q), F.logsigmoid(-k.to(ft))
             k = torch.sigmoid(k)
+        o_sink = h = None
+        if c.n_sink and (cp is not None or cu_seqlens is not None):   # documents: the sinks run once, the state they
+            s = c.n_sink                                                 # leave starts every document
+            o_sink, h = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])
+            q, k, v, g = (t[:, s:] for t in (q, k, v, g))
         if cp is not None:   # a slice of a split sequence: the state entering it comes from the ranks before
-            o, state = kernels.cp_linear(q, k, v, g, cu_seqlens, cp, gla)
+            o, state = kernels.cp_linear(q, k, v, g, cu_seqlens, cp, gla, h)
         elif cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
-            return self.packed_linear_attention(q, k, v, g, cu_seqlens).to(x.dtype)
+            h = None if h is None else h.expand(len(cu_seqlens) - 1, -1, -1, -1)
+            o, state = gla(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v, g)), initial_state=h,
+                           cu_seqlens=cu_seqlens)
+            o = o.view(B, -1, *o.shape[2:])
         else:
             o, state = gla(q, k, v, g, initial_state=None if cache is None else cache.state)
+        if o_sink is not None:
+            o = torch.cat([o_sink.expand(B, -1, -1, -1), o], 1)
         if cache is not None:
             cache.state.copy_(state)
         return o.to(x.dtype)
-
-    def packed_linear_attention(self, q, k, v, g, cu_seqlens):
-        """Rows [B, n_sink + T, H, D] of packed documents (cu_seqlens: their starts in the B * T tokens). The sinks,
-        the same in every row, run once; the state they leave starts every document, as in a row of one document."""
-        s, B = self.c.n_sink, q.shape[0]
-        h0 = o_sink = None
-        if s:
-            o_sink, h0 = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])
-            q, k, v, g = (t[:, s:] for t in (q, k, v, g))
-            h0 = h0.expand(len(cu_seqlens) - 1, -1, -1, -1)
-        o, _ = gla(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v, g)), initial_state=h0, cu_seqlens=cu_seqlens)
-        o = o.view(B, -1, *o.shape[2:])
-        return o if o_sink is None else torch.cat([o_sink.expand(B, -1, -1, -1), o], 1)
 
 
 class MLP(nn.Module):
