@@ -1027,12 +1027,12 @@ def cp_linear(q, k, v, g, cu_seqlens, cp, gla, h=None):
     row starting one (model.GPT.forward's), or None; cp: cp_start's; gla: model.gla; h [1, Hkv, K, V]: the state the
     sinks leave, which starts every document (None: zero). Returns o [B, T, H, V] and the state after the slice
     [B, Hkv, K, V] (the whole prefix's).
-    gla runs on the slice from zero states, or from h for a document starting in it: the first cp.head tokens of a row continue what
-    enters the slice and start from zero. One all_gather of every rank's last state and its decay over the slice (zero
-    where a document starts in it: that state owes nothing to what came before) gives the state entering this slice,
-    S_in = decay_{r-1} S_in(r-1) + S_{r-1} from S_in(0) = h (zero without sinks), and the part of o it explains,
-    scale * (q_t exp(b_t)) @ S_in for the head tokens, b_t the log-decay from the slice start to t: a correction,
-    not a second gla."""
+    gla runs on the slice from zero states, or from h for a document starting in it: the first cp.head tokens of a
+    row continue what enters the slice and start from zero. One all_gather of every rank's last state and its decay
+    over the slice (zero where a document starts in it: that state owes nothing to what came before) gives the state
+    entering this slice, S_in = decay_{r-1} S_in(r-1) + S_{r-1} from S_in(0) = h (zero without sinks), and the part
+    of o it explains, scale * (q_t exp(b_t)) @ S_in for the head tokens, b_t the log-decay from the slice start to t:
+    a correction, not a second gla."""
     rank, (B, T, Hkv), head = cp.rank, g.shape[:3], cp.head
     if cu_seqlens is None:   # one document a row: it starts from h where it starts at the slice's first token
         h0 = None if h is None else h.expand(B, -1, -1, -1) * (head == 0)[:, None, None, None]

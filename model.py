@@ -292,8 +292,7 @@ def visible(q_pos, k_pos, q_doc, k_doc, window):
 def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     """Masked softmax attention: q [B, T, H, D]; k, v [B, S, Hkv, D]; pos/doc [B, T] / [B, S] int -> [B, T, H, D].
     window=None is full causal attention; doc None means one document, no sinks, no cache."""
-    B, T, H, D = q.shape
-    gqa = bool(H != k.shape[2])                                        # a plain bool, also for symbolic shapes
+    gqa = bool(q.shape[2] != k.shape[2])   # a plain bool, also for symbolic shapes
     if q_doc is None and window is None:
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True,
                                               enable_gqa=gqa).transpose(1, 2)
@@ -306,9 +305,6 @@ def attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
     mask = visible(q_pos[:, None, :, None], k_pos[:, None, None, :],
                    q_doc[:, None, :, None], k_doc[:, None, None, :], window)   # (B, 1, T, S)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                   # (B, nh, T, D)
-    if gqa and T == 1:   # decode: the query heads of one kv head become rows of it, so K/V are not copied
-        o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, attn_mask=mask)
-        return o.reshape(B, H, 1, D).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
