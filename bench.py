@@ -1698,7 +1698,8 @@ def active_params(ffn):
 
 
 def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: bool = True, profile: bool = True,
-              rows: int = 15, peak_flops: float | None = None, device: str = "cuda", tiny: bool = False) -> None:
+              rows: int = 15, peak_flops: float | None = None, device: str = "cuda", tiny: bool = False,
+              repeats: int = 5) -> None:
     """One MoE layer of `preset` at its real widths (the 76B: 16 routed experts top-1 + 1 shared, each a
     Qwen2.5-7B SwiGLU FFN) on `tokens` random bf16 rows, forward and forward + backward (with the balance loss),
     through model.MoE as training runs it: the routed experts as grouped GEMMs (kernels.MOE_IMPL = "grouped":
@@ -1707,8 +1708,9 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
     (top_k + shared) * intermediate_size: a token's routed and shared experts side by side) and one of an expert's
     width (Qwen2.5-7B's FFN). MFU counts active FLOPs: 6 * the parameters a token goes through (router, shared and
     top_k routed experts; the dense SwiGLU's all), over peak_flops (default kernels.peak_flops). Printed: the MoE's
-    MFU over its same-FLOPs dense SwiGLU's (the aim: >= 0.8) and the busiest expert's share of tokens (the random
-    router's routing is near uniform). profile: torch.profiler over one grouped forward + backward, top kernels and
+    MFU over its same-FLOPs dense SwiGLU's (the aim: >= 0.8), the median of `repeats` forward + backward timings of
+    the two taken in turn (the GPU's clock drifts between runs: alternating puts both under the same drift), and the
+    busiest expert's share of tokens (the random router's routing is near uniform). profile: torch.profiler over one grouped forward + backward, top kernels and
     device time by kind (grouped GEMMs, weight stacking, sort/gather/scatter, routing; "matmul": the shared expert
     and router). tiny: the same code on a CPU, tiny-moe on 256 tokens."""
     if tiny:
@@ -1746,13 +1748,21 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
             rate.append(flops * tokens / t * 1e3)
             mfu = f"{rate[-1] / peak:6.1%}" if peak else f"{'n/a':>6}"
             print(f"{label:>48} {t_fwd:8.2f} {t:11.2f} {flops / 1e9:12.4g} {rate[-1] / 1e12:8.3g} {mfu}", flush=True)
+        pair = [runs[label] for label in runs if label.startswith(("MoE, grouped", f"dense SwiGLU {width} "))]
+        ratios = [rate[0] / rate[-2]]   # the table's pass, then repeats - 1 more, the two in turn
+        for _ in range(repeats - 1):
+            t = []
+            for impl, ffn in pair:
+                kernels.MOE_IMPL = impl or impl0
+                t.append(ms(ffn_steps(ffn, x, dy)[1], dev, [x, *ffn.parameters()]) / active_params(ffn))
+            ratios.append(t[1] / t[0])   # MFU ratio = (flops_moe / t_moe) / (flops_dense / t_dense)
         kernels.MOE_IMPL = "grouped"
         fwd, fwd_bwd = ffn_steps(moe, x, dy)
         with torch.no_grad():
             load = fwd()[2]
-        print(f"MoE grouped / dense SwiGLU {width} (same active FLOPs): {rate[0] / rate[-2]:.2f}x its MFU "
-              f"(aim >= 0.8); busiest expert {load.max():.1%} of the routed tokens (uniform {1 / c.n_expert:.1%})",
-              flush=True)
+        print(f"MoE grouped / dense SwiGLU {width} (same active FLOPs): {statistics.median(ratios):.2f}x its MFU "
+              f"(aim >= 0.8; median of {len(ratios)} alternated runs: {', '.join(f'{r:.2f}' for r in ratios)}); "
+              f"busiest expert {load.max():.1%} of the routed tokens (uniform {1 / c.n_expert:.1%})", flush=True)
         if profile:
             p = profiled(fwd_bwd, ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU, dev)
             print_profile(p, f"MoE forward + backward, grouped GEMMs, {tokens} tokens", rows, cuda, MOE_KINDS)

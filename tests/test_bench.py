@@ -58,8 +58,12 @@ def test_bench_moe_tiny(capsys):
     bench.bench_moe(tiny=True, rows=5)
     out = capsys.readouterr().out
     for row in ("MoE, grouped GEMMs", "MoE, per-expert loop", "dense SwiGLU 320 (same active FLOPs)",
-                "dense SwiGLU 160 (one expert's width)", "x its MFU (aim >= 0.8)", "## MoE forward + backward"):
+                "dense SwiGLU 160 (one expert's width)", "x its MFU (aim >= 0.8; median of 5 alternated runs: ",
+                "## MoE forward + backward"):
         assert row in out, out
+    runs = [float(r) for r in out.split("alternated runs: ")[1].split(")")[0].split(", ")]
+    head = float(out.split("(same active FLOPs): ")[1].split("x")[0])
+    assert len(runs) == 5 and head == sorted(runs)[2], out   # the headline is the middle of the five
     assert bench.kernels.MOE_IMPL == "auto"   # restored
 
 
