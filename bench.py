@@ -1617,12 +1617,13 @@ def print_profile(p, title, rows, cuda, groups=KINDS):
 
 
 def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len: int = 8192, chunk: int = 32768,
-                  compile: bool = False, rows: int = 25, device: str = "cuda") -> None:
+                  compile: bool = False, rows: int = 25, device: str = "cuda", quant: str = "bf16") -> None:
     """Where the time goes: torch.profiler tables (top kernels by device time, then device time by kind of
     kernel: matmuls, attention, GLA, optimizer, elementwise) of one training step (first n_layer layers, bf16,
     AdamW, no checkpointing), of one cached prefill chunk of `chunk` tokens after a first chunk (first two
     layers; for the 7B one GLA and one SWA layer) and of 16 decode steps after it. compile: the prefill's blocks
-    and the decode step compiled as generate.py --compile does (the decode step eager otherwise).
+    and the decode step compiled as generate.py --compile does (the decode step eager otherwise). quant: the
+    prefill and decode on the model `bench.py ttft/decode --quant` run (quantize); the training step stays float.
     On CPU, e.g.: python bench.py profile --preset tiny --seq_len 64 --chunk 32 --device cpu"""
     cuda = device.startswith("cuda")
     dt, act = (torch.bfloat16, ProfilerActivity.CUDA) if cuda else (torch.float32, ProfilerActivity.CPU)
@@ -1643,7 +1644,8 @@ def bench_profile(*, preset: str = "spikingbrain-7b", n_layer: int = 4, seq_len:
     opt = None   # frees the optimizer state before the prefill
     m.blocks = m.blocks[:2]
     m.eval()
-    layers, how = " + ".join(m.config.layout[:2]), "compiled" if compile else "eager"
+    quantize(m, quant)
+    layers, how = " + ".join(m.config.layout[:2]), ("compiled" if compile else "eager") + f", {quant}"
     if compile:
         kernels.compile_blocks(m)
     ids = torch.randint(0, m.config.vocab_size, (1, 2 * chunk), device=device)
