@@ -357,11 +357,6 @@ class Cache(nn.Module):
     def nbytes(self):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def copy_row(self, i, src, j=0):
-        """Row i := row j of `src` (same config and max_len): a sequence prefilled alone joins a batch (serve.py)."""
-        for a, b in zip(self.buffers(), src.buffers()):
-            a[i].copy_(b[j])
-
 
 # ----------------------------------------------------------------------------- layers
 class Attention(nn.Module):

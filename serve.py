@@ -206,7 +206,8 @@ class Engine:
         ids = torch.tensor([c.ids], device=self.device)
         for a in range(0, ids.shape[1], self.chunk):
             logits = self.model(ids[:, a:a + self.chunk], cache=one, last_only=True)[0]
-        self.cache.copy_row(i, one)
+        for dst, src in zip(self.cache.buffers(), one.buffers()):   # row i := the prefilled row (same config)
+            dst[i].copy_(src[0])
         self.rows[i], self.pos[i] = c, one.seen
         self.counts[i], self.seen[i] = 0, False
         self.seen[i, ids[0]] = True
