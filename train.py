@@ -347,16 +347,23 @@ def parallelize(model, mesh, mixed=True):
     """FSDP2: shard every block, then the rest (embeddings, sinks, final norm, head); materialize meta weights.
 
     With mixed precision the sharded weights stay fp32 (optimizer precision) and each block is all-gathered in
-    bf16; gradients are reduced in fp32.
+    bf16; gradients are reduced in fp32. Block i + 1 is gathered when block i starts its forward, block i - 1 when
+    block i starts its backward (explicit prefetch): the packed documents' host syncs inside a block stop the CPU
+    from running ahead, so a gather issued only when its block is reached would wait on the compute before it. The
+    last block stays gathered from its forward to its backward, which follows at once. At most two blocks are
+    gathered at a time, as the memory plan counts.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else \
         MixedPrecisionPolicy()
     dp = mesh["data_parallel"]
-    for block in model.blocks:
-        fully_shard(block, mesh=dp, mp_policy=mp)
+    for i, block in enumerate(model.blocks):   # the last block's backward follows its forward: kept gathered
+        fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
     fully_shard(model, mesh=dp, mp_policy=mp)
+    for a, b in zip(model.blocks, model.blocks[1:]):
+        a.set_modules_to_forward_prefetch([b])
+        b.set_modules_to_backward_prefetch([a])
     if any(p.is_meta for p in model.parameters()):
         cuda = mesh.device_type == "cuda"
         model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")

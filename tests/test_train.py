@@ -541,6 +541,35 @@ def test_fsdp_reduces_every_micro_batch(pydoc, tmp_path, monkeypatch, strategy):
     assert asked == ([False] * 4 if strategy == "fsdp" else [True, False] * 2)
 
 
+def test_fsdp_gathers_the_next_block_while_one_runs(pydoc, tmp_path, monkeypatch):
+    """FSDP2 prefetches explicitly: block i + 1's all-gather is issued as block i starts its forward, block i - 1's as
+    block i starts its backward, so the gathers overlap compute even where host syncs keep the CPU from running
+    ahead. Counted here: every prefetch FSDP2 issues, by pass and target block, over 2 steps of 2 micro-batches."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    seen, original = [], FSDPParamGroup._prefetch_unshard
+
+    def spy(group, pass_type):
+        seen.append((pass_type, group._module_fqn.split("blocks.")[-1]))
+        return original(group, pass_type)
+
+    monkeypatch.setattr(FSDPParamGroup, "_prefetch_unshard", staticmethod(spy))
+    env = dict(os.environ)
+    try:   # in this process: FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
+        train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
+                   data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
+                   strategy="fsdp", eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
+                   train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
+                                         save_interval=0))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+    micro_batch = [("forward", b) for b in "123"] + [("backward", b) for b in "3210"]   # 4 blocks; 3 from the head
+    assert seen[:4 * 7] == micro_batch * 4, seen
+    assert seen[4 * 7:] == micro_batch[:3], seen   # the validation forward
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
     from convert import load_checkpoint
