@@ -1054,7 +1054,8 @@ def cp_linear(q, k, v, g, cu_seqlens, cp, gla, h=None):
     for p in parts[:rank]:
         s_in = p[..., -1:] * s_in + p[..., :-1]
     on = (torch.arange(T, device=q.device) < head[:, None])[:, :, None, None]     # (B, T, 1, 1) the head tokens
-    qb = q.to(b.dtype).unflatten(2, (Hkv, -1)) * (b.exp() * on)[:, :, :, None] * q.shape[-1] ** -0.5   # (B,T,Hkv,G,K)
+    w = b.exp() * on * q.shape[-1] ** -0.5                                         # (B, T, Hkv, K), head tokens
+    qb = q.unflatten(2, (Hkv, -1)) * w[:, :, :, None]       # (B, T, Hkv, G, K) in b's dtype: one pass over q-sized data
     corr = torch.einsum("bthgk,bhkv->bthgv", qb, s_in.to(qb.dtype)).flatten(2, 3)  # GQA: head h // G
     return (o + corr).to(o.dtype), decay * s_in + state
 
