@@ -513,6 +513,22 @@ def launcher(pydoc, tmp_path, seq_len, micro, batch, *more, model="tiny", **over
     return launch
 
 
+def train_two_steps_in_process(pydoc, tmp_path, strategy):
+    """train.main in this process on one CPU device: 2 steps of 2 micro-batches (tiny, 32 tokens a row)."""
+    env = dict(os.environ)
+    try:   # FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
+        train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
+                   data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
+                   strategy=strategy, eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
+                   train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
+                                         save_interval=0))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "single"])
 def test_fsdp_reduces_every_micro_batch(pydoc, tmp_path, monkeypatch, strategy):
     """Between the micro-batches of a step FSDP2 reduce-scatters (its fp32 gradient shards accumulate); skipped, it
@@ -526,18 +542,7 @@ def test_fsdp_reduces_every_micro_batch(pydoc, tmp_path, monkeypatch, strategy):
         return original(self, module, enabled)
 
     monkeypatch.setattr(lightning.fabric.Fabric, "no_backward_sync", spy)
-    env = dict(os.environ)
-    try:   # in this process: FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
-        train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
-                   data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
-                   strategy=strategy, eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
-                   train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
-                                         save_interval=0))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(env)
+    train_two_steps_in_process(pydoc, tmp_path, strategy)
     assert asked == ([False] * 4 if strategy == "fsdp" else [True, False] * 2)
 
 
@@ -553,18 +558,7 @@ def test_fsdp_gathers_the_next_block_while_one_runs(pydoc, tmp_path, monkeypatch
         return original(group, pass_type)
 
     monkeypatch.setattr(FSDPParamGroup, "_prefetch_unshard", staticmethod(spy))
-    env = dict(os.environ)
-    try:   # in this process: FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
-        train.main(model="tiny", model_config={"vocab_size": 2048}, tokenizer_dir=TOK, out_dir=tmp_path / "out",
-                   data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
-                   strategy="fsdp", eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
-                   train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
-                                         save_interval=0))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(env)
+    train_two_steps_in_process(pydoc, tmp_path, "fsdp")
     micro_batch = [("forward", b) for b in "123"] + [("backward", b) for b in "3210"]   # 4 blocks; 3 from the head
     assert seen[:4 * 7] == micro_batch * 4, seen
     assert seen[4 * 7:] == micro_batch[:3], seen   # the validation forward
