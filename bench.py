@@ -674,21 +674,21 @@ def splittable(c):
 
 
 @torch.no_grad()
-def split_ttft(m, ids, group):
+def split_ttft(m, ids, group, chunk):
     """Seconds from a start synchronized on every rank of `group` to the first greedy token of ids [1, T] split over
-    them, when every rank is done: rank r prefills the r-th slice (lengths as even as possible) in one forward
-    through a fresh cache (kernels.cp_start refuses a cache that has seen tokens: no chunks within a slice); the last
-    rank, whose cache then holds the whole prompt's state, takes the token. Returns (seconds, the token on the last
-    rank and -1 elsewhere, this rank's peak device bytes or 0)."""
+    them, when every rank is done: the prompt in rounds of about n x chunk tokens through a fresh cache, rank r
+    prefilling the r-th slice of each round, the last rank's cache shared between rounds (kernels.cp_prefill, as
+    generate.py --cp); the last rank, whose cache then holds the whole prompt's state, takes the token. Returns
+    (seconds, the token on the last rank and -1 elsewhere, this rank's peak device bytes or 0)."""
     rank, n, device = dist.get_rank(group), dist.get_world_size(group), m.lm_head.weight.device
     T, cuda = ids.shape[1], device.type == "cuda"
-    x = kernels.cp_slice(ids, group).to(device)
+    x = ids.to(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier(group)
     synchronize(device)
     t0 = time.perf_counter()
-    logits = m(x, cache=m.new_cache(1, T), last_only=True, cp_group=group)[0][:, -1]
+    logits = kernels.cp_prefill(m, m.new_cache(1, T), x, group, chunk)
     tok = logits.argmax(-1).item() if rank == n - 1 else -1
     synchronize(device)
     dist.barrier(group)
@@ -713,16 +713,15 @@ def split_collectives(c, device, dt):
     return parts
 
 
-def gather_seconds(parts, group, device, reps=5):
-    """Median seconds of all-gathering `parts` one after the other over `group`: a split forward's communication
-    without its compute (the forward waits on each gather, so the two add up). The first repetition warms up."""
+def comm_seconds(fn, group, device, reps=5):
+    """Median seconds of fn() (collectives over `group`) alone: a split prefill's communication without its compute
+    (the forward waits on each collective, so the two add up). The first repetition warms up."""
     times = []
     for _ in range(reps + 1):
         dist.barrier(group)
         synchronize(device)
         t0 = time.perf_counter()
-        for p in parts:
-            kernels.cp_gather(p, group)
+        fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
@@ -750,7 +749,7 @@ def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant
             return torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
         t0 = time.perf_counter()   # warm-up: two lengths, so that flex_attention's dynamic recompile is done
         for T in (min(lengths), 2 * min(lengths)):
-            peak = split_ttft(m, prompt(T), group)[2]
+            peak = split_ttft(m, prompt(T), group, chunk)[2]
         done = (2 * min(lengths), rank_max(peak, device, group))
         if rank == 0:
             time_to_first_token(m, min(lengths), chunk, ids=prompt(min(lengths)))
@@ -758,36 +757,41 @@ def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant
                 time_to_first_token(m, 2 * chunk, chunk, ids=prompt(2 * chunk))
         dist.barrier(group)
         say(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        def slice_len(T):   # the longest slice a rank prefills in one forward: a round's share
+            return -(-kernels.cp_round_ends(T, n, chunk)[0] // n)
         for T in lengths:
-            S = -(-T // n)   # the longest slice; peak memory grows with it: skip what would not fit, on all ranks
-            need = weights + (done[1] - weights) * S / -(-done[0] // n)
+            S = slice_len(T)   # peak memory grows with it: skip what would not fit, on all ranks
+            need = weights + (done[1] - weights) * S / slice_len(done[0])
             if need > 0.92 * mem:
-                say(f"{name:>16} {T:>8} skipped: each rank prefills its slice ({S} tokens) in one forward, "
-                    f"~{need / 2**30:.0f} GiB; more ranks make it shorter", flush=True)
+                say(f"{name:>16} {T:>8} skipped: each rank prefills slices of {S} tokens in one forward, "
+                    f"~{need / 2**30:.0f} GiB; a smaller --chunk makes them shorter", flush=True)
                 continue
             ids = prompt(T)
             try:
-                t, tok, peak = split_ttft(m, ids, group)
+                t, tok, peak = split_ttft(m, ids, group, chunk)
             except torch.OutOfMemoryError as e:   # the other ranks wait in a gather: stop the run
-                raise RuntimeError(f"rank {rank}: out of memory prefilling a slice of {S} tokens in one forward "
-                                   f"(no chunks within a slice): use more ranks or shorter --lengths") from e
+                raise RuntimeError(f"rank {rank}: out of memory prefilling a slice of {S} tokens in one forward: "
+                                   f"use a smaller --chunk or shorter --lengths") from e
             tok, peak = rank_max(tok, device, group), rank_max(peak, device, group)   # the last rank's token
             done = (T, peak)
-            t1, t_s, tok1, gap, top2 = 0.0, 0.0, -1, 0.0, 0.0
+            t1, tok1, gap, top2 = 0.0, -1, 0.0, 0.0
             if rank == 0:   # where the split's token stands among one process's logits: a near tie or not
                 t1, _, logits = time_to_first_token(m, T, chunk, ids=ids)
                 logits = logits.float()
                 tok1, (a, b) = logits.argmax().item(), logits.topk(2).values.tolist()
                 gap, top2 = (logits[tok1] - logits[tok]).item(), a - b
-                # one process again, in chunks as long as a slice: a forward of a slice's length, without the split
-                t_s = time_to_first_token(m, T, S, ids=ids)[0] if S != chunk else t1
-            comm = gather_seconds(parts, group, device)
-            row = dict(model=name, T=T, ranks=n, split=t, one=t1, one_slices=t_s, gathers=comm, token=tok,
+            rounds, cache = len(kernels.cp_round_ends(T, n, chunk)), m.new_cache(1, T)
+            gathers = comm_seconds(lambda: [kernels.cp_gather(p, group) for p in parts], group, device)
+            share = comm_seconds(lambda: kernels.cp_share_cache(cache, group), group, device) if rounds > 1 else 0.0
+            comm = rounds * gathers + (rounds - 1) * share   # a round's gathers, a cache shared between rounds
+            del cache
+            row = dict(model=name, T=T, ranks=n, chunk=chunk, split=t, one=t1, comm=comm, gathers=gathers,
+                       share=share, token=tok,
                        token_one=tok1, token_gap=gap, top2=top2, peak=peak)
             rows.append(row)
             if rank == 0:   # the one-process figures are rank 0's
                 mem_s = f"{peak / 2**30:9.1f}" if peak else f"{'-':>9}"
-                print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {t_s:9.3f} {comm:9.4f} "
+                print(f"{name:>16} {T:>8} {n:>5} {t:9.3f} {t1:9.3f} {t / t1:6.2f} {comm:9.4f} "
                       f"{comm / t:6.1%} {mem_s} {'yes' if tok == tok1 else 'no':>6} {gap:9.4f} {top2:9.4f}",
                       flush=True)
         del m
@@ -797,21 +801,26 @@ def split_worker(group, device, out, models, lengths, chunk, gla, n_layer, quant
 
 def project_split(row, T, gpus=(8, 32, 128)):
     """Projection, not a measurement: TTFT of a T-token prompt split over P GPUs, from one measured split `row`
-    (bench_ttft --cp). Compute (the split time less its gathers) runs per token of a slice: it scales as T / P.
-    Each gather hands every rank the P - 1 other ranks' states and keys: its time scales as (P - 1) / (n - 1), at
-    the rate measured here (one host's links; between hosts it is slower). Returns [(P, compute, gathers)] in
-    seconds, P = 1 being the one-process time scaled to T."""
+    (bench_ttft --cp). Compute (the split time less its communication) runs per token of a slice: it scales as
+    T / P. A round's gathers hand every rank the P - 1 other ranks' states and keys: their time scales as
+    (P - 1) / (n - 1), at the rate measured here (one host's links; between hosts it is slower); P GPUs run
+    kernels.cp_round_ends(T, P, chunk) rounds, with the cache shared (broadcast, timed here) between them. Returns
+    [(P, compute, communication)] in seconds, P = 1 being the one-process time scaled to T."""
     n, Tm = row["ranks"], row["T"]
-    compute = max(row["split"] - row["gathers"], 0.0) * n / Tm
-    return [(1, row["one"] * T / Tm, 0.0)] + [(P, compute * T / P, row["gathers"] * (P - 1) / (n - 1))
-                                              for P in gpus]
+    compute = max(row["split"] - row["comm"], 0.0) * n / Tm
+    out = [(1, row["one"] * T / Tm, 0.0)]
+    for P in gpus:
+        R = len(kernels.cp_round_ends(T, P, row["chunk"]))
+        out.append((P, compute * T / P, R * row["gathers"] * (P - 1) / (n - 1) + (R - 1) * row["share"]))
+    return out
 
 
 def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_to):
     """bench_ttft --cp n: each prompt split over n processes (context parallelism: one GPU each, NCCL; gloo on a
-    CPU), rank r prefilling the r-th slice, the last rank taking the first greedy token; beside it the same model
+    CPU) in rounds of n x chunk tokens (kernels.cp_prefill, as generate.py --cp), rank r prefilling the r-th slice
+    of each, the last rank taking the first greedy token; beside it the same model
     on the same prompt in one process (rank 0's device, chunks of `chunk`), the ratio (the aim: <= 0.55 on 2 GPUs),
-    the gathers of a split forward timed alone and their share, whether the split's first token is one process's.
+    its communication timed alone and its share, whether the split's first token is one process's.
     Then a projection to 8 / 32 / 128 GPUs at project_to tokens (project_split) beside the report's figures.
     Models with full attention are skipped with a note (splittable). Returns the rows."""
     kernels.cp_check_devices(n, device)   # before the header: a refused run prints nothing
@@ -827,10 +836,11 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
     if not models:
         return []
     print("\n".join(describe(name, n_layer) for name in models))
-    print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} {'1 p slc s':>9} "
-          f"{'gathers s':>9} {'share':>6} {'peak GiB':>9} {'token':>6} {'gap':>9} {'top2':>9}  (ratio: split / one "
-          "process, aim <= 0.55 at 2 ranks; 1 p slc: one process in chunks of a slice's length, the forward size "
-          "without the split; gathers timed alone; peak: largest rank's; token: the split's first token is one "
+    print(f"{'model':>16} {'T':>8} {'ranks':>5} {'split s':>9} {'1 proc s':>9} {'ratio':>6} "
+          f"{'comm s':>9} {'share':>6} {'peak GiB':>9} {'token':>6} {'gap':>9} {'top2':>9}  (split: rounds of "
+          f"{n} x {chunk} tokens, a slice of {chunk} a rank; ratio: split / one process, aim <= 0.55 at 2 ranks; "
+          "comm: every round's gathers and the cache shared between rounds, timed alone; peak: largest rank's; "
+          "token: the split's first token is one "
           "process's; gap: one process's logit of its token less that of the split's token; top2: its top two "
           "logits' difference)", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -843,9 +853,10 @@ def ttft_split(models, lengths, chunk, gla, n_layer, quant, device, n, project_t
         if row is None:
             continue
         print(f"\n# projection, not a measurement: {name}, {project_to} tokens, from T={row['T']} on {row['ranks']} "
-              f"ranks: compute (split - gathers) x T / P; gathers x (P - 1) / ({row['ranks']} - 1) at this run's "
-              "link rate (between hosts slower); P = 1: one process scaled to T")
-        print(f"{'GPUs':>6} {'compute s':>10} {'gathers s':>10} {'TTFT s':>8}")
+              f"ranks: compute (split - comm) x T / P; each round's gathers x (P - 1) / ({row['ranks']} - 1) at this "
+              "run's link rate (between hosts slower), rounds of P x chunk tokens, the cache shared between them; "
+              "P = 1: one process scaled to T")
+        print(f"{'GPUs':>6} {'compute s':>10} {'comm s':>10} {'TTFT s':>8}")
         for P, comp, comm in project_split(row, project_to):
             print(f"{P:>6} {comp:10.3f} {comm:10.4f} {comp + comm:8.3f}")
     print(f"# the report (Table 7): {REPORT_SPLIT_TTFT}")

@@ -18,8 +18,9 @@ activations. The cache of a GLA/SWA model has a fixed size whatever the context 
 full-attention layers keep every key and grow as the conversation does. The chat keeps the conversation in
 the cache between turns: each turn prefills only its new tokens.
 --cp N (one-shot only) splits the prompt's prefill over N processes (kernels.cp_launch: one GPU each, or gloo
-processes on a CPU), each prefilling its contiguous slice in one forward; the last one, whose cache then holds the
-whole prompt, samples and decodes the reply alone.
+processes on a CPU), in rounds of N x --prefill_chunk tokens: each process prefills its contiguous slice of a round,
+then all take the last one's cache, which holds the prompt so far. The last one then samples and decodes the reply
+alone.
 """
 import codecs
 import contextlib
@@ -55,13 +56,6 @@ def prefill(model, cache, ids, chunk, stop=()):
 
 
 @torch.no_grad()
-def split_prefill(model, cache, ids, group):
-    """Feed ids [B, T] split over the ranks of `group` (context parallelism): each rank feeds its slice
-    (kernels.cp_slice) in one forward, into a fresh cache or None. Returns the slice's last logits [B, V]: on the
-    last rank, the whole prompt's, its cache then holding the prompt as one process's would."""
-    return model(kernels.cp_slice(ids, group), cache=cache, cp_group=group, last_only=True)[0][:, -1]
-
-
 def has_full_attention(config):
     return any("fa" in config.mixers(i) for i in range(config.n_layer))
 
@@ -127,7 +121,7 @@ class Generator:
         self.penalty = repetition_penalty
         self.stop = set(stop_ids(tokenizer, stop))
         self.spike_stats, self.compiled = spike_stats, compile
-        self.cp_group = cp_group   # the first prompt is prefilled split over its ranks (split_prefill), not in chunks
+        self.cp_group = cp_group   # the first prompt is prefilled split over its ranks (kernels.cp_prefill)
         self.device = model.lm_head.weight.device
         self.step = model.forward   # a decode step: one token per row at positions given as a tensor
         self.reset()
@@ -179,6 +173,16 @@ class Generator:
         if self.compiled:
             kernels.static_cache(self.cache)
 
+    def feed_split(self, new_ids):
+        """A rank of cp_group other than the last: its part of the last rank's extend(new_ids), the split prefill,
+        into a cache of the size the last rank's has (the ranks exchange caches between rounds)."""
+        self.check_room(len(new_ids))
+        self.ids += new_ids
+        self.room(len(self.ids) + min(self.max_new_tokens, self.config.max_seq_len - len(self.ids)))
+        with torch.no_grad():
+            kernels.cp_prefill(self.model, self.cache, torch.tensor([new_ids], device=self.device), self.cp_group,
+                               self.prefill_chunk)
+
     def check_room(self, n_new, hint=""):
         """The sequence plus n_new tokens and at least one reply token must fit in config.max_seq_len."""
         check_length(self.config, len(self.ids) + n_new, hint)
@@ -203,8 +207,8 @@ class Generator:
             ids = torch.tensor([self.ids[fed:]], device=dev)
             if self.cp_group is None:
                 logits = prefill(self.model, self.cache, ids, self.prefill_chunk, stop=interrupted)
-            else:   # the other ranks run split_prefill beside it
-                logits = split_prefill(self.model, self.cache, ids, self.cp_group)
+            else:   # the other ranks run kernels.cp_prefill beside it (feed_split)
+                logits = kernels.cp_prefill(self.model, self.cache, ids, self.cp_group, self.prefill_chunk)
             n_prefill = self.fed - fed
             if self.penalty != 1.0:
                 seen = torch.zeros(1, self.config.vocab_size, dtype=torch.bool, device=dev)
@@ -365,7 +369,7 @@ def load(ckpt, tokenizer, device, dt, spike, quant, say=True):
 
 def split_one_shot(group, device, ids, ckpt, tokenizer, dt, spike, quant, seed, options):
     """One process of main(cp=N) (kernels.cp_launch): load the checkpoint, prefill this rank's slice of the prompt
-    ids (split_prefill); the last rank then samples and decodes as one process does (Generator.extend, its cache
+    ids (kernels.cp_prefill); the last rank then samples and decodes as one process does (Generator.extend, its cache
     holding the whole prompt), printing the reply and the statistics line. The others end after the prefill."""
     rank, last = torch.distributed.get_rank(group), torch.distributed.get_world_size(group) - 1
     if seed is not None:   # before loading, as in one process: the same random stream reaches the sampler
@@ -375,7 +379,7 @@ def split_one_shot(group, device, ids, ckpt, tokenizer, dt, spike, quant, seed, 
     gen.check_room(len(ids))   # every rank refuses alike, before any collective
     torch.distributed.barrier(group)   # the time to first token counts the split prefill, not the ranks' loading
     if rank < last:
-        split_prefill(model, None, torch.tensor([ids], device=gen.device), group)
+        gen.feed_split(ids)
         return
     _, stats = gen.extend(ids, sys.stdout)
     sys.stdout.write("\n")
@@ -403,7 +407,7 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         repetition_penalty: > 1 discourages tokens already in the conversation (1: off).
         seed: random seed for sampling (None: random).
         stop: stop tokens (default <|endoftext|>, <|im_end|>).
-        prefill_chunk: prompt tokens per forward pass while prefilling.
+        prefill_chunk: prompt tokens per forward pass while prefilling (with cp: per process and round).
         compile: torch.compile the blocks for prefill and the decode step (CUDA graphs on GPU).
         spike: spiking activations with threshold mean|x| / spike; prints their sparsity.
         quant: int8: INT8 weights (groups of 128 input channels) for every projection of a float checkpoint,
@@ -416,10 +420,11 @@ def main(*, ckpt: str, prompt: str | None = None, system: str | None = None, tok
         device: cuda or cpu.
         dtype: weights and activations (default bfloat16 on CUDA, float32 on CPU).
         cp: one-shot: split the prompt's prefill over this many processes (context parallelism; on CUDA one GPU
-            each, cuda:0 to cuda:cp-1, NCCL; on a CPU gloo processes sharing its cores). Each loads the checkpoint
-            and prefills its contiguous slice of the prompt in one forward (not in chunks of prefill_chunk); the
-            last one samples and decodes the reply alone. The prompt needs at least cp tokens. Spiking sparsity
-            (--spike) then counts the last rank's slice and the reply.
+            each, cuda:0 to cuda:cp-1, NCCL; on a CPU gloo processes sharing its cores). Each loads the checkpoint;
+            the prompt goes in rounds of about cp x prefill_chunk tokens, each process prefilling its contiguous
+            slice of a round in one forward, all then taking the last one's cache (the prompt so far). The last
+            one samples and decodes the reply alone. The prompt needs at least cp tokens. Spiking sparsity
+            (--spike) then counts the last rank's slices and the reply.
     """
     if temperature < 0 or max_new_tokens < 1 or prefill_chunk < 1 or repetition_penalty <= 0:
         raise ValueError("need temperature >= 0, max_new_tokens >= 1, prefill_chunk >= 1, repetition_penalty > 0")

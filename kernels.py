@@ -23,7 +23,8 @@ compare against:
 - context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group (packed
   documents may cross the slices; every rank runs the sinks), GLA states passed on in one all-gather per layer, the
   keys before each slice fetched (SWA: the window's; full attention: all), the gradients sent back through the
-  gathers (cp_*; twin: model.GPT.forward and its backward in one process); cp_launch starts the ranks' processes.
+  gathers (cp_*; twin: model.GPT.forward and its backward in one process); cp_prefill takes a long prompt in rounds
+  (the last rank's cache shared between them); cp_launch starts the ranks' processes.
 GLA_IMPL and ATTN_IMPL force either path; model.py imports nothing else of this file but the `use_*` predicates, the
 ops they guard and the cp_* steps of a split sequence. Nothing here imports model.py: what it needs of it (a cache,
 model.attention) comes as arguments.
@@ -972,7 +973,8 @@ class CPSlice:
     rank's slice length; n_sink: the sink tokens each rank runs before its slice; docs: packed documents given;
     head [B]: how many of the slice's first tokens continue what enters it (the previous rank's last document; on
     rank 0 the sinks), T where no document starts in the slice, 0 where one starts at its first token; shift [B, T]:
-    the positions a document begun on an earlier rank already took, added to its tokens here."""
+    the positions a document begun on an earlier rank already took, added to its tokens here; prefix: the positions
+    a cache held before this forward (an earlier round of a prefill in rounds: every rank holds the same cache)."""
     group: object
     rank: int
     lengths: list
@@ -980,6 +982,7 @@ class CPSlice:
     docs: bool
     head: torch.Tensor
     shift: torch.Tensor
+    prefix: int = 0
     keys: dict = field(default_factory=dict)   # positions and documents of the keys cp_before gathers, by window
 
     @property
@@ -992,10 +995,12 @@ def cp_start(idx, group, n_sink, doc_ids=None, cache=None, input_pos=None):
     """This rank's CPSlice of a split sequence, idx [B, T] being its slice: one all_gather of every rank's slice
     length and, per row, its last document and how many tokens of it the slice holds. doc_ids [B, T]:
     this rank's slice (kernels.cp_slice) of the rows' non-decreasing document ids, numbered alike on every rank.
-    n_sink: the sinks GPT.forward prepends. Refuses what the split cannot run first (GPT.forward's arguments)."""
-    if input_pos is not None or cache is not None and cache.seen:
-        raise NotImplementedError("a sequence split over ranks (cp_group) runs from position 0 (prefill, or training "
-                                  "with targets: cp_loss, cp_reduce_grads); not input_pos or a cache holding tokens")
+    n_sink: the sinks GPT.forward prepends. cache: the same on every rank (fresh, or the whole prefix after
+    cp_share_cache); the slices follow what it holds. Refuses what the split cannot run first (GPT.forward's
+    arguments)."""
+    if input_pos is not None:
+        raise NotImplementedError("a sequence split over ranks (cp_group) takes positions from the cache (prefill, "
+                                  "or training with targets: cp_loss, cp_reduce_grads), not input_pos")
     T, rank = idx.shape[1], torch.distributed.get_rank(group)
     ar = torch.arange(T, device=idx.device)
     doc = torch.zeros_like(idx) if doc_ids is None else doc_ids.long()
@@ -1009,7 +1014,40 @@ def cp_start(idx, group, n_sink, doc_ids=None, cache=None, input_pos=None):
     cont = info[rank - 1, :, 1] == d0 if rank else torch.ones_like(alive)
     head = torch.where(cont, torch.where(starts & (ar > 0), ar, T).amin(1), 0)
     return CPSlice(group, rank, info[:, 0, 0].tolist(), n_sink, doc_ids is not None, head,
-                   torch.where(ar < head[:, None], offset[:, None], 0))
+                   torch.where(ar < head[:, None], offset[:, None], 0), 0 if cache is None else cache.seen)
+
+
+def cp_share_cache(cache, group):
+    """Every rank of `group` takes the last rank's cache (model.Cache of the same shapes on all): after a round of a
+    prefill in rounds, the last rank's holds the whole prefix, where the next round's slices start. One broadcast
+    per buffer; cache.seen too."""
+    src = torch.distributed.get_global_rank(group, torch.distributed.get_world_size(group) - 1)
+    for b in cache.buffers():
+        torch.distributed.broadcast(b, src, group=group)
+    seen = torch.tensor([cache.seen], device=next(cache.buffers()).device)
+    torch.distributed.broadcast(seen, src, group=group)
+    cache.seen = int(seen)
+
+
+def cp_prefill(model, cache, ids, group, chunk):
+    """Feed ids [B, T] split over the ranks of `group` into `cache` (model.GPT and its cache, the same on every rank),
+    in rounds of about n x chunk tokens (n ranks; at least n a round, cp_round_ends): each rank feeds its slice of a
+    round (cp_slice) in one forward, so its activations are a slice's, not T / n tokens'; between rounds every rank
+    takes the last rank's cache (cp_share_cache), where the next round's slices start. Returns the last slice's last
+    logits [B, V]: on the last rank the whole prompt's, its cache then holding the prompt as one process's would."""
+    ends = cp_round_ends(ids.shape[1], torch.distributed.get_world_size(group), chunk)
+    for a, b in zip([0] + ends, ends):
+        logits = model(cp_slice(ids[:, a:b], group), cache=cache, cp_group=group, last_only=True)[0]
+        if b < ends[-1]:
+            cp_share_cache(cache, group)
+    return logits[:, -1]
+
+
+def cp_round_ends(T, n, chunk):
+    """Where cp_prefill's rounds of T tokens over n ranks end: as even as possible, each at most n x chunk tokens
+    where that leaves every rank at least one."""
+    rounds = max(1, min(-(-T // (n * chunk)), T // n))
+    return [T * (r + 1) // rounds for r in range(rounds)]
 
 
 def cp_slice(t, group):
@@ -1079,8 +1117,8 @@ def cp_attention(q, k, v, pos, doc, window, kv, cp, attention):
     None. q, k after RoPE, [B, n_sink + T, ...]; pos/doc [B, n_sink + T] (doc None: one document, no sinks). The keys:
     the sinks' (this rank's copy), those of the ranks before in reach (cp_before; their positions and documents
     gathered once a forward), then the slice's own; `attention` (model.attention) masks by position and document. A
-    fresh cache kv (a model.KVCache, or None) gets them all, so the last rank's cache is the one a single process
-    would hold.
+    cache kv (a model.KVCache, or None) gets them all, so the last rank's cache is the one a single process would
+    hold; one holding a prefix (cp.prefix: an earlier round, the sinks among it) adds its keys in front.
     Memory of full attention: every rank receives all ranks' keys and values of the layer (ranks x longest slice x
     Hkv x 2 x head_dim, the whole sequence's, not 1/ranks of it) and autograd keeps those of the ranks before it for
     the backward; the last rank attends over the most keys (no ring, no load balancing)."""
@@ -1090,6 +1128,10 @@ def cp_attention(q, k, v, pos, doc, window, kv, cp, attention):
         cp.keys[window] = cp_before(torch.stack([pos[:, s:], doc[:, s:]], -1), window, cp).unbind(-1)
     (hpos, hdoc), (hk, hv) = cp.keys[window], cp_before(torch.cat([k[:, s:], v[:, s:]], -1), window, cp).chunk(2, -1)
     k, v, kpos, kdoc = (torch.cat([x[:, :s], h, x[:, s:]], 1) for x, h in ((k, hk), (v, hv), (pos, hpos), (doc, hdoc)))
+    if kv is not None and cp.prefix:   # the ring's slots in any order: the mask reads their positions (empty: never)
+        ak, av, apos, adoc = (torch.cat([a, b], 1) for a, b in ((kv.k, k), (kv.v, v), (kv.pos, kpos), (kv.doc, kdoc)))
+        kv.write(k, v, kpos, kdoc)   # after the copies: this round's keys may overwrite slots its queries still see
+        return attention(q, ak, av, pos, apos, doc, adoc, window)
     if kv is not None:
         kv.write(k, v, kpos, kdoc)
     if not s and not cp.docs and use_band(q, window):   # one document, no sinks: the band's tiles alone

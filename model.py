@@ -423,11 +423,12 @@ class Attention(nn.Module):
             q, g = F.relu(q), F.logsigmoid(-k.to(ft))
             k = torch.sigmoid(k)
         o_sink = h = None
-        if c.n_sink and (cp is not None or cu_seqlens is not None):   # documents: the sinks run once, the state they
-            s = c.n_sink                                                 # leave starts every document
-            o_sink, h = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])
+        s = c.n_sink if cp is None else cp.n_sink   # the sinks in this forward's rows (none once a cache holds them)
+        if s and (cp is not None or cu_seqlens is not None):   # documents: the sinks run once, the state they leave
+            o_sink, h = gla(q[:1, :s], k[:1, :s], v[:1, :s], g[:1, :s])   # starts every document
             q, k, v, g = (t[:, s:] for t in (q, k, v, g))
-        if cp is not None:   # a slice of a split sequence: the state entering it comes from the ranks before
+        if cp is not None:   # a slice of a split sequence: the state entering it comes from the ranks before (and
+            h = cache.state if h is None and cache is not None else h   # from the prefix a cache holds)
             o, state = kernels.cp_linear(q, k, v, g, cu_seqlens, cp, gla, h)
         elif cu_seqlens is not None:   # packed documents: one flat sequence, the state restarts at each document
             h = None if h is None else h.expand(len(cu_seqlens) - 1, -1, -1, -1)

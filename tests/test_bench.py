@@ -253,16 +253,18 @@ def test_bad_quant_fails_before_any_model():
 
 
 def test_ttft_split_over_two_processes_gives_one_process_first_token(capfd):
-    """bench.py ttft --cp 2 on a CPU: two gloo processes prefill halves of each prompt, the last one's first greedy
-    token is the token one process gets from the whole prompt; the full-attention baseline is skipped with a note."""
+    """bench.py ttft --cp 2 on a CPU: two gloo processes prefill halves of each prompt's rounds (2 x 128 tokens:
+    one round at 64 and 256 tokens, four at 1024), the last one's first greedy token is the token one process gets
+    from the whole prompt; the full-attention baseline is skipped with a note."""
     rows = bench.bench_ttft(tiny=True, cp=2)
     out = capfd.readouterr().out
     assert "tiny-qwen: skipped, full attention" in out, out
     assert [(r["model"], r["T"], r["ranks"]) for r in rows] == [("tiny", T, 2) for T in (64, 256, 1024)]
     for r in rows:
-        assert r["token"] == r["token_one"] >= 0 and r["split"] > r["gathers"] > 0 and r["one"] > 0, r
+        assert r["token"] == r["token_one"] >= 0 and r["split"] > r["comm"] > 0 and r["one"] > 0, r
         assert r["token_gap"] == 0 and r["top2"] >= 0, r   # the same token: no gap; top2 a difference of sorted logits
-        assert r["one_slices"] > 0, r   # one process in chunks of a slice's length (128 / 2 = 64 tokens and on)
+        assert (r["share"] > 0) == (r["T"] == 1024), r   # the cache shared between rounds: only at 1024
+        assert r["comm"] == pytest.approx(4 * r["gathers"] + 3 * r["share"] if r["T"] == 1024 else r["gathers"]), r
         assert re.search(rf"^ +tiny +{r['T']} +2 .* yes +0\.0000 +{r['top2']:.4f}$", out, re.M), out   # its row
     assert "projection, not a measurement: tiny, 1048576 tokens, from T=1024 on 2 ranks" in out, out
     assert all(f"\n{P:>6} " in out for P in (1, 8, 32, 128)) and "the report (Table 7)" in out, out
@@ -300,7 +302,9 @@ def test_ttft_split_refuses_what_it_cannot_run(capsys):
 
 
 def test_projection_scales_compute_down_and_gathers_up():
-    row = dict(ranks=2, T=1000, split=3.0, one=5.0, gathers=1.0)   # 2 s compute over 500 tokens a rank
-    proj = {P: (comp, comm) for P, comp, comm in bench.project_split(row, 8000, gpus=(8, 32))}
+    row = dict(ranks=2, T=1000, chunk=1000, split=3.0, one=5.0, comm=1.0, gathers=1.0, share=0.5)   # 2 s compute
+    proj = {P: (comp, comm) for P, comp, comm in bench.project_split(row, 8000, gpus=(8, 32))}   # 500 tokens a rank
     assert proj[1] == (40.0, 0.0)                              # one process, 8x the tokens
-    assert proj[8] == pytest.approx((4.0, 7.0)) and proj[32] == pytest.approx((1.0, 31.0))
+    assert proj[8] == pytest.approx((4.0, 7.0)) and proj[32] == pytest.approx((1.0, 31.0))   # one round each
+    proj = {P: (comp, comm) for P, comp, comm in bench.project_split(dict(row, chunk=100), 8000, gpus=(8,))}
+    assert proj[8] == pytest.approx((4.0, 10 * 7.0 + 9 * 0.5))   # 10 rounds of 800 tokens, 9 cache shares

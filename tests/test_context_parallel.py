@@ -81,6 +81,31 @@ def _check_prefill(rank, world, splits, model):
                                            rtol=1e-9, atol=1e-11)
 
 
+def _check_rounds(rank, world, model):
+    """A prefill in rounds (kernels.cp_prefill: each round split over the ranks, every rank taking the last
+    rank's cache between rounds) leaves on the last rank the last logits and cache of one process fed the same
+    rounds (the cache keeps GLA states in float32 between them), which decode alike: rounds of 1 to 4 tokens a rank,
+    so that the window and the sinks lie rounds back."""
+    idx, nxt = ids()
+    with torch.no_grad():
+        for chunk in (1, 2, 4):
+            ends = kernels.cp_round_ends(T, world, chunk)
+            assert len(ends) >= 2 and min(b - a for a, b in zip([0] + ends, ends)) >= world
+            ref_cache = model.new_cache(2, T + 1)
+            for a, b in zip([0] + ends, ends):
+                ref = model(idx[:, a:b], cache=ref_cache)[0][:, -1]
+            cache = model.new_cache(2, T + 1)
+            logits = kernels.cp_prefill(model, cache, idx, dist.group.WORLD, chunk)
+            if rank < world - 1:
+                continue
+            torch.testing.assert_close(logits, ref, rtol=1e-9, atol=1e-11)
+            assert cache.seen == ref_cache.seen
+            for (n, a), b in zip(cache.named_buffers(), ref_cache.buffers()):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"chunk {chunk}, {n}: {m}")
+            torch.testing.assert_close(model(nxt, cache=cache)[0], model(nxt, cache=ref_cache)[0], rtol=1e-9,
+                                       atol=1e-11)
+
+
 def _check_packed_logits(rank, splits, model):
     """Logits of packed rows (packed(ends), no cache) on each rank equal one process's over the whole rows."""
     idx, _ = ids()
@@ -130,10 +155,8 @@ def check_7b_layout(rank, world, splits):
     model = tiny()
     with torch.no_grad(), pytest.raises(NotImplementedError, match="input_pos"):
         model(idx[:, :3], input_pos=torch.arange(3).expand(2, 3), cp_group=dist.group.WORLD)
-    cache = model.new_cache(2, T + 1)
-    cache.seen = 3
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="a cache holding tokens"):
-        model(idx[:, :3], cache=cache, cp_group=dist.group.WORLD)
+    for window in (4, 16):
+        _check_rounds(rank, world, tiny(window=window))
 
 
 def check_packed(rank, world, splits):
@@ -146,6 +169,7 @@ def check_packed(rank, world, splits):
 def check_sinks_fa_moe(rank, world, splits):
     model = tiny("tiny-moe")   # la+swa / la+fa, 4 sinks, MoE
     _check_prefill(rank, world, splits, model)
+    _check_rounds(rank, world, model)
     _check_packed_logits(rank, splits, model)
     _check_training(rank, splits, model)
     _check_training(rank, splits, model, docs=True)

@@ -296,9 +296,11 @@ def ascii_ckpts(tmp_path_factory):
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_split_prefill_prints_one_process_reply(name, ascii_ckpts, capfd):
     """--cp 2 and 3 (gloo processes): the last rank's cache holds the whole prompt and its greedy reply, printed by
-    it alone with one statistics line, is one process's; with a seed, so is a sampled one (tiny)."""
+    it alone with one statistics line, is one process's, also with the prompt in rounds (prefill_chunk 5: about 10
+    tokens a round over 2 processes); with a seed, so is a sampled one (tiny)."""
     kw = dict(ckpt=ascii_ckpts[name], device="cpu", dtype="float64", prompt=CP_PROMPT, max_new_tokens=12, stop=[])
-    runs = [dict(temperature=0, cp=2), dict(temperature=0, cp=3)] + ([dict(seed=3, cp=2)] if name == "tiny" else [])
+    runs = [dict(temperature=0, cp=2), dict(temperature=0, cp=3), dict(temperature=0, cp=2, prefill_chunk=5)] + \
+        ([dict(seed=3, cp=2)] if name == "tiny" else [])
     for run in runs:
         generate.main(**kw, **{**run, "cp": 1})
         one = capfd.readouterr()[0]
