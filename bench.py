@@ -1723,9 +1723,10 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
     top_k routed experts; the dense SwiGLU's all), over peak_flops (default kernels.peak_flops). Printed: the MoE's
     MFU over its same-FLOPs dense SwiGLU's (the aim: >= 0.8), the median of `repeats` forward + backward timings of
     the two taken in turn (the GPU's clock drifts between runs: alternating puts both under the same drift), and the
-    busiest expert's share of tokens (the random router's routing is near uniform). profile: torch.profiler over one grouped forward + backward, top kernels and
-    device time by kind (grouped GEMMs, weight stacking, sort/gather/scatter, routing; "matmul": the shared expert
-    and router). tiny: the same code on a CPU, tiny-moe on 256 tokens."""
+    busiest expert's share of tokens (the random router's routing is near uniform). profile: torch.profiler over
+    one grouped forward + backward, top kernels and device time by kind (grouped GEMMs, weight stacking,
+    sort/gather/scatter, routing; "matmul": the shared expert and router). tiny: the same code on a CPU, tiny-moe
+    on 256 tokens."""
     if tiny:
         preset, tokens, device = "tiny-moe", 256, "cpu"
     dev, dt = torch.device(device), torch.bfloat16
