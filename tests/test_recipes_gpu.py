@@ -146,7 +146,7 @@ def test_generate_compiled_equals_eager_on_a_converted_checkpoint(tmp_path):
 def test_generate_split_prefill_on_two_gpus_equals_one(preset, tmp_path):
     """generate.py --cp 2 (NCCL, one GPU each: flex_attention over the sinks, the keys gathered from the rank before
     and the slice's own; the GLA state passed on) prints the one-GPU greedy reply, for the 7B layout and the 76B's
-    (sinks, la+fa, MoE), converted from a Qwen2 checkpoint."""
+    (sinks, la+fa, MoE), converted from a Qwen2 checkpoint; also in rounds (the cache broadcast between them)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     src, ckpt = tmp_path / "qwen", tmp_path / "sb"
@@ -157,13 +157,13 @@ def test_generate_split_prefill_on_two_gpus_equals_one(preset, tmp_path):
     import pydoc_data.topics
     prompt = pydoc_data.topics.topics["assert"][:3000]    # several tiles of 128 tokens on each GPU
     outs = []
-    for cp in ("1", "2"):
+    for cp, chunk in (("1", "32768"), ("2", "32768"), ("2", "200")):   # 200: rounds of 400 tokens, the cache shared
         p = check(subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(ckpt), "--tokenizer",
                                   str(TOK), "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24",
-                                  "--dtype", "float32", "--cp", cp], cwd=tmp_path, env=env(), capture_output=True,
-                                 text=True, timeout=600))
+                                  "--dtype", "float32", "--cp", cp, "--prefill_chunk", chunk], cwd=tmp_path,
+                                 env=env(), capture_output=True, text=True, timeout=600))
         outs.append(p.stdout)
-    assert outs[0] == outs[1] and outs[0].strip()
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()
 
 
 def test_whole_76b_on_two_gpus(tmp_path):
