@@ -1559,13 +1559,6 @@ def fp8_counts_torch(x, k=3.0):
     return counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), vth, counts.abs().amax(-1) > FP8_MAX
 
 
-def fp8_counts(x, k=3.0):
-    """fp8_counts_torch, compiled on CUDA (one pass gives counts, thresholds and the wide rows)."""
-    if not k > 0:
-        raise ValueError(f"spike k={k} must be > 0")
-    return (compiled(fp8_counts_torch) if x.is_cuda else fp8_counts_torch)(x, k)
-
-
 def fp8_fits(K, N):
     """Does torch._scaled_mm take an [M, K] x [K, N] product? K and N multiples of 16 (its stride rules); any M."""
     return K % 16 == 0 and N % 16 == 0
@@ -1588,7 +1581,6 @@ def spike_linear_fp8_torch(x, weight, scale, k=3.0, bias=None, out_dtype=torch.f
     return (y if bias is None else y + bias.double()).to(out_dtype)
 
 
-@torch.compiler.disable   # reads one flag on the host per call: runs as it is inside compiled blocks
 def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
     """spiking.FP8SpikeLinear's forward on FP8 tensor cores: x [..., K] -> [..., N] in x's dtype,
         y[m, n] = (sum_k e4m3(counts[m, k]) * weight[n, k]) * vth[m] * scale[n]  (+ bias[n]),
@@ -1604,22 +1596,40 @@ def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
     product of the exact counts; a count c past 16 is rounded to 4 significant bits, |e4m3(c) - c| <= |c| / 16,
     which moves y by at most sum over those counts of |c w| / 16 * vth * scale. A row with a count past 448
     (e4m3's largest) is recomputed by the twin on its exact counts (one read of a flag on the host per call, as
-    w8aspike_linear). A shape torch._scaled_mm does not take (K or N not a multiple of 16) runs the twin in float64:
-    slower, never an error. A decode step (a few rows) takes fp8_gemv instead (FP8SpikeLinear's dispatch): no host
-    sync, so not behind this function's compiler.disable.
+    w8aspike_linear, inside the op _fp8_wide_rows: a compiled block keeps the quantization and the GEMM in its graph,
+    the quantization fused into the pass before it). A shape torch._scaled_mm does not take (K or N not a multiple
+    of 16) runs the twin in float64: slower, never an error. A decode step (a few rows) takes fp8_gemv instead
+    (FP8SpikeLinear's dispatch): no host sync at all.
     """
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     if not fp8_fits(K, N) or x2.shape[0] == 0:
         return spike_linear_fp8_torch(x2, weight, scale, k, bias, x.dtype).view(*x.shape[:-1], N)
-    a, vth, wide = fp8_counts(x2, k)
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
+    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
+    a, vth, wide = (compiled(fp8_counts_torch) if fused else fp8_counts_torch)(x2, k)
     y = torch._scaled_mm(a, weight.t(), scale_a=vth, scale_b=scale.float().view(1, N),
                          out_dtype=torch.bfloat16 if x.is_cuda else torch.float32)
     y = (y if bias is None else y.float() + bias.float()).to(x.dtype)
+    _fp8_wide_rows(y, wide, x2, weight.view(torch.uint8), scale, float(k), bias)
+    return y.view(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("spikingbrain::fp8_wide_rows", mutates_args=("y",))
+def _fp8_wide_rows(y: torch.Tensor, wide: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   k: float, bias: Optional[torch.Tensor]) -> None:
+    """spike_linear_fp8's rows holding a count past FP8_MAX (wide [M] bool), recomputed in place in y [M, N] by the
+    twin on their exact counts: one op, so that its host read of `wide` does not break a compiled graph. weight:
+    the e4m3 bytes as uint8 (an op's arguments take no float8 dtype on every torch)."""
     if wide.any():
         rows = wide.nonzero()[:, 0]
-        y[rows] = spike_linear_fp8_torch(x2[rows], weight, scale, k, bias, x.dtype)
-    return y.view(*x.shape[:-1], N)
+        y[rows] = spike_linear_fp8_torch(x[rows], weight.view(torch.float8_e4m3fn), scale, k, bias, y.dtype)
+
+
+@_fp8_wide_rows.register_fake
+def _(y, wide, x, weight, scale, k, bias):
+    return None
 
 
 def use_spike_fp8(x):

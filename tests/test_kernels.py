@@ -888,6 +888,32 @@ def test_spike_linear_fp8_rounds_counts_past_16(monkeypatch):
     assert torch.equal(twin[5], exact[5])
 
 
+@needs_fp8
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[gpu, needs_cuda])])
+def test_spike_linear_fp8_compiles_in_one_graph(monkeypatch, backend):
+    """No graph break (fullgraph): the spike quantization and torch._scaled_mm stay in the compiled block's graph
+    (inductor fuses the quantization into the pass before it) and the host read of the wide rows happens inside
+    the op _fp8_wide_rows, which still recomputes a row with a count past 448 exactly. Traced with aot_eager
+    (functionalization of the op's in-place write included, no code generation); on a GPU also by inductor, whose
+    fused quantization may round a count the other way at a half: equal to bf16's precision."""
+    if not CUDA:
+        monkeypatch.setattr(kernels, "SPIKE_FP8_IMPL", "scaled_mm")
+    x, w8, s, b = fp8_operands(37, 256, 48, seed=3, spread=1.0)
+    x[5, 7] = 1e4                                      # row 5: a count past 448
+    x = x.to(DEV)
+
+    def f(x):
+        return kernels.spike_linear_fp8(torch.nn.functional.silu(x) * 2, w8, s, 3.0, b)
+    want = f(x)
+    twin = kernels.spike_linear_fp8_torch(torch.nn.functional.silu(x) * 2, w8, s, 3.0, b, want.dtype)
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend=backend)(x)
+    if backend == "aot_eager":
+        assert torch.equal(y, want) and torch.equal(y[5], twin[5])   # row 5: the twin's exact-count product
+    else:
+        assert (y.double() - want.double()).abs().max() <= 2.0 ** -7 * want.double().abs().max()
+
+
 def test_spike_linear_fp8_bad_shapes_fall_back(monkeypatch):
     """K or N not a multiple of 16 (torch._scaled_mm's stride rules) or no rows: the twin in float64, cast to x's
     dtype; torch._scaled_mm is never called and nothing raises."""
