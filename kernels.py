@@ -1128,13 +1128,22 @@ def cp_attention(q, k, v, pos, doc, window, kv, cp, attention):
         cp.keys[window] = cp_before(torch.stack([pos[:, s:], doc[:, s:]], -1), window, cp).unbind(-1)
     (hpos, hdoc), (hk, hv) = cp.keys[window], cp_before(torch.cat([k[:, s:], v[:, s:]], -1), window, cp).chunk(2, -1)
     k, v, kpos, kdoc = (torch.cat([x[:, :s], h, x[:, s:]], 1) for x, h in ((k, hk), (v, hv), (pos, hpos), (doc, hdoc)))
-    if kv is not None and cp.prefix:   # the ring's slots in any order: the mask reads their positions (empty: never)
+    band = not s and not cp.docs and use_band(q, window) and (kv is None or kv.n_sink == 0)   # one document, no sinks
+    if kv is not None and cp.prefix and (not band or hk.shape[1] < window):   # the window reaches into the prefix
+        if band:   # the ring's filled slots in position order (a count read on the host), then the keys after them
+            order = kv.pos[0].argsort()[:int((kv.pos[0] != kv.EMPTY).sum())]
+            ks, vs = kv.k[:, order], kv.v[:, order]
+            kv.write(k, v, kpos, kdoc)   # after the copies: this round's keys may overwrite slots still in reach
+            start = int(pos[0, 0])
+            return sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
+                                            start - hk.shape[1] - ks.shape[1], window)
+        # the ring's slots in any order: the mask reads their positions (empty ones: never)
         ak, av, apos, adoc = (torch.cat([a, b], 1) for a, b in ((kv.k, k), (kv.v, v), (kv.pos, kpos), (kv.doc, kdoc)))
-        kv.write(k, v, kpos, kdoc)   # after the copies: this round's keys may overwrite slots its queries still see
+        kv.write(k, v, kpos, kdoc)
         return attention(q, ak, av, pos, apos, doc, adoc, window)
     if kv is not None:
         kv.write(k, v, kpos, kdoc)
-    if not s and not cp.docs and use_band(q, window):   # one document, no sinks: the band's tiles alone
+    if band:   # the band's tiles alone
         start = int(pos[0, 0])
         return sliding_window_attention(q, k, v, start, start - hk.shape[1], window)
     return attention(q, k, v, pos, kpos, doc, kdoc, window)

@@ -155,8 +155,11 @@ def check_7b_layout(rank, world, splits):
     model = tiny()
     with torch.no_grad(), pytest.raises(NotImplementedError, match="input_pos"):
         model(idx[:, :3], input_pos=torch.arange(3).expand(2, 3), cp_group=dist.group.WORLD)
-    for window in (4, 16):
-        _check_rounds(rank, world, tiny(window=window))
+    for impl in ("auto", "flex"):   # flex: CUDA's default, the band's tiles (the ring first where in reach)
+        kernels.ATTN_IMPL = impl
+        for window in (4, 16):   # a slice of a round past the window, and one whose window reaches into the prefix
+            _check_rounds(rank, world, tiny(window=window))
+    kernels.ATTN_IMPL = "auto"
 
 
 def check_packed(rank, world, splits):
