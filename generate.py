@@ -55,7 +55,6 @@ def prefill(model, cache, ids, chunk, stop=()):
     return logits[:, -1]
 
 
-@torch.no_grad()
 def has_full_attention(config):
     return any("fa" in config.mixers(i) for i in range(config.n_layer))
 

@@ -1029,6 +1029,7 @@ def cp_share_cache(cache, group):
     cache.seen = int(seen)
 
 
+@torch.no_grad()
 def cp_prefill(model, cache, ids, group, chunk):
     """Feed ids [B, T] split over the ranks of `group` into `cache` (model.GPT and its cache, the same on every rank),
     in rounds of about n x chunk tokens (n ranks; at least n a round, cp_round_ends): each rank feeds its slice of a
