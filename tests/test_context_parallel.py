@@ -1,8 +1,7 @@
 """Context parallelism on CPU: one sequence split over 2 and 3 gloo processes gives, slice by slice, the logits,
 GLA states and decode cache of one process (also a prefill in rounds sharing the cache between them), and in
-training its loss and every parameter gradient (float64): the
-7B layout, packed documents crossing the slices' edges or starting on one, and sinks, full attention and MoE, also
-with activation checkpointing."""
+training its loss and every parameter gradient (float64): the 7B layout, packed documents crossing the slices'
+edges or starting on one, and sinks, full attention and MoE, also with activation checkpointing."""
 import datetime
 import os
 import sys
