@@ -924,13 +924,16 @@ def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
 @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
 def band_prefill(q, k, v, pos, doc, kv, window):
     """A prefill chunk of one document on the band, over a cache kv (a model.KVCache without sinks): the ring in
-    position order (rows prefilled together hold the same positions), then the chunk's keys; the chunk is written to kv
-    after. Twin: model.attention over the cache."""
+    position order (rows prefilled together hold the same positions), then the keys k, v [B, L, ...] at positions
+    pos, doc [B, L], contiguous and right after the ring's: the T queries' own, the last T of them, possibly after
+    keys not in the cache yet (a split sequence's ranks before, cp_attention). The keys are written to kv after.
+    Twin: model.attention over the cache."""
     order = kv.pos[0].argsort()[:int((kv.pos[0] != kv.EMPTY).sum())]   # the filled slots (a count read on the host)
     ks, vs = kv.k[:, order], kv.v[:, order]
-    start = int(pos[0, 0])
-    o = sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start, start - ks.shape[1], window)
-    kv.write(k, v, pos, doc)
+    first = int(pos[0, 0])
+    o = sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), first + k.shape[1] - q.shape[1],
+                                 first - ks.shape[1], window)
+    kv.write(k, v, pos, doc)   # after the copies: these keys may overwrite ring slots still in reach
     return o
 
 
@@ -1131,13 +1134,8 @@ def cp_attention(q, k, v, pos, doc, window, kv, cp, attention):
     k, v, kpos, kdoc = (torch.cat([x[:, :s], h, x[:, s:]], 1) for x, h in ((k, hk), (v, hv), (pos, hpos), (doc, hdoc)))
     band = not s and not cp.docs and use_band(q, window) and (kv is None or kv.n_sink == 0)   # one document, no sinks
     if kv is not None and cp.prefix and (not band or hk.shape[1] < window):   # the window reaches into the prefix
-        if band:   # the ring's filled slots in position order (a count read on the host), then the keys after them
-            order = kv.pos[0].argsort()[:int((kv.pos[0] != kv.EMPTY).sum())]
-            ks, vs = kv.k[:, order], kv.v[:, order]
-            kv.write(k, v, kpos, kdoc)   # after the copies: this round's keys may overwrite slots still in reach
-            start = int(pos[0, 0])
-            return sliding_window_attention(q, torch.cat([ks, k], 1), torch.cat([vs, v], 1), start,
-                                            start - hk.shape[1] - ks.shape[1], window)
+        if band:   # the ring in position order, then the round's keys before the slice and its own
+            return band_prefill(q, k, v, kpos, kdoc, kv, window)
         # the ring's slots in any order: the mask reads their positions (empty ones: never)
         ak, av, apos, adoc = (torch.cat([a, b], 1) for a, b in ((kv.k, k), (kv.v, v), (kv.pos, kpos), (kv.doc, kdoc)))
         kv.write(k, v, kpos, kdoc)
