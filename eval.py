@@ -724,6 +724,19 @@ def conversion_table(runs, dense="dense", margin=0.05):
     return rows
 
 
+def overfit_note(runs, dense="dense", margin=0.05):
+    """A warning when the dense run's last validation loss lies more than `margin` above its best (None otherwise):
+    it overfit, and runs compared with its last loss look better than they are."""
+    curve = runs[dense]["curve"]
+    best_tokens, best = min(curve, key=lambda p: p[1])
+    last = curve[-1][1]
+    if last - best <= margin:
+        return None
+    return (f"note: the dense run {dense!r} overfit: its last validation loss {last:.4f} is {last - best:.4f} above "
+            f"its best, {best:.4f} after {_tokens(best_tokens)} tokens, so the runs compared with its last loss look "
+            f"better than they are; train it on fewer tokens or more data")
+
+
 def _tokens(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 \
         else str(n)
@@ -795,7 +808,8 @@ def conversion(*, runs: str, dense: str = "dense", margin: float = 0.05, out: st
 
     Every train.py run under --runs with its tokens and last validation loss against the dense run's, and the
     tokens after which it first came within --margin nats of it (README: "Reproduce the conversion claim on one
-    GPU"); with --out, the table (conversion.md), every validation point (conversion.csv) and validation loss
+    GPU"), and a note if the dense run overfit (its last loss more than --margin above its best); with --out, the
+    table (conversion.md), every validation point (conversion.csv) and validation loss
     against tokens (conversion.png).
 
     Args:
@@ -812,6 +826,8 @@ def conversion(*, runs: str, dense: str = "dense", margin: float = 0.05, out: st
         raise FileNotFoundError(f"{runs} holds no train.py runs (directories with logs/)")
     curves = {n: read_run(os.path.join(runs, n)) for n in names}
     table = format_conversion(conversion_table(curves, dense, margin), margin)
+    note = overfit_note(curves, dense, margin)
+    table += f"\n\n{note}" if note else ""
     print(table)
     if out:
         os.makedirs(out, exist_ok=True)

@@ -106,7 +106,7 @@ def test_mini_configs_agree():
     assert len(same) == 1, same
     dense = Config.from_name(cfgs["dense"]["model"], **cfgs["dense"]["model_config"])
     pretrain = cfgs["dense"]["train"]["max_tokens"]
-    assert pretrain == 1500 * 32 * 1024 and cfgs["spike-7b"]["train"]["max_tokens"] == pretrain // 50
+    assert pretrain == 500 * 32 * 1024 and cfgs["spike-7b"]["train"]["max_tokens"] == pretrain // 50
     for layout, n_sink in (("7b", None), ("76b", 16)):
         cpt, scratch = cfgs[f"cpt-{layout}"], cfgs[f"scratch-{layout}"]
         assert cpt["model"] == scratch["model"] and cpt["model_config"] == scratch["model_config"]
@@ -180,6 +180,17 @@ def test_conversion_table_and_plot(tmp_path, capsys):
     assert (W, H) == (720, 420) and len(pixels) == H * (3 * W + 1)
     img = ev.loss_plot(curves, "dense")
     assert (img == ev.PALETTE[0]).all(-1).sum() > 100 and (img == 0).all(-1).sum() > 100   # cpt-7b's line, dense's
+
+    assert "overfit" not in printed   # dense's last loss is its best
+
+    write_run(runs / "dense", 100, {150: 2.06}, version=1)   # resumed past its best: 0.06 above it
+    ev.conversion(runs=str(runs))
+    assert capsys.readouterr().out.strip().endswith(
+        "note: the dense run 'dense' overfit: its last validation loss 2.0600 is 0.0600 above its best, 2.0000 after "
+        "10.0k tokens, so the runs compared with its last loss look better than they are; train it on fewer tokens "
+        "or more data")
+    ev.conversion(runs=str(runs), margin=0.1)
+    assert "overfit" not in capsys.readouterr().out
 
     with pytest.raises(ValueError, match=r"no run named 'base' among \['cpt-7b', 'dense', 'scratch-7b'\]"):
         ev.conversion(runs=str(runs), dense="base")
