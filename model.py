@@ -1,8 +1,8 @@
 """SpikingBrain in one file: config presets, every layer, the model and its generation cache, in pure PyTorch.
 
 Every op with a fast path has one dispatch line, `if kernels and kernels.use_X(...): return kernels.<op>(...)`, and
-runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU).
-Departures from a standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
+runs its reference below otherwise: copied alone, this file is a working model (CPU or GPU). Departures from a
+standard (Qwen2) decoder, all from the SpikingBrain report (arXiv 2509.05276):
 - `Config.layout` names each layer's token mixer: "gla" (gated linear attention, 7B), "la" (linear attention, gate
   tied to the key, 76B), "swa" (sliding-window softmax), "fa" (full causal softmax), or a pair such as "la+swa";
 - GLA: ReLU feature map, low-rank log-sigmoid gate / 16, no RoPE, per-head RMSNorm on the output;
@@ -472,10 +472,8 @@ class MoE(nn.Module):
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
-        if cp is None:
-            counts, psum, n = F.one_hot(idx, c.n_expert).sum((0, 1)).to(probs.dtype), probs.sum(0), idx.shape[0]
-        else:   # a slice of a split sequence: the whole sequence's statistics
-            counts, psum, n = kernels.cp_balance(probs, idx, shape, cp)
+        counts, psum, n = (F.one_hot(idx, c.n_expert).sum((0, 1)).to(probs.dtype), probs.sum(0), idx.shape[0]) \
+            if cp is None else kernels.cp_balance(probs, idx, shape, cp)   # a split sequence: the whole one's
         load = counts / (n * c.top_k)
         aux = c.n_expert * (load * psum / n).sum()
         return out.view(shape), aux, load.detach().float()
@@ -658,10 +656,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     prompt in one forward, then one token per forward. A short sample without a tokenizer (Generator streams text)."""
     cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
     logits, out = model(idx, cache=cache, last_only=True)[0], []
-    for _ in range(max_new_tokens):
-        nxt = sample(logits[:, -1], temperature, top_k, top_p, generator)
-        if nxt.item() == eos_id:
-            break
+    while len(out) < max_new_tokens and (nxt := sample(logits[:, -1], temperature, top_k, top_p, generator)) != eos_id:
         out.append(nxt.item())
         logits = model(nxt, cache=cache)[0]
     return out
