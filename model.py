@@ -142,8 +142,7 @@ class Config:
             raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
 
-    def to_dict(self):
-        return asdict(self)
+    to_dict = asdict   # config.to_dict() -> {field: value}
 
 
 # ----------------------------------------------------------------------------- spiking activations, norm, RoPE
@@ -505,14 +504,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-def doc_positions(doc_ids):
-    """Positions restarting at each document of packed rows (doc_ids [B, T], non-decreasing), and document starts."""
-    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    start = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)
-    first = torch.where(start, idx, 0).cummax(1).values                # index where each token's doc starts
-    return idx - first, start
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -575,8 +566,10 @@ class GPT(nn.Module):
             if cache is not None:
                 raise ValueError("doc_ids (packed documents) are for training and scoring: call without a cache")
             doc = doc_ids.long()   # compared within a row only, so a split row's ranks (cp) see the same ids
-            pos, start = doc_positions(doc)
-            pos = pos + n_sink + (0 if cp is None else cp.shift)   # after the sinks and a document's earlier ranks
+            # positions restart at each document's first token, after the sinks and the document's earlier ranks (cp)
+            start = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)
+            at = torch.arange(T, device=idx.device).expand(B, T)
+            pos = at - torch.where(start, at, 0).cummax(1).values + n_sink + (0 if cp is None else cp.shift)
             if start.sum() > B:   # the linear branches see the flattened rows as documents
                 cu_seqlens = F.pad(start.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
         elif cache is not None or n_sink:
