@@ -40,7 +40,7 @@ import time
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.distributed as dist
@@ -1328,8 +1328,8 @@ def train_speed(preset, T, *, n_layer, micro_batch_size, accum, docs, steps, war
         model = GPT(c).to(dtype)
     if compile:                     # as train.py: compiled blocks inside checkpoint wrappers
         kernels.compile_blocks(model)
-    if activation_checkpointing:
-        kernels.checkpoint_blocks(model)
+    if activation_checkpointing:    # True: every block; a number: the first that many (as train.py)
+        kernels.checkpoint_blocks(model, None if activation_checkpointing is True else activation_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     x = torch.randint(0, c.vocab_size, (micro_batch_size, T), generator=torch.Generator().manual_seed(T)).to(device)
     doc = (torch.arange(T, device=device) * docs // T).expand(micro_batch_size, T) if docs > 1 else None
@@ -1374,7 +1374,7 @@ def train_split_worker(group, device, out, preset, T, kw):
 def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b", n_layer: int | None = None,
                 seq_len: int = 8192, long_seq_lens: tuple[int, ...] = (32768, 131072), micro_batch_size: int = 1,
                 accum: int = 1, steps: int = 10, warmup: int = 3, long_steps: int = 3, precision: str = "bf16-true",
-                activation_checkpointing: bool = True, compile: bool = False, docs: int = 4,
+                activation_checkpointing: Union[bool, int] = True, compile: bool = False, docs: int = 4,
                 peak_flops: float | None = None, device: str = "auto", cp: int = 1) -> list[dict] | None:
     """Training tokens/s and MFU of `preset` vs `baseline` at the same widths and depth, one device, one run.
 
@@ -1388,7 +1388,8 @@ def bench_train(*, preset: str = "spikingbrain-7b", baseline: str = "qwen2.5-7b"
     of both layouts (per-layer cost sets MFU; fewer layers fit longer sequences on one GPU). docs: documents
     packed per row, of equal length, with train.py's document masks (attention within a document, the GLA state
     restarting at each; flex_attention on CUDA), as train.py's recipes run; the one-document figure (docs = 1,
-    no masks) follows in the same table. peak_flops: the MFU denominator (default: kernels.peak_flops).
+    no masks) follows in the same table. activation_checkpointing: every block (true), none, or the first N (as
+    train.py). peak_flops: the MFU denominator (default: kernels.peak_flops).
     cp > 1: `preset` only, one row of seq_len tokens split over cp processes (one GPU each, NCCL; gloo on a CPU) as
     train.py --context_parallel trains it, beside one process on rows of seq_len / cp (the same tokens per device):
     tokens/s per device and their ratio (the aim at 256k on 2 GPUs against 128k on one: >= 0.85). Returns its rows.

@@ -1345,12 +1345,12 @@ def compile_decode(fn, device, gemv=True):
     return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
 
 
-def checkpoint_blocks(model):
-    """Per-block activation checkpointing: keep each block's input, recompute its inside during backward (after
-    compile_blocks, the wrapper recomputes the compiled block)."""
+def checkpoint_blocks(model, n=None):
+    """Per-block activation checkpointing of the first n blocks (all: None): keep each one's input, recompute its
+    inside during backward (after compile_blocks, the wrapper recomputes the compiled block)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.blocks[:n]):
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)   # no randomness inside a block
 
 

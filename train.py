@@ -76,7 +76,9 @@ class TrainArgs:
         weight_decay: AdamW decay on matrices only, not on norms, biases, sinks.
         betas: AdamW betas.
         grad_clip: the gradient norm is clipped to this.
-        activation_checkpointing: recompute each block in backward: memory per layer = its input only.
+        activation_checkpointing: recompute blocks in backward, keeping only their inputs: true (every block), an
+            int N (the first N blocks; the rest keep their activations) or auto (as few blocks as the memory plan
+            fits in AUTO_MEMORY_SHARE of the GPU's memory: the fastest that fits; every block on a CPU).
         compile: torch.compile each block.
         log_interval: optimizer steps between TensorBoard points.
         save_interval: optimizer steps between checkpoints (and one at the end).
@@ -93,7 +95,7 @@ class TrainArgs:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, int, Literal["auto"]] = False
     compile: bool = False
     log_interval: int = 10
     save_interval: Optional[int] = 1000
@@ -170,7 +172,7 @@ def main(
     precision = precision or ("bf16-mixed" if dry_run else default_precision(accelerator))   # plans are for GPUs
     world_size = devices * num_nodes
     strategy = ("fsdp" if world_size > 1 else "single") if strategy == "auto" else strategy
-    check_sizes(train, eval)
+    check_sizes(train, eval, config)
     cp = context_parallel
     check_context_parallel(cp, world_size, train)
     train, batch_note = fit_micro_batch(train, world_size, cp)
@@ -190,7 +192,7 @@ def main(
     tokenizer_dir = tokenizer_dir or (init_from if init_from and os.path.isfile(init_from / "tokenizer.json")
                                       else Path("assets/tokenizer"))
     tokenizer, train_data, val_data = load_data(fabric, config, data, train.seq_len, tokenizer_dir)
-    net, optimizer, flops_per_token = build(fabric, config, train, init_from, strategy)
+    net, optimizer, flops_per_token = build(fabric, config, train, init_from, strategy, precision, cp)
     # everything a checkpoint restores; the data position is iter_num (the order of rows is a function of it)
     state = {"model": net, "optimizer": optimizer, "iter_num": 0, "step": 0, "rng": None,
              "data": train_data.fingerprint}
@@ -208,13 +210,18 @@ def main(
 
 # ----------------------------------------------------------------------------- setup
 
-def check_sizes(train, eval):
-    """Batch sizes, row length and intervals must be positive; an error names the one that is not."""
+def check_sizes(train, eval, config):
+    """Batch sizes, row length and intervals must be positive, a number of checkpointed blocks one the model has;
+    an error names the one that is not."""
     for k in ("seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(train, k) <= 0:
             raise ValueError(f"train.{k}={getattr(train, k)} must be >= 1")
     if eval.interval <= 0 or train.log_interval <= 0:
         raise ValueError("eval.interval and train.log_interval must be >= 1")
+    ac = train.activation_checkpointing
+    if not isinstance(ac, bool) and ac != "auto" and not 0 <= ac <= config.n_layer:
+        raise ValueError(f"train.activation_checkpointing={ac}: a number of blocks must lie in 0..{config.n_layer} "
+                         f"(or use true, false or auto)")
 
 
 def fit_micro_batch(train, world_size, cp=1):
@@ -389,19 +396,26 @@ def load_data(fabric, config, data, seq_len, tokenizer_dir):
     return tokenizer, *(Packed(data.path, split, seq_len, tokenizer, data.doc_mask) for split in ("train", "val"))
 
 
-def build(fabric, config, train, init_from, strategy):
+def build(fabric, config, train, init_from, strategy, precision, cp=1):
     """The model set up for the strategy (initialized, or init_from's weights; compiled and checkpointed as train
     asks), its AdamW, and its training FLOPs per token."""
     # FSDP builds on the meta device and materializes only each rank's shards; loaded weights overwrite init anyway
     with fabric.init_module(empty_init=strategy == "fsdp" or init_from is not None):
         model = GPT(config)
     flops = model.flops_per_token(train.seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    plan_for = partial(estimate_memory, config, n_params, train.micro_batch_size, train.seq_len, fabric.world_size,
+                       strategy, precision, cp=cp)
+    n_ckpt = checkpointed_blocks(train.activation_checkpointing, config.n_layer, plan_for, fabric.device)
+    if train.activation_checkpointing == "auto":
+        fabric.print(f"activation checkpointing (auto): {n_ckpt} of {config.n_layer} blocks, planned "
+                     f"{plan_for(n_ckpt)['total'] / 1e9:.1f} GB a device")
     if init_from is not None and strategy != "fsdp":
         load_weights(model, init_from, config)
     if train.compile:   # before checkpointing: the wrapper recomputes the compiled block in the backward pass
         kernels.compile_blocks(model)
-    if train.activation_checkpointing:
-        kernels.checkpoint_blocks(model)
+    if n_ckpt:
+        kernels.checkpoint_blocks(model, n_ckpt)
     model = fabric.setup(model)
     if init_from is not None and strategy == "fsdp":
         load_weights(model, init_from, config, sharded=True)
@@ -827,20 +841,23 @@ def activation_bytes(c, seq_len):
 
 def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, strategy, precision, checkpointing,
                     cp=1):
-    """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits. With
-    context parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens, and
-    in each full-attention layer the keys and values gathered from the devices before it (the last device's share).
+    """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits.
+    checkpointing: True (every block), False, or the number of blocks checkpointed (the first ones). With context
+    parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens, and in each
+    full-attention layer the keys and values gathered from the devices before it (the last device's share).
     FSDP's gradients stay sharded between the micro-batches of a step: fit reduce-scatters after each."""
     row, seq_len = seq_len, -(-seq_len // cp)
     c, tokens = config, micro_batch_size * (seq_len + config.n_sink)
+    n_ckpt = c.n_layer if checkpointing is True else int(checkpointing)
     w, g, o = {"bf16-mixed": (4, 4, 8), "bf16-true": (2, 2, 4), "32-true": (4, 4, 8)}.get(precision, (4, 4, 8))
     shard = world_size if strategy == "fsdp" else 1
     emb = 2 * c.vocab_size * c.n_embd
     block = (n_params - emb - c.n_sink * c.n_embd) / c.n_layer
-    per_layer = activation_bytes(c, seq_len)
-    acts = tokens * (sum(per_layer) if not checkpointing else 2 * c.n_embd * c.n_layer + max(per_layer))
-    fa = sum("fa" in c.mixers(i) for i in range(c.n_layer))
-    acts += micro_batch_size * (row - seq_len) * 4 * c.n_kv_head * c.head_dim * (min(fa, 1) if checkpointing else fa)
+    per_layer = activation_bytes(c, seq_len)   # a checkpointed block keeps its input; one at a time recomputes
+    acts = tokens * (sum(per_layer[n_ckpt:]) + 2 * c.n_embd * n_ckpt + max(per_layer[:n_ckpt], default=0))
+    fa = [int("fa" in c.mixers(i)) for i in range(c.n_layer)]
+    acts += micro_batch_size * (row - seq_len) * 4 * c.n_kv_head * c.head_dim * (sum(fa[n_ckpt:]) + max(fa[:n_ckpt],
+                                                                                                        default=0))
     mem = {"weights": w * n_params / shard, "grads": g * n_params / shard, "optimizer": o * n_params / shard,
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
            "gathered": (2 * 2 * block + 2 * emb) * (shard > 1),
@@ -853,6 +870,23 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
         mem["gathered"] = 2 * n_params   # autocast keeps a bf16 copy of every weight during the forward
     mem["total"] = sum(mem.values())
     return mem
+
+
+# the share of a GPU's memory that activation_checkpointing=auto fills: the plan is an estimate (activations +-30%),
+# and the allocator's fragmentation, NCCL's buffers and compiled kernels' workspaces need room beside it
+AUTO_MEMORY_SHARE = 0.75
+
+
+def checkpointed_blocks(ac, n_layer, plan_for, device):
+    """How many blocks (the first ones) TrainArgs.activation_checkpointing `ac` checkpoints: all for True, none for
+    False, N for N; auto: the fewest whose plan (plan_for(n) -> estimate_memory's dict) fits in AUTO_MEMORY_SHARE of
+    the device's memory (all of them on a CPU, or when none fits)."""
+    if ac != "auto":
+        return n_layer if ac is True else int(ac)
+    if device.type != "cuda":
+        return n_layer
+    budget = AUTO_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory
+    return next((n for n in range(n_layer + 1) if plan_for(n)["total"] <= budget), n_layer)
 
 
 def plan(config, train, world_size, strategy, precision, cp=1):
@@ -870,6 +904,13 @@ def plan(config, train, world_size, strategy, precision, cp=1):
                               cp) for ck in (False, True))
     for k in m0:
         lines.append(f"  {k:<13}{m0[k] / 1e9:>9.1f}{m1[k] / 1e9:>9.1f}")
+    L = config.n_layer
+    fits = {gpu: next((i for i in range(L + 1) if estimate_memory(config, n, train.micro_batch_size, train.seq_len,
+                       world_size, strategy, precision, i, cp)["total"] <= AUTO_MEMORY_SHARE * gib * 2 ** 30), None)
+            for gpu, gib in (("an H100 (80 GB)", 80), ("an H200 (141 GB)", 141))}
+    lines.append("activation_checkpointing auto checkpoints: " + ", ".join(
+        f"{i} of {L} blocks on {gpu}" if i is not None else f"all {L} on {gpu}, over {AUTO_MEMORY_SHARE:.0%} "
+        f"of it even so" for gpu, i in fits.items()))
     return "\n".join(lines)
 
 

@@ -255,16 +255,58 @@ def test_killed_run_resumes_with_identical_losses(pydoc, tmp_path, monkeypatch):
     assert {**before, **after} == full                          # exactly, not approximately
 
 
-def test_activation_checkpointing_changes_no_number(pydoc, tmp_path):
+@pytest.mark.parametrize("ac", [True, 1])   # every block; only the first (the rest keep their activations)
+def test_activation_checkpointing_changes_no_number(pydoc, tmp_path, ac):
     from convert import load_checkpoint
 
     run(pydoc, tmp_path / "plain", max_steps=3)
-    run(pydoc, tmp_path / "ckpt", max_steps=3, activation_checkpointing=True)
+    run(pydoc, tmp_path / "ckpt", max_steps=3, activation_checkpointing=ac)
     assert scalars(tmp_path / "plain") == scalars(tmp_path / "ckpt")
     a, _ = load_checkpoint(tmp_path / "plain" / "final")
     b, _ = load_checkpoint(tmp_path / "ckpt" / "final")      # the export has the plain names
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_checkpoint_blocks_wraps_the_first_n():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    m = GPT(Config.from_name("tiny"))
+    kernels.checkpoint_blocks(m, 3)
+    assert [isinstance(b, CheckpointWrapper) for b in m.blocks] == [True, True, True, False]
+
+
+def test_activation_checkpointing_auto_takes_the_fewest_blocks_that_fit(monkeypatch):
+    L = 28
+    plan = lambda n: {"total": 100e9 - 2e9 * n}               # each checkpointed block saves 2 GB
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [train.checkpointed_blocks(ac, L, plan, cpu) for ac in (True, False, 0, 5, "auto")] == [L, 0, 0, 5, L]
+    memory = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), memory)())
+    memory["total_memory"] = 80e9 / train.AUTO_MEMORY_SHARE      # 80 GB to fill: 10 blocks
+    assert train.checkpointed_blocks("auto", L, plan, gpu) == 10
+    memory["total_memory"] = 81e9 / train.AUTO_MEMORY_SHARE      # 81 GB: still 10 (9 would plan 82)
+    assert train.checkpointed_blocks("auto", L, plan, gpu) == 10
+    memory["total_memory"] = 200e9                               # everything fits: none
+    assert train.checkpointed_blocks("auto", L, plan, gpu) == 0
+    memory["total_memory"] = 10e9                                # nothing fits: every block, the least memory
+    assert train.checkpointed_blocks("auto", L, plan, gpu) == L
+
+
+def test_memory_plan_of_some_checkpointed_blocks():
+    """n checkpointed blocks of L equal ones: the other L - n keep their activations (a each per token), the n keep
+    their input (2 * n_embd bytes per token), and one at a time recomputes its activations in the backward pass."""
+    c = Config.from_name("tiny-qwen")
+    T, L, D = 512, c.n_layer, c.n_embd
+    a = train.activation_bytes(c, T)[0]
+    assert train.activation_bytes(c, T) == [a] * L
+    plans = [train.estimate_memory(c, 10 ** 6, 2, T, 1, "single", "bf16-mixed", n) for n in range(L + 1)]
+    for n, m in enumerate(plans):
+        assert m["activations"] == 2 * T * ((L - n) * a + 2 * D * n + (a if n else 0)), n
+    assert plans[0] == train.estimate_memory(c, 10 ** 6, 2, T, 1, "single", "bf16-mixed", False)
+    assert plans[L] == train.estimate_memory(c, 10 ** 6, 2, T, 1, "single", "bf16-mixed", True)
+    with pytest.raises(ValueError, match=r"train.activation_checkpointing=5: a number of blocks must lie in 0..4"):
+        train.main(model="tiny", train=train.TrainArgs(max_steps=1, activation_checkpointing=5), dry_run=True)
 
 
 def test_moe_aux_loss_and_spiking_metrics(tmp_path, pydoc):
@@ -443,6 +485,7 @@ def test_dry_run_plans_7b_without_allocating(world, capsys):
                global_batch_size=64, max_steps=1), devices=world, dry_run=True)
     out = capsys.readouterr().out
     assert f"{params_7b() / 1e9:.3f}B parameters" in out and f"over {world} device" in out
+    assert "activation_checkpointing auto checkpoints: " in out and " on an H200 (141 GB)" in out
     c = Config.from_name("spikingbrain-7b")
     ck, no = (train.estimate_memory(c, params_7b(), 1, 8192, world, "fsdp", "bf16-mixed", x) for x in (True, False))
     assert ck["weights"] == 4 * params_7b() / world and ck["optimizer"] == 8 * params_7b() / world
