@@ -1462,15 +1462,15 @@ def _check_spike_linear(counts, vth, qweight, scales, group_size, bias):
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
 
 
-@torch.compiler.disable   # in a compiled model, the launch (and its fallback) runs as it is between graphs
-def spike_linear(counts, vth, qweight, scales, group_size, bias=None, out_dtype=torch.float32):
+@torch.compiler.disable   # compiled blocks reach it through the op _spike_gemm_into (w8aspike_linear)
+def spike_linear(counts, vth, qweight, scales, group_size, bias=None, out_dtype=torch.float32, out=None):
     """W8ASpike's linear layer on 8-bit tensor cores (int8 x int8 tl.dot, int32 sums):
         y[m, n] = sum_g scales[n, g] * (sum_{k in group g} counts[m, k] * qweight[n, k]) * vth[m]  (+ bias[n]).
 
     counts int8 [M, K] (spike counts, e.g. spike_counts_int8); vth float32 [M, 1] (each row's threshold);
     qweight int8 [N, K]; scales [N, G], G = ceil(K / group_size): groups of group_size input channels, the last one
     shorter where group_size does not divide K (spiking.quantize_weight's layout); bias [N] or None.
-    Returns [M, N] in out_dtype.
+    Returns [M, N] in out_dtype (written into `out` [M, N] when given).
 
     Exactness: the products of a group, in pieces of at most 128 channels (one piece per group of 128), sum in
     int32 without rounding, and each piece's sum converts to fp32 exactly (|sum| <= 128 * 128 * 127 < 2^24). Only
@@ -1484,7 +1484,7 @@ def spike_linear(counts, vth, qweight, scales, group_size, bias=None, out_dtype=
     """
     _check_spike_linear(counts, vth, qweight, scales, group_size, bias)
     (M, K), N = counts.shape, qweight.shape[0]
-    out = counts.new_empty(M, N, dtype=out_dtype)
+    out = counts.new_empty(M, N, dtype=out_dtype) if out is None else out
     if M == 0 or N == 0:
         return out
     a, b = counts.contiguous(), qweight.contiguous()
@@ -1527,7 +1527,6 @@ def use_spike_gemm(x):
                                            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-@torch.compiler.disable   # reads one flag on the host per call: runs as it is inside compiled blocks
 def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
     """spiking.W8ASpikeLinear's forward on spike_linear: x [..., K] -> spike counts at threshold parameter k ->
     [..., N] in x's dtype (qweight int8 [N, K], scales [N, G], bias [N] or None, as spike_linear).
@@ -1535,16 +1534,47 @@ def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
     Counts past +-127 are not saturated: a row holding one (a channel beyond 127.5 thresholds, 42.5 x the row's
     mean |x| at k = 3) is found by a max over its counts, fused into the quantization pass, and recomputed by the
     float path (spike_linear_torch on its exact counts, float64); the other rows come from the kernel. The price
-    is one read of a flag on the host per call.
+    is one read of a flag on the host per call. In a compiled block the quantization stays in the graph (inductor
+    fuses it into the pass before it) and the kernel and the host read run inside the ops _spike_gemm_into and
+    _w8_wide_rows, so the block is one graph.
     """
+    if not k > 0:
+        raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
-    counts, vth, wide = spike_counts_int8(x2, k)
-    y = spike_linear(counts, vth, qweight, scales, group_size, bias, out_dtype=x.dtype)
+    counts, vth, wide = (spike_counts_int8_torch if torch.compiler.is_compiling() else spike_counts_int8)(x2, k)
+    y = x2.new_empty(x2.shape[0], qweight.shape[0])
+    _spike_gemm_into(y, counts, vth, qweight, scales, group_size, bias)
+    _w8_wide_rows(y, wide, x2, qweight, scales, group_size, float(k), bias)
+    return y.view(*x.shape[:-1], -1)
+
+
+@torch.library.custom_op("spikingbrain::spike_gemm_into", mutates_args=("out",))
+def _spike_gemm_into(out: torch.Tensor, counts: torch.Tensor, vth: torch.Tensor, qweight: torch.Tensor,
+                     scales: torch.Tensor, group_size: int, bias: Optional[torch.Tensor]) -> None:
+    """spike_linear into out [M, N] (its dtype): one op to a compiled graph, the launch and its tile fallback
+    running as they are."""
+    spike_linear(counts, vth, qweight, scales, group_size, bias, out.dtype, out)
+
+
+@_spike_gemm_into.register_fake
+def _(out, counts, vth, qweight, scales, group_size, bias):
+    return None
+
+
+@torch.library.custom_op("spikingbrain::w8_wide_rows", mutates_args=("y",))
+def _w8_wide_rows(y: torch.Tensor, wide: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  group_size: int, k: float, bias: Optional[torch.Tensor]) -> None:
+    """w8aspike_linear's rows holding a count past +-127 (wide [M] bool), recomputed in place in y [M, N] by the
+    float path on their exact counts: one op, so that its host read of `wide` does not break a compiled graph."""
     if wide.any():
         rows = wide.nonzero()[:, 0]
-        c, v = spike_quant_torch(x2[rows], k)
-        y[rows] = spike_linear_torch(c, v, qweight, scales, group_size, bias, out_dtype=x.dtype)
-    return y.view(*x.shape[:-1], -1)
+        c, v = spike_quant_torch(x[rows], k)
+        y[rows] = spike_linear_torch(c, v, qweight, scales, group_size, bias, out_dtype=y.dtype)
+
+
+@_w8_wide_rows.register_fake
+def _(y, wide, x, qweight, scales, group_size, k, bias):
+    return None
 
 
 # ----------------------------------------------------------------------------- spike counts on FP8 tensor cores

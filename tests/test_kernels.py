@@ -582,6 +582,34 @@ def test_w8aspike_linear_routes_counts_past_int8_to_the_float_path(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[gpu, needs_cuda])])
+def test_w8aspike_linear_compiles_in_one_graph(monkeypatch, backend):
+    """No graph break (fullgraph): the spike quantization stays in the compiled block's graph (inductor fuses it
+    into the pass before it), the kernel launch and the host read of the wide rows run inside the ops
+    _spike_gemm_into and _w8_wide_rows, which still recompute a row with a count past 127 exactly. aot_eager: equal
+    to eager bit for bit (no code generation); inductor (GPU): its fused quantization may round a count the other
+    way at a half, so equal within the kernel's bound plus one count's worth."""
+    monkeypatch.setattr(kernels, "SPIKE_GEMM_SAFE", SMALL_TILES)
+    x = torch.cat([torch.randn(31, 200, generator=torch.Generator().manual_seed(4)), wide_rows()]).to(DEV)
+    _, _, qweight, scales, b = spike_operands(37, 200, 48, 128, seed=5)
+
+    def f(x):
+        return kernels.w8aspike_linear(torch.nn.functional.silu(x) * 2, qweight, scales, 128, 3.0, b)
+    counts, vth = spike_quant_ref(torch.nn.functional.silu(x) * 2, 3.0)
+    assert (counts.abs().amax(-1) > 127).sum() >= 1                  # a row the kernel cannot take
+    with torch.no_grad():
+        want = f(x)
+        torch._dynamo.reset()
+        y = torch.compile(f, fullgraph=True, backend=backend)(x)
+    if backend == "aot_eager":
+        assert torch.equal(y, want)
+        assert_spike_exact(y, counts, vth, qweight, scales, 128, b)
+    else:
+        one_count = kernels.spike_linear_torch(torch.ones_like(counts), vth, qweight.abs(), scales, 128)
+        assert ((y.double() - want.double()).abs() <= 2 * one_count.abs().amax(-1, keepdim=True) + 1e-3).all()
+
+
+@needs_triton
 def test_w8aspike_module_through_the_kernel_equals_the_reference(monkeypatch):
     """spiking.W8ASpikeLinear's forward with the kernel forced (as on CUDA) against its float reference path (as on
     CPU): a partial last group, a bias, a token with counts past int8; gradients and spike_k=None keep the float
