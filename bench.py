@@ -894,7 +894,7 @@ def weight_bytes_read(m, B):
     c = m.config
     n = weight_bytes(m, skip=("embed.weight",))
     if c.moe_layers:
-        expert = weight_bytes(m.blocks[c.moe_layers[0]].mlp.experts[0])
+        expert = weight_bytes(m.blocks[c.moe_layers[0]].mlp.experts) / c.n_expert   # one routed expert's
         n -= len(c.moe_layers) * c.n_expert * (1 - c.top_k / c.n_expert) ** B * expert
     return n
 
@@ -1708,7 +1708,8 @@ def active_params(ffn):
     """Parameters one token goes through: all of a dense FFN's; an MoE's router, shared and top_k routed experts."""
     if not isinstance(ffn, MoE):
         return sum(p.numel() for p in ffn.parameters())
-    return sum(p.numel() for m in (ffn.router, *ffn.shared, *ffn.experts[:ffn.c.top_k]) for p in m.parameters())
+    routed = sum(p.numel() for p in ffn.experts.parameters()) * ffn.c.top_k // ffn.c.n_expert
+    return routed + sum(p.numel() for m in (ffn.router, *ffn.shared) for p in m.parameters())
 
 
 def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: bool = True, profile: bool = True,

@@ -177,7 +177,27 @@ def read_headers(src):
             problems.append(f"{f} cannot be read as safetensors ({e})")
     if problems:
         raise ValueError(f"{src}: unreadable checkpoint:\n  " + "\n  ".join(problems))
-    return files, headers
+    return files, stacked_experts(headers, lambda hs: ((len(hs), *hs[0][0]), *hs[0][1:]))
+
+
+PER_EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(.+)")   # the routed experts one tensor each, as saved before
+
+
+def stacked_experts(state, stack=torch.stack):
+    """A checkpoint's {name: value} with the routed experts saved one tensor per expert (`...mlp.experts.{e}.
+    gate_proj.weight`, the layout before model.ExpertLinear) -> their stacked names (`...mlp.experts.gate_proj.weight`,
+    stack(values in expert order)); a W8ASpike layer's group width (`._extra_state`) is one value. Others as
+    they are."""
+    groups, out = {}, {}
+    for k, v in state.items():
+        m = PER_EXPERT.fullmatch(k)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = v
+        else:
+            out[k] = v
+    for k, per in groups.items():
+        out[k] = per[0] if k.endswith("._extra_state") else stack([per[e] for e in sorted(per)])
+    return out
 
 
 def read_tensor(src, headers, name):
@@ -259,7 +279,12 @@ class FileWriter:
         if (tuple(t.shape), t.dtype) != (tuple(self.plan[name][0]), self.plan[name][1]):
             raise ValueError(f"tensor {name}: {tuple(t.shape)} {t.dtype}, planned {self.plan[name]}")
         self.f.seek(self.base + self.offsets[name])
-        self.f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        if t.dim() and t.stride(0) == 0:   # copies of one tensor (upcycled experts): written without stacking them
+            row = t[0].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data
+            for _ in range(t.shape[0]):
+                self.f.write(row)
+        else:
+            self.f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
         self.todo.discard(name)
 
     def __enter__(self):
@@ -452,7 +477,7 @@ def read_state(path, files, device="cpu"):
             raise
         except Exception as e:
             raise ValueError(f"{w_file} cannot be read as safetensors ({e}); the file is corrupt or truncated") from None
-    return state
+    return stacked_experts(state)
 
 
 def build_model(config, state, device, dtype, source):
@@ -669,8 +694,7 @@ def dense_tensors(name, t, config, alpha, mapping, lm_head_from_embed=False):
         scaled = scale(t, alpha ** UPCYCLE_POWER[kind])
         for s in range(config.n_shared_expert):
             yield f"blocks.{layer}.mlp.shared.{s}.{kind}.weight", scaled
-        for e in range(config.n_expert):
-            yield f"blocks.{layer}.mlp.experts.{e}.{kind}.weight", scaled
+        yield f"blocks.{layer}.mlp.experts.{kind}.weight", scaled.expand(config.n_expert, *scaled.shape)   # a view
     else:
         yield ours, t
 

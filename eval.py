@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import convert
-from model import Linear, check_spike_k, sample
+from model import ExpertLinear, Linear, check_spike_k, sample
 from spiking import W8ASpikeLinear, collect_stats, quantized_format
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +83,7 @@ def spike_sweep(model, rows, ks, *, batch_size=8, coding="bidirectional", window
     SpikeStats.summary() fields. The model's spike_k settings are restored afterwards.
     """
     check_sweep(ks, coding, window)
-    saved = [(m, m.spike_k) for m in model.modules() if isinstance(m, (Linear, W8ASpikeLinear))]
+    saved = [(m, m.spike_k) for m in model.modules() if isinstance(m, (Linear, ExpertLinear, W8ASpikeLinear))]
     saved_cfg, was_training = model.config.spike_k, model.training
     model.eval()
     try:

@@ -1732,34 +1732,33 @@ def grouped_mm_t(a, b, offs):
 
 
 class GroupedLinear(torch.autograd.Function):
-    """Rows of a [R, K] in the groups of offs, each through its expert's weight [M, K] (E of them, as nn.Linear
-    holds it): [R, M]. The weights are stacked [E, M, K] for each GEMM, forward and backward, and dropped after it:
-    the backward keeps the experts' own weights (which FSDP frees and gathers again), not a stacked copy per layer."""
+    """Rows of a [R, K] in the groups of offs, each through its expert's weight: w [E, M, K] (ExpertLinear's, as it
+    is) -> [R, M]. Autograd keeps a and the weight itself (FSDP frees it and gathers it again), no copy of it."""
 
     @staticmethod
-    def forward(ctx, a, offs, *ws):
-        ctx.save_for_backward(a, offs, *ws)
-        return grouped_mm(a, torch.stack(ws).transpose(1, 2), offs)
+    def forward(ctx, a, offs, w):
+        ctx.save_for_backward(a, offs, w)
+        return grouped_mm(a, w.transpose(1, 2), offs)
 
     @staticmethod
     def backward(ctx, dy):
-        a, offs, *ws = ctx.saved_tensors
+        a, offs, w = ctx.saved_tensors
         dy = dy.contiguous()   # torch._grouped_mm takes row- or column-major matrices only
-        da = grouped_mm(dy, torch.stack(ws), offs) if ctx.needs_input_grad[0] else None
-        return da, None, *grouped_mm_t(dy, a, offs).unbind(0)
+        da = grouped_mm(dy, w, offs) if ctx.needs_input_grad[0] else None
+        return da, None, grouped_mm_t(dy, a, offs)
 
 
 def use_moe(x, experts):
-    """moe_experts for x [N, C] through these experts (model.MoE.routed)? Only over plain projections (nn.Linear
-    without bias, one spike_k) that no hook watches: spike statistics read each expert's own input, and W8ASpike's
-    swapped layers hold no float weight to stack."""
-    I = experts[0].gate_proj.out_features
+    """moe_experts for x [N, C] through model.MoE's experts (a ModuleDict of gate_proj, up_proj, down_proj)? Only
+    over float stacked weights (W8ASpike and FP8 swaps hold none) with one spike_k, that no hook watches (spike
+    statistics and calibration read each expert's own rows)."""
+    ps = [experts[n] for n in ("gate_proj", "up_proj", "down_proj")]
+    I = ps[0].out_features
     if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not (
             x.is_cuda and torch.is_grad_enabled() and has_grouped_mm(x.device, compute_dtype(x), x.shape[-1], I)):
         return False
-    ps = [p for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
-    k = getattr(ps[0], "spike_k", None)
-    return all(isinstance(p, torch.nn.Linear) and p.bias is None and getattr(p, "spike_k", None) == k
+    k = ps[0].spike_k
+    return all(isinstance(getattr(p, "weight", None), torch.nn.Parameter) and p.spike_k == k
                and not (p._forward_hooks or p._forward_pre_hooks) for p in ps)
 
 
@@ -1770,32 +1769,31 @@ def _spike(x, k):
 
 
 def moe_experts(x, w, idx, experts):
-    """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * experts[idx[n, j]](x[n]).
+    """model.MoE's routed experts without a host sync: out[n] = sum_j w[n, j] * expert_{idx[n, j]}(x[n]).
 
     x [N, C]; w [N, k] float32 (or wider), the router weights of the chosen experts; idx [N, k] int64, their ids;
-    experts: E SwiGLU modules (gate_proj, up_proj [I, C], down_proj [C, I] weights, as model.MLP). The N * k (token,
-    expert) rows are sorted by expert once, and each projection is one grouped GEMM over the experts' weights stacked
-    [E, ...] (GroupedLinear): a copy of them per GEMM, so that the checkpoint, FSDP's per-block shards, W8ASpike and
-    the spike statistics keep one module per expert. Every expert is in the graph (a zero gradient without rows):
-    all FSDP ranks reduce the same set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
+    experts: model.MoE.experts (gate_proj, up_proj weights [E, I, C], down_proj [E, C, I]). The N * k (token,
+    expert) rows are sorted by expert once, and each projection is one grouped GEMM over its stacked weight
+    (GroupedLinear). Every expert is in the graph (a zero gradient without rows): all FSDP ranks reduce the same
+    set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
     """
-    (N, k), E = idx.shape, len(experts)
+    (N, k), E = idx.shape, experts["gate_proj"].weight.shape[0]
     if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:
         raise ValueError(f"moe_experts: x [N, C], w and idx [N, k]; got {tuple(x.shape)}, {tuple(w.shape)}, "
                          f"{tuple(idx.shape)}")
-    dt, spike_k = compute_dtype(x), getattr(experts[0].gate_proj, "spike_k", None)
+    dt, spike_k = compute_dtype(x), experts["gate_proj"].spike_k
     flat = idx.flatten()                                                 # (N*k,) expert of each (token, slot) row
     order = flat.argsort(stable=True)                                    # rows by expert, tokens in order within
     offs = torch.searchsorted(flat[order], torch.arange(E, device=x.device), right=True).int()   # (E,) group ends
     xs = x[order // k]                                                   # (N*k, C) sorted rows
     if spike_k is not None:   # per row: the same spikes as each expert's projections make of its own rows
         xs = _spike(xs, spike_k)
-    gate, up, down = ([getattr(e, n).weight.to(dt) for e in experts] for n in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (experts[n].weight.to(dt) for n in ("gate_proj", "up_proj", "down_proj"))
     xs = xs.to(dt)
-    h = F.silu(GroupedLinear.apply(xs, offs, *gate)) * GroupedLinear.apply(xs, offs, *up)   # (N*k, I)
+    h = F.silu(GroupedLinear.apply(xs, offs, gate)) * GroupedLinear.apply(xs, offs, up)   # (N*k, I)
     if spike_k is not None:
         h = _spike(h, spike_k)
-    y = GroupedLinear.apply(h, offs, *down) * w.flatten()[order, None]   # (N*k, C), weighted in float32 (or wider)
+    y = GroupedLinear.apply(h, offs, down) * w.flatten()[order, None]   # (N*k, C), weighted in float32 (or wider)
     return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype)          # back in (token, slot) order
 
 

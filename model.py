@@ -454,15 +454,35 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class ExpertLinear(nn.Module):
+    """E bias-free projections in one Parameter, weight [E, out, in]; forward(x, e): expert e's (spiking: Linear's)."""
+    spike_k: float | None = None
+
+    def __init__(self, n_expert, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_expert, out_features, in_features))
+        nn.init.uniform_(self.weight, -in_features ** -0.5, in_features ** -0.5)   # as nn.Linear's (GPT re-inits)
+
+    def forward(self, x, e):
+        return F.linear(x if self.spike_k is None else spike(x, self.spike_k), self.weight[e])
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts + always-on shared experts -> (out, balance loss, share of tokens per expert)."""
 
     def __init__(self, c):
         super().__init__()
-        self.c = c
-        self.router = nn.Linear(c.n_embd, c.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(c) for _ in range(c.n_expert))
+        self.c, E, C, I = c, c.n_expert, c.n_embd, c.intermediate_size
+        self.router = nn.Linear(C, E, bias=False)
+        self.experts = nn.ModuleDict(dict(gate_proj=ExpertLinear(E, C, I), up_proj=ExpertLinear(E, C, I),
+                                          down_proj=ExpertLinear(E, I, C)))   # the routed experts, stacked
         self.shared = nn.ModuleList(MLP(c) for _ in range(c.n_shared_expert))
+
+    def expert(self, x, e):
+        """Routed expert e's SwiGLU of its rows x [n, C]."""
+        p = self.experts
+        return p.down_proj(F.silu(p.gate_proj(x, e)) * p.up_proj(x, e), e)
 
     def forward(self, x, cp=None):
         c, shape = self.c, x.shape
@@ -478,13 +498,13 @@ class MoE(nn.Module):
         return out.view(shape), aux, load.detach().float()
 
     def routed(self, x, w, idx):
-        """sum_j w[n, j] * experts[idx[n, j]](x[n]) for x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
+        """sum_j w[n, j] * expert idx[n, j] of x[n]; x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
         if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
             return kernels.moe_experts(x, w, idx, self.experts)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):   # every expert runs, even on no tokens: under FSDP/DDP all
-            tok, slot = (idx == e).nonzero(as_tuple=True)   # ranks must produce the same set of gradients (a host sync)
-            out = out.index_add(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(x.dtype))
+        for e in range(self.c.n_expert):   # a host sync per expert
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, (self.expert(x[tok], e) * w[tok, slot, None]).to(x.dtype))
         return out
 
 
@@ -518,7 +538,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, m):
         # as the release (transformers' default for GLAswa): N(0, init_std) weights and sinks, zero biases, unit norms
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding, ExpertLinear)):
             nn.init.normal_(m.weight, std=self.config.init_std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
@@ -599,7 +619,7 @@ class GPT(nn.Module):
         if not embeddings:
             n -= self.embed.weight.numel() + self.lm_head.weight.numel()
         if active_only and c.moe_layers:
-            per_expert = sum(p.numel() for p in self.blocks[c.moe_layers[0]].mlp.experts[0].parameters())
+            per_expert = sum(p[0].numel() for p in self.blocks[c.moe_layers[0]].mlp.experts.parameters())
             n -= len(c.moe_layers) * (c.n_expert - c.top_k) * per_expert
         return n
 

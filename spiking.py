@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Config, Linear, check_spike_k, kernels, spike, spike_quant   # kernels: None without kernels.py
+from model import (Config, ExpertLinear, Linear, check_spike_k, kernels,   # kernels: None without kernels.py
+                   spike, spike_quant)
 
 __all__ = ["spike_quant", "spike", "encode", "decode", "default_steps", "coding_range", "spike_events",
            "if_neuron", "collect_stats", "energy", "spike_raster", "quantize_weight", "dequantize_weight",
@@ -338,7 +339,8 @@ def collect_stats(model, k=None, coding="bidirectional", window=3, hist_max=64):
         raise ValueError(f"hist_max={hist_max} must be >= 17 (the summary reports the share of |count| > 16)")
     stats = SpikeStats(coding, window, hist_max)
     handles = [m.register_forward_pre_hook(partial(_record, stats, name, k))
-               for name, m in model.named_modules() if isinstance(m, (Linear, W8ASpikeLinear, FP8SpikeLinear))]
+               for name, m in model.named_modules()
+               if isinstance(m, (Linear, ExpertLinear, W8ASpikeLinear, FP8SpikeLinear))]
     try:
         yield stats
     finally:
@@ -402,7 +404,7 @@ def _grouped(t, g):
 def _group_width(in_features, scales, group_size):
     """The group width of a layer from its scales [out, G]: group_size checked against G, or, given None, the
     width of G equal groups (a layer with a partial group needs its group_size: several widths give G groups)."""
-    n = scales.shape[1]
+    n = scales.shape[-1]
     if group_size is None:
         if n < 1 or in_features % n:
             raise ValueError(f"{n} scale groups do not split in_features={in_features} evenly: pass group_size")
@@ -420,8 +422,12 @@ def quantize_weight(w, group_size=128, scales=None):
     G = ceil(in / g) groups of g = min(group_size, in) channels; the last group of a row holds the remaining
     in - (G - 1) g channels when g does not divide in. scales=None: max|w| / 127 per (row, group), so
     |w - q * s| <= s / 2. Given scales (e.g. calibrated clip ratios) are used as they are, q clamped to
-    [-127, 127]. An all-zero group gets scale 1 (and q = 0).
+    [-127, 127]. An all-zero group gets scale 1 (and q = 0). Stacked experts' weights [E, out, in] quantize the same
+    (scales [E, out, G]).
     """
+    if w.dim() > 2:
+        q, s = quantize_weight(w.flatten(0, -2), group_size, None if scales is None else scales.flatten(0, -2))
+        return q.view(w.shape), s.view(*w.shape[:-1], -1)
     out_f, in_f = w.shape
     g = _group(in_f, group_size)
     wg = _grouped(w.float(), g)
@@ -435,7 +441,9 @@ def quantize_weight(w, group_size=128, scales=None):
 
 def dequantize_weight(q, scales, group_size=None):
     """q int8 [out, in], scales [out, G] -> float32 weight [out, in]: groups of group_size channels, the last
-    one possibly shorter (None: G equal groups)."""
+    one possibly shorter (None: G equal groups). Stacked [E, out, in] too."""
+    if q.dim() > 2:
+        return dequantize_weight(q.flatten(0, -2), scales.flatten(0, -2), group_size).view(q.shape)
     out_f, in_f = q.shape
     g = _group_width(in_f, scales, group_size)
     return (_grouped(q.float(), g) * scales.float()[..., None]).view(out_f, -1)[:, :in_f]
@@ -451,39 +459,46 @@ class W8ASpikeLinear(nn.Module):
     forward multiplies int8 counts by the int8 weights on tensor cores (kernels.w8aspike_linear: exact integer
     sums, fp32 scaling), and a decode step (a few rows) reads the int8 weights and dequantizes them in registers
     (kernels.w8aspike_gemv on the spike counts, kernels.int8_gemv weight-only); elsewhere the float reference below.
+    n_expert: the stacked projections of an MoE's experts (model.ExpertLinear): qweight [E, out, in], scales
+    [E, out, G], no bias; forward(x, e) is expert e's.
     """
 
-    def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, group_size=128, spike_k=3.0, device=None, dtype=None,
+                 n_expert=None):
         super().__init__()
         check_spike_k(spike_k)
         self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
         self.group_size = _group(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, _n_groups(in_features, self.group_size), device=device))
+        lead = () if n_expert is None else (n_expert,)
+        self.register_buffer("qweight", torch.zeros(*lead, out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(*lead, out_features, _n_groups(in_features, self.group_size),
+                                                  device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
 
     @classmethod
     def from_linear(cls, linear, group_size=128, spike_k=3.0, scales=None):
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, spike_k,
-                device=linear.weight.device, dtype=linear.weight.dtype)
-        m.qweight, m.scales = quantize_weight(linear.weight.detach(), m.group_size, scales)
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
+        """From a model.Linear or a model.ExpertLinear (stacked experts)."""
+        bias, w = getattr(linear, "bias", None), linear.weight
+        m = cls(linear.in_features, linear.out_features, bias is not None, group_size, spike_k, device=w.device,
+                dtype=w.dtype, n_expert=w.shape[0] if w.dim() == 3 else None)
+        m.qweight, m.scales = quantize_weight(w.detach(), m.group_size, scales)
+        if bias is not None:
+            m.bias = bias.detach().clone()
         return m
 
-    def forward(self, x):
+    def forward(self, x, e=None):
+        q, s = (self.qweight, self.scales) if e is None else (self.qweight[e], self.scales[e])
         if self.spike_k is None and kernels and kernels.use_int8_gemv(x, self.group_size):   # decode, INT8 reads
-            y = kernels.int8_gemv(x.reshape(-1, self.in_features), self.qweight, self.scales, self.group_size,
-                                  self.bias)
+            y = kernels.int8_gemv(x.reshape(-1, self.in_features), q, s, self.group_size, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self.spike_k is not None and kernels and kernels.use_w8aspike_gemv(x, self.group_size, self.spike_k):
-            return kernels.w8aspike_gemv(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
+            return kernels.w8aspike_gemv(x, q, s, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None and kernels and kernels.use_spike_gemm(x):   # int8 counts x int8 weights
-            return kernels.w8aspike_linear(x, self.qweight, self.scales, self.group_size, self.spike_k, self.bias)
+            return kernels.w8aspike_linear(x, q, s, self.group_size, self.spike_k, self.bias)
         if self.spike_k is not None:
             counts, vth = spike_quant(x, self.spike_k)
             x = (counts * vth).to(x.dtype)
-        w = dequantize_weight(self.qweight, self.scales, self.group_size).to(x.dtype)
+        w = dequantize_weight(q, s, self.group_size).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def get_extra_state(self):
@@ -491,14 +506,15 @@ class W8ASpikeLinear(nn.Module):
 
     def set_extra_state(self, state):
         g = int(state)
-        if _n_groups(self.in_features, g) != self.scales.shape[1]:
-            raise ValueError(f"saved group width {g} does not fit {self.scales.shape[1]} scale groups of "
+        if _n_groups(self.in_features, g) != self.scales.shape[-1]:
+            raise ValueError(f"saved group width {g} does not fit {self.scales.shape[-1]} scale groups of "
                              f"in_features={self.in_features}")
         self.group_size = g
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"group_size={self.group_size}, spike_k={self.spike_k}"
+               f"group_size={self.group_size}, spike_k={self.spike_k}" + \
+               (f", n_expert={self.qweight.shape[0]}" if self.qweight.dim() == 3 else "")
 
 
 def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirectional", group_size=None):
@@ -523,7 +539,8 @@ def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirection
 
 
 def _linears(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
+    """The float projections quantizers replace: every model.Linear and model.ExpertLinear (stacked experts)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Linear, ExpertLinear))]
 
 
 def _swap(model, name, new):
@@ -532,7 +549,8 @@ def _swap(model, name, new):
 
 
 def replace_linears(model, *, k=3.0, group_size=128, scales=None):
-    """Swap every model.Linear (all projections of the blocks; not lm_head or the router) for a W8ASpikeLinear.
+    """Swap every model.Linear and ExpertLinear (the projections of the blocks; not lm_head or the router) for a
+    W8ASpikeLinear.
 
     k: activation threshold parameter (None: float activations). group_size: input channels per scale; the
     last group of a row is shorter where it does not divide in_features. scales: {module name: [out, G]} from
@@ -544,7 +562,7 @@ def replace_linears(model, *, k=3.0, group_size=128, scales=None):
     for name, m in targets:
         g = _group(m.in_features, group_size)
         if scales is not None:
-            want = (m.out_features, _n_groups(m.in_features, g))
+            want = (*m.weight.shape[:-1], _n_groups(m.in_features, g))
             if name not in scales or tuple(scales[name].shape) != want:
                 raise ValueError(f"scales for {name}: need shape {want}, got "
                                  f"{tuple(scales[name].shape) if name in scales else 'none'}")
@@ -629,11 +647,14 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
     if not targets:
         raise ValueError("the model has no model.Linear to calibrate (already replaced?)")
     check_group_size(group_size)   # a bad group_size fails before the forward passes
-    sq = {name: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in targets}
+    # per input channel (and per expert of stacked experts, whose forward gets (x, e))
+    sq = {name: torch.zeros(*m.weight.shape[:-2], m.in_features, dtype=torch.float64, device=m.weight.device)
+          for name, m in targets}
 
     def record(name, module, args):
         x = args[0] if k is None else spike(args[0], k)
-        sq[name] += x.double().pow(2).flatten(0, -2).sum(0)
+        at = sq[name] if len(args) == 1 else sq[name][args[1]]
+        at += x.double().pow(2).flatten(0, -2).sum(0)
 
     saved = [(m, m.spike_k) for _, m in targets]
     handles = [m.register_forward_pre_hook(partial(record, name)) for name, m in targets]
@@ -658,7 +679,9 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate got no data: `batches` yielded no rows of token ids")
-    return {name: search_scales(m.weight.detach(), sq[name], group_size, grid) for name, m in targets}
+    def scales(w, sq):   # stacked experts: each its own search
+        return search_scales(w, sq, group_size, grid) if w.dim() == 2 else torch.stack(list(map(scales, w, sq)))
+    return {name: scales(m.weight.detach(), sq[name]) for name, m in targets}
 
 
 # ----------------------------------------------------------------------------- FP8: spike counts x e4m3 weights
@@ -672,15 +695,15 @@ def quantize_weight_fp8(w):
     (plus e4m3's subnormal step, 2^-9 s, near 0). An all-zero row gets scale 1. The bits are stored as uint8 so that
     a module.to(dtype) never converts them."""
     w = w.detach().float()
-    s = w.abs().amax(1) / FP8_MAX
+    s = w.abs().amax(-1) / FP8_MAX
     s = torch.where(s > 0, s, torch.ones_like(s))
-    q = (w / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = (w / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(torch.uint8), s
 
 
 def dequantize_weight_fp8(bits, scales):
-    """(bits uint8 [out, in], scales [out]) -> float32 weight [out, in]."""
-    return bits.view(torch.float8_e4m3fn).float() * scales.float()[:, None]
+    """(bits uint8 [out, in], scales [out]) -> float32 weight [out, in] (stacked [E, out, in] too)."""
+    return bits.view(torch.float8_e4m3fn).float() * scales.float()[..., None]
 
 
 def fp8_counts(counts):
@@ -698,40 +721,46 @@ class FP8SpikeLinear(nn.Module):
     kernels.INT8_GEMV_MAX_ROWS rows) runs kernels.fp8_gemv (capability >= 8.0: reads the e4m3 bytes, converts them in
     registers, no host sync); more rows run on FP8 tensor cores (capability >= 8.9: kernels.spike_linear_fp8,
     torch._scaled_mm with vth and the scales as row and column scales); elsewhere the float reference below, on the
-    same quantized operands."""
+    same quantized operands. n_expert: stacked experts as W8ASpikeLinear's (fp8_weight [E, out, in], scales
+    [E, out]; forward(x, e))."""
 
-    def __init__(self, in_features, out_features, bias=True, spike_k=3.0, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, spike_k=3.0, device=None, dtype=None, n_expert=None):
         super().__init__()
         if spike_k is None:
             raise ValueError("FP8SpikeLinear multiplies spike counts: it needs a spike k > 0")
         check_spike_k(spike_k)
         self.in_features, self.out_features, self.spike_k = in_features, out_features, spike_k
-        self.register_buffer("fp8_weight", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, device=device))
+        lead = () if n_expert is None else (n_expert,)
+        self.register_buffer("fp8_weight", torch.zeros(*lead, out_features, in_features, dtype=torch.uint8,
+                                                       device=device))
+        self.register_buffer("scales", torch.ones(*lead, out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
 
     @classmethod
     def from_linear(cls, linear, spike_k=3.0):
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, spike_k,
-                device=linear.weight.device, dtype=linear.weight.dtype)
-        m.fp8_weight, m.scales = quantize_weight_fp8(linear.weight)
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
+        """From a model.Linear or a model.ExpertLinear (stacked experts)."""
+        bias, w = getattr(linear, "bias", None), linear.weight
+        m = cls(linear.in_features, linear.out_features, bias is not None, spike_k, device=w.device, dtype=w.dtype,
+                n_expert=w.shape[0] if w.dim() == 3 else None)
+        m.fp8_weight, m.scales = quantize_weight_fp8(w)
+        if bias is not None:
+            m.bias = bias.detach().clone()
         return m
 
-    def forward(self, x):
+    def forward(self, x, e=None):
+        q, s = (self.fp8_weight, self.scales) if e is None else (self.fp8_weight[e], self.scales[e])
         if kernels and kernels.use_fp8_gemv(x, self.spike_k):   # decode: e4m3 bytes in registers, no host sync
-            return kernels.fp8_gemv(x, self.fp8_weight, self.scales, self.spike_k, self.bias)
+            return kernels.fp8_gemv(x, q, s, self.spike_k, self.bias)
         if kernels and kernels.use_spike_fp8(x):   # e4m3 counts x e4m3 weights, torch._scaled_mm
-            return kernels.spike_linear_fp8(x, self.fp8_weight.view(torch.float8_e4m3fn), self.scales, self.spike_k,
-                                            self.bias)
+            return kernels.spike_linear_fp8(x, q.view(torch.float8_e4m3fn), s, self.spike_k, self.bias)
         counts, vth = spike_quant(x, self.spike_k)
         xq = (fp8_counts(counts) * vth).to(x.dtype)
-        w = dequantize_weight_fp8(self.fp8_weight, self.scales).to(x.dtype)
+        w = dequantize_weight_fp8(q, s).to(x.dtype)
         return F.linear(xq, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, spike_k={self.spike_k}, e4m3"
+        return f"in_features={self.in_features}, out_features={self.out_features}, spike_k={self.spike_k}, e4m3" + \
+               (f", n_expert={self.fp8_weight.shape[0]}" if self.fp8_weight.dim() == 3 else "")
 
 
 def replace_linears_fp8(model, *, k=3.0):
@@ -759,10 +788,12 @@ def replace_linears_for_state(model, state, k=3.0):
     allocated, so a saved FP8 or INT8 model loads without a float copy of its projections. Returns the model.
     """
     for name, m in _linears(model):
+        bias = getattr(m, "bias", None) is not None
+        n_expert = m.weight.shape[0] if m.weight.dim() == 3 else None   # model.ExpertLinear: stacked experts
         if name + ".fp8_weight" in state:
             if k is None:
                 raise ValueError(f"{name} holds FP8 weights, which multiply spike counts: the config needs a spike_k")
-            _swap(model, name, FP8SpikeLinear(m.in_features, m.out_features, m.bias is not None, k))
+            _swap(model, name, FP8SpikeLinear(m.in_features, m.out_features, bias, k, n_expert=n_expert))
             continue
         if name + ".qweight" not in state:
             continue
@@ -770,5 +801,5 @@ def replace_linears_for_state(model, state, k=3.0):
             g = _group_width(m.in_features, state[name + ".scales"], None)
             state[name + "._extra_state"] = torch.tensor(g, device="cpu")   # a value, even under the meta device
         g = int(state.get(name + "._extra_state", m.in_features))   # missing: the caller's shape check names it
-        _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, m.bias is not None, g, k))
+        _swap(model, name, W8ASpikeLinear(m.in_features, m.out_features, bias, g, k, n_expert=n_expert))
     return model

@@ -40,7 +40,7 @@ import torch
 import convert
 import kernels
 from data import Packed, build_tokenizer, prepare, train_rows
-from model import GPT, MoE, PRESETS, Config, Linear, generate, spike_quant
+from model import GPT, MoE, PRESETS, Config, ExpertLinear, Linear, generate, spike_quant
 from tokenizer import Tokenizer
 
 
@@ -646,12 +646,18 @@ def validate(fabric, model, data, micro_batch_size, max_batches, cp_group=None):
 
 
 def spike_hooks(model, out):
-    """Record the fraction of zero spike counts at the input of every spiking projection (one forward)."""
+    """Record the fraction of zero spike counts at the input of every spiking projection (one forward; stacked
+    experts over all their calls)."""
+    seen = {}
+
     def hook(mod, inp, name):
         if inp[0].numel():   # an MoE expert may get no token
-            out[name] = (spike_quant(inp[0].detach(), mod.spike_k)[0] == 0).float().mean().item()
+            zero = spike_quant(inp[0].detach(), mod.spike_k)[0] == 0
+            z, n = seen.get(name, (0, 0))
+            seen[name] = z + int(zero.sum()), n + zero.numel()
+            out[name] = seen[name][0] / seen[name][1]
     return [m.register_forward_pre_hook(partial(hook, name=n)) for n, m in named_modules(model)
-            if isinstance(m, Linear) and m.spike_k is not None]
+            if isinstance(m, (Linear, ExpertLinear)) and m.spike_k is not None]
 
 
 def named_modules(model):

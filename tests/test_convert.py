@@ -365,10 +365,12 @@ def check_upcycled(mlp, g, u, d, config, x):
     with up * alpha and down * alpha^2, and MoE(x) = FFN(x) * (S + w(x)) / (S + k/N) exactly."""
     S, k, N = config.n_shared_expert, config.top_k, config.n_expert
     alpha = (1 / (S + k / N)) ** (1 / 3)
-    for m in [*mlp.experts, *mlp.shared]:   # every expert: gate as is, up * alpha, down * alpha^2
-        torch.testing.assert_close(m.gate_proj.weight, g, rtol=0, atol=0)
-        torch.testing.assert_close(m.up_proj.weight, u * alpha, rtol=1e-15, atol=0)
-        torch.testing.assert_close(m.down_proj.weight, d * alpha ** 2, rtol=1e-15, atol=0)
+    routed = [{k: mlp.experts[k].weight[e] for k in ("gate_proj", "up_proj", "down_proj")} for e in range(N)]
+    shared = [{k: getattr(m, k).weight for k in ("gate_proj", "up_proj", "down_proj")} for m in mlp.shared]
+    for m in routed + shared:   # every expert: gate as is, up * alpha, down * alpha^2
+        torch.testing.assert_close(m["gate_proj"], g, rtol=0, atol=0)
+        torch.testing.assert_close(m["up_proj"], u * alpha, rtol=1e-15, atol=0)
+        torch.testing.assert_close(m["down_proj"], d * alpha ** 2, rtol=1e-15, atol=0)
     with torch.no_grad():
         out, _, _ = mlp(x)
         # the top-k router weight (float64 here, as the model keeps its router probabilities in x's dtype or float32)
@@ -603,6 +605,41 @@ def test_release_tied_head(tmp_path):
     convert.convert_release(src=str(tmp_path / "rel"), out=str(tmp_path / "ours"), to="ours")
     got = read_dir(tmp_path / "ours")
     assert torch.equal(got["lm_head.weight"], t["model.embeddings.weight"])
+
+
+@pytest.mark.parametrize("quant", [None, "w8aspike", "fp8"])
+def test_checkpoints_with_one_tensor_per_expert_still_load(tmp_path, quant):
+    """A tiny-moe checkpoint (float, W8ASpike or FP8) rewritten in the layout before the routed experts were
+    stacked (`mlp.experts.{e}.gate_proj.weight` / `.qweight`, `.scales`, `._extra_state` per expert) loads into the
+    stacked model with the same tensors and the same logits."""
+    torch.manual_seed(0)
+    config = Config.from_name("tiny-moe", spike_k=3.0)
+    m = GPT(config).eval()
+    if quant == "w8aspike":
+        spiking.replace_linears(m, k=3.0, group_size=32)
+    elif quant == "fp8":
+        spiking.replace_linears_fp8(m, k=3.0)
+    convert.save_checkpoint(m, config, str(tmp_path / "new"))
+    state, old = read_dir(tmp_path / "new"), {}
+    for k, v in state.items():
+        head, sep, tail = k.partition(".mlp.experts.")
+        if sep:   # blocks.1.mlp.experts.gate_proj.weight [E, ...] -> blocks.1.mlp.experts.{e}.gate_proj.weight
+            for e in range(config.n_expert):
+                old[f"{head}.mlp.experts.{e}.{tail}"] = (v if tail.endswith("_extra_state") else v[e]).clone()
+        else:
+            old[k] = v
+    assert any(".experts.3." in k for k in old) and len(old) > len(state)
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "model.safetensors"))
+    convert.save_config(config, str(tmp_path / "old" / "config.yaml"))
+    a, _ = convert.load_checkpoint(str(tmp_path / "new"))
+    b, _ = convert.load_checkpoint(str(tmp_path / "old"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    idx = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x, y = a(idx)[0], b(idx)[0]
+    assert (x - y).abs().max() < 1e-5, (x - y).abs().max()   # equal weights; a matmul's last bits follow the alignment
 
 
 def test_release_export_refuses_what_it_cannot_say(tmp_path):

@@ -499,11 +499,11 @@ TABLE = {
         "python convert.py dense --src out/mini/dense/final --to spikingbrain-7b --out out/mini/sb7b-init",
         "python convert.py dense --src out/mini/dense/final --to spikingbrain-76b --out out/mini/sb76b-init --n_sink 16",
         "python train.py --config configs/mini-cpt-7b.yaml",
-        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 2457600 --out_dir out/mini/cpt-7b-5pct",
-        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 983040 --out_dir out/mini/cpt-7b-2pct",
+        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 819200 --out_dir out/mini/cpt-7b-5pct",
+        "python train.py --config configs/mini-cpt-7b.yaml --train.max_tokens 327680 --out_dir out/mini/cpt-7b-2pct",
         "python train.py --config configs/mini-cpt-76b.yaml",
-        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 2457600 --out_dir out/mini/cpt-76b-5pct",
-        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 983040 --out_dir out/mini/cpt-76b-2pct",
+        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 819200 --out_dir out/mini/cpt-76b-5pct",
+        "python train.py --config configs/mini-cpt-76b.yaml --train.max_tokens 327680 --out_dir out/mini/cpt-76b-2pct",
         "python train.py --config configs/mini-scratch-7b.yaml",
         "python train.py --config configs/mini-scratch-76b.yaml",
         "python train.py --config configs/mini-spike-7b.yaml",
@@ -536,7 +536,7 @@ TABLE = {
         Run(gpus=1, slow=True, needs=tuple((f"python train.py --config configs/ablation-{v}.yaml", "1 GPU")
                                            for v in ("hybrid", "gla", "swa", "fa")),
             check=lambda r, ws: "| fa |" in r.stdout and (ws.path / "results/ablation/conversion.png").is_file())],
-    "python eval.py recall --ckpt out/ablation/hybrid/final --lengths '[256,512,1024,2048,4096]' --samples 20 "
+    "python eval.py recall --ckpt out/ablation/hybrid/final --lengths '[256,512,1024,2048,4096]' --samples 10 "
     "--out results/ablation/hybrid": [
         Run(gpus=1, slow=True, needs=(("python train.py --config configs/ablation-hybrid.yaml", "1 GPU"),),
             append=("--lengths", "[256]", "--depths", "[0,100]", "--samples", "1"),
