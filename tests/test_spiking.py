@@ -427,7 +427,9 @@ def test_moe_model_stats_and_w8aspike():
     assert any(".experts." in n for n in st.layers()) and not any("router" in n for n in st.layers())
     with torch.no_grad():
         ref = model(idx)[0]
-    replace_linears(model, k=3.0, group_size=32)
+    scales = calibrate(model, [idx], n_samples=2, k=3.0, group_size=32)   # each expert from its own rows
+    assert scales["blocks.1.mlp.experts.gate_proj"].shape == (4, 160, 2)
+    replace_linears(model, k=3.0, group_size=32, scales=scales)
     assert type(model.blocks[1].mlp.router) is torch.nn.Linear
     down = model.blocks[1].mlp.experts.down_proj                     # the stacked experts: INT8 [E, out, in]
     assert isinstance(down, W8ASpikeLinear) and down.qweight.shape == (4, 64, 160) and down.scales.shape == (4, 64, 5)
