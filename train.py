@@ -80,6 +80,9 @@ class TrainArgs:
             int N (the first N blocks; the rest keep their activations) or auto (as few blocks as the memory plan
             fits in AUTO_MEMORY_SHARE of the GPU's memory: the fastest that fits; every block on a CPU).
         compile: torch.compile each block.
+        reshard_after_forward: FSDP frees each block's gathered weights after its forward and gathers them again
+            for its backward (true: the least memory); false keeps them from the forward to the backward: half the
+            all-gathers, for the whole model's bf16 weights held on every device during a micro-batch.
         log_interval: optimizer steps between TensorBoard points.
         save_interval: optimizer steps between checkpoints (and one at the end).
         keep_last: checkpoints kept in out_dir (older ones are deleted).
@@ -97,6 +100,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     activation_checkpointing: Union[bool, int, Literal["auto"]] = False
     compile: bool = False
+    reshard_after_forward: bool = True
     log_interval: int = 10
     save_interval: Optional[int] = 1000
     keep_last: int = 2
@@ -182,7 +186,7 @@ def main(
 
     check_writable(out_dir)   # before Fabric starts: its logger would fail later with a less useful message
     check_out_dir(out_dir, resume, overwrite)   # before Fabric starts: a refused run spawns no processes
-    fabric = launch(accelerator, devices, num_nodes, precision, strategy, out_dir)
+    fabric = launch(accelerator, devices, num_nodes, precision, strategy, out_dir, train.reshard_after_forward)
     fabric.seed_everything(seed)
     cp_group = context_group(fabric, cp)
     if batch_note:
@@ -310,14 +314,15 @@ def load_weights(model, path, config, sharded=False):
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def launch(accelerator, devices, num_nodes, precision, strategy, out_dir):
+def launch(accelerator, devices, num_nodes, precision, strategy, out_dir, reshard=True):
     """A launched Fabric: FSDP2 (`parallelize`), DDP or one device; TensorBoard logs in out_dir/logs."""
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
     from lightning.fabric.strategies import ModelParallelStrategy
 
     if strategy == "fsdp":
-        strategy = ModelParallelStrategy(parallelize_fn=partial(parallelize, mixed=precision == "bf16-mixed"),
+        strategy = ModelParallelStrategy(parallelize_fn=partial(parallelize, mixed=precision == "bf16-mixed",
+                                                                reshard=reshard),
                                          data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
                       strategy="auto" if strategy == "single" else strategy,
@@ -350,7 +355,7 @@ def cp_ranks(fabric, group):
     return fabric.global_rank // cp, fabric.world_size // cp
 
 
-def parallelize(model, mesh, mixed=True):
+def parallelize(model, mesh, mixed=True, reshard=True):
     """FSDP2: shard every block, then the rest (embeddings, sinks, final norm, head); materialize meta weights.
 
     With mixed precision the sharded weights stay fp32 (optimizer precision) and each block is all-gathered in
@@ -358,7 +363,8 @@ def parallelize(model, mesh, mixed=True):
     block i starts its backward (explicit prefetch): the packed documents' host syncs inside a block stop the CPU
     from running ahead, so a gather issued only when its block is reached would wait on the compute before it. The
     last block stays gathered from its forward to its backward, which follows at once. At most two blocks are
-    gathered at a time, as the memory plan counts.
+    gathered at a time, as the memory plan counts; reshard=False keeps every block gathered from its forward to
+    its backward (TrainArgs.reshard_after_forward).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -366,7 +372,7 @@ def parallelize(model, mesh, mixed=True):
         MixedPrecisionPolicy()
     dp = mesh["data_parallel"]
     for i, block in enumerate(model.blocks):   # the last block's backward follows its forward: kept gathered
-        fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=i < len(model.blocks) - 1)
+        fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard and i < len(model.blocks) - 1)
     fully_shard(model, mesh=dp, mp_policy=mp)
     for a, b in zip(model.blocks, model.blocks[1:]):
         a.set_modules_to_forward_prefetch([b])
@@ -405,7 +411,7 @@ def build(fabric, config, train, init_from, strategy, precision, cp=1):
     flops = model.flops_per_token(train.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     plan_for = partial(estimate_memory, config, n_params, train.micro_batch_size, train.seq_len, fabric.world_size,
-                       strategy, precision, cp=cp)
+                       strategy, precision, cp=cp, reshard=train.reshard_after_forward)
     n_ckpt = checkpointed_blocks(train.activation_checkpointing, config.n_layer, plan_for, fabric.device)
     if train.activation_checkpointing == "auto":
         fabric.print(f"activation checkpointing (auto): {n_ckpt} of {config.n_layer} blocks, planned "
@@ -640,9 +646,20 @@ def validate(fabric, model, data, micro_batch_size, max_batches, cp_group=None):
         x, y, doc = (kernels.cp_slice(t, cp_group) for t in (x, y, doc))
         _, loss, _ = model(x, y, doc, cp_group=cp_group)
         nll.update(loss.float(), weight=(y != -100).sum())
+    reshard(model)
     model.train()
     loss = nll.compute().item()
     return loss, math.exp(loss)
+
+
+def reshard(model):
+    """Shard again what a forward without backward left gathered: under reshard_after_forward=False FSDP keeps the
+    blocks gathered for a backward that validation never runs, and a checkpoint needs the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def spike_hooks(model, out):
@@ -846,12 +863,13 @@ def activation_bytes(c, seq_len):
 
 
 def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, strategy, precision, checkpointing,
-                    cp=1):
+                    cp=1, reshard=True):
     """Bytes per device by item: weights, grads, optimizer, gathered (FSDP all-gather), activations, logits.
     checkpointing: True (every block), False, or the number of blocks checkpointed (the first ones). With context
     parallelism (cp) a device holds the activations of its slice of each row, -(-seq_len // cp) tokens, and in each
     full-attention layer the keys and values gathered from the devices before it (the last device's share).
-    FSDP's gradients stay sharded between the micro-batches of a step: fit reduce-scatters after each."""
+    FSDP's gradients stay sharded between the micro-batches of a step: fit reduce-scatters after each. reshard:
+    TrainArgs.reshard_after_forward (False: every block's bf16 weights stay gathered through a micro-batch)."""
     row, seq_len = seq_len, -(-seq_len // cp)
     c, tokens = config, micro_batch_size * (seq_len + config.n_sink)
     n_ckpt = c.n_layer if checkpointing is True else int(checkpointing)
@@ -866,7 +884,7 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
                                                                                                         default=0))
     mem = {"weights": w * n_params / shard, "grads": g * n_params / shard, "optimizer": o * n_params / shard,
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
-           "gathered": (2 * 2 * block + 2 * emb) * (shard > 1),
+           "gathered": (2 * 2 * block + 2 * emb if reshard else 2 * n_params) * (shard > 1),
            "activations": acts,
            # the loss, 8192 rows at a time: fp32 logits and bf16 softmax of a chunk; the head's gradient (fp32
            # while it accumulates, then in the weights' dtype) and the input's, made in the forward pass
@@ -907,12 +925,13 @@ def plan(config, train, world_size, strategy, precision, cp=1):
              + (f", each row split over {cp} devices (context_parallel)" if cp > 1 else "") + "   (GB)",
              f"  {'':<13}{'no ckpt':>9}{'ckpt':>9}"]
     m0, m1 = (estimate_memory(config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, ck,
-                              cp) for ck in (False, True))
+                              cp, train.reshard_after_forward) for ck in (False, True))
     for k in m0:
         lines.append(f"  {k:<13}{m0[k] / 1e9:>9.1f}{m1[k] / 1e9:>9.1f}")
     L = config.n_layer
-    fits = {gpu: next((i for i in range(L + 1) if estimate_memory(config, n, train.micro_batch_size, train.seq_len,
-                       world_size, strategy, precision, i, cp)["total"] <= AUTO_MEMORY_SHARE * gib * 2 ** 30), None)
+    fits = {gpu: next((i for i in range(L + 1) if estimate_memory(
+        config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, i, cp,
+        train.reshard_after_forward)["total"] <= AUTO_MEMORY_SHARE * gib * 2 ** 30), None)
             for gpu, gib in (("an H100 (80 GB)", 80), ("an H200 (141 GB)", 141))}
     lines.append("activation_checkpointing auto checkpoints: " + ", ".join(
         f"{i} of {L} blocks on {gpu}" if i is not None else f"all {L} on {gpu}, over {AUTO_MEMORY_SHARE:.0%} "

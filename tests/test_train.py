@@ -556,7 +556,7 @@ def launcher(pydoc, tmp_path, seq_len, micro, batch, *more, model="tiny", **over
     return launch
 
 
-def train_two_steps_in_process(pydoc, tmp_path, strategy):
+def train_two_steps_in_process(pydoc, tmp_path, strategy, **train_kw):
     """train.main in this process on one CPU device: 2 steps of 2 micro-batches (tiny, 32 tokens a row)."""
     env = dict(os.environ)
     try:   # FSDP's one-device process group and the MASTER_PORT it sets must not outlive the test
@@ -564,7 +564,7 @@ def train_two_steps_in_process(pydoc, tmp_path, strategy):
                    data=train.DataArgs(path=pydoc), precision="32-true", accelerator="cpu", devices=1,
                    strategy=strategy, eval=train.EvalArgs(interval=1000, max_batches=1, sample_tokens=0),
                    train=train.TrainArgs(seq_len=32, micro_batch_size=1, global_batch_size=2, max_steps=2,
-                                         save_interval=0))
+                                         save_interval=0, **train_kw))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -605,6 +605,27 @@ def test_fsdp_gathers_the_next_block_while_one_runs(pydoc, tmp_path, monkeypatch
     micro_batch = [("forward", b) for b in "123"] + [("backward", b) for b in "3210"]   # 4 blocks; 3 from the head
     assert seen[:4 * 7] == micro_batch * 4, seen
     assert seen[4 * 7:] == micro_batch[:3], seen   # the validation forward
+
+
+def test_fsdp_without_reshard_after_forward_gathers_each_block_once(pydoc, tmp_path, monkeypatch):
+    """reshard_after_forward=False: a block's weights stay gathered from its forward to its backward, so the blocks
+    are all-gathered once per micro-batch instead of twice (the last block already was); the losses are the same."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    gathers, original = [], FSDPParamGroup.unshard
+
+    def spy(group, async_op=False):   # an unshard that gathers (one device: the same call, no communication)
+        if group._all_gather_result is None and not group.is_unsharded:
+            gathers.append(group._module_fqn)
+        return original(group, async_op)
+
+    monkeypatch.setattr(FSDPParamGroup, "unshard", spy)
+    runs = {}
+    for reshard in (True, False):
+        gathers.clear()
+        train_two_steps_in_process(pydoc, tmp_path / str(reshard), "fsdp", reshard_after_forward=reshard)
+        runs[reshard] = len(gathers), scalars(tmp_path / str(reshard) / "out")
+    (n_yes, loss_yes), (n_no, loss_no) = runs[True], runs[False]
+    assert n_yes - n_no == 4 * 3 and loss_yes == loss_no   # 4 micro-batches x the 3 blocks resharded before
 
 
 @pytest.mark.slow
