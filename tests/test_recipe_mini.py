@@ -32,8 +32,8 @@ SHRINK = ("--model_config.n_embd", "64", "--model_config.n_head", "4", "--model_
           "--train.max_steps", "2", "--eval.interval", "2", "--eval.max_batches", "2", "--eval.sample_tokens", "0",
           "--data.inputs", "[pydoc]")
 DENSE = ("--train.max_steps", "80", "--train.warmup_steps", "8", "--eval.interval", "40")
-RUNS = ["cpt-76b", "cpt-76b-2pct", "cpt-76b-5pct", "cpt-7b", "cpt-7b-2pct", "cpt-7b-5pct", "dense", "scratch-76b",
-        "scratch-7b", "spike-7b"]
+RUNS = ["cpt-76b", "cpt-76b-25pct", "cpt-76b-2pct", "cpt-76b-5pct", "cpt-7b", "cpt-7b-25pct", "cpt-7b-2pct",
+        "cpt-7b-5pct", "dense", "scratch-76b", "scratch-7b", "spike-7b"]
 
 
 def chain():
@@ -62,7 +62,7 @@ def test_recipe_runs_on_cpu(tmp_path):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     shutil.copytree(ROOT / "assets", tmp_path / "assets")
     commands = chain()
-    assert commands[0] == "python train.py --config configs/mini-dense.yaml" and len(commands) == 13
+    assert commands[0] == "python train.py --config configs/mini-dense.yaml" and len(commands) == 15
     assert commands[-1] == "python eval.py conversion --runs out/mini --out results/conversion"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for cmd in commands:
