@@ -15,8 +15,9 @@ compare against:
   channel, torch._scaled_mm (spike_linear_fp8; twin: spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear).
 - decode with INT8 weights (weight-only): a batch-small GEMV reading the 8-bit weights and dequantizing them in
   registers (int8_gemv; twin: int8_gemv_torch in float64; spiking.W8ASpikeLinear with spike_k=None picks it).
-- decode with W8ASpike layers: the same GEMV on the exact spike counts (two fp32 rows each, exact in tf32), no host
-  sync (w8aspike_gemv; twin: spike_linear_torch; spiking.W8ASpikeLinear with a spike k picks it for decode rows).
+- decode with W8ASpike layers: the same GEMV on the exact spike counts (two rows each, exact in fp16 below 65504,
+  else in tf32), no host sync (w8aspike_gemv; twin: spike_linear_torch; spiking.W8ASpikeLinear with a spike k picks
+  it for decode rows).
 - decode with e4m3 weights: the same GEMV kernel reading the e4m3 bytes, the counts rounded to e4m3 (a row past 448
   kept exact) by a select, no host sync, so compiled decode keeps it in its graph (fp8_gemv; twin:
   spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear picks it for up to INT8_GEMV_MAX_ROWS rows).
@@ -1825,13 +1826,15 @@ def _e4m3_to_f32(b):
 
 @triton.jit
 def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FMT: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FMT: tl.constexpr, HALF: tl.constexpr):
     """Partial sums out[split, :, cols] = sum over the split's K tiles of scales[g, cols] * (x[:, tile] @
     w[cols, tile]^T): x [M, K] (float), w 8-bit [N, K], scales fp32 [N, G] (as stored: no transposed copy per
     call; they are 1/GS of the weight bytes), out fp32 [splits, M, N]. BK divides GS (or K is one group): each
     tile lies in group lo // GS. FMT: 0 int8 weights; 1 e4m3 bits (uint8) converted by Triton; 2 the same bits
     decoded by _e4m3_to_f32. Weights convert to x's dtype exactly (|q| <= 127, or e4m3's 4 significant bits), so
-    every product is exact in fp32."""
+    every product is exact in fp32. HALF: x is fp16 and the weights become fp16 (int8 by integer operations: the
+    bits of 1024 + (q + 128), less 1152; conversion instructions are a quarter of their rate), tl.dot in fp16 with
+    fp32 sums."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                  # columns past N wrap around: no masks; not stored
@@ -1848,7 +1851,13 @@ def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constex
             wt = wt.to(tl.float8e4nv, bitcast=True)
         elif FMT == 2:
             wt = _e4m3_to_f32(wt)
-        part = tl.dot(xt, wt.to(xt.dtype), input_precision=PREC)
+        if HALF:
+            if FMT == 0:
+                wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True)
+                wt = wt - 1152.0
+            part = tl.dot(xt, wt.to(tl.float16))
+        else:
+            part = tl.dot(xt, wt.to(xt.dtype), input_precision=PREC)
         acc += part * tl.load(scales + rn * G + lo // GS)[None, :]
     tl.store(out + pid_s * M * N + rows[:, None] * N + cols[None, :], acc,
              mask=(rows < M)[:, None] & (cols < N)[None, :])
@@ -1873,7 +1882,8 @@ def int8_gemv_fits(K, group_size):
 def _gemv8(x, w, st, out, group_size, splits, cfg, fmt=0, prec=None):
     """Launch _gemv8_kernel with cfg's settings and weight format fmt (0: int8, 1 or 2: e4m3 bits); splits along K
     (None: enough programs to fill the GPU twice, cut to whole tiles); the partial sums of the splits add up in fp32
-    afterwards. prec: tl.dot's input precision (None: "ieee" for fp32 x, no tf32 rounding of the activations)."""
+    afterwards. prec: tl.dot's input precision (None: "ieee" for fp32 x, no tf32 rounding of the activations); an
+    fp16 x takes the kernel's HALF path."""
     M, K = x.shape
     N = w.shape[0]
     BK = _int8_gemv_tile_k(K, group_size, cfg["BK"])
@@ -1886,7 +1896,8 @@ def _gemv8(x, w, st, out, group_size, splits, cfg, fmt=0, prec=None):
     part = out if S == 1 else x.new_empty(S, M, N, dtype=torch.float32)
     prec = prec or ("ieee" if x.dtype == torch.float32 else "tf32")
     _gemv8_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size, BM=16, BN=cfg["BN"], BK=BK,
-                                PREC=prec, FMT=fmt, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                PREC=prec, FMT=fmt, HALF=x.dtype == torch.float16, num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
     if S > 1:
         torch.sum(part, 0, out=out)
     return out
@@ -1919,11 +1930,13 @@ def _check_int8_gemv(x, qweight, scales, group_size, bias):
 
 @torch.library.custom_op("spikingbrain::gemv8", mutates_args=())
 def _gemv8_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, group_size: int, splits: Optional[int],
-              fp8: bool = False, tf32: bool = False) -> torch.Tensor:
+              fp8: bool = False, tf32: bool = False, half: bool = False) -> torch.Tensor:
     """_gemv8_kernel as one opaque op, so that a compiled decode step (CUDA graphs) keeps it inside its graph instead
     of breaking around every projection: x [M, K] @ (w * scales per group).T, fp32 [M, N]. w int8, or (fp8) e4m3
     bits as uint8 with one group of K (scales [N, 1]). tf32: fp32 x whose values tf32 holds exactly (fp8_gemv's and
-    w8aspike_gemv's count rows) multiply in tf32 on CUDA; otherwise fp32 x multiplies in full fp32."""
+    w8aspike_gemv's count rows) multiply in tf32 on CUDA; otherwise fp32 x multiplies in full fp32. half: x's values
+    are exact in fp16 too (count rows below 65504): the kernel's HALF path (fp16 tl.dot, the weights converted by
+    integer operations), or tf32 where that does not compile on this device (gemv_half_failed)."""
     (M, K), N = x.shape, w.shape[0]
     out = x.new_empty(M, N, dtype=torch.float32)
     if M == 0 or N == 0:
@@ -1935,23 +1948,37 @@ def _gemv8_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, group_size
     opts = table.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
     g, prec = min(group_size, K), "tf32" if tf32 and dev.type == "cuda" else None
 
-    def run(fmt):
-        return with_fallback(lambda cfg: _gemv8(xc, wc, st, out, g, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
-                             (name, str(dev)), name)
+    def run(fmt, xs):
+        return with_fallback(lambda cfg: _gemv8(xs, wc, st, out, g, splits, cfg or INT8_GEMV_SAFE, fmt, prec), opts,
+                             (name, str(dev), xs.dtype), name)
+
+    def run_rows(fmt):   # the rows in fp16 where asked, unless that path does not compile here: then as given
+        if not half or str(dev) in gemv_half_failed:
+            return run(fmt, xc)
+        try:
+            return run(fmt, xc.half())
+        except triton.compiler.errors.CompilationError as e:
+            gemv_half_failed.add(str(dev))
+            warnings.warn(f"{name}: the fp16 path does not compile on {dev} ({str(e).strip()[:160]}); multiplying "
+                          f"the count rows in tf32 instead", stacklevel=3)
+            return run(fmt, xc)
     fmt = _fp8_gemv_format(dev) if fp8 else 0
     if fmt != 1:
-        return run(fmt)
+        return run_rows(fmt)
     try:
-        return run(1)
+        return run_rows(1)
     except triton.compiler.errors.CompilationError as e:   # this Triton has no e4m3 conversion here after all
         fp8_format_failed.add(str(dev))
         warnings.warn(f"fp8_gemv: Triton's e4m3 conversion does not compile on {dev} ({str(e).strip()[:160]}); "
                       f"decoding the e4m3 bits with integer operations instead", stacklevel=2)
-        return run(2)
+        return run_rows(2)
+
+
+gemv_half_failed = set()   # devices where _gemv8_kernel's HALF path did not compile
 
 
 @_gemv8_op.register_fake
-def _(x, w, scales, group_size, splits, fp8=False, tf32=False):
+def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
@@ -2001,6 +2028,11 @@ def spike_count_rows_torch(x, k=3.0, fp8=False):
     return torch.cat([hi, c - hi]), vth
 
 
+FP16_MAX = torch.finfo(torch.float16).max   # 65504
+SPIKE_GEMV_HALF = True   # count rows in fp16 where they fit (K k below FP16_MAX): fp16 tl.dot, no int-to-float
+                         # conversion instructions for int8 weights; False: tf32 always (A/B in bench.py decode)
+
+
 def spike_gemv_fits(x, k):
     """Does the 8-bit GEMV take the spike counts of x [..., K] at k? At most 8 rows (each enters as two: the
     kernel's tile holds 16; and within INT8_GEMV_MAX_ROWS), counts below 2^22 (a count is at most K k)."""
@@ -2009,7 +2041,8 @@ def spike_gemv_fits(x, k):
 
 def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
     """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> spike_count_rows_torch (one compiled pass when eager
-    on CUDA), the gemv8 op on the hi and lo rows in tf32, y = (y_hi + y_lo) vth (+ bias) -> [..., N] in x's dtype."""
+    on CUDA), the gemv8 op on the hi and lo rows (fp16 or tf32), y = (y_hi + y_lo) vth (+ bias) -> [..., N] in x's
+    dtype."""
     if not k > 0:
         raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
@@ -2020,7 +2053,8 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
     rows, vth = (compiled(spike_count_rows_torch) if fused else spike_count_rows_torch)(x2, k, fp8)
-    y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True)
+    half = SPIKE_GEMV_HALF and x2.shape[1] * k < FP16_MAX   # every count below fp16's largest: the rows exact in fp16
+    y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True, half=half)
     y = (y[:M] + y[M:]) * vth
     if bias is not None:
         y = y + bias.float()
@@ -2034,8 +2068,9 @@ def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None)
     counts, vth = spike_quant(x, k), every count exact (none clamped to int8). x [..., K], at most 8 rows
     (spike_gemv_fits); qweight, scales, bias as int8_gemv. Returns [..., N] in x's dtype.
 
-    The counts enter the kernel as two fp32 rows each (hi + lo, spike_count_rows_torch), so every product with an
-    int8 weight is exact (tl.dot in tf32 on CUDA, fp32 elsewhere). Only fp32 sums round: int8_gemv's bound for each
+    The counts enter the kernel as two rows each (hi + lo, spike_count_rows_torch), so every product with an int8
+    weight is exact (tl.dot in fp16 where every count lies below 65504, K k: SPIKE_GEMV_HALF; else tf32 on CUDA,
+    fp32 elsewhere). Only fp32 sums round: int8_gemv's bound for each
     of the two rows, then their sum and * vth (tested). Twin: spike_linear_torch on spike_quant_torch's counts."""
     _check_int8_gemv(x.reshape(-1, x.shape[-1]), qweight, scales, group_size, bias)
     return _spike_gemv(x, qweight, scales, group_size, k, bias, splits, fp8=False)
@@ -2092,8 +2127,9 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
     INT8_GEMV_MAX_ROWS); bits uint8 [N, K] (FP8SpikeLinear.fp8_weight, or the float8_e4m3fn view); scale [N]; bias
     [N] or None. Returns [..., N] in x's dtype.
 
-    The counts enter the kernel as two fp32 rows each (hi + lo, spike_count_rows_torch), products exact, sums in
-    fp32: against spike_linear_fp8_torch (float64, the same operands), before the cast to x's dtype,
+    The counts enter the kernel as two rows each (hi + lo, spike_count_rows_torch; fp16 below 65504 as
+    w8aspike_gemv), products exact, sums in fp32: against spike_linear_fp8_torch (float64, the same operands),
+    before the cast to x's dtype,
         |y - y64| <= (BK + 2P + 4) 2^-24 (sum_k |c w| vth scale + |bias|)
     with BK <= 128 the K tile and P the tiles of a row (int8_gemv's bound, plus the hi + lo sum and vth). Twin:
     spike_linear_fp8_torch.

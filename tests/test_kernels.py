@@ -1128,12 +1128,54 @@ def test_fp8_gemv_without_an_e4m3_conversion_decodes_the_bits(monkeypatch):
         return real(*a)
     monkeypatch.setattr(kernels, "_gemv8", no_e4m3)
     monkeypatch.setattr(kernels, "fp8_format_failed", set())
+    monkeypatch.setattr(kernels, "SPIKE_GEMV_HALF", False)   # the e4m3 conversion alone (the fp16 path: below)
     x, w8, s, b = fp8_operands(2, 200, 48, seed=5)
     with pytest.warns(UserWarning, match="e4m3 conversion does not compile"):
         y = kernels.fp8_gemv(x, w8, s, 3.0, b)
     assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
     assert_fp8_gemv_close(kernels.fp8_gemv(x, w8, s, 3.0, b), x, w8, s, 3.0, b)
     assert fmts == [1, 2, 2]
+
+
+@needs_triton
+@pytest.mark.parametrize("fp8", [False, True])
+def test_spike_gemv_takes_count_rows_in_fp16_where_they_fit(monkeypatch, fp8):
+    """The 8-bit GEMV multiplies the count rows in fp16 (int8 weights converted by integer operations, fp16 tl.dot,
+    fp32 sums) where every count lies below 65504 (K k), else in tf32; both within the float64 twin's bound.
+    SPIKE_GEMV_HALF = False takes tf32 always. Where the fp16 path does not compile: one warning, tf32 from then on."""
+    dtypes, real = [], kernels._gemv8
+    if fp8:
+        x, w8, s, b = fp8_operands(2, 200, 48, seed=3, spread=1.0)
+        run = lambda k: kernels.fp8_gemv(x, w8, s, k, b)
+        check = lambda y, k: assert_fp8_gemv_close(y, x, w8, s, k, b)
+    else:
+        x, q, sc, b = gemv_operands(2, 200, 48, 128, seed=3)
+        run = lambda k: kernels.w8aspike_gemv(x, q, sc, 128, k, b)
+        check = lambda y, k: assert_w8aspike_gemv_close(y, x, q, sc, 128, k, b)
+
+    def spy(xs, *a):
+        dtypes.append(xs.dtype)
+        if fail and xs.dtype == torch.float16:
+            raise triton.compiler.errors.CompilationError(None, None, "no fp16 dot")
+        return real(xs, *a)
+    fail = False
+    monkeypatch.setattr(kernels, "_gemv8", spy)
+    monkeypatch.setattr(kernels, "gemv_half_failed", set())
+    for k, want in ((3.0, torch.float16), (400.0, torch.float32)):   # K k = 600 and 80000
+        dtypes.clear()
+        check(run(k), k)
+        assert dtypes == [want], (k, dtypes)
+    monkeypatch.setattr(kernels, "SPIKE_GEMV_HALF", False)
+    dtypes.clear()
+    check(run(3.0), 3.0)
+    assert dtypes == [torch.float32]
+    monkeypatch.setattr(kernels, "SPIKE_GEMV_HALF", True)
+    fail = True
+    dtypes.clear()
+    with pytest.warns(UserWarning, match="the fp16 path does not compile"):
+        check(run(3.0), 3.0)
+    check(run(3.0), 3.0)
+    assert dtypes == [torch.float16, torch.float32, torch.float32]
 
 
 def test_fp8_gemv_bad_inputs():
