@@ -409,9 +409,8 @@ def build(fabric, config, train, init_from, strategy, precision, cp=1):
     with fabric.init_module(empty_init=strategy == "fsdp" or init_from is not None):
         model = GPT(config)
     flops = model.flops_per_token(train.seq_len)
-    n_params = sum(p.numel() for p in model.parameters())
-    plan_for = partial(estimate_memory, config, n_params, train.micro_batch_size, train.seq_len, fabric.world_size,
-                       strategy, precision, cp=cp, reshard=train.reshard_after_forward)
+    plan_for = memory_plan(config, sum(p.numel() for p in model.parameters()), train, fabric.world_size, strategy,
+                           precision, cp)
     n_ckpt = checkpointed_blocks(train.activation_checkpointing, config.n_layer, plan_for, fabric.device)
     if train.activation_checkpointing == "auto":
         fabric.print(f"activation checkpointing (auto): {n_ckpt} of {config.n_layer} blocks, planned "
@@ -901,6 +900,18 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
 AUTO_MEMORY_SHARE = 0.75
 
 
+def memory_plan(config, n_params, train, world_size, strategy, precision, cp=1):
+    """plan_for(checkpointing) -> estimate_memory's dict for this run, checkpointing as estimate_memory takes it."""
+    return partial(estimate_memory, config, n_params, train.micro_batch_size, train.seq_len, world_size, strategy,
+                   precision, cp=cp, reshard=train.reshard_after_forward)
+
+
+def fewest_checkpointed(n_layer, plan_for, budget):
+    """The fewest blocks (the first ones) to checkpoint for plan_for(n)["total"] to fit in budget bytes; None if no
+    number does."""
+    return next((n for n in range(n_layer + 1) if plan_for(n)["total"] <= budget), None)
+
+
 def checkpointed_blocks(ac, n_layer, plan_for, device):
     """How many blocks (the first ones) TrainArgs.activation_checkpointing `ac` checkpoints: all for True, none for
     False, N for N; auto: the fewest whose plan (plan_for(n) -> estimate_memory's dict) fits in AUTO_MEMORY_SHARE of
@@ -910,7 +921,8 @@ def checkpointed_blocks(ac, n_layer, plan_for, device):
     if device.type != "cuda":
         return n_layer
     budget = AUTO_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory
-    return next((n for n in range(n_layer + 1) if plan_for(n)["total"] <= budget), n_layer)
+    n = fewest_checkpointed(n_layer, plan_for, budget)
+    return n_layer if n is None else n
 
 
 def plan(config, train, world_size, strategy, precision, cp=1):
@@ -924,14 +936,12 @@ def plan(config, train, world_size, strategy, precision, cp=1):
              f"{train.micro_batch_size} x {train.seq_len}"
              + (f", each row split over {cp} devices (context_parallel)" if cp > 1 else "") + "   (GB)",
              f"  {'':<13}{'no ckpt':>9}{'ckpt':>9}"]
-    m0, m1 = (estimate_memory(config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, ck,
-                              cp, train.reshard_after_forward) for ck in (False, True))
+    plan_for = memory_plan(config, n, train, world_size, strategy, precision, cp)
+    m0, m1 = plan_for(False), plan_for(True)
     for k in m0:
         lines.append(f"  {k:<13}{m0[k] / 1e9:>9.1f}{m1[k] / 1e9:>9.1f}")
     L = config.n_layer
-    fits = {gpu: next((i for i in range(L + 1) if estimate_memory(
-        config, n, train.micro_batch_size, train.seq_len, world_size, strategy, precision, i, cp,
-        train.reshard_after_forward)["total"] <= AUTO_MEMORY_SHARE * gib * 2 ** 30), None)
+    fits = {gpu: fewest_checkpointed(L, plan_for, AUTO_MEMORY_SHARE * gib * 2 ** 30)
             for gpu, gib in (("an H100 (80 GB)", 80), ("an H200 (141 GB)", 141))}
     lines.append("activation_checkpointing auto checkpoints: " + ", ".join(
         f"{i} of {L} blocks on {gpu}" if i is not None else f"all {L} on {gpu}, over {AUTO_MEMORY_SHARE:.0%} "
