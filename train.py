@@ -202,6 +202,10 @@ def main(
              "data": train_data.fingerprint}
     if resume:
         resume_state(fabric, state, resume, out_dir)
+    export_bytes = sum(p.numel() for p in net.parameters()) * getattr(torch, export_dtype).itemsize
+    check_disk(fabric, out_dir, disk_plan(state, train, out_dir, export_bytes),
+               f"this run's checkpoints ({checkpoint_bytes(net, optimizer) / 1e9:.2f} GB each, train.keep_last="
+               f"{train.keep_last}) and its final export")
 
     fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token,
         peak_flops or kernels.peak_flops(fabric.device), seed, cp_group)
@@ -530,7 +534,7 @@ def schedule(fabric, state, config, train, n_rows, dp, cp):
     """Micro-batches per optimizer step on each data-parallel rank, and optimizer steps in all (checked against the
     step resumed from); prints the run's one-line summary."""
     accum = train.global_batch_size // (train.micro_batch_size * dp)
-    max_steps = train.max_steps or math.ceil((train.max_tokens or 0) / (train.global_batch_size * train.seq_len))
+    max_steps = total_steps(train)
     if max_steps <= 0:
         raise ValueError("set train.max_steps or train.max_tokens")
     if state["step"] > max_steps:
@@ -544,6 +548,10 @@ def schedule(fabric, state, config, train, n_rows, dp, cp):
                  f"{tokens_per_step} tokens ({epochs:.1f} epochs), {accum} micro-batches per step per device, "
                  f"{world}")
     return accum, max_steps
+
+
+def total_steps(train):
+    return train.max_steps or math.ceil((train.max_tokens or 0) / (train.global_batch_size * train.seq_len))
 
 
 class Metrics:
@@ -693,6 +701,7 @@ def save(fabric, state, config, out_dir, keep_last):
     Returns the seconds it took (all ranks' writes) and its bytes (rank 0's count, 0 on the others)."""
     t0, size = time.perf_counter(), 0
     name = f"step-{state['step']:07d}"
+    check_disk(fabric, out_dir, checkpoint_bytes(state["model"], state["optimizer"]), f"the checkpoint of {name}")
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if fabric.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -716,6 +725,34 @@ def save(fabric, state, config, out_dir, keep_last):
                 remove_dir(old)
     fabric.barrier()
     return time.perf_counter() - t0, size
+
+
+def checkpoint_bytes(model, optimizer):
+    """A checkpoint's size, all ranks together: the weights and the optimizer's state (before the first step has made
+    AdamW's two moments, two more copies of the weights). A DTensor's numel and size are the whole tensor's."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim())
+    return weights + (moments or 2 * weights)
+
+
+def disk_plan(state, train, out_dir, export_bytes):
+    """Bytes the run adds to out_dir at its fullest: the checkpoints it will write, of which keep_last stay (one
+    more while the next one is written; the run's checkpoints already there count among them), and the export."""
+    steps, step, every, keep = total_steps(train), state["step"], train.save_interval, train.keep_last
+    n_new = 0 if step >= steps else (steps // every - step // every + bool(steps % every) if every else 1)
+    have = sum(is_complete(p) for p in Path(out_dir).glob("step-*"))
+    add = 0 if not n_new else n_new if keep <= 0 else max(1, min(have + n_new - 1, keep) + 1 - have)
+    return add * checkpoint_bytes(state["model"], state["optimizer"]) + export_bytes
+
+
+def check_disk(fabric, out_dir, need, what):
+    """Refuse, on every rank alike, to start writing what the disk cannot hold: a checkpoint cut short by a full disk
+    is lost work, and torch.distributed.checkpoint's error then ("unexpected pos") does not say why."""
+    free = fabric.broadcast(shutil.disk_usage(out_dir).free if fabric.global_rank == 0 else 0, src=0)
+    if free < need:
+        raise OSError(f"{what}: {need / 1e9:.2f} GB needed in {out_dir}, {free / 1e9:.2f} GB free. Free disk space, "
+                      f"lower train.keep_last, or choose another out_dir")
 
 
 def latest_checkpoint(out_dir):

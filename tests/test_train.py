@@ -815,6 +815,40 @@ def test_kills_while_pruning_or_exporting_leave_no_half_checkpoint(pydoc, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["final", "logs", "step-0000009"]
 
 
+def test_disk_plan_counts_the_checkpoints_kept_and_the_export(tmp_path):
+    net = torch.nn.Linear(10, 10, bias=False)                   # 100 fp32 weights: 400 bytes
+    opt = torch.optim.AdamW(net.parameters())
+    assert train.checkpoint_bytes(net, opt) == 400 + 2 * 400    # AdamW's moments counted before they exist
+    net(torch.ones(1, 10)).sum().backward()
+    opt.step()
+    assert train.checkpoint_bytes(net, opt) == 400 + 2 * 400    # now counted as they are (the 0-dim step is not)
+    state = {"model": net, "optimizer": opt, "step": 0}
+    args = dict(max_steps=10, save_interval=3, keep_last=2, global_batch_size=4, seq_len=32)
+    # saves at steps 3, 6, 9, 10; two kept, a third while the next is written
+    assert train.disk_plan(state, train.TrainArgs(**args), tmp_path, 50) == 3 * 1200 + 50
+    assert train.disk_plan(state, train.TrainArgs(**{**args, "keep_last": 0}), tmp_path, 0) == 4 * 1200   # all kept
+    assert train.disk_plan(state, train.TrainArgs(**{**args, "save_interval": None}), tmp_path, 0) == 1200
+    for step in (3, 6):                                         # resumed at step 6 beside its two checkpoints: one more
+        (tmp_path / f"step-{step:07d}").mkdir()
+        (tmp_path / f"step-{step:07d}" / train.COMPLETE).touch()
+    assert train.disk_plan({**state, "step": 6}, train.TrainArgs(**args), tmp_path, 0) == 1200
+    assert train.disk_plan({**state, "step": 10}, train.TrainArgs(**args), tmp_path, 0) == 0      # nothing left to do
+
+
+def test_a_full_disk_stops_the_run_before_it_writes(pydoc, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    with pytest.raises(OSError, match=r"this run's checkpoints \(0\.\d+ GB each, train.keep_last=2\) and its final "
+                                      r"export: .* GB needed in .*, 0\.00 GB free\. Free disk space"):
+        run(pydoc, tmp_path)
+    assert not list(tmp_path.glob("step-*")) and not list(tmp_path.glob(".tmp-*"))
+    # the disk fills during the run: the next checkpoint is refused before any of it is written
+    monkeypatch.setattr(train, "disk_plan", lambda *args: 0)
+    with pytest.raises(OSError, match=r"the checkpoint of step-0000003: .* GB needed"):
+        run(pydoc, tmp_path / "later")
+    assert not list((tmp_path / "later").glob("step-*")) and not list((tmp_path / "later").glob(".tmp-*"))
+
+
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(pydoc, tmp_path, monkeypatch):
     forward, calls = train.GPT.forward, []
 
