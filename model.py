@@ -171,16 +171,13 @@ class Linear(nn.Linear):
     spike_k: float | None = None
 
     def forward(self, x):
-        if self.spike_k is not None:
-            x = spike(x, self.spike_k)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x if self.spike_k is None else spike(x, self.spike_k), self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         h = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -479,11 +476,6 @@ class MoE(nn.Module):
                                           down_proj=ExpertLinear(E, I, C)))   # the routed experts, stacked
         self.shared = nn.ModuleList(MLP(c) for _ in range(c.n_shared_expert))
 
-    def expert(self, x, e):
-        """Routed expert e's SwiGLU of its rows x [n, C]."""
-        p = self.experts
-        return p.down_proj(F.silu(p.gate_proj(x, e)) * p.up_proj(x, e), e)
-
     def forward(self, x, cp=None):
         c, shape = self.c, x.shape
         x = x.reshape(-1, shape[-1])                                        # (N, C)
@@ -501,10 +493,11 @@ class MoE(nn.Module):
         """sum_j w[n, j] * expert idx[n, j] of x[n]; x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
         if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
             return kernels.moe_experts(x, w, idx, self.experts)
-        out = torch.zeros_like(x)
+        out, p = torch.zeros_like(x), self.experts
         for e in range(self.c.n_expert):   # a host sync per expert
             tok, slot = (idx == e).nonzero(as_tuple=True)
-            out = out.index_add(0, tok, (self.expert(x[tok], e) * w[tok, slot, None]).to(x.dtype))
+            h = p.down_proj(F.silu(p.gate_proj(x[tok], e)) * p.up_proj(x[tok], e), e)   # expert e's SwiGLU
+            out = out.index_add(0, tok, (h * w[tok, slot, None]).to(x.dtype))
         return out
 
 
