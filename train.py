@@ -86,6 +86,8 @@ class TrainArgs:
         log_interval: optimizer steps between TensorBoard points.
         save_interval: optimizer steps between checkpoints (and one at the end).
         keep_last: checkpoints kept in out_dir (older ones are deleted).
+        check_disk: stop at the start when out_dir cannot hold the checkpoints the run will keep and its export
+            (false: a warning; each checkpoint is still checked before it is written).
     """
     seq_len: int = 256
     micro_batch_size: int = 8
@@ -104,6 +106,7 @@ class TrainArgs:
     log_interval: int = 10
     save_interval: Optional[int] = 1000
     keep_last: int = 2
+    check_disk: bool = True
 
 
 @dataclass
@@ -205,7 +208,7 @@ def main(
     export_bytes = sum(p.numel() for p in net.parameters()) * getattr(torch, export_dtype).itemsize
     check_disk(fabric, out_dir, disk_plan(state, train, out_dir, export_bytes),
                f"this run's checkpoints ({checkpoint_bytes(net, optimizer) / 1e9:.2f} GB each, train.keep_last="
-               f"{train.keep_last}) and its final export")
+               f"{train.keep_last}) and its final export", warn=not train.check_disk)
 
     fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token,
         peak_flops or kernels.peak_flops(fabric.device), seed, cp_group)
@@ -746,13 +749,16 @@ def disk_plan(state, train, out_dir, export_bytes):
     return add * checkpoint_bytes(state["model"], state["optimizer"]) + export_bytes
 
 
-def check_disk(fabric, out_dir, need, what):
-    """Refuse, on every rank alike, to start writing what the disk cannot hold: a checkpoint cut short by a full disk
-    is lost work, and torch.distributed.checkpoint's error then ("unexpected pos") does not say why."""
+def check_disk(fabric, out_dir, need, what, warn=False):
+    """Refuse (or warn), on every rank alike, to start writing what the disk cannot hold: a checkpoint cut short by a
+    full disk is lost work, and torch.distributed.checkpoint's error then ("unexpected pos") does not say why."""
     free = fabric.broadcast(shutil.disk_usage(out_dir).free if fabric.global_rank == 0 else 0, src=0)
     if free < need:
-        raise OSError(f"{what}: {need / 1e9:.2f} GB needed in {out_dir}, {free / 1e9:.2f} GB free. Free disk space, "
-                      f"lower train.keep_last, or choose another out_dir")
+        msg = (f"{what}: {need / 1e9:.2f} GB needed in {out_dir}, {free / 1e9:.2f} GB free. Free disk space, lower "
+               f"train.keep_last, or choose another out_dir")
+        if not warn:
+            raise OSError(msg + " (train.check_disk=false: only warn here)")
+        warnings.warn(msg, stacklevel=2)
 
 
 def latest_checkpoint(out_dir):

@@ -842,6 +842,10 @@ def test_a_full_disk_stops_the_run_before_it_writes(pydoc, tmp_path, monkeypatch
                                       r"export: .* GB needed in .*, 0\.00 GB free\. Free disk space"):
         run(pydoc, tmp_path)
     assert not list(tmp_path.glob("step-*")) and not list(tmp_path.glob(".tmp-*"))
+    # check_disk=false only warns at the start; each checkpoint is still refused before any of it is written
+    with pytest.warns(UserWarning, match="this run's checkpoints"), \
+            pytest.raises(OSError, match=r"the checkpoint of step-0000003: .* GB needed"):
+        run(pydoc, tmp_path / "warned", check_disk=False)
     # the disk fills during the run: the next checkpoint is refused before any of it is written
     monkeypatch.setattr(train, "disk_plan", lambda *args: 0)
     with pytest.raises(OSError, match=r"the checkpoint of step-0000003: .* GB needed"):
