@@ -817,7 +817,11 @@ _compiled = {}       # functions compiled for CUDA: flex_attention, the loss's p
 
 
 def compiled(fn):
-    """torch.compile of fn, made once (recompiles once with dynamic shapes on a new size)."""
+    """torch.compile of fn, made once (recompiles once with dynamic shapes on a new size). Traced into a compiled
+    graph (flex in a compiled block), fn itself: the graph compiles it anyway, and reading _compiled there would
+    guard on its length, so every function compiled later (the loss's pass) would recompile the block."""
+    if torch.compiler.is_compiling():
+        return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn)
     return _compiled[fn]
@@ -1332,6 +1336,14 @@ def compile_blocks(model):
     """torch.compile every block (prefill and training): norms, RoPE, gates and activations fuse around the
     matmuls. The GLA kernels and the sliding-window prefill (flex_attention) run as they are between the compiled
     pieces."""
+    # Every block runs Block.forward, and dynamo counts compiled variants per code object (each piece between graph
+    # breaks too) against one limit (default 8): the distinct blocks (mixers, MoE or dense FFN) times the ways a block
+    # is called, with gradients or without (training, validation), on rows of one document or several (cu_seqlens
+    # None or not), as its own class or FSDP2's subclass (a checkpointed block keeps its class inside the wrapper that
+    # FSDP2 shards). Past the limit the rest would run eagerly.
+    kinds = {(b.attn.linear, b.attn.softmax, type(b.mlp)) for b in model.blocks}
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), len(kinds) * 2 * 2 * 2))
     for block in model.blocks:
         block.compile()
 

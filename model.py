@@ -268,6 +268,12 @@ def gla(q, k, v, g, initial_state=None, cu_seqlens=None):
     fn = gla_recurrent if q.shape[1] <= 4 else gla_chunked
     if cu_seqlens is None:
         return fn(q, k, v, g, initial_state=initial_state, output_final_state=True)
+    return gla_documents(fn, q, k, v, g, initial_state, cu_seqlens)
+
+
+@torch.compiler.disable   # a loop over the documents read on the host: compiled, every count would be another graph
+def gla_documents(fn, q, k, v, g, initial_state, cu_seqlens):
+    """fn (gla_recurrent or gla_chunked) over each document of a packed row (B == 1), the state restarting at each."""
     ends = cu_seqlens.tolist()
     h0 = [None] * (len(ends) - 1) if initial_state is None else initial_state.split(1)
     outs, states = zip(*(fn(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h, output_final_state=True)
@@ -585,6 +591,7 @@ class GPT(nn.Module):
             pos = at - torch.where(start, at, 0).cummax(1).values + n_sink + (0 if cp is None else cp.shift)
             if start.sum() > B:   # the linear branches see the flattened rows as documents
                 cu_seqlens = F.pad(start.flatten().nonzero().flatten(), (0, 1), value=B * T).int()
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)   # compiled blocks: one graph for every count
         elif cache is not None or n_sink:
             doc = torch.zeros_like(pos)
         if n_sink:   # prepend the sinks; their doc id -1 makes every softmax query see them

@@ -212,6 +212,32 @@ def test_with_fallback_only_catches_resource_errors():
         kernels.options_failed = saved
 
 
+
+def test_compiled_inside_a_compiled_block_adds_no_guard(monkeypatch):
+    """kernels.compiled traced into a compiled graph (flex in a compiled block on CUDA) gives fn itself: a function
+    compiled later (the loss's pass) must not recompile the graph (limit 1 here: a recompile fails)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+
+    def inner(x):
+        return x.sin()
+
+    def other(x):
+        return x.cos()
+    block = torch.compile(lambda x: kernels.compiled(inner)(x + 1) * 2)
+    x = torch.randn(4)
+    try:
+        block(x)
+        kernels.compiled(other)(x)
+        torch.testing.assert_close(block(x), (x + 1).sin() * 2)
+    finally:
+        torch._dynamo.reset()
+
 @needs_triton
 def test_chunk_gla_groups(monkeypatch):
     """Two reference points per chunk (CONFIG groups=2), as used for gates with faster decay."""

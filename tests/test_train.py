@@ -628,6 +628,71 @@ def test_fsdp_without_reshard_after_forward_gathers_each_block_once(pydoc, tmp_p
     assert n_yes - n_no == 4 * 3 and loss_yes == loss_no   # 4 micro-batches x the 3 blocks resharded before
 
 
+def test_compiled_blocks_stay_under_the_recompile_limit(tmp_path, monkeypatch):
+    """Compiled blocks of the 76B's four kinds (la+swa or la+fa, dense or MoE FFN; sinks), half of them checkpointed
+    (under FSDP2 those keep the Block class, the rest become FSDPBlock), trained on rows of one document and of
+    several, and validated without gradients: every variant compiles, none falls back to eager past dynamo's limit
+    (which fails the run here)."""
+    import functools
+    import random
+
+    rng = random.Random(0)
+    words = "list tuple dict set loop yield class import return lambda".split()
+    docs = [" ".join(rng.choices(words, k=rng.choice([3, 80]))) for _ in range(60)]
+    prepare(inputs=[write(tmp_path / f"{i}.txt", d) for i, d in enumerate(docs)], out=tmp_path / "d", tokenizer_dir=TOK,
+            val_fraction=0.25)
+    seen, batch = set(), Packed.batch
+
+    def spy(self, rows, device):   # (grad mode, packed documents) of every batch: each variant must occur
+        x, y, doc = batch(self, rows, device)
+        seen.add((torch.is_grad_enabled(), bool((doc[:, 1:] != doc[:, :-1]).any())))
+        return x, y, doc
+
+    monkeypatch.setattr(Packed, "batch", spy)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))   # capture, no codegen
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)   # compile_blocks raises it; restored after
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()   # the code objects' caches outlive other tests' models
+    env = dict(os.environ)
+    try:
+        train.main(model="tiny-moe", model_config={"vocab_size": 2048, "n_layer": 8, "layout": ["la+swa", "la+fa"] * 4,
+                                                   "moe_layers": [2, 3, 6, 7]},
+                   tokenizer_dir=TOK, out_dir=tmp_path / "out", data=train.DataArgs(path=tmp_path / "d"),
+                   precision="32-true", accelerator="cpu", devices=1, strategy="fsdp",
+                   eval=train.EvalArgs(interval=1, max_batches=2, sample_tokens=0),
+                   train=train.TrainArgs(seq_len=32, micro_batch_size=2, global_batch_size=2, max_steps=3,
+                                         save_interval=0, compile=True, activation_checkpointing=4))
+    finally:
+        torch._dynamo.reset()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+    assert seen == {(True, False), (True, True), (False, False), (False, True)}
+
+
+def test_compiled_blocks_take_rows_of_any_document_count(monkeypatch):
+    """Packed rows of 2 ... 20 documents through compiled blocks (the tiny MoE, sinks; on CPU the GLA reference
+    loops over the documents): one graph serves every count, so the limit is never reached."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-moe", vocab_size=2048)).eval()
+    kernels.compile_blocks(model)
+    x = torch.randint(0, 2048, (1, 60))
+    try:
+        with torch.no_grad():
+            for n in range(2, 21):   # n documents: n - 1 random cuts
+                cuts = torch.randperm(59)[:n - 1] + 1
+                model(x, x, torch.zeros(1, 60, dtype=torch.long).index_fill(1, cuts, 1).cumsum(1))
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_exactly(pydoc, tmp_path):
     from convert import load_checkpoint
