@@ -212,7 +212,6 @@ def test_with_fallback_only_catches_resource_errors():
         kernels.options_failed = saved
 
 
-
 def test_compiled_inside_a_compiled_block_adds_no_guard(monkeypatch):
     """kernels.compiled traced into a compiled graph (flex in a compiled block on CUDA) gives fn itself: a function
     compiled later (the loss's pass) must not recompile the graph (limit 1 here: a recompile fails)."""
@@ -237,6 +236,7 @@ def test_compiled_inside_a_compiled_block_adds_no_guard(monkeypatch):
         torch.testing.assert_close(block(x), (x + 1).sin() * 2)
     finally:
         torch._dynamo.reset()
+
 
 @needs_triton
 def test_chunk_gla_groups(monkeypatch):
