@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -28,3 +29,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def dynamo_config():
+    """dynamo_config(key=value, ...) sets torch._dynamo.config for one test (its own patch(), undone after the test;
+    pytest's monkeypatch would delete the keys of this module on undo)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(torch._dynamo.config.patch(**kw))

@@ -212,15 +212,14 @@ def test_with_fallback_only_catches_resource_errors():
         kernels.options_failed = saved
 
 
-def test_compiled_inside_a_compiled_block_adds_no_guard(monkeypatch):
+def test_compiled_inside_a_compiled_block_adds_no_guard(monkeypatch, dynamo_config):
     """kernels.compiled traced into a compiled graph (flex in a compiled block on CUDA) gives fn itself: a function
     compiled later (the loss's pass) must not recompile the graph (limit 1 here: a recompile fails)."""
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(kernels, "_compiled", {})
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    dynamo_config(recompile_limit=1, fail_on_recompile_limit_hit=True)
     torch._dynamo.reset()
 
     def inner(x):

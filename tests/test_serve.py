@@ -356,7 +356,7 @@ def test_a_step_decodes_only_the_rows_in_use(tok_dir, monkeypatch):
     assert batches[:3] == [1, 2, 4]   # steps of 1, 2, then 4 rows (3 in use), fewer as replies end
 
 
-def test_compiled_engine_replies_as_eager_and_compiles_only_in_its_warm_up(tok_dir, monkeypatch):
+def test_compiled_engine_replies_as_eager_and_compiles_only_in_its_warm_up(tok_dir, monkeypatch, dynamo_config):
     """serve.py --compile: the prefill blocks and the decode step of every row count compiled (captured by dynamo,
     run by its eager backend on a CPU), the cache views marked static; replies as the eager engine's. The warm-up
     compiles every graph and says so stage by stage; after it, prompts of any length (a token, a few: the recurrent
@@ -372,7 +372,7 @@ def test_compiled_engine_replies_as_eager_and_compiles_only_in_its_warm_up(tok_d
     want = run(serve.Engine(m, tok, max_batch=4, max_len=64), arrivals())
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    dynamo_config(recompile_limit=torch._dynamo.config.recompile_limit)   # the engine raises it: restored after
     err = io.StringIO()
     engine = serve.Engine(tiny("tiny"), tok, max_batch=4, max_len=64, compile=True, err=err)
     lines = err.getvalue().splitlines()

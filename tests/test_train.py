@@ -628,7 +628,7 @@ def test_fsdp_without_reshard_after_forward_gathers_each_block_once(pydoc, tmp_p
     assert n_yes - n_no == 4 * 3 and loss_yes == loss_no   # 4 micro-batches x the 3 blocks resharded before
 
 
-def test_compiled_blocks_stay_under_the_recompile_limit(tmp_path, monkeypatch):
+def test_compiled_blocks_stay_under_the_recompile_limit(tmp_path, monkeypatch, dynamo_config):
     """Compiled blocks of the 76B's four kinds (la+swa or la+fa, dense or MoE FFN; sinks), half of them checkpointed
     (under FSDP2 those keep the Block class, the rest become FSDPBlock), trained on rows of one document and of
     several, and validated without gradients: every variant compiles, none falls back to eager past dynamo's limit
@@ -650,8 +650,7 @@ def test_compiled_blocks_stay_under_the_recompile_limit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Packed, "batch", spy)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))   # capture, no codegen
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)   # compile_blocks raises it; restored after
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    dynamo_config(recompile_limit=8, fail_on_recompile_limit_hit=True)   # compile_blocks raises it; restored after
     torch._dynamo.reset()   # the code objects' caches outlive other tests' models
     env = dict(os.environ)
     try:
@@ -671,14 +670,13 @@ def test_compiled_blocks_stay_under_the_recompile_limit(tmp_path, monkeypatch):
     assert seen == {(True, False), (True, True), (False, False), (False, True)}
 
 
-def test_compiled_blocks_take_rows_of_any_document_count(monkeypatch):
+def test_compiled_blocks_take_rows_of_any_document_count(monkeypatch, dynamo_config):
     """Packed rows of 2 ... 20 documents through compiled blocks (the tiny MoE, sinks; on CPU the GLA reference
     loops over the documents): one graph serves every count, so the limit is never reached."""
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    dynamo_config(recompile_limit=8, fail_on_recompile_limit_hit=True)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(Config.from_name("tiny-moe", vocab_size=2048)).eval()
