@@ -80,13 +80,16 @@ def call(cmd, timeout, **kw):
                     "\n".join(t.decode(errors="replace") if isinstance(t, bytes) else t for t in tail))
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_cpt_7b_recipe_killed_and_resumed_repeats_the_losses(devices, data, tmp_path):
+FAST = ("--train.compile", "true", "--train.activation_checkpointing", "auto")   # the speed options (README)
+
+
+@pytest.mark.parametrize("devices, extra", [(1, ()), (2, ()), (2, FAST)], ids=["1", "2", "2-compiled-auto"])
+def test_cpt_7b_recipe_killed_and_resumed_repeats_the_losses(devices, extra, data, tmp_path):
     if torch.cuda.device_count() < devices:
         pytest.skip(f"needs {devices} GPUs")
     init = init_checkpoint(tmp_path / "init", "spikingbrain-7b", SHRINK_7B)
     cmd = recipe("cpt-7b-8k.yaml", init, data, "{out}", SHRINK_7B, devices, "--train.max_steps", "16",
-                 "--train.save_interval", "8")
+                 "--train.save_interval", "8", *extra)
     run = [c.replace("{out}", str(tmp_path / "whole")) for c in cmd]
     check(subprocess.run(run, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900))
     whole = scalars(tmp_path / "whole")[0]
