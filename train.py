@@ -208,7 +208,8 @@ def main(
     export_bytes = sum(p.numel() for p in net.parameters()) * getattr(torch, export_dtype).itemsize
     check_disk(fabric, out_dir, disk_plan(state, train, out_dir, export_bytes),
                f"this run's checkpoints ({checkpoint_bytes(net, optimizer) / 1e9:.2f} GB each, train.keep_last="
-               f"{train.keep_last}) and its final export", warn=not train.check_disk)
+               f"{train.keep_last}) and its final export", warn=not train.check_disk,
+               hint=" (train.check_disk=false: a warning here instead)")
 
     fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token,
         peak_flops or kernels.peak_flops(fabric.device), seed, cp_group)
@@ -749,7 +750,7 @@ def disk_plan(state, train, out_dir, export_bytes):
     return add * checkpoint_bytes(state["model"], state["optimizer"]) + export_bytes
 
 
-def check_disk(fabric, out_dir, need, what, warn=False):
+def check_disk(fabric, out_dir, need, what, warn=False, hint=""):
     """Refuse (or warn), on every rank alike, to start writing what the disk cannot hold: a checkpoint cut short by a
     full disk is lost work, and torch.distributed.checkpoint's error then ("unexpected pos") does not say why."""
     free = fabric.broadcast(shutil.disk_usage(out_dir).free if fabric.global_rank == 0 else 0, src=0)
@@ -757,7 +758,7 @@ def check_disk(fabric, out_dir, need, what, warn=False):
         msg = (f"{what}: {need / 1e9:.2f} GB needed in {out_dir}, {free / 1e9:.2f} GB free. Free disk space, lower "
                f"train.keep_last, or choose another out_dir")
         if not warn:
-            raise OSError(msg + " (train.check_disk=false: only warn here)")
+            raise OSError(msg + hint)
         warnings.warn(msg, stacklevel=2)
 
 
