@@ -792,6 +792,10 @@ def check_out_dir(out_dir, resume, overwrite):
         raise FileExistsError(f"out_dir {out_dir} holds another run ({', '.join(old)}): continue it with resume=auto "
                               f"(--resume auto), delete it and start fresh with overwrite=true (--overwrite true), "
                               f"or choose another out_dir")
+    if resume in (True, "auto") and old == ["final"] and not overwrite:   # its checkpoints deleted, final/ kept
+        raise FileExistsError(f"out_dir {out_dir} holds a finished run (final/) and no step-* checkpoint to resume: "
+                              f"resume={resume} would train from the start and replace its final/. Start fresh there "
+                              f"with overwrite=true (--overwrite true), or choose another out_dir")
 
 
 def clean_out_dir(fabric, out_dir, overwrite):

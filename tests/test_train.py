@@ -850,6 +850,11 @@ def test_fresh_run_into_another_runs_out_dir_is_refused_or_overwritten(pydoc, tm
         run(pydoc, tmp_path, max_steps=1, resume="auto")
     run(pydoc, tmp_path, max_steps=2, resume="auto")           # at max_steps: nothing to train, exported again
     assert torch.equal(load_checkpoint(tmp_path / "final")[0].lm_head.weight, model.lm_head.weight)
+    for p in tmp_path.glob("step-*"):                          # a finished run whose checkpoints were deleted
+        shutil.rmtree(p)
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(final/\) and no step-\* checkpoint"):
+        run(pydoc, tmp_path, max_steps=2, resume="auto")
+    assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def test_kills_while_pruning_or_exporting_leave_no_half_checkpoint(pydoc, tmp_path, monkeypatch):
