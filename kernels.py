@@ -1551,10 +1551,8 @@ def w8aspike_linear(x, qweight, scales, group_size, k=3.0, bias=None):
     fuses it into the pass before it) and the kernel and the host read run inside the ops _spike_gemm_into and
     _w8_wide_rows, so the block is one graph.
     """
-    if not k > 0:
-        raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
-    counts, vth, wide = (spike_counts_int8_torch if torch.compiler.is_compiling() else spike_counts_int8)(x2, k)
+    counts, vth, wide = spike_counts_int8(x2, k)
     y = x2.new_empty(x2.shape[0], qweight.shape[0])
     _spike_gemm_into(y, counts, vth, qweight, scales, group_size, bias)
     _w8_wide_rows(y, wide, x2, qweight, scales, group_size, float(k), bias)
@@ -1658,8 +1656,7 @@ def spike_linear_fp8(x, weight, scale, k=3.0, bias=None):
         return spike_linear_fp8_torch(x2, weight, scale, k, bias, x.dtype).view(*x.shape[:-1], N)
     if not k > 0:
         raise ValueError(f"spike k={k} must be > 0")
-    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
-    a, vth, wide = (compiled(fp8_counts_torch) if fused else fp8_counts_torch)(x2, k)
+    a, vth, wide = (compiled(fp8_counts_torch) if x.is_cuda else fp8_counts_torch)(x2, k)   # traced: inlined
     y = torch._scaled_mm(a, weight.t(), scale_a=vth, scale_b=scale.float().view(1, N),
                          out_dtype=torch.bfloat16 if x.is_cuda else torch.float32)
     y = (y if bias is None else y.float() + bias.float()).to(x.dtype)
@@ -2063,8 +2060,8 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
-    fused = x.is_cuda and not torch.compiler.is_compiling()   # eager on CUDA: one compiled pass; traced: inlined
-    rows, vth = (compiled(spike_count_rows_torch) if fused else spike_count_rows_torch)(x2, k, fp8)
+    count_rows = compiled(spike_count_rows_torch) if x.is_cuda else spike_count_rows_torch   # traced: inlined
+    rows, vth = count_rows(x2, k, fp8)
     half = SPIKE_GEMV_HALF and x2.shape[1] * k < FP16_MAX   # every count below fp16's largest: the rows exact in fp16
     y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True, half=half)
     y = (y[:M] + y[M:]) * vth
