@@ -489,8 +489,10 @@ class MoE(nn.Module):
         w, idx = probs.topk(c.top_k, -1)                                    # (N, k)
         out = sum(m(x) for m in self.shared) + self.routed(x, w, idx)
         # Switch-style balance loss: E * sum_e (share of tokens routed to e) * (mean router prob of e)
-        counts, psum, n = (F.one_hot(idx, c.n_expert).sum((0, 1)).to(probs.dtype), probs.sum(0), idx.shape[0]) \
-            if cp is None else kernels.cp_balance(probs, idx, shape, cp)   # a split sequence: the whole one's
+        if cp is None:
+            counts, psum, n = F.one_hot(idx, c.n_expert).sum((0, 1)).to(probs.dtype), probs.sum(0), idx.shape[0]
+        else:   # a slice of a split sequence: the whole sequence's statistics
+            counts, psum, n = kernels.cp_balance(probs, idx, shape, cp)
         load = counts / (n * c.top_k)
         aux = c.n_expert * (load * psum / n).sum()
         return out.view(shape), aux, load.detach().float()

@@ -480,7 +480,7 @@ class W8ASpikeLinear(nn.Module):
         """From a model.Linear or a model.ExpertLinear (stacked experts)."""
         bias, w = getattr(linear, "bias", None), linear.weight
         m = cls(linear.in_features, linear.out_features, bias is not None, group_size, spike_k, device=w.device,
-                dtype=w.dtype, n_expert=w.shape[0] if w.dim() == 3 else None)
+                dtype=w.dtype, n_expert=_n_expert(linear))
         m.qweight, m.scales = quantize_weight(w.detach(), m.group_size, scales)
         if bias is not None:
             m.bias = bias.detach().clone()
@@ -536,6 +536,11 @@ def w8aspike_reference(x, qweight, scales, bias=None, k=3.0, coding="bidirection
             acc[..., j] += p * (s[..., c].double() @ qweight[:, c].double().T)
     y = (acc * scales.double()).sum(-1) * vth.double()
     return y if bias is None else y + bias.double()
+
+
+def _n_expert(linear):
+    """The experts a model.ExpertLinear stacks (weight [E, out, in]); None for a model.Linear."""
+    return linear.weight.shape[0] if linear.weight.dim() == 3 else None
 
 
 def _linears(model):
@@ -679,6 +684,7 @@ def calibrate(model, batches, *, n_samples=128, k=3.0, group_size=128, grid=CLIP
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate got no data: `batches` yielded no rows of token ids")
+
     def scales(w, sq):   # stacked experts: each its own search
         return search_scales(w, sq, group_size, grid) if w.dim() == 2 else torch.stack(list(map(scales, w, sq)))
     return {name: scales(m.weight.detach(), sq[name]) for name, m in targets}
@@ -741,7 +747,7 @@ class FP8SpikeLinear(nn.Module):
         """From a model.Linear or a model.ExpertLinear (stacked experts)."""
         bias, w = getattr(linear, "bias", None), linear.weight
         m = cls(linear.in_features, linear.out_features, bias is not None, spike_k, device=w.device, dtype=w.dtype,
-                n_expert=w.shape[0] if w.dim() == 3 else None)
+                n_expert=_n_expert(linear))
         m.fp8_weight, m.scales = quantize_weight_fp8(w)
         if bias is not None:
             m.bias = bias.detach().clone()
@@ -789,7 +795,7 @@ def replace_linears_for_state(model, state, k=3.0):
     """
     for name, m in _linears(model):
         bias = getattr(m, "bias", None) is not None
-        n_expert = m.weight.shape[0] if m.weight.dim() == 3 else None   # model.ExpertLinear: stacked experts
+        n_expert = _n_expert(m)
         if name + ".fp8_weight" in state:
             if k is None:
                 raise ValueError(f"{name} holds FP8 weights, which multiply spike counts: the config needs a spike_k")

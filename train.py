@@ -205,10 +205,11 @@ def main(
              "data": train_data.fingerprint}
     if resume:
         resume_state(fabric, state, resume, out_dir)
+    ckpt_bytes = checkpoint_bytes(net, optimizer)
     export_bytes = sum(p.numel() for p in net.parameters()) * getattr(torch, export_dtype).itemsize
-    check_disk(fabric, out_dir, disk_plan(state, train, out_dir, export_bytes),
-               f"this run's checkpoints ({checkpoint_bytes(net, optimizer) / 1e9:.2f} GB each, train.keep_last="
-               f"{train.keep_last}) and its final export", warn=not train.check_disk,
+    check_disk(fabric, out_dir, disk_plan(state["step"], train, out_dir, ckpt_bytes, export_bytes),
+               f"this run's checkpoints ({ckpt_bytes / 1e9:.2f} GB each, train.keep_last={train.keep_last}) and its "
+               f"final export", warn=not train.check_disk,
                hint=" (train.check_disk=false: a warning here instead)")
 
     fit(fabric, state, config, train_data, val_data, train, eval, out_dir, flops_per_token,
@@ -740,14 +741,15 @@ def checkpoint_bytes(model, optimizer):
     return weights + (moments or 2 * weights)
 
 
-def disk_plan(state, train, out_dir, export_bytes):
-    """Bytes the run adds to out_dir at its fullest: the checkpoints it will write, of which keep_last stay (one
-    more while the next one is written; the run's checkpoints already there count among them), and the export."""
-    steps, step, every, keep = total_steps(train), state["step"], train.save_interval, train.keep_last
+def disk_plan(step, train, out_dir, ckpt_bytes, export_bytes):
+    """Bytes a run at `step` adds to out_dir at its fullest: the checkpoints it will write (ckpt_bytes each), of which
+    keep_last stay (one more while the next one is written; the run's checkpoints already there count among them),
+    and the export."""
+    steps, every, keep = total_steps(train), train.save_interval, train.keep_last
     n_new = 0 if step >= steps else (steps // every - step // every + bool(steps % every) if every else 1)
     have = sum(is_complete(p) for p in Path(out_dir).glob("step-*"))
     add = 0 if not n_new else n_new if keep <= 0 else max(1, min(have + n_new - 1, keep) + 1 - have)
-    return add * checkpoint_bytes(state["model"], state["optimizer"]) + export_bytes
+    return add * ckpt_bytes + export_bytes
 
 
 def check_disk(fabric, out_dir, need, what, warn=False, hint=""):
@@ -927,8 +929,8 @@ def estimate_memory(config, n_params, micro_batch_size, seq_len, world_size, str
     per_layer = activation_bytes(c, seq_len)   # a checkpointed block keeps its input; one at a time recomputes
     acts = tokens * (sum(per_layer[n_ckpt:]) + 2 * c.n_embd * n_ckpt + max(per_layer[:n_ckpt], default=0))
     fa = [int("fa" in c.mixers(i)) for i in range(c.n_layer)]
-    acts += micro_batch_size * (row - seq_len) * 4 * c.n_kv_head * c.head_dim * (sum(fa[n_ckpt:]) + max(fa[:n_ckpt],
-                                                                                                        default=0))
+    fa_held = sum(fa[n_ckpt:]) + max(fa[:n_ckpt], default=0)   # full-attention layers holding gathered keys at once
+    acts += micro_batch_size * (row - seq_len) * 4 * c.n_kv_head * c.head_dim * fa_held
     mem = {"weights": w * n_params / shard, "grads": g * n_params / shard, "optimizer": o * n_params / shard,
            # FSDP holds two blocks' full bf16 weights (current + prefetched) and the embeddings + head while they run
            "gathered": (2 * 2 * block + 2 * emb if reshard else 2 * n_params) * (shard > 1),

@@ -890,17 +890,17 @@ def test_disk_plan_counts_the_checkpoints_kept_and_the_export(tmp_path):
     net(torch.ones(1, 10)).sum().backward()
     opt.step()
     assert train.checkpoint_bytes(net, opt) == 400 + 2 * 400    # now counted as they are (the 0-dim step is not)
-    state = {"model": net, "optimizer": opt, "step": 0}
     args = dict(max_steps=10, save_interval=3, keep_last=2, global_batch_size=4, seq_len=32)
     # saves at steps 3, 6, 9, 10; two kept, a third while the next is written
-    assert train.disk_plan(state, train.TrainArgs(**args), tmp_path, 50) == 3 * 1200 + 50
-    assert train.disk_plan(state, train.TrainArgs(**{**args, "keep_last": 0}), tmp_path, 0) == 4 * 1200   # all kept
-    assert train.disk_plan(state, train.TrainArgs(**{**args, "save_interval": None}), tmp_path, 0) == 1200
+    assert train.disk_plan(0, train.TrainArgs(**args), tmp_path, 1200, 50) == 3 * 1200 + 50
+    # keep_last=0 keeps all four; without save_interval only the last step saves
+    assert train.disk_plan(0, train.TrainArgs(**{**args, "keep_last": 0}), tmp_path, 1200, 0) == 4 * 1200
+    assert train.disk_plan(0, train.TrainArgs(**{**args, "save_interval": None}), tmp_path, 1200, 0) == 1200
     for step in (3, 6):                                         # resumed at step 6 beside its two checkpoints: one more
         (tmp_path / f"step-{step:07d}").mkdir()
         (tmp_path / f"step-{step:07d}" / train.COMPLETE).touch()
-    assert train.disk_plan({**state, "step": 6}, train.TrainArgs(**args), tmp_path, 0) == 1200
-    assert train.disk_plan({**state, "step": 10}, train.TrainArgs(**args), tmp_path, 0) == 0      # nothing left to do
+    assert train.disk_plan(6, train.TrainArgs(**args), tmp_path, 1200, 0) == 1200
+    assert train.disk_plan(10, train.TrainArgs(**args), tmp_path, 1200, 0) == 0   # nothing left to do
 
 
 def test_a_full_disk_stops_the_run_before_it_writes(pydoc, tmp_path, monkeypatch):
