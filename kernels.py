@@ -1991,6 +1991,32 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
+GEMV8_COMPILED = "inductor"   # the 8-bit GEMVs traced into a compiled decode step (kernels.compile_decode):
+    # "inductor": gemv8_fused's tensor formula, which inductor writes as one tuned reduction per projection that reads
+    # the 8-bit weights once and converts them in registers, as it writes bf16 F.linear at batch 1; "triton": the
+    # gemv8 op (Triton's tl.dot on rows padded to 16, split along K, the splits summed after). bench.py decode --gemv8
+    # measures both. Eager steps always take the gemv8 op: there gemv8_fused would materialise an fp32 weight.
+
+
+def fused_gemv8():
+    """Does an 8-bit GEMV called now take gemv8_fused? (traced into a compiled graph, GEMV8_COMPILED "inductor")"""
+    return GEMV8_COMPILED == "inductor" and torch.compiler.is_compiling()
+
+
+def gemv8_fused(x, w, scales, group_size, fp8=False):
+    """x [M, K] @ (w * scales per group).T -> fp32 [M, N] as plain tensor ops, for a compiled decode step
+    (GEMV8_COMPILED): w int8 [N, K], or (fp8) e4m3 bits as uint8; scales [N, G], groups of group_size input channels
+    (the last one shorter where group_size does not divide K; fp8: one group of K). Inductor fuses the weights' conversion, their
+    scale and the product into one reduction over K (gpt-fast's int8 weight-only decode). Each product x (q s) rounds
+    twice in fp32 and the K products add up in fp32 in inductor's order, so
+        |y - y64| <= (K + 2) 2^-24 sum_k |x[m, k] q[n, k] s[n, g(k)]|
+    (y64: int8_gemv_torch on the same operands). Twin: int8_gemv_torch."""
+    K = w.shape[1]
+    q = (w.view(torch.float8_e4m3fn) if fp8 else w).float()
+    g = torch.arange(K, device=w.device) // group_size                    # (K,) each input channel's group
+    return (x.float()[:, None, :] * (q * scales.float()[:, g])).sum(-1)
+
+
 def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     """Batch-small linear layer with INT8 weights, dequantized in registers (decode, weight-only INT8):
         y[m, n] = sum_g scales[n, g] * (sum_{k in group g} x[m, k] * qweight[n, k])  (+ bias[n]).
@@ -2009,7 +2035,8 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
-    y = _gemv8_op(x, qweight, scales, group_size, splits)
+    y = gemv8_fused(x, qweight, scales, group_size) if fused_gemv8() else _gemv8_op(x, qweight, scales, group_size,
+                                                                                   splits)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -2049,9 +2076,9 @@ def spike_gemv_fits(x, k):
 
 
 def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
-    """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> spike_count_rows_torch (one compiled pass when eager
-    on CUDA), the gemv8 op on the hi and lo rows (fp16 or tf32), y = (y_hi + y_lo) vth (+ bias) -> [..., N] in x's
-    dtype."""
+    """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> in a compiled decode step gemv8_fused on the counts
+    (fused_gemv8), else spike_count_rows_torch (one compiled pass when eager on CUDA) and the gemv8 op on the hi and
+    lo rows (fp16 or tf32); y = counts @ W.T * vth (+ bias) -> [..., N] in x's dtype."""
     if not k > 0:
         raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
@@ -2060,11 +2087,15 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
-    count_rows = compiled(spike_count_rows_torch) if x.is_cuda else spike_count_rows_torch   # traced: inlined
-    rows, vth = count_rows(x2, k, fp8)
-    half = SPIKE_GEMV_HALF and x2.shape[1] * k < FP16_MAX   # every count below fp16's largest: the rows exact in fp16
-    y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True, half=half)
-    y = (y[:M] + y[M:]) * vth
+    if fused_gemv8():
+        counts, vth = spike_quant_torch(x2, k)
+        y = gemv8_fused(e4m3_counts(counts) if fp8 else counts, w, scales, group_size, fp8) * vth
+    else:
+        count_rows = compiled(spike_count_rows_torch) if x.is_cuda else spike_count_rows_torch
+        rows, vth = count_rows(x2, k, fp8)
+        half = SPIKE_GEMV_HALF and x2.shape[1] * k < FP16_MAX   # every count below fp16's largest: exact in fp16
+        y = _gemv8_op(rows, w, scales, group_size, splits, fp8=fp8, tf32=True, half=half)
+        y = (y[:M] + y[M:]) * vth
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], -1)

@@ -1064,11 +1064,12 @@ def eight_bit_layer(kind):
 def test_8bit_linear_decode_through_the_gemv(kind, monkeypatch):
     """W8ASpikeLinear (spike k 3) and FP8SpikeLinear with their decode GEMV forced (as on CUDA): decode rows (1, 3, 8)
     through it, within its bound of the twin; more rows than INT8_GEMV_MAX_ROWS, gradients and the switch at "torch"
-    keep the other paths, "auto" takes it on CUDA only. torch.compile(fullgraph=True) of the decode forward: one
-    graph (no break: no host sync, the kernel one custom op with a fake) holding the op, and the eager output, also
-    on a row whose count passes 448."""
+    keep the other paths, "auto" takes it on CUDA only. torch.compile(fullgraph=True) of the decode forward with
+    GEMV8_COMPILED "triton": one graph (no break: no host sync, the kernel one custom op with a fake) holding the op,
+    and the eager output, also on a row whose count passes 448."""
     m, switch, name, close = eight_bit_layer(kind)
     monkeypatch.setattr(kernels, switch, "triton")
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", "triton")   # "inductor": test_8bit_gemvs_traced_take_the_fused_...
     step, graphs = fullgraph(m)
     for big in (False, True):
         x = torch.randn(1, 1, 200, device=DEV)
@@ -1260,3 +1261,93 @@ def test_gpu_fp8_gemv_7b_shape(M):
         out = m(xb)
     want = kernels.spike_linear_fp8_torch(xb, w8, s, 3.0, m.bias)
     assert out.dtype == torch.bfloat16 and rms_err(out, want) < 4e-3
+
+
+# ----------------------------------------------------------------------------- 8-bit GEMVs in a compiled decode step
+
+def fused_bound_ok(y, want, mag, K):
+    """gemv8_fused's stated bound: |y - y64| <= (K + 2) 2^-24 sum |x q s| (+ the bias and the final products)."""
+    err = (y.double() - want).abs()
+    return y.shape == want.shape and bool((err <= (K + 6) * 2.0 ** -24 * mag).all())
+
+
+@pytest.mark.parametrize("group_size,K", [(128, 200), (64, 256), (200, 200)])
+def test_gemv8_fused_matches_float64(group_size, K):
+    """The formula a compiled decode step hands to inductor, run as it is (eagerly): int8 weights in groups (a partial
+    last group, several whole ones, one of all K) and e4m3 weights with one scale per output channel, within its
+    bound of float64 on the same operands."""
+    x, qweight, scales, _ = gemv_operands(3, K, 40, group_size, seed=K)
+    y = kernels.gemv8_fused(x, qweight, scales, group_size)
+    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), group_size)
+    assert y.dtype == torch.float32
+    assert fused_bound_ok(y, kernels.int8_gemv_torch(x, qweight, scales, group_size), mag, K)
+    x, w8, s, _ = fp8_operands(3, K, 40, seed=K)
+    y = kernels.gemv8_fused(x, w8.view(torch.uint8), s.view(40, 1), K, fp8=True)
+    w64 = w8.double() * s.double()[:, None]
+    assert fused_bound_ok(y, x.double() @ w64.T, x.double().abs() @ w64.abs().T, K)
+
+
+@needs_triton
+def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
+    """Traced into a compiled graph (a compiled decode step), int8_gemv, w8aspike_gemv and fp8_gemv become
+    gemv8_fused's tensor ops (inductor fuses them into one reduction; here aot_eager runs them as they are), no gemv8
+    op in the graph, one graph each, within the stated bounds of their float64 twins; GEMV8_COMPILED = "triton"
+    keeps the op. Counts past 127 and past 16 (e4m3 rounding) included."""
+    x, qweight, scales, b = gemv_operands(2, 200, 48, 128, seed=7)
+    x = x * torch.exp(torch.randn_like(x))
+    x[-1, 3] = 300.0
+    x8, w8, s, b8 = fp8_operands(2, 200, 48, seed=8, spread=1.0)
+    calls = spy(monkeypatch, "_gemv8_op")
+    runs = {"int8": lambda x: kernels.int8_gemv(x, qweight, scales, 128, b),
+            "w8aspike": lambda x: kernels.w8aspike_gemv(x, qweight, scales, 128, 3.0, b),
+            "fp8": lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b8)}
+    ys = {}
+    for name, f in runs.items():
+        step, graphs = fullgraph(f)
+        with torch.no_grad():
+            ys[name] = step(x8 if name == "fp8" else x)
+        assert len(graphs) == 1 and not calls, name
+    want = kernels.int8_gemv_torch(x, qweight, scales, 128, b)
+    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), 128, b.abs())
+    assert fused_bound_ok(ys["int8"], want, mag, 200)
+    counts, vth = spike_quant_ref(x, 3.0)
+    assert counts.abs().max() > 127
+    want = kernels.spike_linear_torch(counts, vth, qweight, scales, 128, b, torch.float64)
+    mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), 128, b.abs(), torch.float64)
+    assert fused_bound_ok(ys["w8aspike"], want, mag, 200)
+    c, vth = spike_quant_ref(x8, 3.0)
+    assert ((c.abs() > 16) & (c.abs() <= 448)).any()                     # counts e4m3 rounds
+    assert_fp8_gemv_close(ys["fp8"], x8, w8, s, 3.0, b8)                 # within the kernel's (wider) bound too
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", "triton")
+    step, graphs = fullgraph(runs["int8"])
+    with torch.no_grad():
+        assert torch.equal(step(x), kernels.int8_gemv(x, qweight, scales, 128, b)) and calls
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("quant", ["int8", "w8aspike", "fp8"])
+def test_gpu_8bit_gemvs_compiled_7b_shape(quant):
+    """A 7B MLP projection (K=3584, N=18944) at batch 1 in a decode step compiled as generate.py compiles it
+    (kernels.compile_decode: inductor, coordinate-descent tuning, CUDA graphs): the fused 8-bit GEMV within its bound
+    of the float64 twin on the same operands."""
+    torch._dynamo.reset()
+    if quant == "fp8":
+        x, w8, s, b = fp8_operands(1, 3584, 18944, seed=3, spread=1.0)
+        step = kernels.compile_decode(lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b), torch.device("cuda"))
+        with torch.no_grad():
+            y = [step(x) for _ in range(3)][-1]
+        return assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+    x, qweight, scales, b = gemv_operands(1, 3584, 18944, 128, seed=3)
+    f = kernels.int8_gemv if quant == "int8" else lambda *a: kernels.w8aspike_gemv(*a[:4], 3.0, a[4])
+    step = kernels.compile_decode(lambda x: f(x, qweight, scales, 128, b), torch.device("cuda"))
+    with torch.no_grad():
+        y = [step(x) for _ in range(3)][-1]
+    if quant == "int8":
+        want = kernels.int8_gemv_torch(x, qweight, scales, 128, b)
+        mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), 128, b.abs())
+    else:
+        counts, vth = spike_quant_ref(x, 3.0)
+        want = kernels.spike_linear_torch(counts, vth, qweight, scales, 128, b, torch.float64)
+        mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), 128, b.abs(), torch.float64)
+    assert fused_bound_ok(y, want, mag, 3584)
