@@ -2003,18 +2003,35 @@ def fused_gemv8():
     return GEMV8_COMPILED == "inductor" and torch.compiler.is_compiling()
 
 
+@torch.library.custom_op("spikingbrain::realized", mutates_args=())
+def realized(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x, opaque to inductor. Left to itself inductor recomputes a cheap producer of a GEMV's input (the
+    spike counts: a division, rounding, e4m3 rounding per element) inside the GEMV's reduction, once per weight row,
+    which makes an 8-bit GEMV bound by arithmetic instead of by its weight reads; behind this op the input is written
+    once and read as it is."""
+    return x.clone()
+
+
+@realized.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def gemv8_fused(x, w, scales, group_size, fp8=False):
     """x [M, K] @ (w * scales per group).T -> fp32 [M, N] as plain tensor ops, for a compiled decode step
     (GEMV8_COMPILED): w int8 [N, K], or (fp8) e4m3 bits as uint8; scales [N, G], groups of group_size input channels
-    (the last one shorter where group_size does not divide K; fp8: one group of K). Inductor fuses the weights' conversion, their
-    scale and the product into one reduction over K (gpt-fast's int8 weight-only decode). Each product x (q s) rounds
-    twice in fp32 and the K products add up in fp32 in inductor's order, so
+    (the last one shorter where group_size does not divide K: zeros pad it; fp8: one group of K). Inductor writes the
+    sums within groups as one reduction that reads each weight byte once and converts it in registers (gpt-fast's
+    int8 weight-only decode), then the scales and the sum over groups as a small second one; x comes realized. Each
+    product rounds once in fp32, each group's sum, its scale and the sum over groups in fp32, so
         |y - y64| <= (K + 2) 2^-24 sum_k |x[m, k] q[n, k] s[n, g(k)]|
     (y64: int8_gemv_torch on the same operands). Twin: int8_gemv_torch."""
-    K = w.shape[1]
+    (M, K), (N, G) = x.shape, scales.shape
+    gs = min(group_size, K)
     q = (w.view(torch.float8_e4m3fn) if fp8 else w).float()
-    g = torch.arange(K, device=w.device) // group_size                    # (K,) each input channel's group
-    return (x.float()[:, None, :] * (q * scales.float()[:, g])).sum(-1)
+    xg = F.pad(realized(x.float()), (0, G * gs - K)).view(M, 1, G, gs)
+    qg = F.pad(q, (0, G * gs - K)).view(N, G, gs)
+    return ((xg * qg).sum(-1) * scales.float()).sum(-1)                  # [M, N, G] group sums, then [M, N]
 
 
 def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
