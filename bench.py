@@ -922,7 +922,7 @@ def time_decode(step, cache, tok, warm, steps, compiled):
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
-                 quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] = "inductor",
+                 quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
@@ -953,13 +953,15 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             --compile keeps it in the graph). The header names the route (decode_route).
         gemv_half: w8aspike and fp8 decode GEMVs take the spike-count rows in fp16 where they fit
             (kernels.SPIKE_GEMV_HALF); false: tf32 (the other half of an A/B).
-        gemv8: with compile, the 8-bit GEMVs (int8, w8aspike, fp8) as inductor's fused reduction of
-            kernels.gemv8_fused, or the Triton gemv8 op (kernels.GEMV8_COMPILED).
+        gemv8: with compile, the 8-bit GEMVs (int8, w8aspike, fp8) as inductor's reductions of kernels.gemv8_fused,
+            or the Triton gemv8 op; None: kernels.GEMV8_COMPILED's choice per weight format.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
     check_quant(quant)
-    kernels.SPIKE_GEMV_HALF, kernels.GEMV8_COMPILED = gemv_half, gemv8
+    kernels.SPIKE_GEMV_HALF = gemv_half
+    if gemv8:
+        kernels.GEMV8_COMPILED = dict.fromkeys(kernels.GEMV8_COMPILED, gemv8)
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, mem = setup(device, gla)
@@ -967,7 +969,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
-           f"{f', compiled as {gemv8}' if compile and quant != 'bf16' else ''}; "
+           f"{f', compiled as ' + kernels.GEMV8_COMPILED['fp8' if quant == 'fp8' else 'int8'] if compile and quant != 'bf16' else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))

@@ -1991,16 +1991,19 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
-GEMV8_COMPILED = "inductor"   # the 8-bit GEMVs traced into a compiled decode step (kernels.compile_decode):
-    # "inductor": gemv8_fused's tensor formula, which inductor writes as one tuned reduction per projection that reads
-    # the 8-bit weights once and converts them in registers, as it writes bf16 F.linear at batch 1; "triton": the
-    # gemv8 op (Triton's tl.dot on rows padded to 16, split along K, the splits summed after). bench.py decode --gemv8
-    # measures both. Eager steps always take the gemv8 op: there gemv8_fused would materialise an fp32 weight.
+# The 8-bit GEMVs traced into a compiled decode step (kernels.compile_decode), per weight format: "inductor" writes
+# them as gemv8_fused's tensor formula (inductor's tuned reductions, as it writes bf16 F.linear at batch 1), "triton"
+# keeps the gemv8 op (tl.dot on rows padded to 16, split along K). Neither reads 8-bit weights near the bandwidth yet
+# on an H200; whole-model decode put the formula ahead for e4m3 weights (one scale per row) and the op ahead for int8
+# weights in groups of 128 (BENCHMARKS.md). Eager steps always take the op: there the formula would materialise an
+# fp32 weight. bench.py decode --gemv8 sets both.
+GEMV8_COMPILED = {"int8": "triton", "fp8": "inductor"}
 
 
-def fused_gemv8():
-    """Does an 8-bit GEMV called now take gemv8_fused? (traced into a compiled graph, GEMV8_COMPILED "inductor")"""
-    return GEMV8_COMPILED == "inductor" and torch.compiler.is_compiling()
+def fused_gemv8(fmt):
+    """Does an 8-bit GEMV of weight format fmt ("int8", "fp8") called now take gemv8_fused? (traced into a compiled
+    graph, GEMV8_COMPILED[fmt] "inductor")"""
+    return GEMV8_COMPILED[fmt] == "inductor" and torch.compiler.is_compiling()
 
 
 @torch.library.custom_op("spikingbrain::realized", mutates_args=())
@@ -2052,8 +2055,8 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
-    y = gemv8_fused(x, qweight, scales, group_size) if fused_gemv8() else _gemv8_op(x, qweight, scales, group_size,
-                                                                                   splits)
+    y = gemv8_fused(x, qweight, scales, group_size) if fused_gemv8("int8") else _gemv8_op(x, qweight, scales,
+                                                                                         group_size, splits)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -2104,7 +2107,7 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
-    if fused_gemv8():
+    if fused_gemv8("fp8" if fp8 else "int8"):
         counts, vth = spike_quant_torch(x2, k)
         y = gemv8_fused(e4m3_counts(counts) if fp8 else counts, w, scales, group_size, fp8) * vth
     else:

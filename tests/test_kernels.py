@@ -1069,7 +1069,7 @@ def test_8bit_linear_decode_through_the_gemv(kind, monkeypatch):
     and the eager output, also on a row whose count passes 448."""
     m, switch, name, close = eight_bit_layer(kind)
     monkeypatch.setattr(kernels, switch, "triton")
-    monkeypatch.setattr(kernels, "GEMV8_COMPILED", "triton")   # "inductor": test_8bit_gemvs_traced_take_the_fused_...
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "triton", "fp8": "triton"})   # "inductor": the next test
     step, graphs = fullgraph(m)
     for big in (False, True):
         x = torch.randn(1, 1, 200, device=DEV)
@@ -1291,13 +1291,14 @@ def test_gemv8_fused_matches_float64(group_size, K):
 def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
     """Traced into a compiled graph (a compiled decode step), int8_gemv, w8aspike_gemv and fp8_gemv become
     gemv8_fused's tensor ops (inductor fuses them into one reduction; here aot_eager runs them as they are), no gemv8
-    op in the graph, one graph each, within the stated bounds of their float64 twins; GEMV8_COMPILED = "triton"
-    keeps the op. Counts past 127 and past 16 (e4m3 rounding) included."""
+    op in the graph, one graph each, within the stated bounds of their float64 twins; GEMV8_COMPILED "triton" keeps
+    the op. Counts past 127 and past 16 (e4m3 rounding) included."""
     x, qweight, scales, b = gemv_operands(2, 200, 48, 128, seed=7)
     x = x * torch.exp(torch.randn_like(x))
     x[-1, 3] = 300.0
     x8, w8, s, b8 = fp8_operands(2, 200, 48, seed=8, spread=1.0)
     calls = spy(monkeypatch, "_gemv8_op")
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "inductor", "fp8": "inductor"})
     runs = {"int8": lambda x: kernels.int8_gemv(x, qweight, scales, 128, b),
             "w8aspike": lambda x: kernels.w8aspike_gemv(x, qweight, scales, 128, 3.0, b),
             "fp8": lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b8)}
@@ -1318,7 +1319,7 @@ def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
     c, vth = spike_quant_ref(x8, 3.0)
     assert ((c.abs() > 16) & (c.abs() <= 448)).any()                     # counts e4m3 rounds
     assert_fp8_gemv_close(ys["fp8"], x8, w8, s, 3.0, b8)                 # within the kernel's (wider) bound too
-    monkeypatch.setattr(kernels, "GEMV8_COMPILED", "triton")
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "triton", "fp8": "triton"})
     step, graphs = fullgraph(runs["int8"])
     with torch.no_grad():
         assert torch.equal(step(x), kernels.int8_gemv(x, qweight, scales, 128, b)) and calls
@@ -1327,17 +1328,19 @@ def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("quant", ["int8", "w8aspike", "fp8"])
-def test_gpu_8bit_gemvs_compiled_7b_shape(quant):
+def test_gpu_8bit_gemvs_compiled_7b_shape(quant, monkeypatch):
     """A 7B MLP projection (K=3584, N=18944) at batch 1 in a decode step compiled as generate.py compiles it
-    (kernels.compile_decode: inductor, coordinate-descent tuning, CUDA graphs): the fused 8-bit GEMV within its bound
-    of the float64 twin on the same operands."""
+    (kernels.compile_decode: inductor, coordinate-descent tuning, CUDA graphs): gemv8_fused within its bound of the
+    float64 twin on the same operands."""
+    monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "inductor", "fp8": "inductor"})
     torch._dynamo.reset()
     if quant == "fp8":
         x, w8, s, b = fp8_operands(1, 3584, 18944, seed=3, spread=1.0)
         step = kernels.compile_decode(lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b), torch.device("cuda"))
         with torch.no_grad():
             y = [step(x) for _ in range(3)][-1]
-        return assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+        assert_fp8_gemv_close(y, x, w8, s, 3.0, b)
+        return
     x, qweight, scales, b = gemv_operands(1, 3584, 18944, 128, seed=3)
     f = kernels.int8_gemv if quant == "int8" else lambda *a: kernels.w8aspike_gemv(*a[:4], 3.0, a[4])
     step = kernels.compile_decode(lambda x: f(x, qweight, scales, 128, b), torch.device("cuda"))
