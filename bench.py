@@ -965,11 +965,11 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     if tiny:
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, mem = setup(device, gla)
-    bw = device_rate(device, "copy")
+    bw, fmt = device_rate(device, "copy"), "fp8" if quant == "fp8" else "int8"
     header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
-           f"{f', compiled as ' + kernels.GEMV8_COMPILED['fp8' if quant == 'fp8' else 'int8'] if compile and quant != 'bf16' else ''}; "
+           f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
