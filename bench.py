@@ -1016,6 +1016,118 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         del m, step
 
 
+GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128)
+               for w in (4, 8) for st in (3, 4)] +
+              [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=False) for bn in (4, 8, 16, 32) for bk in (128, 256)
+               for w in (2, 4, 8) for st in (2, 4)])
+
+
+def graph_us(fn, device):
+    """Device microseconds of one call of fn: median of triton's CUDA-graph timing (launch overhead excluded, as in
+    a compiled decode step); on a CPU, ms()."""
+    if torch.device(device).type != "cuda":
+        return 1e3 * ms(fn, device)
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0, sweep: bool = True,
+               device: str = "cuda", tiny: bool = False) -> None:
+    """Decode GEMVs (a batch-1 step's projections) at the preset's shapes, each route timed alone under a CUDA
+    graph, its weight bytes read per microsecond beside the device copy rate: bf16 F.linear compiled as a decode
+    step compiles it (inductor's tuned reduction, kernels.compile_decode without graphs), the gemv8 op as the 8-bit
+    layers call it (int8 in groups of 128 from bf16 rows: weight-only; the spike counts' two rows of W8ASpike (int8
+    groups) and FP8 (e4m3, one scale a row)) under its current settings and, with sweep, under every GEMV_SWEEP
+    setting (tl.dot on rows padded to 16, or DOT false: CUDA-core products), and gemv8_fused compiled. Then a
+    block's projections summed per route (the best setting per shape where swept): the 8-bit routes' time over
+    bf16's is what the weight reads alone allow a decode step. Accuracy: tests/test_kernels.py.
+
+    Args:
+        preset: model.py preset whose first block's projection shapes are timed.
+        rows: tokens a step (batch x new tokens, at most 8).
+        k: spike threshold parameter of the count rows.
+        sweep: time every GEMV_SWEEP setting too (a setting that does not compile is skipped).
+        device: cuda or cpu.
+        tiny: CPU smoke run (TRITON_INTERPRET=1): the tiny preset, two settings.
+    """
+    check_spike_k(k, "k")
+    if not 1 <= rows <= 8:
+        raise ValueError(f"rows={rows}: decode GEMVs take 1 to 8 rows")
+    settings = GEMV_SWEEP if sweep else []
+    if tiny:
+        preset, device, settings = "tiny", "cpu", [GEMV_SWEEP[0], GEMV_SWEEP[-1]][:2 if sweep else 0]
+    cuda, dt = device.startswith("cuda"), torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bw = device_rate(device, "copy") / 2    # bytes read per second (the copy reads and writes each byte)
+    header(device, dt, "-", "decode (inductor, coordinate descent)", f"{preset} projections, {rows} row(s), "
+           f"spike k={k}; device copy reads {bw / 1e12:.3g} TB/s; triton {triton.__version__}; "
+           f"{len(settings)} gemv8 settings swept" +
+           ("" if cuda or kernels.INTERPRET else "; the gemv8 op left out (Triton needs CUDA or TRITON_INTERPRET=1)"))
+    shapes = block_projections(preset)
+    print(f"{'projections':>22} {'K':>6} {'N':>6} {'route':>10} {'setting':>44} {'us':>8} {'TB/s':>6} {'of copy':>7}",
+          flush=True)
+    torch.manual_seed(0)
+    total = {}
+    for (K, N), names in shapes.items():
+        x = torch.randn(rows, K, device=device, dtype=dt)
+        w = torch.randn(N, K, device=device) * K ** -0.5
+        q, sc = spiking.quantize_weight(w, 128)
+        bits, s8 = spiking.quantize_weight_fp8(w)
+        counts = kernels.spike_count_rows_torch(x, k)[0]
+        fits = kernels.spike_gemv_fits(x, k) and counts.shape[1] * k < kernels.FP16_MAX
+        wb = w.to(dt)
+        routes = {"bf16": (None, lambda: F.linear(x, wb), wb.nbytes)}
+        g8 = {"int8": (x, q, sc, False), "w8aspike": (counts, q, sc, False)}
+        g8["fp8"] = (counts, bits, s8.view(N, 1), True)   # e4m3 bytes converted in registers: no FP8 tensor cores
+        for r, (a, wq, st, is8) in g8.items():
+            half = r != "int8" and fits
+            for cfg in [None] + settings if cuda or kernels.INTERPRET else []:
+                def run(a=a, wq=wq, st=st, is8=is8, half=half, cfg=cfg):
+                    if cfg is None:
+                        return kernels._gemv8_op(a, wq, st, 128 if not is8 else K, None, is8, r != "int8", half)
+                    xs = a.half() if half else a.float() if r != "int8" else a
+                    out = xs.new_empty(xs.shape[0], N, dtype=torch.float32)
+                    fmt = kernels._fp8_gemv_format(torch.device(device)) if is8 else 0
+                    return kernels._gemv8(xs, wq, st.float(), out, K if is8 else min(128, K), None, cfg, fmt,
+                                          "tf32" if cuda and r != "int8" else None)
+                name = "op (as set)" if cfg is None else ", ".join(f"{a}={b}" for a, b in cfg.items())
+                routes[r + " " + name] = (r, run, wq.nbytes + st.nbytes)
+            fused = torch.compile(lambda a=a, wq=wq, st=st, is8=is8: kernels.gemv8_fused(a, wq, st, K if is8 else
+                                                                                         128, is8),
+                                  options={"coordinate_descent_tuning": cuda}) if cuda else None
+            routes[r + " gemv8_fused"] = (r, fused or (lambda a=a, wq=wq, st=st, is8=is8: kernels.gemv8_fused(
+                a, wq, st, K if is8 else 128, is8)), wq.nbytes + st.nbytes)
+        routes["bf16"] = ("bf16", torch.compile(routes["bf16"][1], options={"coordinate_descent_tuning": cuda})
+                          if cuda else routes["bf16"][1], wb.nbytes)
+        best = {}
+        for label, (r, fn, nbytes) in routes.items():
+            try:
+                with torch.no_grad():
+                    fn()
+                    t = graph_us(fn, device)
+            except Exception as e:   # a swept setting that does not compile on this device
+                if label.endswith(("(as set)", "gemv8_fused")) or r == "bf16":
+                    raise
+                print(f"{','.join(names):>22} {K:>6} {N:>6} {r:>10} {label[len(r) + 1:]:>44} does not run here: "
+                      f"{type(e).__name__}", flush=True)
+                continue
+            print(f"{','.join(names):>22} {K:>6} {N:>6} {r:>10} {label[len(r) + 1:] or '-':>44} {t:8.1f} "
+                  f"{nbytes / t / 1e6:6.2f} {nbytes / t / 1e6 / (bw / 1e12):6.0%}", flush=True)
+            for key in {r, label}:
+                if key not in best or t < best[key][0]:
+                    best[key] = (t, label)
+        for key, (t, label) in best.items():
+            total.setdefault(key, [0.0, set()])
+            total[key][0] += t * len(names)
+            total[key][1].add(label)
+    print("block's projections summed (best setting per shape for int8, w8aspike, fp8):")
+    for key in ("bf16", "int8", "w8aspike", "fp8", *(f"{r} op (as set)" for r in ("int8", "w8aspike", "fp8")),
+                *(f"{r} gemv8_fused" for r in ("int8", "w8aspike", "fp8"))):
+        if key in total:
+            t = total[key][0]
+            print(f"{key:>24} {t:9.1f} us  {total['bf16'][0] / t:5.2f}x bf16" +
+                  (f"  ({'; '.join(sorted(total[key][1]))})" if key in ("int8", "w8aspike", "fp8") else ""),
+                  flush=True)
+
+
 # ----------------------------------------------------------------------------- serving
 
 def ascii_tokenizer(d):
@@ -1797,5 +1909,6 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
 
 
 if __name__ == "__main__":
-    CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "ttft": bench_ttft, "decode": bench_decode,
-         "serve": bench_serve, "train": bench_train, "profile": bench_profile, "swa": bench_swa, "moe": bench_moe})
+    CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "gemv": bench_gemv, "ttft": bench_ttft,
+         "decode": bench_decode, "serve": bench_serve, "train": bench_train, "profile": bench_profile, "swa": bench_swa,
+         "moe": bench_moe})

@@ -1835,7 +1835,8 @@ def _e4m3_to_f32(b):
 
 @triton.jit
 def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FMT: tl.constexpr, HALF: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FMT: tl.constexpr, HALF: tl.constexpr,
+                  DOT: tl.constexpr):
     """Partial sums out[split, :, cols] = sum over the split's K tiles of scales[g, cols] * (x[:, tile] @
     w[cols, tile]^T): x [M, K] (float), w 8-bit [N, K], scales fp32 [N, G] (as stored: no transposed copy per
     call; they are 1/GS of the weight bytes), out fp32 [splits, M, N]. BK divides GS (or K is one group): each
@@ -1843,7 +1844,8 @@ def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constex
     decoded by _e4m3_to_f32. Weights convert to x's dtype exactly (|q| <= 127, or e4m3's 4 significant bits), so
     every product is exact in fp32. HALF: x is fp16 and the weights become fp16 (int8 by integer operations: the
     bits of 1024 + (q + 128), less 1152; conversion instructions are a quarter of their rate), tl.dot in fp16 with
-    fp32 sums."""
+    fp32 sums. DOT false: no tensor cores, so no rows padded to 16 (BM the rows' power of two): the tile's products
+    in fp32 on the CUDA cores, summed over K by tl.sum (HALF then only means x is fp16, converted exactly)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                  # columns past N wrap around: no masks; not stored
@@ -1860,7 +1862,9 @@ def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constex
             wt = wt.to(tl.float8e4nv, bitcast=True)
         elif FMT == 2:
             wt = _e4m3_to_f32(wt)
-        if HALF:
+        if not DOT:
+            part = tl.sum(xt.to(tl.float32)[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
+        elif HALF:
             if FMT == 0:
                 wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True)
                 wt = wt - 1152.0
@@ -1889,7 +1893,8 @@ def int8_gemv_fits(K, group_size):
 
 
 def _gemv8(x, w, st, out, group_size, splits, cfg, fmt=0, prec=None):
-    """Launch _gemv8_kernel with cfg's settings and weight format fmt (0: int8, 1 or 2: e4m3 bits); splits along K
+    """Launch _gemv8_kernel with cfg's settings (BN, BK, num_warps, num_stages; DOT, default True: tl.dot on rows
+    padded to 16, False: CUDA-core products) and weight format fmt (0: int8, 1 or 2: e4m3 bits); splits along K
     (None: enough programs to fill the GPU twice, cut to whole tiles); the partial sums of the splits add up in fp32
     afterwards. prec: tl.dot's input precision (None: "ieee" for fp32 x, no tf32 rounding of the activations); an
     fp16 x takes the kernel's HALF path."""
@@ -1904,8 +1909,10 @@ def _gemv8(x, w, st, out, group_size, splits, cfg, fmt=0, prec=None):
     S = triton.cdiv(k_tiles, per)
     part = out if S == 1 else x.new_empty(S, M, N, dtype=torch.float32)
     prec = prec or ("ieee" if x.dtype == torch.float32 else "tf32")
-    _gemv8_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size, BM=16, BN=cfg["BN"], BK=BK,
-                                PREC=prec, FMT=fmt, HALF=x.dtype == torch.float16, num_warps=cfg["num_warps"],
+    dot = cfg.get("DOT", True)
+    _gemv8_kernel[(n_tiles, S)](x, w, st, part, M, N, K, st.shape[1], per, GS=group_size,
+                                BM=16 if dot else triton.next_power_of_2(M), BN=cfg["BN"], BK=BK, PREC=prec, FMT=fmt,
+                                HALF=x.dtype == torch.float16, DOT=dot, num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
     if S > 1:
         torch.sum(part, 0, out=out)

@@ -8,6 +8,7 @@ token.
 CPU: TRITON_INTERPRET=1 python -m pytest -q tests/test_bench.py   (the spike_linear route then runs the Triton
 kernel under the interpreter; without it, its twin spike_linear_torch)
 """
+import os
 import re
 
 import pytest
@@ -308,3 +309,18 @@ def test_projection_scales_compute_down_and_gathers_up():
     assert proj[8] == pytest.approx((4.0, 7.0)) and proj[32] == pytest.approx((1.0, 31.0))   # one round each
     proj = {P: (comp, comm) for P, comp, comm in bench.project_split(dict(row, chunk=100), 8000, gpus=(8,))}
     assert proj[8] == pytest.approx((4.0, 10 * 7.0 + 9 * 0.5))   # 10 rounds of 800 tokens, 9 cache shares
+
+
+def test_gemv_times_every_route_of_every_projection(capsys):
+    """bench.py gemv on the tiny preset: for each projection shape bf16, and for int8, W8ASpike and FP8 weights the
+    gemv8 op as set, each swept setting (tl.dot and CUDA-core) and gemv8_fused, then the block's sums per route."""
+    bench.bench_gemv(tiny=True)
+    out = capsys.readouterr()[0]
+    shapes = bench.block_projections("tiny")
+    op = 1 + 2 if os.environ.get("TRITON_INTERPRET") == "1" else 0       # the op left out without Triton
+    for r in ("int8", "w8aspike", "fp8"):
+        assert len(re.findall(rf"^ *\S+ +\d+ +\d+ +{r} ", out, re.M)) == len(shapes) * (op + 1), r
+        assert re.search(rf"^ +{r} +[\d.]+ us +[\d.]+x bf16", out, re.M)
+    assert len(re.findall(r"^ *\S+ +\d+ +\d+ +bf16 ", out, re.M)) == len(shapes)
+    with pytest.raises(ValueError, match="rows=9"):
+        bench.bench_gemv(tiny=True, rows=9)

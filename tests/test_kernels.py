@@ -1354,3 +1354,32 @@ def test_gpu_8bit_gemvs_compiled_7b_shape(quant, monkeypatch):
         want = kernels.spike_linear_torch(counts, vth, qweight, scales, 128, b, torch.float64)
         mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), 128, b.abs(), torch.float64)
     assert fused_bound_ok(y, want, mag, 3584)
+
+
+CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the gemv8 kernel without tl.dot
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_gemv8_cuda_core_path_matches_float64(fmt, monkeypatch):
+    """The gemv8 kernel with DOT false (products on the CUDA cores, rows not padded to 16) under every caller: int8
+    weight-only at 1 and 3 rows (fp32 and fp16 x), W8ASpike's and FP8's count rows at 3 rows (6 with hi and lo),
+    each within the bound its docstring states; every e4m3 byte decoded exactly in format fmt."""
+    monkeypatch.setattr(kernels, "INT8_GEMV_SAFE", CUDA_CORES)
+    for M in (1, 3):
+        x, qweight, scales, b = gemv_operands(M, 200, 48, 128, seed=30 + M)
+        assert_gemv_close(kernels.int8_gemv(x, qweight, scales, 128, b), x, qweight, scales, 128, b)
+        y16 = kernels.int8_gemv(x.half(), qweight, scales, 128, b)
+        assert rms_err(y16, kernels.int8_gemv_torch(x.half(), qweight, scales, 128, b)) < 1e-3
+    x = x * torch.exp(torch.randn_like(x))
+    x[-1, 3] = 1e4
+    assert_w8aspike_gemv_close(kernels.w8aspike_gemv(x, qweight, scales, 128, 12.0, b), x, qweight, scales, 128,
+                               12.0, b)
+    x8, w8, s, b8 = fp8_operands(3, 200, 48, seed=9, spread=1.0)
+    monkeypatch.setattr(kernels, "fp8_format_failed", {str(x8.device)} if fmt == 2 else set())
+    assert_fp8_gemv_close(kernels.fp8_gemv(x8, w8, s, 3.0, b8), x8, w8, s, 3.0, b8)
+    bits = torch.arange(256, dtype=torch.int32)
+    bits = torch.where((bits == 0x7F) | (bits == 0xFF), 0, bits).to(torch.uint8).view(16, 16).to(DEV)
+    out = torch.full((16, 16), float("nan"), device=DEV)
+    kernels._gemv8(torch.eye(16, device=DEV), bits, torch.ones(16, 1, device=DEV), out, 16, 1, CUDA_CORES, fmt, "ieee")
+    assert torch.equal(out.T, bits.view(torch.float8_e4m3fn).float())

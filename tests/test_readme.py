@@ -565,6 +565,7 @@ TABLE = {
         gpus=1, slow=True, append=("--n_layer", "2", "--steps", "2", "--warmup", "1"),
         check=check_bench("MoE FFN in layers [1]; 128 sinks", "| spikingbrain-76b | 2 | 8192 | 4 |"))],
     "python bench.py spike_gemm": [Run(gpus=1, slow=True, append=("--rows", "[8192]"), check=check_bench("block's"))],
+    "python bench.py gemv": [Run(gpus=1, slow=True, append=("--sweep", "false"), check=check_bench("block's", "fp8"))],
     "python bench.py decode --quant int8": [Run(gpus=1, slow=True, append=(
         "--contexts", "[1024]", "--batches", "[1]", "--steps", "8", "--models", "[spikingbrain-7b]"),
         check=check_bench("int8", "bound"))],
@@ -574,6 +575,7 @@ TABLE = {
                                                               "--clients", "[1,2]", "--max_tokens", "8"),
                                   check=check_bench("aggregate", "memory per conversation"))],
     "python bench.py serve --tiny true": [Run(check=check_bench("tiny-qwen", "aggregate"), slow=True)],
+    "python bench.py gemv --tiny true": [Run(check=check_bench("block's", "w8aspike gemv8_fused"), slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
     "python -m pytest -q -m gpu": [Run(append=("--collect-only",), check=check_collects_gpu_tests)],
