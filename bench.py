@@ -24,6 +24,7 @@ GPU: --n_layer N (train, ttft, decode, profile) keeps N layers of every model at
 """
 import datetime
 import gc
+import itertools
 import math
 import os
 import random
@@ -1027,7 +1028,7 @@ def graph_us(fn, device):
     a compiled decode step); on a CPU, ms()."""
     if torch.device(device).type != "cuda":
         return 1e3 * ms(fn, device)
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0, sweep: bool = True,
@@ -1037,9 +1038,11 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     step compiles it (inductor's tuned reduction, kernels.compile_decode without graphs), the gemv8 op as the 8-bit
     layers call it (int8 in groups of 128 from bf16 rows: weight-only; the spike counts' two rows of W8ASpike (int8
     groups) and FP8 (e4m3, one scale a row)) under its current settings and, with sweep, under every GEMV_SWEEP
-    setting (tl.dot on rows padded to 16, or DOT false: CUDA-core products), and gemv8_fused compiled. Then a
-    block's projections summed per route (the best setting per shape where swept): the 8-bit routes' time over
-    bf16's is what the weight reads alone allow a decode step. Accuracy: tests/test_kernels.py.
+    setting (tl.dot on rows padded to 16, or DOT false: CUDA-core products; projections of 1M weights or more),
+    and gemv8_fused compiled. Each route takes its turn over copies of its weights that together pass twice the
+    L2 cache, so each call reads its weights from memory as a decode step does. Then a block's projections summed
+    per route (the best setting per shape where swept): the 8-bit routes' time over bf16's is what the weight reads
+    alone allow a decode step. Accuracy: tests/test_kernels.py.
 
     Args:
         preset: model.py preset whose first block's projection shapes are timed.
@@ -1064,39 +1067,44 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     shapes = block_projections(preset)
     print(f"{'projections':>22} {'K':>6} {'N':>6} {'route':>10} {'setting':>44} {'us':>8} {'TB/s':>6} {'of copy':>7}",
           flush=True)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
+    opts = {"coordinate_descent_tuning": True} if cuda else None
+    lin = torch.compile(lambda x, w: F.linear(x, w), options=opts) if cuda else F.linear
+    fused = torch.compile(kernels.gemv8_fused, options=opts) if cuda else kernels.gemv8_fused
     torch.manual_seed(0)
     total = {}
     for (K, N), names in shapes.items():
-        x = torch.randn(rows, K, device=device, dtype=dt)
-        w = torch.randn(N, K, device=device) * K ** -0.5
-        q, sc = spiking.quantize_weight(w, 128)
-        bits, s8 = spiking.quantize_weight_fp8(w)
+        n = max(1, min(64, -(-2 * l2 // (N * K))))   # weight copies past twice the L2, taken in turn: each call reads
+        x = torch.randn(rows, K, device=device, dtype=dt)   # its weights from memory, as in a decode step
+        ws = [torch.randn(N, K, device=device) * K ** -0.5 for _ in range(n)]
+        wb = [w.to(dt) for w in ws]
+        q8 = [spiking.quantize_weight(w, 128) for w in ws]
+        f8 = [(bits, s.view(N, 1)) for bits, s in map(spiking.quantize_weight_fp8, ws)]
+        del ws
+        turn = itertools.count()
+
+        def pick(copies):
+            return copies[next(turn) % n]
         counts = kernels.spike_count_rows_torch(x, k)[0]
-        fits = kernels.spike_gemv_fits(x, k) and counts.shape[1] * k < kernels.FP16_MAX
-        wb = w.to(dt)
-        routes = {"bf16": (None, lambda: F.linear(x, wb), wb.nbytes)}
-        g8 = {"int8": (x, q, sc, False), "w8aspike": (counts, q, sc, False)}
-        g8["fp8"] = (counts, bits, s8.view(N, 1), True)   # e4m3 bytes converted in registers: no FP8 tensor cores
-        for r, (a, wq, st, is8) in g8.items():
-            half = r != "int8" and fits
-            for cfg in [None] + settings if cuda or kernels.INTERPRET else []:
-                def run(a=a, wq=wq, st=st, is8=is8, half=half, cfg=cfg):
-                    if cfg is None:
-                        return kernels._gemv8_op(a, wq, st, 128 if not is8 else K, None, is8, r != "int8", half)
-                    xs = a.half() if half else a.float() if r != "int8" else a
-                    out = xs.new_empty(xs.shape[0], N, dtype=torch.float32)
+        half = kernels.spike_gemv_fits(x, k) and K * k < kernels.FP16_MAX   # the count rows in fp16, as the layers
+        routes = {"bf16": ("bf16", lambda: lin(x, pick(wb)), wb[0].nbytes)}
+        swept = settings if N * K >= 2 ** 20 or tiny else []   # not the gk projections' few KB: they matter little
+        for r, a, copies, is8 in (("int8", x, q8, False), ("w8aspike", counts, q8, False), ("fp8", counts, f8, True)):
+            gs, rows_half = (K if is8 else 128), half and r != "int8"
+            nbytes = sum(t.nbytes for t in copies[0])
+            for cfg in [None] + swept if cuda or kernels.INTERPRET else []:
+                def run(a=a, copies=copies, is8=is8, gs=gs, rows_half=rows_half, cfg=cfg, r=r):
+                    wq, st = pick(copies)
+                    if cfg is None:   # as the layers call it
+                        return kernels._gemv8_op(a, wq, st, gs, None, is8, r != "int8", rows_half)
+                    xs = a.half() if rows_half else a.float() if r != "int8" else a
                     fmt = kernels._fp8_gemv_format(torch.device(device)) if is8 else 0
-                    return kernels._gemv8(xs, wq, st.float(), out, K if is8 else min(128, K), None, cfg, fmt,
-                                          "tf32" if cuda and r != "int8" else None)
-                name = "op (as set)" if cfg is None else ", ".join(f"{a}={b}" for a, b in cfg.items())
-                routes[r + " " + name] = (r, run, wq.nbytes + st.nbytes)
-            fused = torch.compile(lambda a=a, wq=wq, st=st, is8=is8: kernels.gemv8_fused(a, wq, st, K if is8 else
-                                                                                         128, is8),
-                                  options={"coordinate_descent_tuning": cuda}) if cuda else None
-            routes[r + " gemv8_fused"] = (r, fused or (lambda a=a, wq=wq, st=st, is8=is8: kernels.gemv8_fused(
-                a, wq, st, K if is8 else 128, is8)), wq.nbytes + st.nbytes)
-        routes["bf16"] = ("bf16", torch.compile(routes["bf16"][1], options={"coordinate_descent_tuning": cuda})
-                          if cuda else routes["bf16"][1], wb.nbytes)
+                    return kernels._gemv8(xs, wq, st.float(), xs.new_empty(xs.shape[0], N, dtype=torch.float32),
+                                          min(gs, K), None, cfg, fmt, "tf32" if cuda and r != "int8" else None)
+                name = "op (as set)" if cfg is None else ", ".join(f"{key}={v}" for key, v in cfg.items())
+                routes[f"{r} {name}"] = (r, run, nbytes)
+            routes[f"{r} gemv8_fused"] = (r, lambda a=a, copies=copies, gs=gs, is8=is8: fused(a, *pick(copies), gs,
+                                                                                                is8), nbytes)
         best = {}
         for label, (r, fn, nbytes) in routes.items():
             try:
