@@ -10,12 +10,13 @@
     python bench.py swa       # softmax attention alone: SWA prefill on flex_attention, decode attention
     python bench.py moe       # one 76B MoE layer at real widths vs a dense FFN of the same active FLOPs
     python bench.py spike_gemm   # W8ASpike's projections: int8 spike counts x INT8 weights vs bf16 (and FP8)
+    python bench.py gemv      # decode's batch-1 GEMVs: bf16 vs 8-bit weights, the gemv8 kernel's settings swept
     python bench.py ttft --quant int8; python bench.py decode --quant w8aspike   # quantized as generate/convert do
     python bench.py ttft --quant fp8   # spike counts x e4m3 weights on FP8 tensor cores (generate.py --quant fp8)
     python bench.py decode --quant fp8 # its decode steps: e4m3 weights read a byte each (kernels.fp8_gemv)
     python bench.py ttft --tiny true; python bench.py decode --tiny true   # CPU smoke runs of the same code
     python bench.py moe --tiny true
-    python bench.py serve --tiny true
+    python bench.py serve --tiny true; python bench.py gemv --tiny true
 
 Each command is a bench_* function that prints what the functions above it measure and return. The model runs as
 train.py and generate.py run it, through the library they share (model.py, kernels.py): the same forward, compiled
