@@ -729,13 +729,19 @@ def gemv_operands(M, K, N, group_size, dtype=torch.float32, seed=0):
     return [t.to(DEV) for t in (x, qweight, scales, torch.randn(N, generator=gen))]
 
 
+def int8_twin(x, qweight, scales, group_size, bias):
+    """float64 product of the same operands, and the same sum over the terms' magnitudes (the bounds' scale)."""
+    want = kernels.int8_gemv_torch(x, qweight, scales, group_size, bias)
+    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), group_size,
+                                  None if bias is None else bias.abs())
+    return want, mag
+
+
 def assert_gemv_close(y, x, qweight, scales, group_size, bias):
     """y (fp32) against float64 of the same operands, within int8_gemv's stated bound (BK = 128, P counted for
     the narrowest tiles, 16 channels)."""
     P = -(-x.shape[1] // 16)
-    want = kernels.int8_gemv_torch(x, qweight, scales, group_size, bias)
-    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), group_size,
-                                  None if bias is None else bias.abs())
+    want, mag = int8_twin(x, qweight, scales, group_size, bias)
     err = (y.double() - want).abs()
     assert y.shape == want.shape and (err <= (128 + 2 * P + 2) * 2.0 ** -24 * mag).all(), err.max().item()
 
@@ -765,13 +771,19 @@ def test_int8_gemv_other_group_widths(group_size, K):
     assert y16.dtype == torch.float16 and rms_err(y16, want) < 1e-3
 
 
-def assert_w8aspike_gemv_close(y, x, qweight, scales, group_size, k, bias):
-    """y (fp32) against the float64 twin on spike_quant's exact counts, within w8aspike_gemv's bound: int8_gemv's for
-    the hi and the lo row (|hi| 2^11 + |lo| = |counts|), times vth, plus the bias and the final sums."""
+def w8aspike_twin(x, qweight, scales, group_size, k, bias):
+    """The float64 twin on spike_quant's exact counts, the same over the terms' magnitudes, and the counts."""
     counts, vth = spike_quant_ref(x, k)
     want = kernels.spike_linear_torch(counts, vth, qweight, scales, group_size, bias, torch.float64)
     mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), group_size,
                                      None if bias is None else bias.abs(), torch.float64)
+    return want, mag, counts
+
+
+def assert_w8aspike_gemv_close(y, x, qweight, scales, group_size, k, bias):
+    """y (fp32) against the float64 twin on spike_quant's exact counts, within w8aspike_gemv's bound: int8_gemv's for
+    the hi and the lo row (|hi| 2^11 + |lo| = |counts|), times vth, plus the bias and the final sums."""
+    want, mag, counts = w8aspike_twin(x, qweight, scales, group_size, k, bias)
     P = -(-x.shape[1] // 16)
     err = (y.double() - want).abs()
     assert y.shape == want.shape and (err <= (128 + 2 * P + 6) * 2.0 ** -24 * mag).all(), err.max().item()
@@ -992,17 +1004,23 @@ def test_use_spike_fp8(monkeypatch):
 
 # ----------------------------------------------------------------------------- decode with FP8 (e4m3) weights
 
-def assert_fp8_gemv_close(y, x, w8, s, k, bias):
-    """y (fp32) against the float64 twin spike_linear_fp8_torch on the same operands, within fp8_gemv's stated bound
-    (BK = 128, P counted for the narrowest tiles, 16 channels); the magnitudes are those of the rounded counts."""
-    K = x.shape[1]
-    P = -(-K // 16)
+def fp8_twin(x, w8, s, k, bias):
+    """The float64 twin spike_linear_fp8_torch on the same operands, and the sum over its terms' magnitudes, those of
+    the counts rounded as e4m3 (a row past 448 kept exact)."""
     want = kernels.spike_linear_fp8_torch(x, w8, s, k, bias)
     counts, vth = spike_quant_ref(x, k)
     wide = counts.abs().amax(-1, keepdim=True) > 448
     c = torch.where(wide, counts, counts.clamp(-448, 448).to(torch.float8_e4m3fn).float()).double()
     mag = (c.abs() @ (w8.double() * s.double()[:, None]).abs().T) * vth.double()
-    mag = mag if bias is None else mag + bias.double().abs()
+    return want, mag if bias is None else mag + bias.double().abs()
+
+
+def assert_fp8_gemv_close(y, x, w8, s, k, bias):
+    """y (fp32) against the float64 twin spike_linear_fp8_torch on the same operands, within fp8_gemv's stated bound
+    (BK = 128, P counted for the narrowest tiles, 16 channels); the magnitudes are those of the rounded counts."""
+    K = x.shape[1]
+    P = -(-K // 16)
+    want, mag = fp8_twin(x, w8, s, k, bias)
     err = (y.double() - want).abs()
     assert y.shape == want.shape and (err <= (128 + 2 * P + 4) * 2.0 ** -24 * mag).all(), (err / mag).max().item()
     return want
@@ -1278,9 +1296,8 @@ def test_gemv8_fused_matches_float64(group_size, K):
     bound of float64 on the same operands."""
     x, qweight, scales, _ = gemv_operands(3, K, 40, group_size, seed=K)
     y = kernels.gemv8_fused(x, qweight, scales, group_size)
-    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), group_size)
     assert y.dtype == torch.float32
-    assert fused_bound_ok(y, kernels.int8_gemv_torch(x, qweight, scales, group_size), mag, K)
+    assert fused_bound_ok(y, *int8_twin(x, qweight, scales, group_size, None), K)
     x, w8, s, _ = fp8_operands(3, K, 40, seed=K)
     y = kernels.gemv8_fused(x, w8.view(torch.uint8), s.view(40, 1), K, fp8=True)
     w64 = w8.double() * s.double()[:, None]
@@ -1308,21 +1325,13 @@ def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
         with torch.no_grad():
             ys[name] = step(x8 if name == "fp8" else x)
         assert len(graphs) == 1 and not calls, name
-    want = kernels.int8_gemv_torch(x, qweight, scales, 128, b)
-    mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), 128, b.abs())
-    assert fused_bound_ok(ys["int8"], want, mag, 200)
-    counts, vth = spike_quant_ref(x, 3.0)
+    assert fused_bound_ok(ys["int8"], *int8_twin(x, qweight, scales, 128, b), 200)
+    want, mag, counts = w8aspike_twin(x, qweight, scales, 128, 3.0, b)
     assert counts.abs().max() > 127
-    want = kernels.spike_linear_torch(counts, vth, qweight, scales, 128, b, torch.float64)
-    mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), 128, b.abs(), torch.float64)
     assert fused_bound_ok(ys["w8aspike"], want, mag, 200)
     c, vth = spike_quant_ref(x8, 3.0)
     assert ((c.abs() > 16) & (c.abs() <= 448)).any()                     # counts e4m3 rounds
-    want = kernels.spike_linear_fp8_torch(x8, w8, s, 3.0, b8)
-    counts, vth = spike_quant_ref(x8, 3.0)
-    w64 = w8.double() * s.double()[:, None]
-    mag = kernels.e4m3_counts(counts).double().abs() @ w64.abs().T * vth.double() + b8.double().abs()
-    assert fused_bound_ok(ys["fp8"], want, mag, 200)
+    assert fused_bound_ok(ys["fp8"], *fp8_twin(x8, w8, s, 3.0, b8), 200)
     monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "triton", "fp8": "triton"})
     step, graphs = fullgraph(runs["int8"])
     with torch.no_grad():
@@ -1340,27 +1349,17 @@ def test_gpu_8bit_gemvs_compiled_7b_shape(quant, monkeypatch):
     torch._dynamo.reset()
     if quant == "fp8":
         x, w8, s, b = fp8_operands(1, 3584, 18944, seed=3, spread=1.0)
-        step = kernels.compile_decode(lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b), torch.device("cuda"))
-        with torch.no_grad():
-            y = [step(x) for _ in range(3)][-1]
-        counts, vth = spike_quant_ref(x, 3.0)
-        w64 = w8.double() * s.double()[:, None]
-        mag = kernels.e4m3_counts(counts).double().abs() @ w64.abs().T * vth.double() + b.double().abs()
-        assert fused_bound_ok(y, kernels.spike_linear_fp8_torch(x, w8, s, 3.0, b), mag, 3584)
-        return
-    x, qweight, scales, b = gemv_operands(1, 3584, 18944, 128, seed=3)
-    f = kernels.int8_gemv if quant == "int8" else lambda *a: kernels.w8aspike_gemv(*a[:4], 3.0, a[4])
-    step = kernels.compile_decode(lambda x: f(x, qweight, scales, 128, b), torch.device("cuda"))
+        f, twin = (lambda x: kernels.fp8_gemv(x, w8, s, 3.0, b)), fp8_twin(x, w8, s, 3.0, b)
+    else:
+        x, q, sc, b = gemv_operands(1, 3584, 18944, 128, seed=3)
+        if quant == "int8":
+            f, twin = (lambda x: kernels.int8_gemv(x, q, sc, 128, b)), int8_twin(x, q, sc, 128, b)
+        else:
+            f, twin = (lambda x: kernels.w8aspike_gemv(x, q, sc, 128, 3.0, b)), w8aspike_twin(x, q, sc, 128, 3.0, b)[:2]
+    step = kernels.compile_decode(f, torch.device("cuda"))
     with torch.no_grad():
         y = [step(x) for _ in range(3)][-1]
-    if quant == "int8":
-        want = kernels.int8_gemv_torch(x, qweight, scales, 128, b)
-        mag = kernels.int8_gemv_torch(x.abs(), qweight.abs(), scales.abs(), 128, b.abs())
-    else:
-        counts, vth = spike_quant_ref(x, 3.0)
-        want = kernels.spike_linear_torch(counts, vth, qweight, scales, 128, b, torch.float64)
-        mag = kernels.spike_linear_torch(counts.abs(), vth, qweight.abs(), scales.abs(), 128, b.abs(), torch.float64)
-    assert fused_bound_ok(y, want, mag, 3584)
+    assert fused_bound_ok(y, *twin, 3584)
 
 
 CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the gemv8 kernel without tl.dot
