@@ -1093,15 +1093,15 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         for r, a, copies, is8 in (("int8", x, q8, False), ("w8aspike", counts, q8, False), ("fp8", counts, f8, True)):
             gs, rows_half = (K if is8 else 128), half and r != "int8"
             nbytes = sum(t.nbytes for t in copies[0])
+            fmt = kernels._fp8_gemv_format(torch.device(device)) if is8 else 0   # as the op picks it
             for cfg in [None] + swept if cuda or kernels.INTERPRET else []:
-                def run(a=a, copies=copies, is8=is8, gs=gs, rows_half=rows_half, cfg=cfg, r=r):
+                def run(a=a, copies=copies, is8=is8, gs=gs, rows_half=rows_half, fmt=fmt, cfg=cfg, r=r):
                     wq, st = pick(copies)
                     if cfg is None:   # as the layers call it
                         return kernels._gemv8_op(a, wq, st, gs, None, is8, r != "int8", rows_half)
                     xs = a.half() if rows_half else a.float() if r != "int8" else a
-                    fmt = kernels._fp8_gemv_format(torch.device(device)) if is8 else 0
-                    return kernels._gemv8(xs, wq, st.float(), xs.new_empty(xs.shape[0], N, dtype=torch.float32),
-                                          min(gs, K), None, cfg, fmt, "tf32" if cuda and r != "int8" else None)
+                    return kernels._gemv8(xs, wq, st, xs.new_empty(xs.shape[0], N, dtype=torch.float32), min(gs, K),
+                                          None, cfg, fmt, "tf32" if cuda and r != "int8" else None)
                 name = "op (as set)" if cfg is None else ", ".join(f"{key}={v}" for key, v in cfg.items())
                 routes[f"{r} {name}"] = (r, run, nbytes)
             routes[f"{r} gemv8_fused"] = (r, lambda a=a, copies=copies, gs=gs, is8=is8: fused(a, *pick(copies), gs,

@@ -2081,13 +2081,18 @@ def int8_gemv_torch(x, qweight, scales, group_size, bias=None):
     return y if bias is None else y + bias.double()
 
 
+def gemv_counts_torch(x, k=3.0, fp8=False):
+    """The spike counts of x [M, K] as the 8-bit GEMVs multiply them, fp32 (fp8: e4m3_counts' rounding), and vth."""
+    counts, vth = spike_quant_torch(x, k)
+    return (e4m3_counts(counts) if fp8 else counts), vth
+
+
 def spike_count_rows_torch(x, k=3.0, fp8=False):
     """The spike counts of x [M, K] as the 8-bit GEMV multiplies them (w8aspike_gemv, fp8_gemv): rows [hi; lo] fp32
     [2M, K] with hi + lo = the counts c (fp8: e4m3_counts' rounding; else exact), hi their top 11 significant bits
     and lo the rest. Both have c's sign (|hi| + |lo| = |c|: no cancellation between the two rows' products) and are
     exact in tf32 for |c| < 2^22 (a count is at most K k: spike_gemv_fits). vth fp32 [M, 1]. No host sync."""
-    counts, vth = spike_quant_torch(x, k)
-    c = e4m3_counts(counts) if fp8 else counts
+    c, vth = gemv_counts_torch(x, k, fp8)
     hi = (c.view(torch.int32) & -8192).view(torch.float32)   # the low 13 of fp32's 23 mantissa bits cleared
     return torch.cat([hi, c - hi]), vth
 
@@ -2116,8 +2121,8 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     if fused_gemv8("fp8" if fp8 else "int8"):
-        counts, vth = spike_quant_torch(x2, k)
-        y = gemv8_fused(e4m3_counts(counts) if fp8 else counts, w, scales, group_size, fp8) * vth
+        counts, vth = gemv_counts_torch(x2, k, fp8)
+        y = gemv8_fused(counts, w, scales, group_size, fp8) * vth
     else:
         count_rows = compiled(spike_count_rows_torch) if x.is_cuda else spike_count_rows_torch
         rows, vth = count_rows(x2, k, fp8)
