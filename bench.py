@@ -635,8 +635,9 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         time_to_first_token(m, min(lengths), chunk)       # warm-up: kernel compilation and autotuning at every shape
         if cached and max(lengths) > chunk:
             time_to_first_token(m, 2 * chunk, chunk)
-        if compile:                                       # a second length: torch.compile's graphs for any length
-            time_to_first_token(m, min(lengths) // 2, chunk)
+        # a second length: torch.compile's graphs (compile; and flex_attention's, which a model without a cache,
+        # such as the 76B with its full-attention layers, calls at the prompt's length) recompile once for any length
+        time_to_first_token(m, min(lengths) // 2, chunk)
         print(f"{name:>16} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
         for ch in sweep if cached else ():
             T = min(131072, max(lengths))
@@ -925,7 +926,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
-                 device: str = "cuda", tiny: bool = False) -> None:
+                 inductor: dict | None = None, realize_inputs: bool = False, device: str = "cuda",
+                 tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -957,6 +959,11 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             (kernels.SPIKE_GEMV_HALF); false: tf32 (the other half of an A/B).
         gemv8: with compile, the 8-bit GEMVs (int8, w8aspike, fp8) as inductor's reductions of kernels.gemv8_fused,
             or the Triton gemv8 op; None: kernels.GEMV8_COMPILED's choice per weight format.
+        inductor: with compile, more of inductor's options for the step (kernels.compile_decode), e.g.
+            '{"realize_reads_threshold": 0}': an input that several projections read is written once, not
+            recomputed inside each one's reduction (an A/B).
+        realize_inputs: with compile, every projection's input through kernels.realized (written once, read as it
+            is by the projection's reduction: not its producer recomputed per output row): the other half of an A/B.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -968,7 +975,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, mem = setup(device, gla)
     bw, fmt = device_rate(device, "copy"), "fp8" if quant == "fp8" else "int8"
-    header(device, dt, gla, f"{compile} (gemv {gemv})" if compile else compile,
+    header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
+           f"{', inputs realized' if realize_inputs else ''})" if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}; "
@@ -986,7 +994,11 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         step = m.forward
         if compile:
             torch._dynamo.reset()            # a fresh compile per model: recompiles stay under dynamo's limit
-            step = kernels.compile_decode(m.forward, torch.device(device), gemv)
+            if realize_inputs:
+                for mod in m.modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
+            step = kernels.compile_decode(m.forward, torch.device(device), gemv, inductor)
         speed = {}
         for B in batches:
             for ctx in contexts:
@@ -1018,10 +1030,12 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         del m, step
 
 
-GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128)
-               for w in (4, 8) for st in (3, 4)] +
-              [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=False) for bn in (4, 8, 16, 32) for bk in (128, 256)
-               for w in (2, 4, 8) for st in (2, 4)])
+# the tl.dot settings near the best of a wider sweep on an H200 (benchmarks/LOG.md), then the CUDA-core path's: few
+# rows a program and long runs of K, as inductor's bf16 GEMV reductions take them (int8 tiles stop at the group, 128)
+GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st) for bn, bk in ((32, 128), (64, 128), (128, 128), (128, 64))
+               for st in (3, 4)] +
+              [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=False) for bn in (1, 2, 4, 8, 16)
+               for bk in (128, 256, 512) for w in (2, 4) for st in (2, 3)])
 
 
 def graph_us(fn, device):
@@ -1070,11 +1084,14 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
           flush=True)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
     opts = {"coordinate_descent_tuning": True} if cuda else None
-    lin = torch.compile(lambda x, w: F.linear(x, w), options=opts) if cuda else F.linear
-    fused = torch.compile(kernels.gemv8_fused, options=opts) if cuda else kernels.gemv8_fused
     torch.manual_seed(0)
     total = {}
     for (K, N), names in shapes.items():
+        # compiled afresh per shape, static shapes: a decode step's projections are compiled at their own shapes, and
+        # one compiled function over every shape would pass dynamo's recompile limit and run uncompiled
+        torch._dynamo.reset()
+        lin = torch.compile(lambda x, w: F.linear(x, w), options=opts, dynamic=False) if cuda else F.linear
+        fused = torch.compile(kernels.gemv8_fused, options=opts, dynamic=False) if cuda else kernels.gemv8_fused
         n = max(1, min(64, -(-2 * l2 // (N * K))))   # weight copies past twice the L2, taken in turn: each call reads
         x = torch.randn(rows, K, device=device, dtype=dt)   # its weights from memory, as in a decode step
         ws = [torch.randn(N, K, device=device) * K ** -0.5 for _ in range(n)]

@@ -1348,14 +1348,15 @@ def compile_blocks(model):
         block.compile()
 
 
-def compile_decode(fn, device, gemv=True):
+def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
-    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results."""
+    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results.
+    options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor."""
     if device.type != "cuda":
         return torch.compile(fn)
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv})
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **(options or {})})
 
 
 def checkpoint_blocks(model, n=None):
@@ -1844,26 +1845,34 @@ def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constex
     decoded by _e4m3_to_f32. Weights convert to x's dtype exactly (|q| <= 127, or e4m3's 4 significant bits), so
     every product is exact in fp32. HALF: x is fp16 and the weights become fp16 (int8 by integer operations: the
     bits of 1024 + (q + 128), less 1152; conversion instructions are a quarter of their rate), tl.dot in fp16 with
-    fp32 sums. DOT false: no tensor cores, so no rows padded to 16 (BM the rows' power of two): the tile's products
-    in fp32 on the CUDA cores, summed over K by tl.sum (HALF then only means x is fp16, converted exactly)."""
+    fp32 sums. DOT false: no tensor cores, so no rows padded to 16 (BM the rows' power of two): the weight tile
+    read as stored, [BN, BK] along K (each thread a run of contiguous bytes), its products in fp32 on the CUDA
+    cores, summed over the tile by tl.sum; int8 becomes fp32 by integer operations (the bits of 2^23 + (q + 128),
+    less 2^23 + 128: exact), not by conversion instructions (HALF then only means x is fp16, converted exactly)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                  # columns past N wrap around: no masks; not stored
     px = x + rows[:, None] * K + o_k[None, :]
-    pw = w + rn.to(tl.int64)[None, :] * K + o_k[:, None]
+    if DOT:
+        pw = w + rn.to(tl.int64)[None, :] * K + o_k[:, None]     # [BK, BN]: tl.dot's right operand
+    else:
+        pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]     # [BN, BK]: the rows as stored
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     first = pid_s * tiles_per_split
     for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BK))):
         lo = t * BK
         m = lo + o_k < K
         xt = tl.load(px + lo, mask=(rows < M)[:, None] & m[None, :], other=0.0)
-        wt = tl.load(pw + lo, mask=m[:, None], other=0)
+        wt = tl.load(pw + lo, mask=m[:, None] if DOT else m[None, :], other=0)
         if FMT == 1:
             wt = wt.to(tl.float8e4nv, bitcast=True)
         elif FMT == 2:
             wt = _e4m3_to_f32(wt)
         if not DOT:
-            part = tl.sum(xt.to(tl.float32)[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
+            if FMT == 0:
+                wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+                wt = wt - 8388736.0
+            part = tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
         elif HALF:
             if FMT == 0:
                 wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True)

@@ -1370,7 +1370,7 @@ CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the ge
 def test_gemv8_cuda_core_path_matches_float64(fmt, monkeypatch):
     """The gemv8 kernel with DOT false (products on the CUDA cores, rows not padded to 16) under every caller: int8
     weight-only at 1 and 3 rows (fp32 and fp16 x), W8ASpike's and FP8's count rows at 3 rows (6 with hi and lo),
-    each within the bound its docstring states; every e4m3 byte decoded exactly in format fmt."""
+    each within the bound its docstring states; every e4m3 byte decoded exactly in format fmt, every int8 one too."""
     monkeypatch.setattr(kernels, "INT8_GEMV_SAFE", CUDA_CORES)
     for M in (1, 3):
         x, qweight, scales, b = gemv_operands(M, 200, 48, 128, seed=30 + M)
@@ -1389,3 +1389,6 @@ def test_gemv8_cuda_core_path_matches_float64(fmt, monkeypatch):
     out = torch.full((16, 16), float("nan"), device=DEV)
     kernels._gemv8(torch.eye(16, device=DEV), bits, torch.ones(16, 1, device=DEV), out, 16, 1, CUDA_CORES, fmt, "ieee")
     assert torch.equal(out.T, bits.view(torch.float8_e4m3fn).float())
+    q = torch.arange(-128, 128, dtype=torch.int32).to(torch.int8).view(16, 16).to(DEV)   # every int8 value, by the
+    kernels._gemv8(torch.eye(16, device=DEV), q, torch.ones(16, 1, device=DEV), out, 16, 1, CUDA_CORES, 0, "ieee")
+    assert torch.equal(out.T, q.float())                                                 # integer decoding
