@@ -1030,12 +1030,12 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         del m, step
 
 
-# the tl.dot settings near the best of a wider sweep on an H200 (benchmarks/LOG.md), then the CUDA-core path's: few
-# rows a program and long runs of K, as inductor's bf16 GEMV reductions take them (int8 tiles stop at the group, 128)
+# the tl.dot settings near the best of a wider sweep on an H200 (benchmarks/LOG.md, 2026-12-01), then the CUDA-core
+# path's best there (it read at most ~60% of tl.dot's rate on the large projections)
 GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st) for bn, bk in ((32, 128), (64, 128), (128, 128), (128, 64))
                for st in (3, 4)] +
-              [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=False) for bn in (1, 2, 4, 8, 16)
-               for bk in (128, 256, 512) for w in (2, 4) for st in (2, 3)])
+              [dict(BN=bn, BK=256, num_warps=w, num_stages=st, DOT=False) for bn in (16, 32) for w in (2, 4)
+               for st in (2, 4)])
 
 
 def graph_us(fn, device):

@@ -1759,13 +1759,22 @@ class GroupedLinear(torch.autograd.Function):
         return da, None, grouped_mm_t(dy, a, offs)
 
 
+MOE_GATHER_ROWS = 16   # a compiled inference step of at most this many (token, expert) rows takes moe_gathered
+
+
+def moe_decode_traced(n_rows):
+    """Is this a compiled inference step (a decode step traced by torch.compile) of at most MOE_GATHER_ROWS rows?"""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and n_rows <= MOE_GATHER_ROWS
+
+
 def use_moe(x, experts):
-    """moe_experts for x [N, C] through model.MoE's experts (a ModuleDict of gate_proj, up_proj, down_proj)? Only
-    over float stacked weights (W8ASpike and FP8 swaps hold none) with one spike_k, that no hook watches (spike
-    statistics and calibration read each expert's own rows)."""
+    """moe_experts for x [N, C] through model.MoE's experts (a ModuleDict of gate_proj, up_proj, down_proj)? In
+    training on a GPU with grouped GEMMs, and in a compiled decode step (moe_decode_traced: the loop's nonzero
+    would give the graph a new shape per step). Only over float stacked weights (W8ASpike and FP8 swaps hold none)
+    with one spike_k, that no hook watches (spike statistics and calibration read each expert's own rows)."""
     ps = [experts[n] for n in ("gate_proj", "up_proj", "down_proj")]
     I = ps[0].out_features
-    if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not (
+    if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not moe_decode_traced(x.shape[0]) and not (
             x.is_cuda and torch.is_grad_enabled() and has_grouped_mm(x.device, compute_dtype(x), x.shape[-1], I)):
         return False
     k = ps[0].spike_k
@@ -1792,6 +1801,8 @@ def moe_experts(x, w, idx, experts):
     if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:
         raise ValueError(f"moe_experts: x [N, C], w and idx [N, k]; got {tuple(x.shape)}, {tuple(w.shape)}, "
                          f"{tuple(idx.shape)}")
+    if moe_decode_traced(N * k):
+        return moe_gathered(x, w, idx, experts)
     dt, spike_k = compute_dtype(x), experts["gate_proj"].spike_k
     flat = idx.flatten()                                                 # (N*k,) expert of each (token, slot) row
     order = flat.argsort(stable=True)                                    # rows by expert, tokens in order within
@@ -1808,15 +1819,38 @@ def moe_experts(x, w, idx, experts):
     return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype)          # back in (token, slot) order
 
 
+def moe_gathered(x, w, idx, experts):
+    """moe_experts for the few rows of a compiled decode step: each (token, slot) row times its own expert's
+    weights, indexed where they lie (W[idx] inside a product summed over the input channels). Inductor fuses the
+    index into its reduction, so a step reads the chosen experts' weights once, with no sort, no host sync and the
+    same shapes every step (CUDA graphs); eager, W[idx] would copy those weights, so only traced steps take it
+    (moe_decode_traced). Products and sums in float32. x [N, C], w [N, k], idx [N, k] -> [N, C] in x's dtype.
+    Twin: model.MoE.routed."""
+    (N, k), C = idx.shape, x.shape[-1]
+    dt, spike_k, flat = compute_dtype(x), experts["gate_proj"].spike_k, idx.flatten()
+    gate, up, down = (experts[n].weight for n in ("gate_proj", "up_proj", "down_proj"))   # [E, I, C], [E, C, I]
+    xs = x[:, None].expand(N, k, C).reshape(N * k, C)                    # (N*k, C): row j of token n
+    if spike_k is not None:
+        xs = _spike(xs, spike_k)
+    xs = xs.to(dt).float()[:, None, :]
+    h = F.silu((xs * gate[flat].float()).sum(-1)) * (xs * up[flat].float()).sum(-1)   # (N*k, I)
+    h = h.to(dt)
+    if spike_k is not None:
+        h = _spike(h, spike_k)
+    y = (h.float()[:, None, :] * down[flat].float()).sum(-1) * w.flatten()[:, None]    # (N*k, C)
+    return y.view(N, k, C).sum(1).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- decode with INT8 weights
 
 # Batch-small decode reads every weight once per token, so 8-bit weights halve the bytes of bf16 ones. Each program
 # owns BN output channels and one run of K (a split); it loads the INT8 tile, converts it in registers and
 # multiplies it with the rows of x padded to 16 (tl.dot's smallest tile: the spare rows cost no weight reads). A
 # tile never crosses a scale group, so the group's scale multiplies the tile's fp32 sum once. Settings per CUDA
-# capability, a starting point not yet swept on these shapes; other devices ("cpu" under the interpreter), and
-# settings that do not compile on one (with_fallback), take INT8_GEMV_SAFE.
-INT8_GEMV_CONFIGS = {(9, 0): dict(BN=64, BK=128, num_warps=4, num_stages=4),
+# capability: on sm90 the best of `bench.py gemv`'s sweep over a 7B block's projections, int8 weight-only and
+# W8ASpike together (benchmarks/LOG.md); other devices ("cpu" under the interpreter), and settings that do not
+# compile on one (with_fallback), take INT8_GEMV_SAFE.
+INT8_GEMV_CONFIGS = {(9, 0): dict(BN=32, BK=128, num_warps=4, num_stages=4),
                      (8, 0): dict(BN=64, BK=128, num_warps=4, num_stages=3)}
 INT8_GEMV_SAFE = dict(BN=32, BK=64, num_warps=4, num_stages=2)
 INT8_GEMV_MAX_ROWS = 8     # decode: up to 8 rows (batch x new tokens); more take dequantize + F.linear
@@ -1845,34 +1879,26 @@ def _gemv8_kernel(x, w, scales, out, M, N, K, G, tiles_per_split, GS: tl.constex
     decoded by _e4m3_to_f32. Weights convert to x's dtype exactly (|q| <= 127, or e4m3's 4 significant bits), so
     every product is exact in fp32. HALF: x is fp16 and the weights become fp16 (int8 by integer operations: the
     bits of 1024 + (q + 128), less 1152; conversion instructions are a quarter of their rate), tl.dot in fp16 with
-    fp32 sums. DOT false: no tensor cores, so no rows padded to 16 (BM the rows' power of two): the weight tile
-    read as stored, [BN, BK] along K (each thread a run of contiguous bytes), its products in fp32 on the CUDA
-    cores, summed over the tile by tl.sum; int8 becomes fp32 by integer operations (the bits of 2^23 + (q + 128),
-    less 2^23 + 128: exact), not by conversion instructions (HALF then only means x is fp16, converted exactly)."""
+    fp32 sums. DOT false: no tensor cores, so no rows padded to 16 (BM the rows' power of two): the tile's products
+    in fp32 on the CUDA cores, summed over K by tl.sum (HALF then only means x is fp16, converted exactly)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     rows, cols, o_k = tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                  # columns past N wrap around: no masks; not stored
     px = x + rows[:, None] * K + o_k[None, :]
-    if DOT:
-        pw = w + rn.to(tl.int64)[None, :] * K + o_k[:, None]     # [BK, BN]: tl.dot's right operand
-    else:
-        pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]     # [BN, BK]: the rows as stored
+    pw = w + rn.to(tl.int64)[None, :] * K + o_k[:, None]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     first = pid_s * tiles_per_split
     for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BK))):
         lo = t * BK
         m = lo + o_k < K
         xt = tl.load(px + lo, mask=(rows < M)[:, None] & m[None, :], other=0.0)
-        wt = tl.load(pw + lo, mask=m[:, None] if DOT else m[None, :], other=0)
+        wt = tl.load(pw + lo, mask=m[:, None], other=0)
         if FMT == 1:
             wt = wt.to(tl.float8e4nv, bitcast=True)
         elif FMT == 2:
             wt = _e4m3_to_f32(wt)
         if not DOT:
-            if FMT == 0:
-                wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
-                wt = wt - 8388736.0
-            part = tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+            part = tl.sum(xt.to(tl.float32)[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
         elif HALF:
             if FMT == 0:
                 wt = ((wt.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True)

@@ -712,6 +712,35 @@ def test_grouped_moe_compiles_without_host_syncs(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_compiled_decode_step_is_one_static_graph(top_k):
+    """A compiled inference step of a few tokens (decode) takes kernels.moe_gathered under MOE_IMPL "auto" on any
+    device: one graph (fullgraph) without a data-dependent op (the loop's nonzero gives the graph a new shape every
+    step, for which CUDA graphs record a new graph), equal to the per-token float64 reference, and the same graph
+    for the next step's routing."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    assert kernels.MOE_IMPL == "auto"
+    moe, x = skewed_moe(top_k, N=3)
+    graphs, found = [], set()
+
+    def inspect(gm, _):
+        graphs.append(gm)
+        found.update(str(n.target) for n in gm.graph.nodes if free_unbacked_symbols(n.meta.get("val")))
+        return gm.forward
+    torch._dynamo.reset()
+    step = torch.compile(moe, fullgraph=True, backend=inspect)
+    ref = copy.deepcopy(moe).double()
+    with torch.no_grad():
+        for seed in (0, 1):   # two steps routed differently: one graph
+            x = torch.randn(3, moe.c.n_embd, generator=torch.Generator().manual_seed(seed))
+            out, aux, load = step(x)
+            rout, raux, rload = moe_per_token(ref, x.double())
+            assert rms_err(out.double(), rout) < 1e-6 and torch.equal(load, rload.float())
+    assert len(graphs) == 1 and not found, found
+    with torch.no_grad():   # eager, the loop: it reads only the routed experts' weights without copying them
+        assert not kernels.use_moe(x, moe.experts)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
 def test_tiny_moe_trains_the_same_through_both_paths(monkeypatch, top_k):
     """tiny-moe (sinks, packed documents, spiking off and on) in float64, three AdamW steps from one init: the
     per-expert loop and the grouped path give the same losses, balance losses and gradients of every parameter."""
