@@ -724,7 +724,7 @@ def test_moe_compiled_decode_step_is_one_static_graph(top_k):
 
     def inspect(gm, _):
         graphs.append(gm)
-        found.update(str(n.target) for n in gm.graph.nodes if free_unbacked_symbols(n.meta.get("val")))
+        found.update(str(n.target) for n in gm.graph.nodes if free_unbacked_symbols(n.meta.get("example_value")))
         return gm.forward
     torch._dynamo.reset()
     step = torch.compile(moe, fullgraph=True, backend=inspect)
