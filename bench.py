@@ -1032,8 +1032,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
 
 # the tl.dot settings near the best of a wider sweep on an H200 (benchmarks/LOG.md, 2026-12-01), then the CUDA-core
 # path's best there (it read at most ~60% of tl.dot's rate on the large projections)
-GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st) for bn, bk in ((32, 128), (64, 128), (128, 128), (128, 64))
-               for st in (3, 4)] +
+GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
+               for bn, bk in ((32, 128), (64, 128), (128, 128), (128, 64)) for st in (3, 4)] +
               [dict(BN=bn, BK=256, num_warps=w, num_stages=st, DOT=False) for bn in (16, 32) for w in (2, 4)
                for st in (2, 4)])
 

@@ -1691,10 +1691,10 @@ def use_spike_fp8(x):
 
 # ----------------------------------------------------------------------------- mixture of experts
 
-MOE_IMPL = "auto"    # "auto": moe_experts in training on a GPU where torch._grouped_mm has its kernel (Hopper, bf16);
-                     # model.py's per-expert loop elsewhere and without autograd (inference: the loop reads only the
-                     # routed experts' weights, moe_experts copies all of them). "grouped" or "torch" forces one
-                     # ("grouped" in float32/64 takes grouped_mm's masked form: tests, graph capture on CPU)
+MOE_IMPL = "auto"    # "auto": moe_experts in training on a GPU where torch._grouped_mm has its kernel (Hopper, bf16)
+                     # and in a compiled decode step (moe_gathered); model.py's per-expert loop elsewhere and in eager
+                     # inference (the loop reads only the routed experts' weights, in place). "grouped" or "torch"
+                     # forces one ("grouped" in float32/64 takes grouped_mm's masked form: tests, graph capture on CPU)
 
 
 def compute_dtype(x):

@@ -499,7 +499,7 @@ class MoE(nn.Module):
 
     def routed(self, x, w, idx):
         """sum_j w[n, j] * expert idx[n, j] of x[n]; x [N, C], router weights w [N, k] (float32+), ids idx [N, k]."""
-        if kernels and kernels.use_moe(x, self.experts):   # sorted by expert once, grouped GEMMs, no host sync
+        if kernels and kernels.use_moe(x, self.experts):   # no host sync: grouped GEMMs, or gathered when decoding
             return kernels.moe_experts(x, w, idx, self.experts)
         out, p = torch.zeros_like(x), self.experts
         for e in range(self.c.n_expert):   # a host sync per expert
