@@ -375,9 +375,13 @@ def test_bench_code_paths_on_cpu(capsys):
     assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager, w8aspike" in out
 
 
-def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
+@pytest.mark.parametrize("name", ["tiny-qwen", "tiny-moe"])
+def test_compiled_generation_equals_eager(name, tok_dir, monkeypatch):
+    """Greedy tokens of the compiled prefill and decode step (graph capture, no code generation) equal eager's: full
+    attention, whose compiled step meets a grown cache, and MoE layers (the decode step's experts gathered, the
+    eager loop's picked by nonzero)."""
     import functools
-    m, tok = tiny("tiny-qwen"), tokenizer.Tokenizer(tok_dir)   # full attention: the compiled step meets a grown cache
+    m, tok = tiny(name), tokenizer.Tokenizer(tok_dir)
     prompt = list(b"compile me")
     eager, _ = greedy(m, tok, max_new_tokens=12).extend(prompt, io.StringIO())
     torch._dynamo.reset()
@@ -390,7 +394,7 @@ def test_compiled_generation_equals_eager(tok_dir, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-moe"])
 def test_gpu_compiled_generation_equals_eager(name, tok_dir):
     """On CUDA, float32: compiled blocks (flex prefill past 128 tokens, Triton GLA) and the decode step compiled
     with CUDA graphs and tuned matrix-vector reductions (generate.compile_decode) give the eager greedy tokens,
