@@ -1356,7 +1356,8 @@ def compile_decode(fn, device, gemv=True, options=None):
     options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor."""
     if device.type != "cuda":
         return torch.compile(fn)
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **(options or {})})
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
+                                      **(options or {})})
 
 
 def checkpoint_blocks(model, n=None):
@@ -1759,12 +1760,12 @@ class GroupedLinear(torch.autograd.Function):
         return da, None, grouped_mm_t(dy, a, offs)
 
 
-MOE_GATHER_ROWS = 16   # a compiled inference step of at most this many (token, expert) rows takes moe_gathered
+MOE_GATHER_TOKENS = 16   # a compiled inference step of at most this many tokens takes moe_gathered
 
 
-def moe_decode_traced(n_rows):
-    """Is this a compiled inference step (a decode step traced by torch.compile) of at most MOE_GATHER_ROWS rows?"""
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and n_rows <= MOE_GATHER_ROWS
+def moe_decode_traced(n_tokens):
+    """Is this a compiled inference step (a decode step traced by torch.compile) of at most MOE_GATHER_TOKENS?"""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and n_tokens <= MOE_GATHER_TOKENS
 
 
 def use_moe(x, experts):
@@ -1801,7 +1802,7 @@ def moe_experts(x, w, idx, experts):
     if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:
         raise ValueError(f"moe_experts: x [N, C], w and idx [N, k]; got {tuple(x.shape)}, {tuple(w.shape)}, "
                          f"{tuple(idx.shape)}")
-    if moe_decode_traced(N * k):
+    if moe_decode_traced(N):
         return moe_gathered(x, w, idx, experts)
     dt, spike_k = compute_dtype(x), experts["gate_proj"].spike_k
     flat = idx.flatten()                                                 # (N*k,) expert of each (token, slot) row
