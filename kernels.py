@@ -1769,18 +1769,22 @@ def moe_decode_traced(n_tokens):
 
 
 def use_moe(x, experts):
-    """moe_experts for x [N, C] through model.MoE's experts (a ModuleDict of gate_proj, up_proj, down_proj)? In
-    training on a GPU with grouped GEMMs, and in a compiled decode step (moe_decode_traced: the loop's nonzero
-    would give the graph a new shape per step). Only over float stacked weights (W8ASpike and FP8 swaps hold none)
-    with one spike_k, that no hook watches (spike statistics and calibration read each expert's own rows)."""
+    """moe_experts for x [N, C] through model.MoE's experts (a ModuleDict of gate_proj, up_proj, down_proj)? In a
+    compiled decode step (moe_decode_traced: the loop's nonzero would give the graph a new shape per step), over
+    float or 8-bit stacked experts (spiking's W8ASpike and FP8 swaps), and in training on a GPU with grouped GEMMs,
+    over float stacked weights with one spike_k. Never where a hook watches an expert (spike statistics and
+    calibration read each expert's own rows)."""
     ps = [experts[n] for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(p._forward_hooks or p._forward_pre_hooks for p in ps):
+        return False
+    if MOE_IMPL != "torch" and moe_decode_traced(x.shape[0]):
+        return True
     I = ps[0].out_features
-    if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not moe_decode_traced(x.shape[0]) and not (
+    if MOE_IMPL == "torch" or MOE_IMPL == "auto" and not (
             x.is_cuda and torch.is_grad_enabled() and has_grouped_mm(x.device, compute_dtype(x), x.shape[-1], I)):
         return False
     k = ps[0].spike_k
-    return all(isinstance(getattr(p, "weight", None), torch.nn.Parameter) and p.spike_k == k
-               and not (p._forward_hooks or p._forward_pre_hooks) for p in ps)
+    return all(isinstance(getattr(p, "weight", None), torch.nn.Parameter) and p.spike_k == k for p in ps)
 
 
 def _spike(x, k):
@@ -1796,14 +1800,16 @@ def moe_experts(x, w, idx, experts):
     experts: model.MoE.experts (gate_proj, up_proj weights [E, I, C], down_proj [E, C, I]). The N * k (token,
     expert) rows are sorted by expert once, and each projection is one grouped GEMM over its stacked weight
     (GroupedLinear). Every expert is in the graph (a zero gradient without rows): all FSDP ranks reduce the same
-    set. Returns [N, C] in x's dtype. Twin: model.MoE.routed.
+    set. In a compiled decode step (moe_decode_traced) moe_gathered instead, also over 8-bit experts. Returns
+    [N, C] in x's dtype. Twin: model.MoE.routed.
     """
-    (N, k), E = idx.shape, experts["gate_proj"].weight.shape[0]
+    N, k = idx.shape
     if x.dim() != 2 or w.shape != idx.shape or x.shape[0] != N:
         raise ValueError(f"moe_experts: x [N, C], w and idx [N, k]; got {tuple(x.shape)}, {tuple(w.shape)}, "
                          f"{tuple(idx.shape)}")
     if moe_decode_traced(N):
         return moe_gathered(x, w, idx, experts)
+    E = experts["gate_proj"].weight.shape[0]
     dt, spike_k = compute_dtype(x), experts["gate_proj"].spike_k
     flat = idx.flatten()                                                 # (N*k,) expert of each (token, slot) row
     order = flat.argsort(stable=True)                                    # rows by expert, tokens in order within
@@ -1822,24 +1828,33 @@ def moe_experts(x, w, idx, experts):
 
 def moe_gathered(x, w, idx, experts):
     """moe_experts for the few rows of a compiled decode step: each (token, slot) row times its own expert's
-    weights, indexed where they lie (W[idx] inside a product summed over the input channels). Inductor fuses the
-    index into its reduction, so a step reads the chosen experts' weights once, with no sort, no host sync and the
-    same shapes every step (CUDA graphs); eager, W[idx] would copy those weights, so only traced steps take it
-    (moe_decode_traced). Products and sums in float32. x [N, C], w [N, k], idx [N, k] -> [N, C] in x's dtype.
-    Twin: model.MoE.routed."""
+    weights, indexed where they lie (expert_rows). Inductor fuses the index into its reduction, so a step reads the
+    chosen experts' weights once, with no sort, no host sync and the same shapes every step (CUDA graphs); eager,
+    W[idx] would copy those weights, so only traced steps take it (moe_decode_traced). x [N, C], w [N, k], idx
+    [N, k] -> [N, C] in x's dtype. Twin: model.MoE.routed."""
     (N, k), C = idx.shape, x.shape[-1]
-    dt, spike_k, flat = compute_dtype(x), experts["gate_proj"].spike_k, idx.flatten()
-    gate, up, down = (experts[n].weight for n in ("gate_proj", "up_proj", "down_proj"))   # [E, I, C], [E, C, I]
-    xs = x[:, None].expand(N, k, C).reshape(N * k, C)                    # (N*k, C): row j of token n
-    if spike_k is not None:
-        xs = _spike(xs, spike_k)
-    xs = xs.to(dt).float()[:, None, :]
-    h = F.silu((xs * gate[flat].float()).sum(-1)) * (xs * up[flat].float()).sum(-1)   # (N*k, I)
-    h = h.to(dt)
-    if spike_k is not None:
-        h = _spike(h, spike_k)
-    y = (h.float()[:, None, :] * down[flat].float()).sum(-1) * w.flatten()[:, None]    # (N*k, C)
+    flat, dt = idx.flatten(), compute_dtype(x)
+    xs = x[:, None].expand(N, k, C).reshape(N * k, C).to(dt)            # (N*k, C): row j of token n
+    h = F.silu(expert_rows(experts["gate_proj"], xs, flat)) * expert_rows(experts["up_proj"], xs, flat)
+    y = expert_rows(experts["down_proj"], h.to(dt), flat) * w.flatten()[:, None]   # (N*k, C)
     return y.view(N, k, C).sum(1).to(x.dtype)
+
+
+def expert_rows(p, xs, flat):
+    """Row r of xs [R, in] through expert flat[r] of the stacked projection p -> [R, out], float32 or wider, the
+    weights indexed in place: model.ExpertLinear (float, spiking with its spike_k; products and sums in float32 or
+    wider), spiking's W8ASpike swap (int8 groups; spike counts, or weight-only without spike_k) or FP8 swap (e4m3,
+    a scale per output channel) as gemv8_fused with a matrix per row."""
+    if isinstance(getattr(p, "weight", None), torch.Tensor):
+        xs = xs if p.spike_k is None else _spike(xs, p.spike_k)
+        ct = torch.promote_types(xs.dtype, torch.float32)
+        return (xs.to(ct)[:, None, :] * p.weight[flat].to(ct)).sum(-1)
+    fp8 = hasattr(p, "fp8_weight")
+    q, s, gs = (p.fp8_weight, p.scales[..., None], p.in_features) if fp8 else (p.qweight, p.scales, p.group_size)
+    if p.spike_k is None:
+        return gemv8_fused(xs, q[flat], s[flat], gs)
+    counts, vth = gemv_counts_torch(xs, p.spike_k, fp8)
+    return gemv8_fused(counts, q[flat], s[flat], gs, fp8) * vth
 
 
 # ----------------------------------------------------------------------------- decode with INT8 weights
@@ -2066,17 +2081,18 @@ def _(x):
 def gemv8_fused(x, w, scales, group_size, fp8=False):
     """x [M, K] @ (w * scales per group).T -> fp32 [M, N] as plain tensor ops, for a compiled decode step
     (GEMV8_COMPILED): w int8 [N, K], or (fp8) e4m3 bits as uint8; scales [N, G], groups of group_size input channels
-    (the last one shorter where group_size does not divide K: zeros pad it; fp8: one group of K). Inductor writes the
+    (the last one shorter where group_size does not divide K: zeros pad it; fp8: one group of K). w [M, N, K] and
+    scales [M, N, G]: a matrix per row (each row's expert: expert_rows). Inductor writes the
     sums within groups as one reduction that reads each weight byte once and converts it in registers (gpt-fast's
     int8 weight-only decode), then the scales and the sum over groups as a small second one; x comes realized. Each
     product rounds once in fp32, each group's sum, its scale and the sum over groups in fp32, so
         |y - y64| <= (K + 2) 2^-24 sum_k |x[m, k] q[n, k] s[n, g(k)]|
     (y64: int8_gemv_torch on the same operands). Twin: int8_gemv_torch."""
-    (M, K), (N, G) = x.shape, scales.shape
+    (M, K), G = x.shape, scales.shape[-1]
     gs = min(group_size, K)
     q = (w.view(torch.float8_e4m3fn) if fp8 else w).float()
     xg = F.pad(realized(x.float()), (0, G * gs - K)).view(M, 1, G, gs)
-    qg = F.pad(q, (0, G * gs - K)).view(N, G, gs)
+    qg = F.pad(q, (0, G * gs - K)).view(*q.shape[:-1], G, gs)            # [(M,) N, G, gs]
     return ((xg * qg).sum(-1) * scales.float()).sum(-1)                  # [M, N, G] group sums, then [M, N]
 
 

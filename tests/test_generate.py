@@ -12,6 +12,7 @@ import convert
 import generate
 import tokenizer
 import kernels
+import spiking
 from generate import Chat, Generator, prefill
 from model import penalize, probs_of, sample
 from model import GPT, Config
@@ -335,14 +336,18 @@ def test_split_prefill_refusals(ascii_ckpts):
     assert lines == ["error: FP8 layers multiply spike counts: give a spike k > 0 (generate.py --spike K)"], r.stderr
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-moe"])
-def test_decode_step_compiles_to_one_graph(name):
+@pytest.mark.parametrize("name,quant", [("tiny", None), ("tiny-qwen", None), ("tiny-moe", None),
+                                        ("tiny-moe", "int8"), ("tiny-moe", "w8aspike"), ("tiny-moe", "fp8")])
+def test_decode_step_compiles_to_one_graph(name, quant):
     """GPT.forward with input_pos (generate.py's decode step) is one graph for every position and cache (with MoE
-    layers too: each step's routing inside it, and no op whose output shape depends on it, such as nonzero, for
-    which CUDA graphs would record a new graph at every new size)."""
+    layers too, float or 8-bit experts: each step's routing inside it, and no op whose output shape depends on it,
+    such as nonzero, for which CUDA graphs would record a new graph at every new size)."""
     from torch._dynamo.utils import counters
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
     m, data_dependent = tiny(name), set()
+    if quant:
+        m = {"int8": lambda: spiking.quantize_int8(m, group_size=16), "fp8": lambda: spiking.replace_linears_fp8(m),
+             "w8aspike": lambda: spiking.replace_linears(m, group_size=16)}[quant]()
 
     def backend(gm, _):   # graph capture, no codegen
         data_dependent.update(str(n.target) for n in gm.graph.nodes
@@ -375,13 +380,16 @@ def test_bench_code_paths_on_cpu(capsys):
     assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager, w8aspike" in out
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen", "tiny-moe"])
-def test_compiled_generation_equals_eager(name, tok_dir, monkeypatch):
+@pytest.mark.parametrize("name,quant", [("tiny-qwen", None), ("tiny-moe", None), ("tiny-moe", "w8aspike"),
+                                        ("tiny-moe", "fp8")])
+def test_compiled_generation_equals_eager(name, quant, tok_dir, monkeypatch):
     """Greedy tokens of the compiled prefill and decode step (graph capture, no code generation) equal eager's: full
-    attention, whose compiled step meets a grown cache, and MoE layers (the decode step's experts gathered, the
-    eager loop's picked by nonzero)."""
+    attention, whose compiled step meets a grown cache, and MoE layers, float and 8-bit (the decode step's experts
+    gathered, the eager loop's picked by nonzero)."""
     import functools
     m, tok = tiny(name), tokenizer.Tokenizer(tok_dir)
+    if quant:
+        m = spiking.replace_linears_fp8(m) if quant == "fp8" else spiking.replace_linears(m, group_size=16)
     prompt = list(b"compile me")
     eager, _ = greedy(m, tok, max_new_tokens=12).extend(prompt, io.StringIO())
     torch._dynamo.reset()

@@ -1304,6 +1304,24 @@ def test_gemv8_fused_matches_float64(group_size, K):
     assert fused_bound_ok(y, x.double() @ w64.T, x.double().abs() @ w64.abs().T, K)
 
 
+def test_gemv8_fused_with_a_matrix_per_row_matches_float64():
+    """gemv8_fused with w [M, N, K] and scales [M, N, G] (each row its own expert's matrix, as expert_rows indexes
+    them): row m equals the float64 product with its own matrix, within the bound, for int8 groups and e4m3."""
+    M, K, N = 3, 200, 24
+    ops = [gemv_operands(1, K, N, 128, seed=40 + m) for m in range(M)]
+    x, q, s = (torch.cat([o[0] for o in ops]), torch.stack([o[1] for o in ops]), torch.stack([o[2] for o in ops]))
+    y = kernels.gemv8_fused(x, q, s, 128)
+    for m in range(M):
+        assert fused_bound_ok(y[m:m + 1], *int8_twin(x[m:m + 1], q[m], s[m], 128, None), K)
+    f8 = [fp8_operands(1, K, N, seed=50 + m) for m in range(M)]
+    x = torch.cat([o[0] for o in f8])
+    y = kernels.gemv8_fused(x, torch.stack([o[1] for o in f8]).view(torch.uint8),
+                            torch.stack([o[2] for o in f8])[..., None], K, fp8=True)
+    for m, (_, w8, sc, _) in enumerate(f8):
+        w64 = w8.double() * sc.double()[:, None]
+        assert fused_bound_ok(y[m:m + 1], x[m:m + 1].double() @ w64.T, x[m:m + 1].double().abs() @ w64.abs().T, K)
+
+
 @needs_triton
 def test_8bit_gemvs_traced_take_the_fused_formula(monkeypatch):
     """Traced into a compiled graph (a compiled decode step), int8_gemv, w8aspike_gemv and fp8_gemv become
