@@ -1853,8 +1853,7 @@ def expert_rows(p, xs, flat):
     q, s, gs = (p.fp8_weight, p.scales[..., None], p.in_features) if fp8 else (p.qweight, p.scales, p.group_size)
     if p.spike_k is None:
         return gemv8_fused(xs, q[flat], s[flat], gs)
-    counts, vth = gemv_counts_torch(xs, p.spike_k, fp8)
-    return gemv8_fused(counts, q[flat], s[flat], gs, fp8) * vth
+    return gemv8_fused_spikes(xs, q[flat], s[flat], gs, p.spike_k, fp8)
 
 
 # ----------------------------------------------------------------------------- decode with INT8 weights
@@ -2082,9 +2081,9 @@ def gemv8_fused(x, w, scales, group_size, fp8=False):
     """x [M, K] @ (w * scales per group).T -> fp32 [M, N] as plain tensor ops, for a compiled decode step
     (GEMV8_COMPILED): w int8 [N, K], or (fp8) e4m3 bits as uint8; scales [N, G], groups of group_size input channels
     (the last one shorter where group_size does not divide K: zeros pad it; fp8: one group of K). w [M, N, K] and
-    scales [M, N, G]: a matrix per row (each row's expert: expert_rows). Inductor writes the
-    sums within groups as one reduction that reads each weight byte once and converts it in registers (gpt-fast's
-    int8 weight-only decode), then the scales and the sum over groups as a small second one; x comes realized. Each
+    scales [M, N, G]: a matrix per row (each row's expert: expert_rows). Inductor writes the sums within groups as
+    one reduction that reads each weight byte once and converts it in registers (gpt-fast's int8 weight-only
+    decode), then the scales and the sum over groups as a small second one; x comes realized. Each
     product rounds once in fp32, each group's sum, its scale and the sum over groups in fp32, so
         |y - y64| <= (K + 2) 2^-24 sum_k |x[m, k] q[n, k] s[n, g(k)]|
     (y64: int8_gemv_torch on the same operands). Twin: int8_gemv_torch."""
@@ -2139,6 +2138,13 @@ def gemv_counts_torch(x, k=3.0, fp8=False):
     return (e4m3_counts(counts) if fp8 else counts), vth
 
 
+def gemv8_fused_spikes(x, w, scales, group_size, k, fp8):
+    """The spiking 8-bit GEMV of a compiled decode step: gemv8_fused on x's spike counts (gemv_counts_torch), times
+    vth -> fp32 [M, N]; w and scales as gemv8_fused takes them (one matrix, or one per row)."""
+    counts, vth = gemv_counts_torch(x, k, fp8)
+    return gemv8_fused(counts, w, scales, group_size, fp8) * vth
+
+
 def spike_count_rows_torch(x, k=3.0, fp8=False):
     """The spike counts of x [M, K] as the 8-bit GEMV multiplies them (w8aspike_gemv, fp8_gemv): rows [hi; lo] fp32
     [2M, K] with hi + lo = the counts c (fp8: e4m3_counts' rounding; else exact), hi their top 11 significant bits
@@ -2173,8 +2179,7 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     if fused_gemv8("fp8" if fp8 else "int8"):
-        counts, vth = gemv_counts_torch(x2, k, fp8)
-        y = gemv8_fused(counts, w, scales, group_size, fp8) * vth
+        y = gemv8_fused_spikes(x2, w, scales, group_size, k, fp8)
     else:
         count_rows = compiled(spike_count_rows_torch) if x.is_cuda else spike_count_rows_torch
         rows, vth = count_rows(x2, k, fp8)
