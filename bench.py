@@ -926,8 +926,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), steps: int = 64,
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
-                 inductor: dict | None = None, realize_inputs: bool = False, device: str = "cuda",
-                 tiny: bool = False) -> None:
+                 inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
+                 device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -964,11 +964,14 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             recomputed inside each one's reduction (an A/B).
         realize_inputs: with compile, every projection's input through kernels.realized (written once, read as it
             is by the projection's reduction: not its producer recomputed per output row): the other half of an A/B.
+        gemv_row: the 8-bit GEMVs of one row (batch 1) on kernels.gemv_row (one launch a projection, CUDA cores);
+            false: the gemv8 op or gemv8_fused as for more rows (the other half of an A/B).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
     check_quant(quant)
     kernels.SPIKE_GEMV_HALF = gemv_half
+    kernels.GEMV_ROW_MAX_ROWS = 1 if gemv_row else 0
     if gemv8:
         kernels.GEMV8_COMPILED = dict.fromkeys(kernels.GEMV8_COMPILED, gemv8)
     if tiny:
@@ -979,7 +982,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{', inputs realized' if realize_inputs else ''})" if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
-           f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}; "
+           f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"
+           f"{'; one row: kernels.gemv_row' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
@@ -1038,6 +1042,17 @@ GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
                for st in (2, 4)])
 
 
+# kernels._gemv_row_kernel's settings timed by bench.py gemv (one row, CUDA cores); BN is the most a program takes
+# (halved on small matrices), BK within a group for int8; ACC2D False: each tile reduced (one-group formats)
+GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st) for bn, w, st in
+                   ((8, 4, 2), (8, 4, 4), (16, 4, 2), (16, 4, 3), (16, 4, 4), (32, 4, 3), (32, 8, 3), (16, 2, 3),
+                    (8, 2, 4), (4, 4, 3))] +
+                  [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn, bk, w, st in
+                   ((8, 256, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (32, 256, 8, 3), (8, 512, 4, 2),
+                    (16, 512, 8, 2), (4, 512, 4, 3))] +
+                  [dict(BN=16, BK=bk, num_warps=4, num_stages=3, ACC2D=False) for bk in (128, 256)])
+
+
 def graph_us(fn, device):
     """Device microseconds of one call of fn: median of triton's CUDA-graph timing (launch overhead excluded, as in
     a compiled decode step); on a CPU, ms()."""
@@ -1047,7 +1062,7 @@ def graph_us(fn, device):
 
 
 def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0, sweep: bool = True,
-               device: str = "cuda", tiny: bool = False) -> None:
+               row_sweep: bool = True, device: str = "cuda", tiny: bool = False) -> None:
     """Decode GEMVs (a batch-1 step's projections) at the preset's shapes, each route timed alone under a CUDA
     graph, its weight bytes read per microsecond beside the device copy rate: bf16 F.linear compiled as a decode
     step compiles it (inductor's tuned reduction, kernels.compile_decode without graphs), the gemv8 op as the 8-bit
@@ -1064,6 +1079,7 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         rows: tokens a step (batch x new tokens, at most 8).
         k: spike threshold parameter of the count rows.
         sweep: time every GEMV_SWEEP setting too (a setting that does not compile is skipped).
+        row_sweep: time every GEMV_ROW_SWEEP setting of the one-row kernel (kernels.gemv_row) too.
         device: cuda or cpu.
         tiny: CPU smoke run (TRITON_INTERPRET=1): the tiny preset, two settings.
     """
@@ -1077,7 +1093,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     bw = device_rate(device, "copy") / 2    # bytes read per second (the copy reads and writes each byte)
     header(device, dt, "-", "decode (inductor, coordinate descent)", f"{preset} projections, {rows} row(s), "
            f"spike k={k}; device copy reads {bw / 1e12:.3g} TB/s; triton {triton.__version__}; "
-           f"{len(settings)} gemv8 settings swept" +
+           f"{len(settings)} gemv8 settings swept; one-row kernel (kernels.gemv_row) {kernels.GEMV_ROW_CONFIGS}"
+           f"{f', {len(GEMV_ROW_SWEEP)} of its settings swept' if row_sweep and rows == 1 else ''}" +
            ("" if cuda or kernels.INTERPRET else "; the gemv8 op left out (Triton needs CUDA or TRITON_INTERPRET=1)"))
     shapes = block_projections(preset)
     print(f"{'projections':>22} {'K':>6} {'N':>6} {'route':>10} {'setting':>44} {'us':>8} {'TB/s':>6} {'of copy':>7}",
@@ -1123,6 +1140,28 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
                 routes[f"{r} {name}"] = (r, run, nbytes)
             routes[f"{r} gemv8_fused"] = (r, lambda a=a, copies=copies, gs=gs, is8=is8: fused(a, *pick(copies), gs,
                                                                                                 is8), nbytes)
+        # the one-row kernel (kernels.gemv_row), for rows=1: int8 weight-only on the bf16 row, W8ASpike and FP8 on
+        # the counts (fp32, e4m3-rounded for FP8) with vth applied in the kernel, bf16 weights too (W_FLOAT)
+        c1, v1 = kernels.gemv_counts_torch(x, k)
+        c8, v8 = kernels.gemv_counts_torch(x, k, fp8=True)
+        fmt8 = kernels.W_E4M3 if kernels._fp8_gemv_format(torch.device(device)) == 1 else kernels.W_E4M3_BITS
+        for r, a, v, copies, gs, fmt in (
+                ("int8", x, None, q8, 128, kernels.W_INT8), ("w8aspike", c1, v1, q8, 128, kernels.W_INT8),
+                ("fp8", c8, v8, f8, K, fmt8), ("fp8", c8, v8, f8, K, kernels.W_E4M3_BITS),
+                ("bf16-row", x, None, [(w, None) for w in wb], K, kernels.W_FLOAT)):
+            if rows != 1 or not (cuda or kernels.INTERPRET):
+                break
+            nbytes = sum(t.nbytes for t in copies[0] if t is not None)
+            tag = "row bits" if fmt == kernels.W_E4M3_BITS and fmt8 != fmt else "row"
+            row_swept = GEMV_ROW_SWEEP if row_sweep and (N * K >= 2 ** 20 or tiny) else []
+            for cfg in ([None] if tag == "row" else []) + row_swept[:2 if tiny else None]:
+                def run(a=a, v=v, copies=copies, gs=gs, fmt=fmt, cfg=cfg):
+                    wq, st = pick(copies)
+                    if cfg is None:
+                        return kernels.gemv_row(a, wq, st, gs, fmt, v, None, dt)
+                    return kernels._gemv_row(a, wq, st, v, None, a.new_empty(1, N, dtype=dt), gs, fmt, cfg)
+                name = "(as set)" if cfg is None else ", ".join(f"{key}={val}" for key, val in cfg.items())
+                routes[f"{r} {tag} {name}"] = (r, run, nbytes)
         best = {}
         for label, (r, fn, nbytes) in routes.items():
             try:
@@ -1130,7 +1169,7 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
                     fn()
                     t = graph_us(fn, device)
             except Exception as e:   # a swept setting that does not compile on this device
-                if label.endswith(("(as set)", "gemv8_fused")) or r == "bf16":
+                if label.endswith(("(as set)", "gemv8_fused")) or label == "bf16":
                     raise
                 print(f"{','.join(names):>22} {K:>6} {N:>6} {r:>10} {label[len(r) + 1:]:>44} does not run here: "
                       f"{type(e).__name__}", flush=True)
@@ -1146,11 +1185,12 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
             total[key][1].add(label)
     print("block's projections summed (best setting per shape for int8, w8aspike, fp8):")
     for key in ("bf16", "int8", "w8aspike", "fp8", *(f"{r} op (as set)" for r in ("int8", "w8aspike", "fp8")),
-                *(f"{r} gemv8_fused" for r in ("int8", "w8aspike", "fp8"))):
+                *(f"{r} gemv8_fused" for r in ("int8", "w8aspike", "fp8")),
+                "bf16-row", *(f"{r} row (as set)" for r in ("bf16-row", "int8", "w8aspike", "fp8"))):
         if key in total:
             t = total[key][0]
             print(f"{key:>24} {t:9.1f} us  {total['bf16'][0] / t:5.2f}x bf16" +
-                  (f"  ({'; '.join(sorted(total[key][1]))})" if key in ("int8", "w8aspike", "fp8") else ""),
+                  (f"  ({'; '.join(sorted(total[key][1]))})" if key in ("int8", "w8aspike", "fp8", "bf16-row") else ""),
                   flush=True)
 
 

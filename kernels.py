@@ -2048,6 +2048,142 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------- batch-1 decode: one row on CUDA cores
+
+# A decode step of one token multiplies one row by every weight matrix. tl.dot pads that row to 16 and splits small
+# matrices along K (partial sums added by a second kernel); here each program owns BN whole weight rows, streams
+# them once in tiles of BK, converts each byte in registers and multiplies it with the row on the CUDA cores (the
+# arithmetic is a few operations a byte, far below what the SMs do while the bytes arrive), then applies vth, the
+# bias and the cast itself: one launch a projection, the count or activation row read as it is (fp32 counts, bf16
+# activations), no copy. BN shrinks on a small matrix so that its programs still fill the GPU (no split along K: no
+# second pass). Settings per CUDA capability from `bench.py gemv`'s sweep; elsewhere (and where a setting does not
+# compile: with_fallback) GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot kernel above, whose weight
+# tile serves all of them.
+GEMV_ROW_CONFIGS = {(9, 0): dict(BN=16, BK=128, num_warps=4, num_stages=3)}
+GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
+GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
+W_INT8, W_E4M3, W_E4M3_BITS, W_FLOAT = 0, 1, 2, 3   # _gemv_row_kernel's weight formats (FMT)
+
+
+@triton.jit
+def _e4m3_bits_to_f32(b):
+    """e4m3 bits (uint8, never the NaNs) -> fp32 by integer operations alone: the sign and the 7 exponent-mantissa
+    bits placed in an fp32 (exponent bias 127) are the value times 2^-120 (e4m3's subnormals fp32 subnormals), so
+    one exact multiply by 2^120 restores it."""
+    h = b.to(tl.uint8, bitcast=True).to(tl.uint32)
+    h = ((h & 0x80) << 24) | ((h & 0x7F) << 20)
+    return h.to(tl.float32, bitcast=True) * 1.329227995784916e36   # 2^120
+
+
+@triton.jit
+def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
+                     HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[m, cols] = (sum_g scales[cols, g] sum_{k in g} x[m, k] w[cols, k]) * vth[m] + bias[cols], cast to out's
+    dtype; program (pid // M) owns BN output channels, row m = pid % M (a second row of the same channels runs
+    beside the first, so its weight tile comes from L2). x [M, K] any float dtype, taken to fp32; w [N, K] in
+    format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
+    bits decoded by integer operations), W_FLOAT (fp16/bf16, no scales); scales fp32 [N, G] in groups of GS (a tile
+    of BK never crosses one). ACC2D (one group, G = 1): the products summed into a [BN, BK] accumulator, one
+    reduction at the end; else each tile reduced and scaled. Each product is rounded once in fp32, then the sums."""
+    pid = tl.program_id(0)
+    M = tl.num_programs(0) // tl.cdiv(N, BN)
+    row, cols, o_k = pid % M, (pid // M) * BN + tl.arange(0, BN), tl.arange(0, BK)
+    rn = cols % N                                   # channels past N wrap around: no masks; not stored
+    pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
+    px = x + row * K + o_k
+    acc = tl.zeros([BN], dtype=tl.float32)
+    acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+    for lo in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(px + lo).to(tl.float32)
+            wt = tl.load(pw + lo)
+        else:
+            m = lo + o_k < K
+            xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
+            wt = tl.load(pw + lo, mask=m[None, :], other=0)
+        if FMT == 0:
+            wf = wt.to(tl.float32)
+        elif FMT == 1:
+            wf = wt.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        elif FMT == 2:
+            wf = _e4m3_bits_to_f32(wt)
+        else:
+            wf = wt.to(tl.float32)
+        if ACC2D:
+            acc2 += wf * xt[None, :]
+        elif FMT == 3:
+            acc += tl.sum(wf * xt[None, :], axis=1)
+        else:
+            acc += tl.sum(wf * xt[None, :], axis=1) * tl.load(scales + rn * G + lo // GS)
+    if ACC2D:
+        acc = tl.sum(acc2, axis=1)
+        if FMT != 3:
+            acc = acc * tl.load(scales + rn * G)
+    if HAS_VTH:
+        acc = acc * tl.load(vth + row)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias + rn).to(tl.float32)
+    tl.store(out + row * N + cols, acc.to(out.dtype.element_ty), mask=cols < N)
+
+
+def gemv_row_fits(M, K, group_size):
+    """Does _gemv_row_kernel take M rows of K channels in groups of group_size? Up to GEMV_ROW_MAX_ROWS rows, and
+    whole groups (group_size divides K, or one group of K)."""
+    return 0 < M <= GEMV_ROW_MAX_ROWS and (group_size >= K or K % group_size == 0)
+
+
+def _gemv_row(x, w, st, vth, bias, out, group_size, fmt, cfg):
+    """Launch _gemv_row_kernel with cfg's settings (BN: at most, halved until the matrix gives every SM two
+    programs; BK: at most, within a group; num_warps, num_stages; ACC2D, default True where there is one group)."""
+    (M, K), N = x.shape, w.shape[0]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    BN = cfg["BN"]
+    while BN > 2 and triton.cdiv(N, BN) * M < 2 * sms:
+        BN //= 2
+    gs = min(group_size, K)
+    one = fmt == W_FLOAT or gs == K
+    BK = min(cfg["BK"], triton.next_power_of_2(K)) if one else _int8_gemv_tile_k(K, gs, cfg["BK"])
+    _gemv_row_kernel[(triton.cdiv(N, BN) * M,)](
+        x, w, st, vth, bias, out, N, K, 1 if st is None else st.shape[1], GS=gs, BN=BN, BK=BK, FMT=fmt,
+        EVEN_K=K % BK == 0, ACC2D=one and cfg.get("ACC2D", True), HAS_VTH=vth is not None,
+        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+@torch.library.custom_op("spikingbrain::gemv_row", mutates_args=())
+def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], group_size: int, fmt: int,
+             vth: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """A decode step's product of a few rows (gemv_row_fits) with one weight matrix on _gemv_row_kernel, one opaque
+    op (a compiled decode step keeps it in its graph, one launch):
+        y[m, n] = (sum_g scales[n, g] sum_{k in g} x[m, k] w[n, k]) * vth[m] + bias[n]   -> out_dtype [M, N]
+    x [M, K] float; w [N, K]: int8 (fmt W_INT8), e4m3 bits as uint8 (W_E4M3, W_E4M3_BITS; scales [N, 1]), or the
+    float weight itself (W_FLOAT, scales None); scales fp32 [N, G], groups of group_size; vth fp32 [M, 1] or None;
+    bias [N] or None. Each product x * w rounds once in fp32 (exact where x holds spike counts below 2^16 or bf16
+    values: |w| has at most 8 significant bits), then fp32 sums: a tile's BK products, its scale, the P tiles of a
+    row, vth and the bias, so before the cast
+        |y - y64| <= (BK + P + 4) 2^-24 (sum_k |x[m, k] w[n, k] s[n, g(k)]| |vth[m]| + |bias[n]|)
+    with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two."""
+    (M, K), N = x.shape, w.shape[0]
+    out = x.new_empty(M, N, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    dev = x.device
+    st = None if scales is None else scales.float().contiguous()
+    b = None if bias is None else bias.contiguous()
+    v = None if vth is None else vth.float().contiguous()
+    opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    o = out if dev.type == "cuda" else out.float()   # the interpreter truncates a store to 16 bits; CUDA rounds
+    o = with_fallback(lambda cfg: _gemv_row(x.contiguous(), w.contiguous(), st, v, b, o, group_size, fmt,
+                                            cfg or GEMV_ROW_SAFE), opts, ("gemv_row", str(dev), fmt), "gemv_row")
+    return o if o is out else o.to(out_dtype)
+
+
+@gemv_row.register_fake
+def _(x, w, scales, group_size, fmt, vth, bias, out_dtype):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype)
+
+
 # The 8-bit GEMVs traced into a compiled decode step (kernels.compile_decode), per weight format: "inductor" writes
 # them as gemv8_fused's tensor formula (inductor's tuned reductions, as it writes bf16 F.linear at batch 1), "triton"
 # keeps the gemv8 op (tl.dot on rows padded to 16, split along K). Neither reads 8-bit weights near the bandwidth yet
@@ -2114,6 +2250,8 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
+    if gemv_row_fits(*x.shape, group_size):   # one row: one launch on the CUDA cores, bias and cast in it
+        return gemv_row(x, qweight, scales, group_size, W_INT8, None, bias, x.dtype)
     y = gemv8_fused(x, qweight, scales, group_size) if fused_gemv8("int8") else _gemv8_op(x, qweight, scales,
                                                                                          group_size, splits)
     if bias is not None:
@@ -2178,6 +2316,10 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
+    if gemv_row_fits(M, x2.shape[1], group_size):   # one row: the counts (fused into the pass before when compiled),
+        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)   # then one launch
+        fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
+        return gemv_row(counts, w, scales, group_size, fmt, vth, bias, x.dtype).view(*x.shape[:-1], -1)
     if fused_gemv8("fp8" if fp8 else "int8"):
         y = gemv8_fused_spikes(x2, w, scales, group_size, k, fp8)
     else:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 
 import kernels
+import spiking
 from model import gla_recurrent
 from model import spike_quant as spike_quant_ref
 
@@ -1082,17 +1083,17 @@ def eight_bit_layer(kind):
 def test_8bit_linear_decode_through_the_gemv(kind, monkeypatch):
     """W8ASpikeLinear (spike k 3) and FP8SpikeLinear with their decode GEMV forced (as on CUDA): decode rows (1, 3, 8)
     through it, within its bound of the twin; more rows than INT8_GEMV_MAX_ROWS, gradients and the switch at "torch"
-    keep the other paths, "auto" takes it on CUDA only. torch.compile(fullgraph=True) of the decode forward with
-    GEMV8_COMPILED "triton": one graph (no break: no host sync, the kernel one custom op with a fake) holding the op,
-    and the eager output, also on a row whose count passes 448."""
+    keep the other paths, "auto" takes it on CUDA only. torch.compile(fullgraph=True) of a two-row decode forward
+    with GEMV8_COMPILED "triton": one graph (no break: no host sync, the kernel one custom op with a fake) holding the
+    op, and the eager output, also on a row whose count passes 448. (One row: test_one_row_takes_gemv_row.)"""
     m, switch, name, close = eight_bit_layer(kind)
     monkeypatch.setattr(kernels, switch, "triton")
     monkeypatch.setattr(kernels, "GEMV8_COMPILED", {"int8": "triton", "fp8": "triton"})   # "inductor": the next test
     step, graphs = fullgraph(m)
     for big in (False, True):
-        x = torch.randn(1, 1, 200, device=DEV)
+        x = torch.randn(1, 2, 200, device=DEV)
         if big:
-            x[0, 0, 3] = 1e4
+            x[0, 1, 3] = 1e4
         with torch.no_grad():
             assert torch.equal(step(x), m(x))
     assert len(graphs) == 1 and "gemv8" in str(graphs[0].graph)
@@ -1117,6 +1118,134 @@ def test_8bit_linear_decode_through_the_gemv(kind, monkeypatch):
     x = torch.randn(2, 200, device=DEV)
     use = kernels.use_fp8_gemv(x, 3.0) if kind == "fp8" else kernels.use_w8aspike_gemv(x, 128, 3.0)
     assert use == (CUDA and torch.cuda.get_device_capability() >= (8, 0))
+
+
+def row_twin(x, w, scales, group_size, fmt, vth, bias):
+    """float64 of gemv_row's formula on the same operands, and the bound its docstring states (BK <= 512, P tiles
+    counted for tiles of 16)."""
+    wd = w.double() if fmt == kernels.W_FLOAT else (
+        w.view(torch.float8_e4m3fn).double() if fmt != kernels.W_INT8 else w.double())
+    if scales is not None:
+        wd = wd * scales.double().repeat_interleave(min(group_size, w.shape[1]), 1)[:, :w.shape[1]]
+    v = 1.0 if vth is None else vth.double()
+    b = 0.0 if bias is None else bias.double()
+    want = (x.double() @ wd.T) * v + b
+    mag = (x.double().abs() @ wd.abs().T) * (v.abs() if vth is not None else 1.0) + (
+        0.0 if bias is None else b.abs())
+    return want, (512 + -(-x.shape[1] // 16) + 4) * 2.0 ** -24 * mag
+
+
+ROW_SETTINGS = [None, dict(BN=4, BK=64, num_warps=2, num_stages=1),
+                dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", ROW_SETTINGS)
+def test_gemv_row_matches_float64(cfg, monkeypatch):
+    """gemv_row under the safe setting and two others (narrow tiles; wide ones reduced per tile), every weight
+    format: int8 in groups of 128 (K = 384) with vth and a bias; e4m3 through Triton's conversion and through the
+    integer decoding (K = 300: a masked last tile; one scale a row); bf16 weights, no scales. One row and three (each
+    row its own program): within the stated bound of float64; a bf16 output is the fp32 one rounded."""
+    if cfg is not None:
+        monkeypatch.setattr(kernels, "GEMV_ROW_SAFE", cfg)
+    gen = torch.Generator().manual_seed(7)
+    for M in (1, 3):
+        x = torch.randn(M, 384, generator=gen).to(DEV)
+        q, sc, b = gemv_operands(M, 384, 40, 128, seed=M)[1:]
+        v = (torch.rand(M, 1, generator=gen) + 0.5).to(DEV)
+        bits, s8 = spiking.quantize_weight_fp8(torch.randn(24, 300, generator=gen))
+        x3 = torch.randn(M, 300, generator=gen).to(DEV)
+        wf = torch.randn(33, 200, generator=gen).bfloat16().to(DEV)
+        xf = torch.randn(M, 200, generator=gen).bfloat16().to(DEV)
+        cases = [(x, q, sc, 128, kernels.W_INT8, v, b), (x, q, sc, 128, kernels.W_INT8, None, None),
+                 (x3, bits.view(torch.uint8).to(DEV), s8.view(24, 1).to(DEV), 300, kernels.W_E4M3, v, None),
+                 (x3, bits.view(torch.uint8).to(DEV), s8.view(24, 1).to(DEV), 300, kernels.W_E4M3_BITS, None, None),
+                 (xf, wf, None, 200, kernels.W_FLOAT, None, b[:33])]
+        for args in cases:
+            want, bound = row_twin(*args)
+            y = kernels.gemv_row(*args, torch.float32)
+            assert y.shape == want.shape and ((y.double() - want).abs() <= bound).all(), args[4]
+            assert torch.equal(kernels.gemv_row(*args, torch.bfloat16), y.bfloat16())   # the cast last
+
+
+@needs_triton
+def test_e4m3_bits_decode_every_byte_exactly():
+    """The integer decoding of e4m3 (W_E4M3_BITS) and Triton's conversion (W_E4M3) give every finite byte's value:
+    an identity row picks each weight column out exactly."""
+    bits = torch.arange(256, dtype=torch.uint8)
+    bits = bits[(bits & 0x7F) != 0x7F].to(DEV)                  # the NaNs 0x7f, 0xff never occur
+    w = bits.view(-1, 1).expand(-1, 16).contiguous()            # [254, 16]: row n all byte n
+    x = torch.zeros(1, 16, device=DEV)
+    x[0, 0] = 1.0
+    for fmt in (kernels.W_E4M3, kernels.W_E4M3_BITS):
+        y = kernels.gemv_row(x, w, torch.ones(w.shape[0], 1, device=DEV), 16, fmt, None, None, torch.float32)
+        assert torch.equal(y[0], bits.view(torch.float8_e4m3fn).float()), fmt
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["int8", "w8aspike", "fp8"])
+def test_one_row_takes_gemv_row(kind, monkeypatch):
+    """A decode step of one row through int8_gemv, w8aspike_gemv or fp8_gemv (K = 256: whole groups of 128) is one
+    gemv_row launch (no gemv8 op, no partial sums), within the bound of its float64 twin; compiled with
+    fullgraph=True it is one graph holding gemv_row and no gemv8 op, equal to eager; two rows, or
+    GEMV_ROW_MAX_ROWS = 0, take the gemv8 op instead."""
+    x, q, sc, b = gemv_operands(1, 256, 48, 128, seed=11)
+    x = x * torch.exp(torch.randn_like(x))
+    bits, s8 = spiking.quantize_weight_fp8(torch.randn(48, 256))
+    bits, s8 = bits.view(torch.uint8).to(DEV), s8.to(DEV)
+    f, close = {
+        "int8": (lambda x: kernels.int8_gemv(x, q, sc, 128, b),
+                 lambda y, x: assert_gemv_close(y, x, q, sc, 128, b)),
+        "w8aspike": (lambda x: kernels.w8aspike_gemv(x, q, sc, 128, 3.0, b),
+                     lambda y, x: assert_w8aspike_gemv_close(y, x, q, sc, 128, 3.0, b)),
+        "fp8": (lambda x: kernels.fp8_gemv(x, bits, s8, 3.0, b),
+                lambda y, x: assert_fp8_gemv_close(y, x, bits.view(torch.float8_e4m3fn), s8, 3.0, b))}[kind]
+    rows, ops = spy(monkeypatch, "gemv_row"), spy(monkeypatch, "_gemv8_op")
+    with torch.no_grad():
+        y = f(x)
+    assert len(rows) == 1 and not ops
+    close(y, x)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    torch._dynamo.reset()
+    step = torch.compile(f, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        assert torch.equal(step(x), y)
+    g = str(graphs[0].graph)
+    assert len(graphs) == 1 and "gemv_row" in g and "gemv8" not in g
+    torch._dynamo.reset()
+    rows.clear()
+    with torch.no_grad():
+        f(torch.cat([x, x]))
+        monkeypatch.setattr(kernels, "GEMV_ROW_MAX_ROWS", 0)
+        f(x)
+    assert not rows and len(ops) == 2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("K,N", [(3584, 18944), (18944, 3584), (3584, 512)])
+def test_gpu_gemv_row_7b_shapes(K, N):
+    """gemv_row under this GPU's setting at the 7B's projection shapes, every weight format (int8 groups of 128 on
+    spike counts with vth, e4m3 both decodings, bf16 weights on a bf16 row): within the stated bound of float64."""
+    gen = torch.Generator().manual_seed(K + N)
+    x = torch.randn(1, K, generator=gen)
+    c, v = spike_quant_ref(x * torch.exp(torch.randn(1, K, generator=gen)), 3.0)
+    q, sc, b = gemv_operands(1, K, N, 128, seed=N)[1:]
+    bits, s8 = spiking.quantize_weight_fp8(torch.randn(N, K, generator=gen) / K ** 0.5)
+    bits, s8 = bits.view(torch.uint8).cuda(), s8.view(N, 1).cuda()
+    c, v = c.float().cuda(), v.float().cuda()
+    for args in [(c, q, sc, 128, kernels.W_INT8, v, b), (c, bits, s8, K, kernels.W_E4M3, v, None),
+                 (c, bits, s8, K, kernels.W_E4M3_BITS, v, b),
+                 (x.bfloat16().cuda(), torch.randn(N, K, generator=gen).bfloat16().cuda(), None, K, kernels.W_FLOAT,
+                  None, None)]:
+        want, bound = row_twin(*args)
+        y = kernels.gemv_row(*args, torch.float32)
+        assert ((y.double() - want).abs() <= bound).all(), args[4]
+        assert torch.equal(kernels.gemv_row(*args, torch.bfloat16), y.bfloat16())   # rounded to nearest, last
 
 
 @needs_triton
