@@ -927,7 +927,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
-                 device: str = "cuda", tiny: bool = False) -> None:
+                 row_configs: dict | None = None, device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -966,6 +966,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             is by the projection's reduction: not its producer recomputed per output row): the other half of an A/B.
         gemv_row: the 8-bit GEMVs of one row (batch 1) on kernels.gemv_row (one launch a projection, CUDA cores);
             false: the gemv8 op or gemv8_fused as for more rows (the other half of an A/B).
+        row_configs: settings of kernels.gemv_row for this device in place of GEMV_ROW_CONFIGS' entries, keyed
+            "<int8|e4m3|float> <wide|tall>", e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
+            "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -978,12 +981,17 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         contexts, batches, models, steps, device = (64, 256), (1, 2), ("tiny", "tiny-qwen"), 8, "cpu"
     cuda, dt, mem = setup(device, gla)
     bw, fmt = device_rate(device, "copy"), "fp8" if quant == "fp8" else "int8"
+    cap = torch.cuda.get_device_capability(device) if cuda else "cpu"
+    if row_configs:
+        kernels.GEMV_ROW_CONFIGS = {**kernels.GEMV_ROW_CONFIGS, cap: {**kernels.GEMV_ROW_CONFIGS.get(cap, {}), **{
+            tuple(key.split()): cfg and dict(cfg) for key, cfg in row_configs.items()}}}
+    row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
            f"{', inputs realized' if realize_inputs else ''})" if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"
-           f"{'; one row: kernels.gemv_row' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}; "
+           f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
@@ -1043,14 +1051,13 @@ GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
 
 
 # kernels._gemv_row_kernel's settings timed by bench.py gemv (one row, CUDA cores); BN is the most a program takes
-# (halved on small matrices), BK within a group for int8; ACC2D False: each tile reduced (one-group formats)
-GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st) for bn, w, st in
-                   ((8, 4, 2), (8, 4, 4), (16, 4, 2), (16, 4, 3), (16, 4, 4), (32, 4, 3), (32, 8, 3), (16, 2, 3),
-                    (8, 2, 4), (4, 4, 3))] +
-                  [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn, bk, w, st in
-                   ((8, 256, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (32, 256, 8, 3), (8, 512, 4, 2),
-                    (16, 512, 8, 2), (4, 512, 4, 3))] +
-                  [dict(BN=16, BK=bk, num_warps=4, num_stages=3, ACC2D=False) for bk in (128, 256)])
+# (halved on small matrices), BK within a group for int8; ACC2D False: each tile reduced; MAGIC False: int8 by the
+# conversion instruction
+GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st, ACC2D=a) for bn, w, st in
+                   ((8, 4, 3), (16, 4, 3), (32, 8, 3), (16, 8, 4), (64, 8, 3)) for a in (True, False)] +
+                  [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, ACC2D=a) for bn, bk, w, st in
+                   ((4, 512, 4, 3), (16, 256, 4, 3)) for a in (True, False)] +
+                  [dict(BN=bn, BK=128, num_warps=w, num_stages=3, MAGIC=False) for bn, w in ((16, 4), (32, 8))])
 
 
 def graph_us(fn, device):

@@ -2056,10 +2056,14 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # arithmetic is a few operations a byte, far below what the SMs do while the bytes arrive), then applies vth, the
 # bias and the cast itself: one launch a projection, the count or activation row read as it is (fp32 counts, bf16
 # activations), no copy. BN shrinks on a small matrix so that its programs still fill the GPU (no split along K: no
-# second pass). Settings per CUDA capability from `bench.py gemv`'s sweep; elsewhere (and where a setting does not
-# compile: with_fallback) GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot kernel above, whose weight
-# tile serves all of them.
-GEMV_ROW_CONFIGS = {(9, 0): dict(BN=16, BK=128, num_warps=4, num_stages=3)}
+# second pass). Settings per CUDA capability, weight kind ("int8", "e4m3", "float") and shape ("wide": N > K, the
+# MLP's gate and up; "tall": the rest), the best of `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a
+# missing entry, another device, and a setting that does not compile there (with_fallback) take GEMV_ROW_SAFE. More
+# rows than GEMV_ROW_MAX_ROWS take the tl.dot kernel above, whose weight tile serves all of them.
+GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
+                             ("e4m3", "tall"): dict(BN=4, BK=512, num_warps=4, num_stages=3),
+                             ("int8", "wide"): dict(BN=32, BK=128, num_warps=8, num_stages=3, ACC2D=False),
+                             ("int8", "tall"): dict(BN=16, BK=128, num_warps=8, num_stages=3, ACC2D=False)}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 W_INT8, W_E4M3, W_E4M3_BITS, W_FLOAT = 0, 1, 2, 3   # _gemv_row_kernel's weight formats (FMT)
@@ -2078,14 +2082,17 @@ def _e4m3_bits_to_f32(b):
 @triton.jit
 def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
-                     HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
     """out[m, cols] = (sum_g scales[cols, g] sum_{k in g} x[m, k] w[cols, k]) * vth[m] + bias[cols], cast to out's
     dtype; program (pid // M) owns BN output channels, row m = pid % M (a second row of the same channels runs
     beside the first, so its weight tile comes from L2). x [M, K] any float dtype, taken to fp32; w [N, K] in
     format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
     bits decoded by integer operations), W_FLOAT (fp16/bf16, no scales); scales fp32 [N, G] in groups of GS (a tile
-    of BK never crosses one). ACC2D (one group, G = 1): the products summed into a [BN, BK] accumulator, one
-    reduction at the end; else each tile reduced and scaled. Each product is rounded once in fp32, then the sums."""
+    of BK never crosses one; GROUPED: G > 1). ACC2D: the products summed into a [BN, BK] accumulator, one reduction
+    at the end (one group: the scale after it; groups: each product times its group's scale first); else each tile
+    reduced, then scaled. MAGIC: int8 to fp32 by the bits of 2^23 + (q + 128), less 2^23 + 128 (integer and add instructions
+    instead of the slower conversion). Each product is rounded once in fp32 (twice where ACC2D scales it), then the
+    sums."""
     pid = tl.program_id(0)
     M = tl.num_programs(0) // tl.cdiv(N, BN)
     row, cols, o_k = pid % M, (pid // M) * BN + tl.arange(0, BN), tl.arange(0, BK)
@@ -2102,7 +2109,10 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
             m = lo + o_k < K
             xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
             wt = tl.load(pw + lo, mask=m[None, :], other=0)
-        if FMT == 0:
+        if FMT == 0 and MAGIC:
+            wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+            wf = wf - 8388736.0
+        elif FMT == 0:
             wf = wt.to(tl.float32)
         elif FMT == 1:
             wf = wt.to(tl.float8e4nv, bitcast=True).to(tl.float32)
@@ -2110,7 +2120,9 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
             wf = _e4m3_bits_to_f32(wt)
         else:
             wf = wt.to(tl.float32)
-        if ACC2D:
+        if ACC2D and GROUPED:
+            acc2 += (wf * xt[None, :]) * tl.load(scales + rn * G + lo // GS)[:, None]
+        elif ACC2D:
             acc2 += wf * xt[None, :]
         elif FMT == 3:
             acc += tl.sum(wf * xt[None, :], axis=1)
@@ -2118,8 +2130,8 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
             acc += tl.sum(wf * xt[None, :], axis=1) * tl.load(scales + rn * G + lo // GS)
     if ACC2D:
         acc = tl.sum(acc2, axis=1)
-        if FMT != 3:
-            acc = acc * tl.load(scales + rn * G)
+        if FMT != 3 and not GROUPED:
+            acc = acc * tl.load(scales + rn)
     if HAS_VTH:
         acc = acc * tl.load(vth + row)
     if HAS_BIAS:
@@ -2127,15 +2139,23 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
     tl.store(out + row * N + cols, acc.to(out.dtype.element_ty), mask=cols < N)
 
 
-def gemv_row_fits(M, K, group_size):
-    """Does _gemv_row_kernel take M rows of K channels in groups of group_size? Up to GEMV_ROW_MAX_ROWS rows, and
-    whole groups (group_size divides K, or one group of K)."""
-    return 0 < M <= GEMV_ROW_MAX_ROWS and (group_size >= K or K % group_size == 0)
+def _row_key(fmt, K, N):
+    """GEMV_ROW_CONFIGS' key of a weight [N, K] in format fmt."""
+    return {W_INT8: "int8", W_FLOAT: "float"}.get(fmt, "e4m3"), "wide" if N > K else "tall"
+
+
+def gemv_row_fits(M, K, N, group_size, fmt, device):
+    """Does _gemv_row_kernel take M rows times a weight [N, K] in format fmt, groups of group_size, on device? Up to
+    GEMV_ROW_MAX_ROWS rows, whole groups (group_size divides K, or one group of K), and not a shape whose setting
+    on this device is None (there the gemv8 op measured faster)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else device.type
+    return (0 < M <= GEMV_ROW_MAX_ROWS and (group_size >= K or K % group_size == 0)
+            and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N), GEMV_ROW_SAFE) is not None)
 
 
 def _gemv_row(x, w, st, vth, bias, out, group_size, fmt, cfg):
     """Launch _gemv_row_kernel with cfg's settings (BN: at most, halved until the matrix gives every SM two
-    programs; BK: at most, within a group; num_warps, num_stages; ACC2D, default True where there is one group)."""
+    programs; BK: at most, within a group; num_warps, num_stages; ACC2D, default True; MAGIC, default True)."""
     (M, K), N = x.shape, w.shape[0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     BN = cfg["BN"]
@@ -2146,7 +2166,8 @@ def _gemv_row(x, w, st, vth, bias, out, group_size, fmt, cfg):
     BK = min(cfg["BK"], triton.next_power_of_2(K)) if one else _int8_gemv_tile_k(K, gs, cfg["BK"])
     _gemv_row_kernel[(triton.cdiv(N, BN) * M,)](
         x, w, st, vth, bias, out, N, K, 1 if st is None else st.shape[1], GS=gs, BN=BN, BK=BK, FMT=fmt,
-        EVEN_K=K % BK == 0, ACC2D=one and cfg.get("ACC2D", True), HAS_VTH=vth is not None,
+        EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True), MAGIC=cfg.get("MAGIC", True),
+        GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
         HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -2160,9 +2181,9 @@ def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], g
     x [M, K] float; w [N, K]: int8 (fmt W_INT8), e4m3 bits as uint8 (W_E4M3, W_E4M3_BITS; scales [N, 1]), or the
     float weight itself (W_FLOAT, scales None); scales fp32 [N, G], groups of group_size; vth fp32 [M, 1] or None;
     bias [N] or None. Each product x * w rounds once in fp32 (exact where x holds spike counts below 2^16 or bf16
-    values: |w| has at most 8 significant bits), then fp32 sums: a tile's BK products, its scale, the P tiles of a
-    row, vth and the bias, so before the cast
-        |y - y64| <= (BK + P + 4) 2^-24 (sum_k |x[m, k] w[n, k] s[n, g(k)]| |vth[m]| + |bias[n]|)
+    values: |w| has at most 8 significant bits; once more where the group's scale multiplies it), then fp32 sums: a
+    tile's BK products, its scale, the P tiles of a row, vth and the bias, so before the cast
+        |y - y64| <= (BK + P + 5) 2^-24 (sum_k |x[m, k] w[n, k] s[n, g(k)]| |vth[m]| + |bias[n]|)
     with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two."""
     (M, K), N = x.shape, w.shape[0]
     out = x.new_empty(M, N, dtype=out_dtype)
@@ -2172,10 +2193,12 @@ def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], g
     st = None if scales is None else scales.float().contiguous()
     b = None if bias is None else bias.contiguous()
     v = None if vth is None else vth.float().contiguous()
-    opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type)
+    key = _row_key(fmt, K, N)
+    opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type, {})
     o = out if dev.type == "cuda" else out.float()   # the interpreter truncates a store to 16 bits; CUDA rounds
     o = with_fallback(lambda cfg: _gemv_row(x.contiguous(), w.contiguous(), st, v, b, o, group_size, fmt,
-                                            cfg or GEMV_ROW_SAFE), opts, ("gemv_row", str(dev), fmt), "gemv_row")
+                                            cfg or GEMV_ROW_SAFE), opts.get(key), ("gemv_row", str(dev), fmt, *key),
+                      "gemv_row")
     return o if o is out else o.to(out_dtype)
 
 
@@ -2250,7 +2273,7 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
     Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
-    if gemv_row_fits(*x.shape, group_size):   # one row: one launch on the CUDA cores, bias and cast in it
+    if gemv_row_fits(*x.shape, qweight.shape[0], group_size, W_INT8, x.device):   # one row: one launch
         return gemv_row(x, qweight, scales, group_size, W_INT8, None, bias, x.dtype)
     y = gemv8_fused(x, qweight, scales, group_size) if fused_gemv8("int8") else _gemv8_op(x, qweight, scales,
                                                                                          group_size, splits)
@@ -2316,9 +2339,9 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         name, other = ("fp8_gemv", "spike_linear_fp8") if fp8 else ("w8aspike_gemv", "w8aspike_linear")
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
-    if gemv_row_fits(M, x2.shape[1], group_size):   # one row: the counts (fused into the pass before when compiled),
-        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)   # then one launch
-        fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
+    fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
+    if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device):   # one row: the counts (fused into the
+        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)   # pass before
         return gemv_row(counts, w, scales, group_size, fmt, vth, bias, x.dtype).view(*x.shape[:-1], -1)
     if fused_gemv8("fp8" if fp8 else "int8"):
         y = gemv8_fused_spikes(x2, w, scales, group_size, k, fp8)

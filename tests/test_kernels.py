@@ -1132,17 +1132,18 @@ def row_twin(x, w, scales, group_size, fmt, vth, bias):
     want = (x.double() @ wd.T) * v + b
     mag = (x.double().abs() @ wd.abs().T) * (v.abs() if vth is not None else 1.0) + (
         0.0 if bias is None else b.abs())
-    return want, (512 + -(-x.shape[1] // 16) + 4) * 2.0 ** -24 * mag
+    return want, (512 + -(-x.shape[1] // 16) + 5) * 2.0 ** -24 * mag
 
 
-ROW_SETTINGS = [None, dict(BN=4, BK=64, num_warps=2, num_stages=1),
+ROW_SETTINGS = [None, dict(BN=4, BK=64, num_warps=2, num_stages=1, MAGIC=False),
                 dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False)]
 
 
 @needs_triton
 @pytest.mark.parametrize("cfg", ROW_SETTINGS)
 def test_gemv_row_matches_float64(cfg, monkeypatch):
-    """gemv_row under the safe setting and two others (narrow tiles; wide ones reduced per tile), every weight
+    """gemv_row under the safe setting and two others (narrow tiles, int8 by the conversion instruction; wide tiles
+    reduced per tile), every weight
     format: int8 in groups of 128 (K = 384) with vth and a bias; e4m3 through Triton's conversion and through the
     integer decoding (K = 300: a masked last tile; one scale a row); bf16 weights, no scales. One row and three (each
     row its own program): within the stated bound of float64; a bf16 output is the fp32 one rounded."""
@@ -1169,9 +1170,9 @@ def test_gemv_row_matches_float64(cfg, monkeypatch):
 
 
 @needs_triton
-def test_e4m3_bits_decode_every_byte_exactly():
-    """The integer decoding of e4m3 (W_E4M3_BITS) and Triton's conversion (W_E4M3) give every finite byte's value:
-    an identity row picks each weight column out exactly."""
+def test_row_kernel_decodes_every_byte_exactly():
+    """The integer decoding of e4m3 (W_E4M3_BITS) and Triton's conversion (W_E4M3) give every finite byte's value,
+    and both int8 conversions every int8 value: a one-hot row picks each weight column out exactly."""
     bits = torch.arange(256, dtype=torch.uint8)
     bits = bits[(bits & 0x7F) != 0x7F].to(DEV)                  # the NaNs 0x7f, 0xff never occur
     w = bits.view(-1, 1).expand(-1, 16).contiguous()            # [254, 16]: row n all byte n
@@ -1180,6 +1181,11 @@ def test_e4m3_bits_decode_every_byte_exactly():
     for fmt in (kernels.W_E4M3, kernels.W_E4M3_BITS):
         y = kernels.gemv_row(x, w, torch.ones(w.shape[0], 1, device=DEV), 16, fmt, None, None, torch.float32)
         assert torch.equal(y[0], bits.view(torch.float8_e4m3fn).float()), fmt
+    q = torch.arange(-128, 128, dtype=torch.int8, device=DEV).view(-1, 1).expand(-1, 16).contiguous()
+    for magic in (True, False):   # every int8 value, by the bits of 2^23 + (q + 128) and by the conversion
+        y = kernels._gemv_row(x, q, torch.ones(256, 1, device=DEV), None, None, torch.empty(1, 256, device=DEV), 16,
+                              kernels.W_INT8, dict(kernels.GEMV_ROW_SAFE, MAGIC=magic))
+        assert torch.equal(y[0], q[:, 0].float()), magic
 
 
 @needs_triton
