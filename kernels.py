@@ -2062,8 +2062,8 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # rows than GEMV_ROW_MAX_ROWS take the tl.dot kernel above, whose weight tile serves all of them.
 GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
                              ("e4m3", "tall"): dict(BN=4, BK=512, num_warps=4, num_stages=3),
-                             ("int8", "wide"): dict(BN=32, BK=128, num_warps=8, num_stages=3, ACC2D=False),
-                             ("int8", "tall"): dict(BN=16, BK=128, num_warps=8, num_stages=3, ACC2D=False)}}
+                             ("int8", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
+                             ("int8", "tall"): None}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 W_INT8, W_E4M3, W_E4M3_BITS, W_FLOAT = 0, 1, 2, 3   # _gemv_row_kernel's weight formats (FMT)
