@@ -1076,7 +1076,9 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     layers call it (int8 in groups of 128 from bf16 rows: weight-only; the spike counts' two rows of W8ASpike (int8
     groups) and FP8 (e4m3, one scale a row)) under its current settings and, with sweep, under every GEMV_SWEEP
     setting (tl.dot on rows padded to 16, or DOT false: CUDA-core products; projections of 1M weights or more),
-    and gemv8_fused compiled. Each route takes its turn over copies of its weights that together pass twice the
+    and gemv8_fused compiled; for one row also kernels.gemv_row (one launch on the CUDA cores: int8 weight-only, the
+    W8ASpike and FP8 counts with vth, bf16 weights as "bf16-row") as set and, with row_sweep, under every
+    GEMV_ROW_SWEEP setting. Each route takes its turn over copies of its weights that together pass twice the
     L2 cache, so each call reads its weights from memory as a decode step does. Then a block's projections summed
     per route (the best setting per shape where swept): the 8-bit routes' time over bf16's is what the weight reads
     alone allow a decode step. Accuracy: tests/test_kernels.py.

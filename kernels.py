@@ -21,6 +21,9 @@ compare against:
 - decode with e4m3 weights: the same GEMV kernel reading the e4m3 bytes, the counts rounded to e4m3 (a row past 448
   kept exact) by a select, no host sync, so compiled decode keeps it in its graph (fp8_gemv; twin:
   spike_linear_fp8_torch in float64; spiking.FP8SpikeLinear picks it for up to INT8_GEMV_MAX_ROWS rows).
+- decode of one row (batch 1) with 8-bit weights: gemv_row, one launch a projection on the CUDA cores (int8 groups,
+  e4m3; vth, bias and the cast inside), taken by the three GEMVs above (twins: int8_gemv_torch,
+  spike_linear_fp8_torch).
 - context parallelism, prefill and training: one sequence split over the ranks of a torch.distributed group (packed
   documents may cross the slices; every rank runs the sinks), GLA states passed on in one all-gather per layer, the
   keys before each slice fetched (SWA: the window's; full attention: all), the gradients sent back through the
@@ -2328,7 +2331,8 @@ def spike_gemv_fits(x, k):
 
 
 def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
-    """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> in a compiled decode step gemv8_fused on the counts
+    """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> one row: gemv_row on the counts (gemv_row_fits);
+    else in a compiled decode step gemv8_fused on the counts
     (fused_gemv8), else spike_count_rows_torch (one compiled pass when eager on CUDA) and the gemv8 op on the hi and
     lo rows (fp16 or tf32); y = counts @ W.T * vth (+ bias) -> [..., N] in x's dtype."""
     if not k > 0:
