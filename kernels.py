@@ -2272,8 +2272,8 @@ def int8_gemv(x, qweight, scales, group_size, bias=None, splits=None):
         |y - y_float64| <= (BK + 2P + 2) 2^-24 (sum_k |x[m, k] qweight[n, k] scales[n, g(k)]| + |bias[n]|)
     before the cast to x's dtype (y_float64: int8_gemv_torch on the same operands; BK <= 128).
     Settings: INT8_GEMV_CONFIGS for the device's capability, else (or where they do not compile) INT8_GEMV_SAFE.
-    Traced into a compiled graph with GEMV8_COMPILED["int8"] "inductor": gemv8_fused instead (its own bound).
-    Twin: int8_gemv_torch.
+    Traced into a compiled graph with GEMV8_COMPILED["int8"] "inductor": gemv8_fused instead (its own bound). One
+    row (gemv_row_fits): gemv_row (its own bound). Twin: int8_gemv_torch.
     """
     _check_int8_gemv(x, qweight, scales, group_size, bias)
     if gemv_row_fits(*x.shape, qweight.shape[0], group_size, W_INT8, x.device):   # one row: one launch
@@ -2332,9 +2332,9 @@ def spike_gemv_fits(x, k):
 
 def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
     """w8aspike_gemv's and fp8_gemv's common path: x [..., K] -> one row: gemv_row on the counts (gemv_row_fits);
-    else in a compiled decode step gemv8_fused on the counts
-    (fused_gemv8), else spike_count_rows_torch (one compiled pass when eager on CUDA) and the gemv8 op on the hi and
-    lo rows (fp16 or tf32); y = counts @ W.T * vth (+ bias) -> [..., N] in x's dtype."""
+    else in a compiled decode step gemv8_fused on the counts (fused_gemv8), else spike_count_rows_torch (one compiled
+    pass when eager on CUDA) and the gemv8 op on the hi and lo rows (fp16 or tf32); y = counts @ W.T * vth (+ bias)
+    -> [..., N] in x's dtype."""
     if not k > 0:
         raise ValueError(f"spike k={k} must be > 0")
     x2 = x.reshape(-1, x.shape[-1])
@@ -2371,7 +2371,8 @@ def w8aspike_gemv(x, qweight, scales, group_size, k=3.0, bias=None, splits=None)
     weight is exact (tl.dot in fp16 where every count lies below 65504, K k: SPIKE_GEMV_HALF; else tf32 on CUDA,
     fp32 elsewhere). Only fp32 sums round: int8_gemv's bound for each
     of the two rows, then their sum and * vth (tested). Traced into a compiled graph with GEMV8_COMPILED["int8"]
-    "inductor": gemv8_fused on the counts, times vth. Twin: spike_linear_torch on spike_quant_torch's counts."""
+    "inductor": gemv8_fused on the counts, times vth. One row (gemv_row_fits): gemv_row on the counts, vth in it (its
+    own bound). Twin: spike_linear_torch on spike_quant_torch's counts."""
     _check_int8_gemv(x.reshape(-1, x.shape[-1]), qweight, scales, group_size, bias)
     return _spike_gemv(x, qweight, scales, group_size, k, bias, splits, fp8=False)
 
@@ -2433,7 +2434,8 @@ def fp8_gemv(x, bits, scale, k=3.0, bias=None, splits=None):
         |y - y64| <= (BK + 2P + 4) 2^-24 (sum_k |c w| vth scale + |bias|)
     with BK <= 128 the K tile and P the tiles of a row (int8_gemv's bound, plus the hi + lo sum and vth). Traced into
     a compiled graph with GEMV8_COMPILED["fp8"] "inductor" (the default): gemv8_fused on the rounded counts, times
-    vth (gemv8_fused's bound, plus vth's rounding). Twin: spike_linear_fp8_torch.
+    vth (gemv8_fused's bound, plus vth's rounding). One row (gemv_row_fits): gemv_row on the rounded counts (its own
+    bound). Twin: spike_linear_fp8_torch.
     """
     K, N = x.shape[-1], bits.shape[0]
     if bits.dtype == torch.float8_e4m3fn:
