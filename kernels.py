@@ -2055,10 +2055,10 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 
 # A decode step of one token multiplies one row by every weight matrix. tl.dot pads that row to 16 and splits small
 # matrices along K (partial sums added by a second kernel); here each program owns BN whole weight rows, streams
-# them once in tiles of BK, converts each byte in registers and multiplies it with the row on the CUDA cores (the
-# arithmetic is a few operations a byte, far below what the SMs do while the bytes arrive), then applies vth, the
-# bias and the cast itself: one launch a projection, the count or activation row read as it is (fp32 counts, bf16
-# activations), no copy. BN shrinks on a small matrix so that its programs still fill the GPU (no split along K: no
+# them once in tiles of BK, converts each byte in registers and multiplies it with the row on the CUDA cores (a few
+# operations a byte: e4m3 weights keep up with their reads; int8 ones with a scale per group of 128 less so, which is
+# why their tall shapes stay on tl.dot), then applies vth, the bias and the cast itself: one launch a projection,
+# the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a small matrix so that its programs still fill the GPU (no split along K: no
 # second pass). Settings per CUDA capability, weight kind ("int8", "e4m3", "float") and shape ("wide": N > K, the
 # MLP's gate and up; "tall": the rest), the best of `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a
 # missing entry, another device, and a setting that does not compile there (with_fallback) take GEMV_ROW_SAFE. More
@@ -2093,9 +2093,9 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
     bits decoded by integer operations), W_FLOAT (fp16/bf16, no scales); scales fp32 [N, G] in groups of GS (a tile
     of BK never crosses one; GROUPED: G > 1). ACC2D: the products summed into a [BN, BK] accumulator, one reduction
     at the end (one group: the scale after it; groups: each product times its group's scale first); else each tile
-    reduced, then scaled. MAGIC: int8 to fp32 by the bits of 2^23 + (q + 128), less 2^23 + 128 (integer and add instructions
-    instead of the slower conversion). Each product is rounded once in fp32 (twice where ACC2D scales it), then the
-    sums."""
+    reduced, then scaled. MAGIC: int8 to fp32 by the bits of 2^23 + (q + 128), less 2^23 + 128 (integer and add
+    instructions instead of the conversion's slower ones). Each product is rounded once in fp32 (twice where ACC2D
+    scales it), then the sums."""
     pid = tl.program_id(0)
     M = tl.num_programs(0) // tl.cdiv(N, BN)
     row, cols, o_k = pid % M, (pid // M) * BN + tl.arange(0, BN), tl.arange(0, BK)
@@ -2344,8 +2344,9 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
-    if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device):   # one row: the counts (fused into the
-        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)   # pass before
+    if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device):
+        # one row: the counts (compiled: fused into the pass that makes x), then one launch
+        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)
         return gemv_row(counts, w, scales, group_size, fmt, vth, bias, x.dtype).view(*x.shape[:-1], -1)
     if fused_gemv8("fp8" if fp8 else "int8"):
         y = gemv8_fused_spikes(x2, w, scales, group_size, k, fp8)
