@@ -352,12 +352,12 @@ def test_bad_inputs_raise_before_launch():
 
 def test_bench_profile_counts_every_gla_kernel():
     """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel,
-    except the decode attention kernel (softmax attention) and the spike GEMM and the 8-bit GEMV (matmuls: INT8
+    except the decode attention kernel (softmax attention) and the spike GEMM and the 8-bit GEMVs (matmuls: INT8
     or e4m3 weights)."""
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
     others = {"_decode_attention_kernel": "softmax attention", "_spike_gemm_kernel": "matmul",
-              "_gemv8_kernel": "matmul"}
+              "_gemv8_kernel": "matmul", "_gemv_row_kernel": "matmul"}
     kinds = {n: others.get(n, "GLA kernels") for n in names}
     assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
