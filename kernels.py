@@ -2115,13 +2115,11 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
         if FMT == 0 and MAGIC:
             wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
             wf = wf - 8388736.0
-        elif FMT == 0:
-            wf = wt.to(tl.float32)
         elif FMT == 1:
             wf = wt.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         elif FMT == 2:
             wf = _e4m3_bits_to_f32(wt)
-        else:
+        else:                                       # int8 by the conversion instruction, or float weights
             wf = wt.to(tl.float32)
         if ACC2D and GROUPED:
             acc2 += (wf * xt[None, :]) * tl.load(scales + rn * G + lo // GS)[:, None]

@@ -1211,13 +1211,7 @@ def test_one_row_takes_gemv_row(kind, monkeypatch):
         y = f(x)
     assert len(rows) == 1 and not ops
     close(y, x)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    torch._dynamo.reset()
-    step = torch.compile(f, fullgraph=True, backend=backend)
+    step, graphs = fullgraph(f)
     with torch.no_grad():
         assert torch.equal(step(x), y)
     g = str(graphs[0].graph)
