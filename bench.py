@@ -927,7 +927,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
-                 row_configs: dict | None = None, device: str = "cuda", tiny: bool = False) -> None:
+                 row_configs: dict | None = None, split_bias: bool = True, device: str = "cuda",
+                 tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -969,12 +970,15 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         row_configs: settings of kernels.gemv_row for this device in place of GEMV_ROW_CONFIGS' entries, keyed
             "<int8|e4m3|float> <wide|tall>", e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
             "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
+        split_bias: with compile, a bf16 projection with a bias at batch 1 as a bias-free GEMV + the bias
+            (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
     check_quant(quant)
     kernels.SPIKE_GEMV_HALF = gemv_half
     kernels.GEMV_ROW_MAX_ROWS = 1 if gemv_row else 0
+    kernels.GEMV_SPLIT_BIAS = split_bias
     if gemv8:
         kernels.GEMV8_COMPILED = dict.fromkeys(kernels.GEMV8_COMPILED, gemv8)
     if tiny:
@@ -987,7 +991,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             tuple(key.split()): cfg and dict(cfg) for key, cfg in row_configs.items()}}}
     row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
-           f"{', inputs realized' if realize_inputs else ''})" if compile else compile,
+           f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'})"
+           if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"

@@ -762,6 +762,20 @@ ATTN_IMPL = "auto"   # "auto": on CUDA flex_attention past 128 queries and decod
                      # query and the reference otherwise, on CPU under TRITON_INTERPRET=1: tests)
 
 
+GEMV_SPLIT_BIAS = True   # a compiled batch-1 projection with a bias as a bias-free GEMV + the bias (use_split_bias);
+                         # False: F.linear with the bias (the other half of an A/B: bench.py decode --split_bias)
+
+
+def use_split_bias(x, bias):
+    """F.linear(x, w) + bias in place of F.linear(x, w, bias), for x of one row in a compiled CUDA step without
+    gradients (a decode step)? Under coordinate-descent tuning inductor writes a one-row matmul as its own tuned
+    reduction, which reads the weights near the bandwidth, but it leaves a matmul with a bias (addmm) to cuBLAS,
+    whose split-K GEMV with its separate reduce kernel is slow for the small q/k/v projections; the bias then
+    fuses into the reduction's store."""
+    return (GEMV_SPLIT_BIAS and bias is not None and x.is_cuda and torch.compiler.is_compiling()
+            and not torch.is_grad_enabled() and x.numel() == x.shape[-1])
+
+
 def on_gpu(q):
     """"auto" takes a kernel for q on CUDA at the head dims the kernels compile (HEAD_DIMS); a model of other head
     dims (a tiny test model) runs model.py's reference instead of stopping."""
@@ -1351,15 +1365,23 @@ def compile_blocks(model):
         block.compile()
 
 
+DECODE_INDUCTOR = {"combo_kernels": True}   # inductor's options for a CUDA decode step beyond compile_decode's own
+
+
 def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
     BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results.
+    DECODE_INDUCTOR's combo kernels put independent small kernels of a step (gates, norms, cache writes, the spike
+    counts of the projections that share an input) into one launch each: a batch-1 step is mostly such launches
+    beside its GEMVs. An option this torch does not have is left out, not an error.
     options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor."""
     if device.type != "cuda":
         return torch.compile(fn)
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
+    import torch._inductor.config as inductor_config
+    known = {k: v for k, v in DECODE_INDUCTOR.items() if hasattr(inductor_config, k)}
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **known,
                                       **(options or {})})
 
 
