@@ -1365,23 +1365,15 @@ def compile_blocks(model):
         block.compile()
 
 
-DECODE_INDUCTOR = {"combo_kernels": True}   # inductor's options for a CUDA decode step beyond compile_decode's own
-
-
 def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
     BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results.
-    DECODE_INDUCTOR's combo kernels put independent small kernels of a step (gates, norms, cache writes, the spike
-    counts of the projections that share an input) into one launch each: a batch-1 step is mostly such launches
-    beside its GEMVs. An option this torch does not have is left out, not an error.
     options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor."""
     if device.type != "cuda":
         return torch.compile(fn)
-    import torch._inductor.config as inductor_config
-    known = {k: v for k, v in DECODE_INDUCTOR.items() if hasattr(inductor_config, k)}
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **known,
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
                                       **(options or {})})
 
 

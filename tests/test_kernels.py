@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import triton
 
 import kernels
+import model
 import spiking
 from model import gla_recurrent
 from model import spike_quant as spike_quant_ref
@@ -1507,6 +1508,37 @@ def test_gpu_8bit_gemvs_compiled_7b_shape(quant, monkeypatch):
     with torch.no_grad():
         y = [step(x) for _ in range(3)][-1]
     assert fused_bound_ok(y, *twin, 3584)
+
+
+def test_split_bias_projection_equals_float64(monkeypatch):
+    """model.Linear's split-bias branch (a compiled batch-1 CUDA step: the bias-free GEMV, then the bias) gives
+    x W^T + b of float64 as the fused F.linear does; use_split_bias takes neither an eager call, nor two rows, nor a
+    projection without a bias, nor a CPU tensor in a compiled step."""
+    torch.manual_seed(0)
+    lin = model.Linear(40, 24, bias=True)
+    x = torch.randn(1, 1, 40)
+    ref = x.double() @ lin.weight.double().T + lin.bias.double()
+    fused = lin(x)
+    calls = []
+    monkeypatch.setattr(kernels, "use_split_bias", lambda x, b: calls.append(x.shape) or b is not None)
+    split = lin(x)
+    assert calls == [(1, 1, 40)]
+    for y in (fused, split):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert not kernels.use_split_bias(x, lin.bias)                                   # eager
+        traced, graphs = fullgraph(lambda x: x + kernels.use_split_bias(x, lin.bias))   # compiled, on a CPU
+        assert torch.equal(traced(x), x) and graphs
+    assert not kernels.use_split_bias(x, None) and not kernels.use_split_bias(torch.randn(2, 40), lin.bias)
+
+
+def test_bench_decode_split_bias_flag(monkeypatch, capsys):
+    """bench.py decode --split_bias false sets kernels.GEMV_SPLIT_BIAS for its run (the other half of the A/B)."""
+    import bench
+    monkeypatch.setattr(kernels, "GEMV_SPLIT_BIAS", True)
+    bench.bench_decode(tiny=True, split_bias=False)
+    assert kernels.GEMV_SPLIT_BIAS is False and "tok/s" in capsys.readouterr().out
 
 
 CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the gemv8 kernel without tl.dot
