@@ -1632,10 +1632,11 @@ def fp8_fits(K, N):
     return K % 16 == 0 and N % 16 == 0
 
 
-def e4m3_counts(counts):
+def e4m3_counts(counts, top=None):
     """The counts FP8 layers multiply, float32: rounded to e4m3 (exact up to +-16), but a row holding a count past
-    FP8_MAX keeps its exact counts (spiking.fp8_counts' rule, which spiking.py keeps for use without this file)."""
-    wide = counts.abs().amax(-1, keepdim=True) > FP8_MAX
+    FP8_MAX keeps its exact counts (spiking.fp8_counts' rule, which spiking.py keeps for use without this file).
+    top: each row's largest |count| [..., 1] where the caller has it (gemv_counts_torch), else read from counts."""
+    wide = (counts.abs().amax(-1, keepdim=True) if top is None else top) > FP8_MAX
     return torch.where(wide, counts, counts.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float())
 
 
@@ -2311,7 +2312,12 @@ def int8_gemv_torch(x, qweight, scales, group_size, bias=None):
 def gemv_counts_torch(x, k=3.0, fp8=False):
     """The spike counts of x [M, K] as the 8-bit GEMVs multiply them, fp32 (fp8: e4m3_counts' rounding), and vth."""
     counts, vth = spike_quant_torch(x, k)
-    return (e4m3_counts(counts) if fp8 else counts), vth
+    if not fp8:
+        return counts, vth
+    # a row's largest |count| is round(max|x| / vth): dividing by vth and rounding (ties to even, symmetric) keep the
+    # order of |x|, so max|x| is read in the pass over x that sums |x| for vth, not in one more pass over the counts
+    top = torch.round(x.float().abs().amax(-1, keepdim=True) / vth)
+    return e4m3_counts(counts, top), vth
 
 
 def gemv8_fused_spikes(x, w, scales, group_size, k, fp8):

@@ -1541,6 +1541,26 @@ def test_bench_decode_split_bias_flag(monkeypatch, capsys):
     assert kernels.GEMV_SPLIT_BIAS is False and "tok/s" in capsys.readouterr().out
 
 
+def test_gemv_counts_flag_wide_rows_as_spiking_fp8_counts():
+    """gemv_counts_torch (the one-row GEMV's counts) finds a row's largest count from its largest |x|: the same rows
+    keep exact counts as spiking.fp8_counts finds from the counts themselves, for rows whose largest count lies
+    around 448 (e4m3's largest) and its rounding ties."""
+    t = torch.linspace(446.5, 450.5, 801, dtype=torch.float64)   # the outlier's count before rounding
+    x = torch.ones(len(t), 64)
+    x[:, 5] = (63 * t / (1024 - t)).float()                        # k = 16: vth = mean|x| / 16, count = x / vth
+    # rows at ties, vth exactly 1 (k = 16, mean|x| = 16): 448.5 rounds to 448 (not wide: 17 -> 16), 449.5 to 450
+    tie = torch.full((2, 64), 9.0)
+    tie[:, :3] = torch.tensor([[448.5, 17.0, 9.5], [449.5, 17.0, 8.5]])
+    x = torch.cat([x, tie])
+    x[::2] *= -1
+    counts, vth = kernels.gemv_counts_torch(x, 16.0, fp8=True)
+    ref_counts, ref_vth = spiking.spike_quant(x, 16.0)
+    ref = spiking.fp8_counts(ref_counts)
+    wide = ref_counts.abs().amax(-1) > 448
+    assert torch.equal(vth, ref_vth) and torch.equal(counts, ref) and 0 < wide.sum() < len(x)
+    assert ref[-2:, :3].abs().tolist() == [[448, 16, 10], [450, 17, 8]] and vth[-2:].flatten().tolist() == [1, 1]
+
+
 CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the gemv8 kernel without tl.dot
 
 
