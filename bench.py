@@ -927,8 +927,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
-                 row_configs: dict | None = None, split_bias: bool = True, device: str = "cuda",
-                 tiny: bool = False) -> None:
+                 row_configs: dict | None = None, split_bias: bool = True, cse: bool = False,
+                 device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -972,6 +972,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
         split_bias: with compile, a bf16 projection with a bias at batch 1 as a bias-free GEMV + the bias
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
+        cse: with compile, the step's common subexpressions merged (kernels.decode_cse: one spike-count pass per
+            input that several projections read); false: as inductor compiles it (the other half of an A/B).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -991,7 +993,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             tuple(key.split()): cfg and dict(cfg) for key, cfg in row_configs.items()}}}
     row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
-           f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'})"
+           f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
+           f"{', common subexpressions merged' if cse else ''})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
@@ -1015,7 +1018,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 for mod in m.modules():
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
-            step = kernels.compile_decode(m.forward, torch.device(device), gemv, inductor)
+            opts = {**(inductor or {}), **({"post_grad_custom_pre_pass": kernels.decode_cse()} if cse else {})}
+            step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:
             for ctx in contexts:

@@ -1370,11 +1370,34 @@ def compile_decode(fn, device, gemv=True, options=None):
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
     BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results.
-    options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor."""
+    options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor (on a
+    CPU the only ones)."""
     if device.type != "cuda":
-        return torch.compile(fn)
+        return torch.compile(fn, options=options) if options else torch.compile(fn)
     return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
                                       **(options or {})})
+
+
+def decode_cse():
+    """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}) that merges
+    common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on training
+    graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first factor;
+    gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction each.
+    Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they are."""
+    from torch._functorch.compile_utils import fx_graph_cse
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class DecodeCSE(CustomGraphPass):
+        def __call__(self, graph):
+            new = fx_graph_cse(graph)
+            if len(new.nodes) < len(graph.nodes):   # inductor holds this graph object: refill it in place
+                for node in reversed(list(graph.nodes)):
+                    graph.erase_node(node)
+                graph.output(graph.graph_copy(new, {}))
+
+        def uuid(self):   # inductor's cache key for the pass
+            return "spikingbrain.decode_cse.1"
+    return DecodeCSE()
 
 
 def checkpoint_blocks(model, n=None):

@@ -327,3 +327,42 @@ def test_gemv_times_every_route_of_every_projection(capsys):
     assert len(re.findall(r"^ *\S+ +\d+ +\d+ +bf16 ", out, re.M)) == len(shapes)
     with pytest.raises(ValueError, match="rows=9"):
         bench.bench_gemv(tiny=True, rows=9)
+
+
+def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch):
+    """bench.py decode --cse (kernels.decode_cse in the compiled step): a spiking FP8 step of one GLA and one SWA
+    layer rounds spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
+    first factor, the gate's rank-r hidden, o's input, the MLP input for gate and up, down's input; SWA: the same
+    without the gate's two) instead of once per projection (9 + 7), and its logits over three greedy steps after a
+    prefill equal the eager model's."""
+    from torch._functorch import compile_utils
+    from generate import prefill
+
+    real, rounds = compile_utils.fx_graph_cse, []
+
+    def counted(graph):
+        new = real(graph)
+        n = [sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target)) for g in (graph, new)]
+        rounds.append(tuple(n))
+        return new
+    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    torch.manual_seed(0)
+    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).eval(), "fp8")
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+
+    def logits(step):
+        cache, out, tok = m.new_cache(1, 64), [], ids[:, -1:]
+        with torch.no_grad():
+            prefill(m, cache, ids, 16)
+            for _ in range(3):
+                lg = step(tok, cache=cache, input_pos=torch.full((1, 1), cache.seen), last_only=True)[0][:, -1]
+                cache.seen += 1
+                out.append(lg)
+                tok = lg.argmax(-1, keepdim=True)
+        return torch.stack(out)
+    ref = logits(m.forward)
+    torch._dynamo.reset()
+    step = kernels.compile_decode(m.forward, torch.device("cpu"),
+                                  options={"post_grad_custom_pre_pass": kernels.decode_cse()})
+    torch.testing.assert_close(logits(step), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert rounds and set(rounds) == {(16, 9)}, rounds
