@@ -329,12 +329,16 @@ def test_gemv_times_every_route_of_every_projection(capsys):
         bench.bench_gemv(tiny=True, rows=9)
 
 
-def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
     """bench.py decode --cse (kernels.decode_cse in the compiled step): a spiking FP8 step of one GLA and one SWA
-    layer rounds spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
+    layer makes spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
     first factor, the gate's rank-r hidden, o's input, the MLP input for gate and up, down's input; SWA: the same
-    without the gate's two) instead of once per projection (9 + 7), and its logits over three greedy steps after a
-    prefill equal the eager model's."""
+    without the gate's two), 9 count passes instead of one per projection (16), and its logits over three decode
+    steps after a prefill (the same tokens fed to both) equal the eager model's: to float32 rounding on a CPU (both
+    run FP8SpikeLinear's float reference); on CUDA (the one-row kernel) within a few counts' change, as compiled
+    and eager norms may round a count differently."""
     from torch._functorch import compile_utils
     from generate import prefill
 
@@ -347,22 +351,23 @@ def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch):
         return new
     monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
     torch.manual_seed(0)
-    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).eval(), "fp8")
-    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).to(device).eval(), "fp8")
+    ids = torch.randint(0, 512, (1, 23), generator=torch.Generator().manual_seed(0)).to(device)
 
     def logits(step):
-        cache, out, tok = m.new_cache(1, 64), [], ids[:, -1:]
+        cache, out = m.new_cache(1, 64), []
         with torch.no_grad():
-            prefill(m, cache, ids, 16)
-            for _ in range(3):
-                lg = step(tok, cache=cache, input_pos=torch.full((1, 1), cache.seen), last_only=True)[0][:, -1]
+            prefill(m, cache, ids[:, :20], 16)
+            for i in range(20, 23):
+                torch.compiler.cudagraph_mark_step_begin()
+                pos = torch.full((1, 1), cache.seen, device=device)
+                out.append(step(ids[:, i:i + 1], cache=cache, input_pos=pos, last_only=True)[0][:, -1])
                 cache.seen += 1
-                out.append(lg)
-                tok = lg.argmax(-1, keepdim=True)
         return torch.stack(out)
     ref = logits(m.forward)
     torch._dynamo.reset()
-    step = kernels.compile_decode(m.forward, torch.device("cpu"),
+    step = kernels.compile_decode(m.forward, torch.device(device),
                                   options={"post_grad_custom_pre_pass": kernels.decode_cse()})
-    torch.testing.assert_close(logits(step), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    assert rounds and set(rounds) == {(16, 9)}, rounds
+    tol = 1e-5 if device == "cpu" else 2e-2
+    torch.testing.assert_close(logits(step), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert rounds and all(after * 16 == before * 9 for before, after in rounds), rounds
