@@ -402,11 +402,14 @@ def test_compiled_generation_equals_eager(name, quant, tok_dir, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-moe"])
-def test_gpu_compiled_generation_equals_eager(name, tok_dir):
+@pytest.mark.parametrize("name,split_bias", [("tiny", True), ("tiny-qwen", True), ("tiny-moe", True),
+                                             ("tiny-moe", False)])
+def test_gpu_compiled_generation_equals_eager(name, split_bias, tok_dir, monkeypatch):
     """On CUDA, float32: compiled blocks (flex prefill past 128 tokens, Triton GLA) and the decode step compiled
     with CUDA graphs and tuned matrix-vector reductions (generate.compile_decode) give the eager greedy tokens,
-    over two turns (the second extends the cache the first left)."""
+    over two turns (the second extends the cache the first left); with q, k and v's bias after their GEMV
+    (kernels.use_split_bias) and, for one model, inside cuBLAS's addmm."""
+    monkeypatch.setattr(kernels, "GEMV_SPLIT_BIAS", split_bias)
     m, tok = tiny(name).float().cuda(), tokenizer.Tokenizer(tok_dir)
     turns = [list(bytes(range(32, 232))), list(b"and then")]                 # 200 tokens, then 8 more
     ref = greedy(m, tok, max_new_tokens=10)
