@@ -928,7 +928,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = False,
-                 device: str = "cuda", tiny: bool = False) -> None:
+                 group_rows: bool = False, device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -974,6 +974,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
         cse: with compile, the step's common subexpressions merged (kernels.decode_cse: one spike-count pass per
             input that several projections read); false: as inductor compiles it (the other half of an A/B).
+        group_rows: with compile, cse and then the one-row 8-bit GEMVs of one input in one launch each
+            (kernels.group_row_products: q, k, v; gate, up).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -994,7 +996,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
            f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
-           f"{', common subexpressions merged' if cse else ''})"
+           f"{', common subexpressions merged' if cse or group_rows else ''}"
+           f"{', one-row GEMVs of one input grouped' if group_rows else ''})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
@@ -1018,7 +1021,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 for mod in m.modules():
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
-            opts = {**(inductor or {}), **({"post_grad_custom_pre_pass": kernels.decode_cse()} if cse else {})}
+            opts = {**(inductor or {}), **({"post_grad_custom_pre_pass": kernels.decode_cse(group_rows)}
+                                           if cse or group_rows else {})}
             step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:
@@ -1177,7 +1181,7 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
                     wq, st = pick(copies)
                     if cfg is None:
                         return kernels.gemv_row(a, wq, st, gs, fmt, v, None, dt)
-                    return kernels._gemv_row(a, wq, st, v, None, a.new_empty(1, N, dtype=dt), gs, fmt, cfg)
+                    return kernels._gemv_row(a, [wq], [st], v, [None], [a.new_empty(1, N, dtype=dt)], gs, fmt, cfg)
                 name = "(as set)" if cfg is None else ", ".join(f"{key}={val}" for key, val in cfg.items())
                 routes[f"{r} {tag} {name}"] = (r, run, nbytes)
         best = {}

@@ -1378,12 +1378,14 @@ def compile_decode(fn, device, gemv=True, options=None):
                                       **(options or {})})
 
 
-def decode_cse():
+def decode_cse(group=False):
     """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}) that merges
     common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on training
     graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first factor;
     gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction each.
-    Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they are."""
+    Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they are.
+    group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
+    weights each (group_row_products)."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -1394,10 +1396,63 @@ def decode_cse():
                 for node in reversed(list(graph.nodes)):
                     graph.erase_node(node)
                 graph.output(graph.graph_copy(new, {}))
+            if group:
+                group_row_products(graph)
 
         def uuid(self):   # inductor's cache key for the pass
-            return "spikingbrain.decode_cse.1"
+            return f"spikingbrain.decode_cse.2.{group}"
     return DecodeCSE()
+
+
+def group_row_products(graph):
+    """gemv_row calls of an FX graph that share their input row and vth, weight format, group size, output dtype,
+    GEMV_ROW_CONFIGS shape and whether they have scales and a bias, replaced by gemv_rows calls of up to 4 weights
+    (one launch where there were several), placed at the group's first call: a weight's, scale's or bias's pure
+    producer made later (a view) moves before it; a group whose operands cannot stays as it is. Returns the number
+    of gemv_rows calls made."""
+    import operator
+
+    one, rows = torch.ops.spikingbrain.gemv_row.default, torch.ops.spikingbrain.gemv_rows.default
+    names = [a.name for a in one._schema.arguments]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is one:
+            a = {**dict(zip(names, node.args)), **node.kwargs}
+            w = a["w"].meta["val"]
+            key = (a["x"], a["vth"], a["group_size"], a["fmt"], a["out_dtype"], w.dtype, a["scales"] is None,
+                   a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0]))
+            groups.setdefault(key, []).append((node, a))
+    def before(n, first, depth=3):   # n defined before first, or a pure op of such nodes moved there
+        if order[n] < order[first]:
+            return True
+        if (depth == 0 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload)
+                or n.target._schema.is_mutable or not all(before(i, first, depth - 1) for i in n.all_input_nodes)):
+            return False
+        first.prepend(n)   # a view of a weight's scales, made beside each call
+        order[n] = order[first] - 0.5
+        return True
+
+    made = 0
+    for members in groups.values():
+        for part in (members[i:i + 4] for i in range(0, len(members), 4)):
+            first = part[0][0]
+            inputs = [n for _, a in part for n in (a["w"], a["scales"], a["bias"]) if isinstance(n, torch.fx.Node)]
+            if len(part) < 2 or not all(before(n, first) for n in inputs):
+                continue
+            a0 = part[0][1]
+            with graph.inserting_before(first):
+                both = graph.call_function(rows, (a0["x"], [a["w"] for _, a in part], [a["scales"] for _, a in part],
+                                                  a0["group_size"], a0["fmt"], a0["vth"],
+                                                  [a["bias"] for _, a in part], a0["out_dtype"]))
+                both.meta["val"] = [node.meta["val"] for node, _ in part]
+                items = [graph.call_function(operator.getitem, (both, i)) for i in range(len(part))]
+            for item, (node, _) in zip(items, part):   # after the insertions: they are placed before the first
+                item.meta["val"] = node.meta["val"]
+                node.replace_all_uses_with(item)
+                graph.erase_node(node)
+            made += 1
+    return made
 
 
 def checkpoint_blocks(model, n=None):
@@ -2124,9 +2179,45 @@ def _e4m3_bits_to_f32(b):
 def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
                      MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out[m, cols] = (sum_g scales[cols, g] sum_{k in g} x[m, k] w[cols, k]) * vth[m] + bias[cols], cast to out's
-    dtype; program (pid // M) owns BN output channels, row m = pid % M (a second row of the same channels runs
-    beside the first, so its weight tile comes from L2). x [M, K] any float dtype, taken to fp32; w [N, K] in
+    """x [M, K] times one weight w [N, K] (_gemv_row_block's formula): program (pid // M) owns BN output channels,
+    row m = pid % M (a second row of the same channels runs beside the first, so its weight tile comes from L2)."""
+    pid = tl.program_id(0)
+    M = tl.num_programs(0) // tl.cdiv(N, BN)
+    _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, pid % M, pid // M, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
+                    GROUPED, HAS_VTH, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2, o2, N2, w3, s3, b3, o3, N3, K, G,
+                      GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr,
+                      ACC2D: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+    """x [M, K] times up to four weights wi [Ni, K] (unused ones: Ni = 0) in one launch: matrix i's blocks of BN
+    channels follow matrix i-1's; each block as _gemv_row_kernel's."""
+    pid = tl.program_id(0)
+    n0, n1, n2 = tl.cdiv(N0, BN), tl.cdiv(N1, BN), tl.cdiv(N2, BN)
+    M = tl.num_programs(0) // (n0 + n1 + n2 + tl.cdiv(N3, BN))
+    row, cb = pid % M, pid // M
+    if cb < n0:
+        _gemv_row_block(x, w0, s0, vth, b0, o0, N0, K, G, row, cb, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED,
+                        HAS_VTH, HAS_BIAS)
+    elif cb < n0 + n1:
+        _gemv_row_block(x, w1, s1, vth, b1, o1, N1, K, G, row, cb - n0, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
+                        GROUPED, HAS_VTH, HAS_BIAS)
+    elif cb < n0 + n1 + n2:
+        _gemv_row_block(x, w2, s2, vth, b2, o2, N2, K, G, row, cb - n0 - n1, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
+                        GROUPED, HAS_VTH, HAS_BIAS)
+    else:
+        _gemv_row_block(x, w3, s3, vth, b3, o3, N3, K, G, row, cb - n0 - n1 - n2, GS, BN, BK, FMT, EVEN_K, ACC2D,
+                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, row, cb, GS: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
+                    MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[row, cols] = (sum_g scales[cols, g] sum_{k in g} x[row, k] w[cols, k]) * vth[row] + bias[cols], cast to
+    out's dtype, for the BN output channels of block cb. x [M, K] any float dtype, taken to fp32; w [N, K] in
     format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
     bits decoded by integer operations), W_FLOAT (fp16/bf16, no scales); scales fp32 [N, G] in groups of GS (a tile
     of BK never crosses one; GROUPED: G > 1). ACC2D: the products summed into a [BN, BK] accumulator, one reduction
@@ -2134,9 +2225,7 @@ def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN
     reduced, then scaled. MAGIC: int8 to fp32 by the bits of 2^23 + (q + 128), less 2^23 + 128 (integer and add
     instructions instead of the conversion's slower ones). Each product is rounded once in fp32 (twice where ACC2D
     scales it), then the sums."""
-    pid = tl.program_id(0)
-    M = tl.num_programs(0) // tl.cdiv(N, BN)
-    row, cols, o_k = pid % M, (pid // M) * BN + tl.arange(0, BN), tl.arange(0, BK)
+    cols, o_k = cb * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                   # channels past N wrap around: no masks; not stored
     pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
     px = x + row * K + o_k
@@ -2192,23 +2281,50 @@ def gemv_row_fits(M, K, N, group_size, fmt, device):
             and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N), GEMV_ROW_SAFE) is not None)
 
 
-def _gemv_row(x, w, st, vth, bias, out, group_size, fmt, cfg):
-    """Launch _gemv_row_kernel with cfg's settings (BN: at most, halved until the matrix gives every SM two
-    programs; BK: at most, within a group; num_warps, num_stages; ACC2D, default True; MAGIC, default True)."""
-    (M, K), N = x.shape, w.shape[0]
+def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg):
+    """Launch _gemv_row_kernel for one weight, _gemv_rows_kernel for 2-4 (lists ws, sts, biases, outs) with cfg's
+    settings (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
+    num_warps, num_stages; ACC2D, default True; MAGIC, default True)."""
+    (M, K), Ns = x.shape, [w.shape[0] for w in ws]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     BN = cfg["BN"]
-    while BN > 2 and triton.cdiv(N, BN) * M < 2 * sms:
+    while BN > 2 and sum(triton.cdiv(N, BN) for N in Ns) * M < 2 * sms:
         BN //= 2
     gs = min(group_size, K)
     one = fmt == W_FLOAT or gs == K
     BK = min(cfg["BK"], triton.next_power_of_2(K)) if one else _int8_gemv_tile_k(K, gs, cfg["BK"])
-    _gemv_row_kernel[(triton.cdiv(N, BN) * M,)](
-        x, w, st, vth, bias, out, N, K, 1 if st is None else st.shape[1], GS=gs, BN=BN, BK=BK, FMT=fmt,
-        EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True), MAGIC=cfg.get("MAGIC", True),
-        GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
-        HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
+    st = sts[0]
+    meta = dict(GS=gs, BN=BN, BK=BK, FMT=fmt, EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True),
+                MAGIC=cfg.get("MAGIC", True), GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
+                HAS_BIAS=biases[0] is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (sum(triton.cdiv(N, BN) for N in Ns) * M,)
+    G = 1 if st is None else st.shape[1]
+    if len(ws) == 1:
+        _gemv_row_kernel[grid](x, ws[0], st, vth, biases[0], outs[0], Ns[0], K, G, **meta)
+    else:   # unused places repeat the last matrix with no channels
+        last = len(ws) - 1
+        segs = [a for i in range(4) for a in (ws[min(i, last)], sts[min(i, last)], biases[min(i, last)],
+                                              outs[min(i, last)], Ns[i] if i <= last else 0)]
+        _gemv_rows_kernel[grid](x, vth, *segs, K, G, **meta)
+    return outs
+
+
+def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
+    """gemv_row's and gemv_rows' work: x [M, K] times each weight of ws in one launch -> [out_dtype [M, N_i]]."""
+    (M, K), dev = x.shape, x.device
+    outs = [x.new_empty(M, w.shape[0], dtype=out_dtype) for w in ws]
+    if M == 0 or any(w.shape[0] == 0 for w in ws):
+        return outs
+    sts = [None if s is None else s.float().contiguous() for s in scales]
+    bs = [None if b is None else b.contiguous() for b in biases]
+    v = None if vth is None else vth.float().contiguous()
+    key = _row_key(fmt, K, ws[0].shape[0])
+    opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type, {})
+    os_ = outs if dev.type == "cuda" else [o.float() for o in outs]   # the interpreter truncates 16-bit stores
+    os_ = with_fallback(lambda cfg: _gemv_row(x.contiguous(), [w.contiguous() for w in ws], sts, v, bs, os_,
+                                              group_size, fmt, cfg or GEMV_ROW_SAFE), opts.get(key),
+                        ("gemv_row", str(dev), fmt, *key), "gemv_row")
+    return outs if os_ is outs else [o.to(out_dtype) for o in os_]
 
 
 @torch.library.custom_op("spikingbrain::gemv_row", mutates_args=())
@@ -2224,26 +2340,36 @@ def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], g
     tile's BK products, its scale, the P tiles of a row, vth and the bias, so before the cast
         |y - y64| <= (BK + P + 5) 2^-24 (sum_k |x[m, k] w[n, k] s[n, g(k)]| |vth[m]| + |bias[n]|)
     with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two."""
-    (M, K), N = x.shape, w.shape[0]
-    out = x.new_empty(M, N, dtype=out_dtype)
-    if M == 0 or N == 0:
-        return out
-    dev = x.device
-    st = None if scales is None else scales.float().contiguous()
-    b = None if bias is None else bias.contiguous()
-    v = None if vth is None else vth.float().contiguous()
-    key = _row_key(fmt, K, N)
-    opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type, {})
-    o = out if dev.type == "cuda" else out.float()   # the interpreter truncates a store to 16 bits; CUDA rounds
-    o = with_fallback(lambda cfg: _gemv_row(x.contiguous(), w.contiguous(), st, v, b, o, group_size, fmt,
-                                            cfg or GEMV_ROW_SAFE), opts.get(key), ("gemv_row", str(dev), fmt, *key),
-                      "gemv_row")
-    return o if o is out else o.to(out_dtype)
+    return _row_products(x, [w], [scales], group_size, fmt, vth, [bias], out_dtype)[0]
 
 
 @gemv_row.register_fake
 def _(x, w, scales, group_size, fmt, vth, bias, out_dtype):
     return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("spikingbrain::gemv_rows", mutates_args=())
+def gemv_rows(x: torch.Tensor, ws: list[torch.Tensor], scales: list[Optional[torch.Tensor]], group_size: int,
+              fmt: int, vth: Optional[torch.Tensor], biases: list[Optional[torch.Tensor]],
+              out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """gemv_row of the same rows x with 2-4 weights [N_i, K] in one launch (_gemv_rows_kernel): [y_i], each as
+    gemv_row(x, ws[i], scales[i], group_size, fmt, vth, biases[i], out_dtype) with its bound. The weights share
+    their format, group size and GEMV_ROW_CONFIGS' shape ("wide" or "tall"); the biases are all given or all None.
+    decode_cse(group=True) puts a compiled step's projections of one input together here (q, k, v; gate, up)."""
+    if not 2 <= len(ws) <= 4 or len(scales) != len(ws) or len(biases) != len(ws):
+        raise ValueError(f"gemv_rows takes 2-4 weights with a scale and a bias (or None) each; got {len(ws)} "
+                         f"weights, {len(scales)} scales, {len(biases)} biases")
+    if len({w.shape[1] for w in ws} | {x.shape[1]}) != 1 or len({_row_key(fmt, *w.shape[::-1]) for w in ws}) != 1:
+        raise ValueError(f"gemv_rows: the weights {[tuple(w.shape) for w in ws]} must share x's K = {x.shape[1]} "
+                         f"and one GEMV_ROW_CONFIGS shape (all N > K or all N <= K)")
+    if len({b is None for b in biases}) != 1:
+        raise ValueError("gemv_rows: give every weight a bias or none")
+    return _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype)
+
+
+@gemv_rows.register_fake
+def _(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
+    return [x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype) for w in ws]
 
 
 # The 8-bit GEMVs traced into a compiled decode step (kernels.compile_decode), per weight format: "inductor" writes

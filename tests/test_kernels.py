@@ -358,7 +358,7 @@ def test_bench_profile_counts_every_gla_kernel():
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
     others = {"_decode_attention_kernel": "softmax attention", "_spike_gemm_kernel": "matmul",
-              "_gemv8_kernel": "matmul", "_gemv_row_kernel": "matmul"}
+              "_gemv8_kernel": "matmul", "_gemv_row_kernel": "matmul", "_gemv_rows_kernel": "matmul"}
     kinds = {n: others.get(n, "GLA kernels") for n in names}
     assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
@@ -1171,6 +1171,115 @@ def test_gemv_row_matches_float64(cfg, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_gemv_rows_matches_float64_and_gemv_row(n):
+    """gemv_rows (one launch for 2-4 weights of one input): each output within gemv_row's bound of float64 and equal
+    to gemv_row's on the same weight, for int8 groups with vth and biases (one row and three) and e4m3 weights of
+    different heights without biases; mismatched weights are refused with the reason."""
+    gen = torch.Generator().manual_seed(11)
+    for M in (1, 3):
+        x = torch.randn(M, 384, generator=gen).to(DEV)
+        v = (torch.rand(M, 1, generator=gen) + 0.5).to(DEV)
+        ops = [gemv_operands(M, 384, N, 128, seed=10 * M + N)[1:] for N in (40, 24, 8, 56)[:n]]
+        fp8 = [spiking.quantize_weight_fp8(torch.randn(N, 300, generator=gen)) for N in (24, 72, 16, 8)[:n]]
+        x3 = torch.randn(M, 300, generator=gen).to(DEV)
+        cases = [(x, [q for q, _, _ in ops], [sc for _, sc, _ in ops], 128, kernels.W_INT8, v, [b for *_, b in ops]),
+                 (x3, [w.view(torch.uint8).to(DEV) for w, _ in fp8], [s.view(-1, 1).to(DEV) for _, s in fp8], 300,
+                  kernels.W_E4M3, None, [None] * n)]
+        for x_, ws, scs, gs, fmt, vth, bs in cases:
+            ys = kernels.gemv_rows(x_, ws, scs, gs, fmt, vth, bs, torch.float32)
+            assert len(ys) == n
+            for y, w, sc, b in zip(ys, ws, scs, bs):
+                want, bound = row_twin(x_, w, sc, gs, fmt, vth, b)
+                assert ((y.double() - want).abs() <= bound).all(), fmt
+                assert torch.equal(y, kernels.gemv_row(x_, w, sc, gs, fmt, vth, b, torch.float32))
+    q, sc, b = gemv_operands(1, 384, 40, 128, seed=1)[1:]
+    with pytest.raises(ValueError, match="share x's K"):
+        kernels.gemv_rows(x[:1], [q, q[:, :256]], [sc, sc[:, :2]], 128, kernels.W_INT8, None, [b, b], torch.float32)
+    with pytest.raises(ValueError, match="a bias or none"):
+        kernels.gemv_rows(x[:1], [q, q], [sc, sc], 128, kernels.W_INT8, None, [b, None], torch.float32)
+
+
+def fp8_decode_logits(device):
+    """A spiking FP8 model of one GLA and one SWA layer (bench.py decode --quant fp8's tiny twin) and logits(step):
+    its logits over three decode steps of step (model.forward, or it compiled) after a 20-token prefill, the same
+    tokens fed whatever the logits."""
+    import bench
+    from generate import prefill
+    from model import GPT
+
+    torch.manual_seed(0)
+    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).to(device).eval(), "fp8")
+    ids = torch.randint(0, 512, (1, 23), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def logits(step, before_steps=lambda: None):
+        cache, out = m.new_cache(1, 64), []
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):   # a cached graph skips passes
+            prefill(m, cache, ids[:, :20], 16)
+            before_steps()
+            for i in range(20, 23):
+                torch.compiler.cudagraph_mark_step_begin()
+                pos = torch.full((1, 1), cache.seen, device=device)
+                out.append(step(ids[:, i:i + 1], cache=cache, input_pos=pos, last_only=True)[0][:, -1])
+                cache.seen += 1
+        return torch.stack(out)
+    return m, logits
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
+def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
+    """bench.py decode --cse (kernels.decode_cse in the compiled step): a spiking FP8 step of one GLA and one SWA
+    layer makes spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
+    first factor, the gate's rank-r hidden, o's input, the MLP input for gate and up, down's input; SWA: the same
+    without the gate's two), 9 count passes instead of one per projection (16), and its logits equal the eager
+    model's: to float32 rounding on a CPU (both run FP8SpikeLinear's float reference); on CUDA (the one-row kernel)
+    within a few counts' change, as compiled and eager norms may round a count differently."""
+    from torch._functorch import compile_utils
+
+    real, rounds = compile_utils.fx_graph_cse, []
+
+    def counted(graph):
+        new = real(graph)
+        n = [sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target)) for g in (graph, new)]
+        rounds.append(tuple(n))
+        return new
+    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    m, logits = fp8_decode_logits(device)
+    ref = logits(m.forward)
+    torch._dynamo.reset()
+    step = kernels.compile_decode(m.forward, torch.device(device),
+                                  options={"post_grad_custom_pre_pass": kernels.decode_cse()})
+    tol = 1e-5 if device == "cpu" else 2e-2
+    torch.testing.assert_close(logits(step), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert rounds and all(after * 16 == before * 9 for before, after in rounds), rounds
+
+
+@needs_triton
+def test_grouped_row_products_in_a_compiled_fp8_step(monkeypatch):
+    """decode_cse(group=True) in a compiled spiking FP8 decode step of one GLA and one SWA layer on the one-row
+    kernel: q, k and v (same input, biases) and gate and up (same input) become one gemv_rows launch each, 10
+    launches a step where there were 16 (the GLA gate's factors, o and down stay alone), and the logits equal the
+    eager model's: each output channel is computed as by gemv_row."""
+    monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
+    made, launches = [], []
+    group, launch = kernels.group_row_products, kernels._gemv_row
+    monkeypatch.setattr(kernels, "group_row_products", lambda g: made.append(group(g)))
+    monkeypatch.setattr(kernels, "_gemv_row", lambda x, ws, *a: launches.append(len(ws)) or launch(x, ws, *a))
+    m, logits = fp8_decode_logits(DEV)
+    ref = logits(m.forward, launches.clear)
+    assert launches == [1] * 16 * 3
+    torch._dynamo.reset()
+    step = kernels.compile_decode(m.forward, torch.device(DEV),
+                                  options={"post_grad_custom_pre_pass": kernels.decode_cse(group=True)})
+    y = logits(step, launches.clear)
+    tol = 1e-5 if DEV == "cpu" else 2e-2   # CUDA: compiled and eager norms may round a count differently
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert made and set(made) == {4}, made
+    if DEV == "cpu":   # (CUDA graphs replay the launches without Python) a step: 6 alone, 2 groups of 3 and of 2
+        assert sorted(launches) == sorted(([1] * 6 + [3, 3, 2, 2]) * 3), launches
+
+
+@needs_triton
 def test_row_kernel_decodes_every_byte_exactly():
     """The integer decoding of e4m3 (W_E4M3_BITS) and Triton's conversion (W_E4M3) give every finite byte's value,
     and both int8 conversions every int8 value: a one-hot row picks each weight column out exactly."""
@@ -1184,8 +1293,9 @@ def test_row_kernel_decodes_every_byte_exactly():
         assert torch.equal(y[0], bits.view(torch.float8_e4m3fn).float()), fmt
     q = torch.arange(-128, 128, dtype=torch.int8, device=DEV).view(-1, 1).expand(-1, 16).contiguous()
     for magic in (True, False):   # every int8 value, by the bits of 2^23 + (q + 128) and by the conversion
-        y = kernels._gemv_row(x, q, torch.ones(256, 1, device=DEV), None, None, torch.empty(1, 256, device=DEV), 16,
-                              kernels.W_INT8, dict(kernels.GEMV_ROW_SAFE, MAGIC=magic))
+        ones, out = torch.ones(256, 1, device=DEV), torch.empty(1, 256, device=DEV)
+        y, = kernels._gemv_row(x, [q], [ones], None, [None], [out], 16, kernels.W_INT8,
+                               dict(kernels.GEMV_ROW_SAFE, MAGIC=magic))
         assert torch.equal(y[0], q[:, 0].float()), magic
 
 
