@@ -1423,6 +1423,7 @@ def group_row_products(graph):
             key = (a["x"], a["vth"], a["group_size"], a["fmt"], a["out_dtype"], w.dtype, a["scales"] is None,
                    a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0]))
             groups.setdefault(key, []).append((node, a))
+
     def before(n, first, depth=3):   # n defined before first, or a pure op of such nodes moved there
         if order[n] < order[first]:
             return True
