@@ -574,7 +574,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
                models: tuple[str, ...] = ("spikingbrain-7b", "qwen2.5-7b"), chunk: int = 32768,
                budget_s: float = 60.0, sweep: tuple[int, ...] = (), gla: str = "auto", compile: bool = False,
                n_layer: int | None = None, quant: Quant = "bf16", device: str = "cuda", tiny: bool = False,
-               cp: int = 1, project_to: int = 1048576) -> list[dict] | None:
+               cp: int = 1, project_to: int = 1048576, cse: bool = False) -> list[dict] | None:
     """Time to first token: prefill of a random prompt plus the first greedy token, random weights (bf16 on GPU).
 
     A model without full attention prefills through its cache in chunks of `chunk` tokens, as generate.py does.
@@ -607,6 +607,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         cp: split each prompt over cp processes (context parallelism, one GPU each; gloo processes on a CPU) and
             time it beside one process on the same prompt: `ttft_split`. Returns its rows.
         project_to: with cp, the prompt length of the projection to 8 / 32 / 128 GPUs.
+        cse: with compile, the blocks' common subexpressions merged (kernels.decode_cse: one spike-count pass per
+            input that several projections read); false: as inductor compiles them (the other half of an A/B).
     """
     check_quant(quant)
     if tiny:
@@ -617,7 +619,8 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         return ttft_split(models, lengths, chunk, gla, n_layer, quant, device, cp, project_to)
     cuda, dt, mem = setup(device, gla)
     rate = device_rate(device, "matmul")
-    header(device, dt, gla, compile, f"quant {quant}; {8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; "
+    header(device, dt, gla, f"{compile}{' (common subexpressions merged)' if compile and cse else ''}",
+           f"quant {quant}; {8192 if cuda else 512}^3 matmul: {rate / 1e12:.3g} TFLOP/s; "
            f"chunk {chunk}; budget {budget_s:.0f} s; layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'T':>8} {'TTFT s':>9} {'tok/s':>9} {'floor s':>8} {'/floor':>7} {'peak GiB':>9}  note",
@@ -630,7 +633,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         quantize(m, quant)
         if compile:
             torch._dynamo.reset()
-            kernels.compile_blocks(m)
+            kernels.compile_blocks(m, {"post_grad_custom_pre_pass": kernels.decode_cse()} if cse else None)
         t0 = time.perf_counter()
         time_to_first_token(m, min(lengths), chunk)       # warm-up: kernel compilation and autotuning at every shape
         if cached and max(lengths) > chunk:

@@ -1349,10 +1349,10 @@ def linear_cross_entropy(x, w, targets, chunk=8192):
 
 # ----------------------------------------------------------------------------- how the blocks run: compiled, checkpointed
 
-def compile_blocks(model):
+def compile_blocks(model, options=None):
     """torch.compile every block (prefill and training): norms, RoPE, gates and activations fuse around the
     matmuls. The GLA kernels and the sliding-window prefill (flex_attention) run as they are between the compiled
-    pieces."""
+    pieces. options: inductor's options, e.g. an A/B in bench.py ttft --cse."""
     # Every block runs Block.forward, and dynamo counts compiled variants per code object (each piece between graph
     # breaks too) against one limit (default 8): the distinct blocks (mixers, MoE or dense FFN) times the ways a block
     # is called, with gradients or without (training, validation), on rows of one document or several (cu_seqlens
@@ -1362,7 +1362,7 @@ def compile_blocks(model):
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), len(kinds) * 2 * 2 * 2))
     for block in model.blocks:
-        block.compile()
+        block.compile(options=options)
 
 
 def compile_decode(fn, device, gemv=True, options=None):
@@ -1379,9 +1379,9 @@ def compile_decode(fn, device, gemv=True, options=None):
 
 
 def decode_cse(group=False):
-    """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}) that merges
-    common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on training
-    graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first factor;
+    """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}; also
+    compile_blocks' for a prefill) that merges common subexpressions of a compiled step with torch._functorch's
+    fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first factor;
     gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction each.
     Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they are.
     group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4

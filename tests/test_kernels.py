@@ -1254,6 +1254,35 @@ def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
     assert rounds and all(after * 16 == before * 9 for before, after in rounds), rounds
 
 
+def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
+    """bench.py ttft --cse (compile_blocks with kernels.decode_cse): a compiled spiking FP8 prefill of one GLA and
+    one SWA block makes each input's spike counts once (9 count passes instead of 16) and its last logits equal the
+    eager model's."""
+    from torch._functorch import compile_utils
+    from generate import prefill
+
+    real, rounds = compile_utils.fx_graph_cse, []
+
+    def counted(graph):
+        new = real(graph)
+        rounds.append([sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target))
+                       for g in (graph, new)])
+        return new
+    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    m, _ = fp8_decode_logits("cpu")
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))   # one chunk: one shape
+    with torch.no_grad():
+        ref = prefill(m, m.new_cache(1, 64), ids, 16)
+        torch._dynamo.reset()
+        kernels.compile_blocks(m, {"post_grad_custom_pre_pass": kernels.decode_cse()})
+        with torch._inductor.config.patch(force_disable_caches=True):
+            y = prefill(m, m.new_cache(1, 64), ids, 16)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    before, after = (sum(r[i] for r in rounds) for i in (0, 1))
+    n = before // 16   # the graphs compiled (a recompile repeats them)
+    assert n >= 1 and (before, after) == (16 * n, 9 * n), rounds
+
+
 @needs_triton
 def test_grouped_row_products_in_a_compiled_fp8_step(monkeypatch):
     """decode_cse(group=True) in a compiled spiking FP8 decode step of one GLA and one SWA layer on the one-row
