@@ -2314,7 +2314,7 @@ def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
     """gemv_row's and gemv_rows' work: x [M, K] times each weight of ws in one launch -> [out_dtype [M, N_i]]."""
     (M, K), dev = x.shape, x.device
     outs = [x.new_empty(M, w.shape[0], dtype=out_dtype) for w in ws]
-    if M == 0 or any(w.shape[0] == 0 for w in ws):
+    if M == 0 or all(w.shape[0] == 0 for w in ws):   # a weight of no rows among others: a segment of no blocks
         return outs
     sts = [None if s is None else s.float().contiguous() for s in scales]
     bs = [None if b is None else b.contiguous() for b in biases]

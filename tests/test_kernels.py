@@ -1194,6 +1194,9 @@ def test_gemv_rows_matches_float64_and_gemv_row(n):
                 assert ((y.double() - want).abs() <= bound).all(), fmt
                 assert torch.equal(y, kernels.gemv_row(x_, w, sc, gs, fmt, vth, b, torch.float32))
     q, sc, b = gemv_operands(1, 384, 40, 128, seed=1)[1:]
+    y0, y = kernels.gemv_rows(x[:1], [q[:0], q], [sc[:0], sc], 128, kernels.W_INT8, None, [b[:0], b], torch.float32)
+    assert y0.shape == (1, 0) and torch.equal(y, kernels.gemv_row(x[:1], q, sc, 128, kernels.W_INT8, None, b,
+                                                                   torch.float32))   # a weight of no rows beside
     with pytest.raises(ValueError, match="share x's K"):
         kernels.gemv_rows(x[:1], [q, q[:, :256]], [sc, sc[:, :2]], 128, kernels.W_INT8, None, [b, b], torch.float32)
     with pytest.raises(ValueError, match="a bias or none"):
