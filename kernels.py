@@ -1373,7 +1373,7 @@ def compile_decode(fn, device, gemv=True, options=None):
     options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor (on a
     CPU the only ones)."""
     if device.type != "cuda":
-        return torch.compile(fn, options=options) if options else torch.compile(fn)
+        return torch.compile(fn, options=options)
     return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
                                       **(options or {})})
 
@@ -1381,10 +1381,10 @@ def compile_decode(fn, device, gemv=True, options=None):
 def decode_cse(group=False):
     """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}; also
     compile_blocks' for a prefill) that merges common subexpressions of a compiled step with torch._functorch's
-    fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first factor;
-    gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction each.
-    Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they are.
-    group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
+    fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the projections that read one
+    input (q, k, v and the GLA gate's first factor; gate and up) each make that input's spike counts: the same ops
+    on the same tensor, a one-row reduction each. Merged, the step makes them once. Mutations (the cache writes),
+    random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
     weights each (group_row_products)."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass

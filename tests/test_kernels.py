@@ -1229,6 +1229,21 @@ def fp8_decode_logits(device):
     return m, logits
 
 
+def count_rounds(monkeypatch):
+    """A list that gets (round ops before, after) of each graph decode_cse's fx_graph_cse merges: spike-count passes."""
+    from torch._functorch import compile_utils
+
+    real, rounds = compile_utils.fx_graph_cse, []
+
+    def counted(graph):
+        new = real(graph)
+        rounds.append(tuple(sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target))
+                            for g in (graph, new)))
+        return new
+    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    return rounds
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
 def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
     """bench.py decode --cse (kernels.decode_cse in the compiled step): a spiking FP8 step of one GLA and one SWA
@@ -1237,16 +1252,7 @@ def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
     without the gate's two), 9 count passes instead of one per projection (16), and its logits equal the eager
     model's: to float32 rounding on a CPU (both run FP8SpikeLinear's float reference); on CUDA (the one-row kernel)
     within a few counts' change, as compiled and eager norms may round a count differently."""
-    from torch._functorch import compile_utils
-
-    real, rounds = compile_utils.fx_graph_cse, []
-
-    def counted(graph):
-        new = real(graph)
-        n = [sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target)) for g in (graph, new)]
-        rounds.append(tuple(n))
-        return new
-    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    rounds = count_rounds(monkeypatch)
     m, logits = fp8_decode_logits(device)
     ref = logits(m.forward)
     torch._dynamo.reset()
@@ -1261,17 +1267,9 @@ def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
     """bench.py ttft --cse (compile_blocks with kernels.decode_cse): a compiled spiking FP8 prefill of one GLA and
     one SWA block makes each input's spike counts once (9 count passes instead of 16) and its last logits equal the
     eager model's."""
-    from torch._functorch import compile_utils
     from generate import prefill
 
-    real, rounds = compile_utils.fx_graph_cse, []
-
-    def counted(graph):
-        new = real(graph)
-        rounds.append([sum(1 for x in g.nodes if x.op == "call_function" and "round" in str(x.target))
-                       for g in (graph, new)])
-        return new
-    monkeypatch.setattr(compile_utils, "fx_graph_cse", counted)
+    rounds = count_rounds(monkeypatch)
     m, _ = fp8_decode_logits("cpu")
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))   # one chunk: one shape
     with torch.no_grad():
