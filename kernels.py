@@ -1384,8 +1384,8 @@ def decode_cse(group=False):
     fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the projections that read one
     input (q, k, v and the GLA gate's first factor; gate and up) each make that input's spike counts: the same ops
     on the same tensor, a one-row reduction each. Merged, the step makes them once. Mutations (the cache writes),
-    random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
-    weights each (group_row_products)."""
+    random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format
+    and shape become gemv_rows launches of 2-4 weights each (group_row_products)."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
