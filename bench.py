@@ -930,8 +930,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  compile: bool = False, gemv: bool = True, gla: str = "auto", n_layer: int | None = None,
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
-                 row_configs: dict | None = None, split_bias: bool = True, cse: bool = False,
-                 group_rows: bool = False, device: str = "cuda", tiny: bool = False) -> None:
+                 row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
+                 group_rows: bool = True, row_spikes: bool = False, device: str = "cuda",
+                 tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -975,10 +976,14 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
         split_bias: with compile, a bf16 projection with a bias at batch 1 as a bias-free GEMV + the bias
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
-        cse: with compile, the step's common subexpressions merged (kernels.decode_cse: one spike-count pass per
-            input that several projections read); false: as inductor compiles it (the other half of an A/B).
+        cse: with compile, a spiking or 8-bit step's common subexpressions merged (kernels.decode_cse: one
+            spike-count pass per input that several projections read), as compile_decode does; false (with
+            --group_rows false): as inductor compiles it (the other half of an A/B).
         group_rows: with compile, cse and then the one-row 8-bit GEMVs of one input in one launch each
-            (kernels.group_row_products: q, k, v; gate, up).
+            (kernels.group_row_products: q, k, v; gate, up), as compile_decode does; false: cse alone.
+        row_spikes: a spiking layer's one-row GEMV makes its input's spike counts in the kernel
+            (kernels.GEMV_ROW_SPIKES: every program reads the row once more for vth); false: a pass over the input
+            makes them first (compiled: fused into the input's producer), the faster (BENCHMARKS.md).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -986,6 +991,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     kernels.SPIKE_GEMV_HALF = gemv_half
     kernels.GEMV_ROW_MAX_ROWS = 1 if gemv_row else 0
     kernels.GEMV_SPLIT_BIAS = split_bias
+    kernels.GEMV_ROW_SPIKES = row_spikes
     if gemv8:
         kernels.GEMV8_COMPILED = dict.fromkeys(kernels.GEMV8_COMPILED, gemv8)
     if tiny:
@@ -999,13 +1005,14 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
            f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
-           f"{', common subexpressions merged' if cse or group_rows else ''}"
-           f"{', one-row GEMVs of one input grouped' if group_rows else ''})"
+           f"{', common subexpressions merged' if (cse or group_rows) and quant != 'bf16' else ''}"
+           f"{', one-row GEMVs of one input grouped' if group_rows and quant != 'bf16' else ''})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"
-           f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}; "
+           f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}"
+           f"{', counts in the kernel' if quant in ('fp8', 'w8aspike') and row_spikes and gemv_row else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
@@ -1024,8 +1031,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 for mod in m.modules():
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
-            opts = {**(inductor or {}), **({"post_grad_custom_pre_pass": kernels.decode_cse(group_rows)}
-                                           if cse or group_rows else {})}
+            opts = {**(inductor or {}), "post_grad_custom_pre_pass": kernels.decode_cse(group_rows)
+                    if cse or group_rows else None}
             step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:

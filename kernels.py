@@ -1369,13 +1369,15 @@ def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
-    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results.
-    options: more of inductor's options (torch.compile's), e.g. for an A/B in bench.py decode --inductor (on a
-    CPU the only ones)."""
+    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results. A
+    spiking or 8-bit step gets decode_cse(group=True): each input's spike counts made once, and the one-row GEMVs
+    of one input in one launch (faster: BENCHMARKS.md); a float step is compiled as it is. options: more of
+    inductor's options (torch.compile's), which win, e.g. for an A/B in bench.py decode --inductor or --group_rows
+    false ({"post_grad_custom_pre_pass": None})."""
+    options = {"post_grad_custom_pre_pass": decode_cse(group=True), **(options or {})}
     if device.type != "cuda":
         return torch.compile(fn, options=options)
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv,
-                                      **(options or {})})
+    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **options})
 
 
 def decode_cse(group=False):
@@ -1385,12 +1387,17 @@ def decode_cse(group=False):
     input (q, k, v and the GLA gate's first factor; gate and up) each make that input's spike counts: the same ops
     on the same tensor, a one-row reduction each. Merged, the step makes them once. Mutations (the cache writes),
     random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format
-    and shape become gemv_rows launches of 2-4 weights each (group_row_products)."""
+    and shape become gemv_rows launches of 2-4 weights each (group_row_products). A graph without spike counts
+    (aten.round) or one-row GEMVs, a float model's, is left as it is."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
+    marks = {torch.ops.aten.round.default, torch.ops.spikingbrain.gemv_row.default}
+
     class DecodeCSE(CustomGraphPass):
         def __call__(self, graph):
+            if not any(node.op == "call_function" and node.target in marks for node in graph.nodes):
+                return
             new = fx_graph_cse(graph)
             if len(new.nodes) < len(graph.nodes):   # inductor holds this graph object: refill it in place
                 for node in reversed(list(graph.nodes)):
@@ -1400,7 +1407,7 @@ def decode_cse(group=False):
                 group_row_products(graph)
 
         def uuid(self):   # inductor's cache key for the pass
-            return f"spikingbrain.decode_cse.2.{group}"
+            return f"spikingbrain.decode_cse.3.{group}"
     return DecodeCSE()
 
 
@@ -1420,8 +1427,8 @@ def group_row_products(graph):
         if node.op == "call_function" and node.target is one:
             a = {**dict(zip(names, node.args)), **node.kwargs}
             w = a["w"].meta["val"]
-            key = (a["x"], a["vth"], a["group_size"], a["fmt"], a["out_dtype"], w.dtype, a["scales"] is None,
-                   a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0]))
+            key = (a["x"], a["vth"], a.get("spike_k", 0.0), a["group_size"], a["fmt"], a["out_dtype"], w.dtype,
+                   a["scales"] is None, a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0]))
             groups.setdefault(key, []).append((node, a))
 
     def before(n, first, depth=3):   # n defined before first, or a pure op of such nodes moved there
@@ -1445,7 +1452,8 @@ def group_row_products(graph):
             with graph.inserting_before(first):
                 both = graph.call_function(rows, (a0["x"], [a["w"] for _, a in part], [a["scales"] for _, a in part],
                                                   a0["group_size"], a0["fmt"], a0["vth"],
-                                                  [a["bias"] for _, a in part], a0["out_dtype"]))
+                                                  [a["bias"] for _, a in part], a0["out_dtype"],
+                                                  a0.get("spike_k", 0.0)))
                 both.meta["val"] = [node.meta["val"] for node, _ in part]
                 items = [graph.call_function(operator.getitem, (both, i)) for i in range(len(part))]
             for item, (node, _) in zip(items, part):   # after the insertions: they are placed before the first
@@ -2163,6 +2171,9 @@ GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, 
                              ("int8", "tall"): None}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
+GEMV_ROW_SPIKES = False   # a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k): no
+                          # one-program reduction over the row before it; False: the counts first (bench.py decode
+                          # --row_spikes false)
 W_INT8, W_E4M3, W_E4M3_BITS, W_FLOAT = 0, 1, 2, 3   # _gemv_row_kernel's weight formats (FMT)
 
 
@@ -2177,22 +2188,23 @@ def _e4m3_bits_to_f32(b):
 
 
 @triton.jit
-def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, GS: tl.constexpr, BN: tl.constexpr,
+def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, k, GS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
-                     MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SPIKE: tl.constexpr):
     """x [M, K] times one weight w [N, K] (_gemv_row_block's formula): program (pid // M) owns BN output channels,
     row m = pid % M (a second row of the same channels runs beside the first, so its weight tile comes from L2)."""
     pid = tl.program_id(0)
     M = tl.num_programs(0) // tl.cdiv(N, BN)
-    _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, pid % M, pid // M, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                    GROUPED, HAS_VTH, HAS_BIAS)
+    _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, pid % M, pid // M, GS, BN, BK, FMT, EVEN_K, ACC2D,
+                    MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
 
 
 @triton.jit
 def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2, o2, N2, w3, s3, b3, o3, N3, K, G,
-                      GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr,
-                      ACC2D: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr,
-                      HAS_BIAS: tl.constexpr):
+                      k, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
+                      EVEN_K: tl.constexpr, ACC2D: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr,
+                      HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPIKE: tl.constexpr):
     """x [M, K] times up to four weights wi [Ni, K] (unused ones: Ni = 0) in one launch: matrix i's blocks of BN
     channels follow matrix i-1's; each block as _gemv_row_kernel's."""
     pid = tl.program_id(0)
@@ -2200,23 +2212,41 @@ def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2
     M = tl.num_programs(0) // (n0 + n1 + n2 + tl.cdiv(N3, BN))
     row, cb = pid % M, pid // M
     if cb < n0:
-        _gemv_row_block(x, w0, s0, vth, b0, o0, N0, K, G, row, cb, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED,
-                        HAS_VTH, HAS_BIAS)
+        _gemv_row_block(x, w0, s0, vth, b0, o0, N0, K, G, k, row, cb, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED,
+                        HAS_VTH, HAS_BIAS, SPIKE)
     elif cb < n0 + n1:
-        _gemv_row_block(x, w1, s1, vth, b1, o1, N1, K, G, row, cb - n0, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS)
+        _gemv_row_block(x, w1, s1, vth, b1, o1, N1, K, G, k, row, cb - n0, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
+                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
     elif cb < n0 + n1 + n2:
-        _gemv_row_block(x, w2, s2, vth, b2, o2, N2, K, G, row, cb - n0 - n1, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS)
+        _gemv_row_block(x, w2, s2, vth, b2, o2, N2, K, G, k, row, cb - n0 - n1, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
+                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
     else:
-        _gemv_row_block(x, w3, s3, vth, b3, o3, N3, K, G, row, cb - n0 - n1 - n2, GS, BN, BK, FMT, EVEN_K, ACC2D,
-                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS)
+        _gemv_row_block(x, w3, s3, vth, b3, o3, N3, K, G, k, row, cb - n0 - n1 - n2, GS, BN, BK, FMT, EVEN_K, ACC2D,
+                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
 
 
 @triton.jit
-def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, row, cb, GS: tl.constexpr, BN: tl.constexpr,
+def _rint(v):
+    """v rounded to the nearest integer, ties to even (torch.round), for |v| < 2^22: adding 1.5 * 2^23 leaves no
+    fraction bits in fp32, and fp32 adds round to nearest even."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _e4m3_round(c):
+    """Integers |c| <= 448 (fp32) rounded to e4m3's 4 significant bits, ties to even (torch's .to(float8_e4m3fn)),
+    by integer operations on the fp32 bits (no FP8 type needed; every such integer is an e4m3 normal): the 20 low
+    mantissa bits rounded off."""
+    b = c.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
-                    MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SPIKE: tl.constexpr):
     """out[row, cols] = (sum_g scales[cols, g] sum_{k in g} x[row, k] w[cols, k]) * vth[row] + bias[cols], cast to
     out's dtype, for the BN output channels of block cb. x [M, K] any float dtype, taken to fp32; w [N, K] in
     format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
@@ -2224,14 +2254,26 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, row, cb, GS: tl.const
     of BK never crosses one; GROUPED: G > 1). ACC2D: the products summed into a [BN, BK] accumulator, one reduction
     at the end (one group: the scale after it; groups: each product times its group's scale first); else each tile
     reduced, then scaled. MAGIC: int8 to fp32 by the bits of 2^23 + (q + 128), less 2^23 + 128 (integer and add
-    instructions instead of the conversion's slower ones). Each product is rounded once in fp32 (twice where ACC2D
-    scales it), then the sums."""
+    instructions instead of the conversion's slower ones). SPIKE: x is a layer's input, and its spike counts are
+    made here (model.spike_quant at k: a first pass over the row for vth = clamp(mean|x| / k), then
+    round(x / vth) per tile, IEEE division; 2: rounded to e4m3 as e4m3_counts, unless the row's largest count passes
+    448), vth then as HAS_VTH's. Each product is rounded once in fp32 (twice where ACC2D scales it), then the
+    sums."""
     cols, o_k = cb * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                   # channels past N wrap around: no masks; not stored
     pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
     px = x + row * K + o_k
     acc = tl.zeros([BN], dtype=tl.float32)
     acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+    if SPIKE:   # every program reads the row once more (from L2) for vth, rather than a one-program pass before
+        sa = tl.zeros([BK], dtype=tl.float32)
+        mx = tl.zeros([BK], dtype=tl.float32)
+        for lo in range(0, K, BK):
+            xa = tl.abs(tl.load(px + lo, mask=lo + o_k < K, other=0.0).to(tl.float32))
+            sa += xa
+            mx = tl.maximum(mx, xa)
+        v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
+        wide = _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
     for lo in range(0, K, BK):
         if EVEN_K:
             xt = tl.load(px + lo).to(tl.float32)
@@ -2240,6 +2282,10 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, row, cb, GS: tl.const
             m = lo + o_k < K
             xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
             wt = tl.load(pw + lo, mask=m[None, :], other=0)
+        if SPIKE:
+            xt = _rint(tl.div_rn(xt, v))
+            if SPIKE == 2:
+                xt = tl.where(wide, xt, _e4m3_round(tl.minimum(tl.maximum(xt, -448.0), 448.0)))
         if FMT == 0 and MAGIC:
             wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
             wf = wf - 8388736.0
@@ -2261,7 +2307,9 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, row, cb, GS: tl.const
         acc = tl.sum(acc2, axis=1)
         if FMT != 3 and not GROUPED:
             acc = acc * tl.load(scales + rn)
-    if HAS_VTH:
+    if SPIKE:
+        acc = acc * v
+    elif HAS_VTH:
         acc = acc * tl.load(vth + row)
     if HAS_BIAS:
         acc = acc + tl.load(bias + rn).to(tl.float32)
@@ -2282,9 +2330,9 @@ def gemv_row_fits(M, K, N, group_size, fmt, device):
             and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N), GEMV_ROW_SAFE) is not None)
 
 
-def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg):
+def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     """Launch _gemv_row_kernel for one weight, _gemv_rows_kernel for 2-4 (lists ws, sts, biases, outs) with cfg's
-    settings (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
+    settings (spike_k > 0: the counts of x made in the kernel) (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
     num_warps, num_stages; ACC2D, default True; MAGIC, default True)."""
     (M, K), Ns = x.shape, [w.shape[0] for w in ws]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
@@ -2297,22 +2345,26 @@ def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg):
     st = sts[0]
     meta = dict(GS=gs, BN=BN, BK=BK, FMT=fmt, EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True),
                 MAGIC=cfg.get("MAGIC", True), GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
-                HAS_BIAS=biases[0] is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                HAS_BIAS=biases[0] is not None, SPIKE=0 if not spike_k else 1 if fmt in (W_INT8, W_FLOAT) else 2,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (sum(triton.cdiv(N, BN) for N in Ns) * M,)
     G = 1 if st is None else st.shape[1]
     if len(ws) == 1:
-        _gemv_row_kernel[grid](x, ws[0], st, vth, biases[0], outs[0], Ns[0], K, G, **meta)
+        _gemv_row_kernel[grid](x, ws[0], st, vth, biases[0], outs[0], Ns[0], K, G, float(spike_k), **meta)
     else:   # unused places repeat the last matrix with no channels
         last = len(ws) - 1
         segs = [a for i in range(4) for a in (ws[min(i, last)], sts[min(i, last)], biases[min(i, last)],
                                               outs[min(i, last)], Ns[i] if i <= last else 0)]
-        _gemv_rows_kernel[grid](x, vth, *segs, K, G, **meta)
+        _gemv_rows_kernel[grid](x, vth, *segs, K, G, float(spike_k), **meta)
     return outs
 
 
-def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
+def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype, spike_k):
     """gemv_row's and gemv_rows' work: x [M, K] times each weight of ws in one launch -> [out_dtype [M, N_i]]."""
     (M, K), dev = x.shape, x.device
+    if spike_k and (vth is not None or not spike_k > 0 or K * spike_k >= 2 ** 22):
+        raise ValueError(f"gemv_row with spike_k={spike_k} makes the counts and vth of x itself: give vth None and "
+                         f"0 < spike_k with K spike_k < 2^22 (K = {K})")
     outs = [x.new_empty(M, w.shape[0], dtype=out_dtype) for w in ws]
     if M == 0 or all(w.shape[0] == 0 for w in ws):   # a weight of no rows among others: a segment of no blocks
         return outs
@@ -2323,14 +2375,15 @@ def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
     opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type, {})
     os_ = outs if dev.type == "cuda" else [o.float() for o in outs]   # the interpreter truncates 16-bit stores
     os_ = with_fallback(lambda cfg: _gemv_row(x.contiguous(), [w.contiguous() for w in ws], sts, v, bs, os_,
-                                              group_size, fmt, cfg or GEMV_ROW_SAFE), opts.get(key),
+                                              group_size, fmt, cfg or GEMV_ROW_SAFE, spike_k), opts.get(key),
                         ("gemv_row", str(dev), fmt, *key), "gemv_row")
     return outs if os_ is outs else [o.to(out_dtype) for o in os_]
 
 
 @torch.library.custom_op("spikingbrain::gemv_row", mutates_args=())
 def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], group_size: int, fmt: int,
-             vth: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+             vth: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+             spike_k: float = 0.0) -> torch.Tensor:
     """A decode step's product of a few rows (gemv_row_fits) with one weight matrix on _gemv_row_kernel, one opaque
     op (a compiled decode step keeps it in its graph, one launch):
         y[m, n] = (sum_g scales[n, g] sum_{k in g} x[m, k] w[n, k]) * vth[m] + bias[n]   -> out_dtype [M, N]
@@ -2340,21 +2393,24 @@ def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], g
     values: |w| has at most 8 significant bits; once more where the group's scale multiplies it), then fp32 sums: a
     tile's BK products, its scale, the P tiles of a row, vth and the bias, so before the cast
         |y - y64| <= (BK + P + 5) 2^-24 (sum_k |x[m, k] w[n, k] s[n, g(k)]| |vth[m]| + |bias[n]|)
-    with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two."""
-    return _row_products(x, [w], [scales], group_size, fmt, vth, [bias], out_dtype)[0]
+    with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two.
+    spike_k > 0 (vth None): x is the layer's input and the kernel makes its spike counts and vth (spike_quant at
+    spike_k; for e4m3 weights rounded as e4m3_counts), no pass over x before the launch; the same bound, with x, vth
+    the counts and vth of spike_quant_torch (the mean's fp32 sum may differ in order, so vth in its last bit)."""
+    return _row_products(x, [w], [scales], group_size, fmt, vth, [bias], out_dtype, spike_k)[0]
 
 
 @gemv_row.register_fake
-def _(x, w, scales, group_size, fmt, vth, bias, out_dtype):
+def _(x, w, scales, group_size, fmt, vth, bias, out_dtype, spike_k=0.0):
     return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("spikingbrain::gemv_rows", mutates_args=())
 def gemv_rows(x: torch.Tensor, ws: list[torch.Tensor], scales: list[Optional[torch.Tensor]], group_size: int,
               fmt: int, vth: Optional[torch.Tensor], biases: list[Optional[torch.Tensor]],
-              out_dtype: torch.dtype) -> list[torch.Tensor]:
+              out_dtype: torch.dtype, spike_k: float = 0.0) -> list[torch.Tensor]:
     """gemv_row of the same rows x with 2-4 weights [N_i, K] in one launch (_gemv_rows_kernel): [y_i], each as
-    gemv_row(x, ws[i], scales[i], group_size, fmt, vth, biases[i], out_dtype) with its bound. The weights share
+    gemv_row(x, ws[i], scales[i], group_size, fmt, vth, biases[i], out_dtype, spike_k) with its bound. The weights share
     their format, group size and GEMV_ROW_CONFIGS' shape ("wide" or "tall"); the biases are all given or all None.
     decode_cse(group=True) puts a compiled step's projections of one input together here (q, k, v; gate, up)."""
     if not 2 <= len(ws) <= 4 or len(scales) != len(ws) or len(biases) != len(ws):
@@ -2365,11 +2421,11 @@ def gemv_rows(x: torch.Tensor, ws: list[torch.Tensor], scales: list[Optional[tor
                          f"and one GEMV_ROW_CONFIGS shape (all N > K or all N <= K)")
     if len({b is None for b in biases}) != 1:
         raise ValueError("gemv_rows: give every weight a bias or none")
-    return _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype)
+    return _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype, spike_k)
 
 
 @gemv_rows.register_fake
-def _(x, ws, scales, group_size, fmt, vth, biases, out_dtype):
+def _(x, ws, scales, group_size, fmt, vth, biases, out_dtype, spike_k=0.0):
     return [x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype) for w in ws]
 
 
@@ -2513,7 +2569,9 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
     if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device):
-        # one row: the counts (compiled: fused into the pass that makes x), then one launch
+        if GEMV_ROW_SPIKES:   # one row: one launch that makes the counts too
+            return gemv_row(x2, w, scales, group_size, fmt, None, bias, x.dtype, float(k)).view(*x.shape[:-1], -1)
+        # the counts (compiled: fused into the pass that makes x), then one launch
         counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)
         return gemv_row(counts, w, scales, group_size, fmt, vth, bias, x.dtype).view(*x.shape[:-1], -1)
     if fused_gemv8("fp8" if fp8 else "int8"):

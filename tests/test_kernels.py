@@ -1203,6 +1203,46 @@ def test_gemv_rows_matches_float64_and_gemv_row(n):
         kernels.gemv_rows(x[:1], [q, q], [sc, sc], 128, kernels.W_INT8, None, [b, None], torch.float32)
 
 
+@needs_triton
+def test_gemv_row_makes_the_spike_counts_as_spike_quant():
+    """gemv_row with spike_k (x a layer's input): the counts and vth made in the kernel are spike_quant_torch's, so
+    its output equals gemv_row's on those counts and vth, bit for bit, and lies within the float64 bound. x holds
+    eighths, so that mean|x| is exact in any summation order; row 0 at k = 4 mean|x| has vth = 1/4 exactly, and
+    its odd eighths are ties (x / vth = n + 1/2: to even); row 1 holds a count past 448 (e4m3: its counts stay exact);
+    the e4m3 formats round counts past 16 to 4 significant bits (ties to even). int8 groups with a bias (K = 384),
+    e4m3 by Triton's conversion and by integer decoding (K = 300: a masked last tile), bf16 and fp32 inputs; and
+    gemv_rows the same per weight."""
+    gen = torch.Generator().manual_seed(5)
+    for K, fmt, dt in [(384, kernels.W_INT8, torch.float32), (300, kernels.W_E4M3, torch.bfloat16),
+                       (300, kernels.W_E4M3_BITS, torch.float32)]:
+        m = torch.randint(-60, 61, (3, K), generator=gen).float()
+        m[1, 7] = 4000.0                                         # x = 500: a count of about 2000 in row 1
+        x = (m / 8).to(dt)
+        k = float(4 * x[0].float().abs().mean())                 # row 0: vth = mean / (4 mean) = 1/4
+        counts, vth = kernels.spike_quant_torch(x, k)
+        assert vth[0].item() == 0.25 and (counts[0] % 2 != 0).any()
+        if fmt == kernels.W_INT8:
+            q, sc, b = gemv_operands(3, K, 40, 128, seed=3)[1:]
+            ws, scs, bs, gs = [q, q[:24]], [sc, sc[:24]], [b, b[:24]], 128
+        else:
+            fp8 = [spiking.quantize_weight_fp8(torch.randn(N, K, generator=gen)) for N in (24, 40)]
+            ws, scs, bs, gs = [w.view(torch.uint8).to(DEV) for w, _ in fp8], [s.view(-1, 1).to(DEV) for _, s in fp8], \
+                [None, None], K
+            counts = kernels.e4m3_counts(counts)
+            assert ((counts != kernels.spike_quant_torch(x, k)[0]) & (counts.abs() > 16)).any()   # rounded
+            assert counts[1].abs().max() > 448                   # row 1 kept exact
+        x, c, v = x.to(DEV), counts.to(DEV), vth.to(DEV)
+        ys = kernels.gemv_rows(x, ws, scs, gs, fmt, None, bs, torch.float32, k)
+        for w, sc, b, y2 in zip(ws, scs, bs, ys):
+            y = kernels.gemv_row(x, w, sc, gs, fmt, None, b, torch.float32, k)
+            assert torch.equal(y, kernels.gemv_row(c, w, sc, gs, fmt, v, b, torch.float32)), fmt
+            assert torch.equal(y2, y)
+            want, bound = row_twin(c, w, sc, gs, fmt, v, b)
+            assert ((y.double() - want).abs() <= bound).all()
+    with pytest.raises(ValueError, match="vth None"):
+        kernels.gemv_row(x, ws[0], scs[0], gs, fmt, v, None, torch.float32, k)
+
+
 def fp8_decode_logits(device):
     """A spiking FP8 model of one GLA and one SWA layer (bench.py decode --quant fp8's tiny twin) and logits(step):
     its logits over three decode steps of step (model.forward, or it compiled) after a 20-token prefill, the same
@@ -1223,7 +1263,7 @@ def fp8_decode_logits(device):
             for i in range(20, 23):
                 torch.compiler.cudagraph_mark_step_begin()
                 pos = torch.full((1, 1), cache.seen, device=device)
-                out.append(step(ids[:, i:i + 1], cache=cache, input_pos=pos, last_only=True)[0][:, -1])
+                out.append(step(ids[:, i:i + 1], cache=cache, input_pos=pos, last_only=True)[0][:, -1].clone())
                 cache.seen += 1
         return torch.stack(out)
     return m, logits
@@ -1246,21 +1286,34 @@ def count_rounds(monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
 def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch, device):
-    """bench.py decode --cse (kernels.decode_cse in the compiled step): a spiking FP8 step of one GLA and one SWA
-    layer makes spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
+    """compile_decode (kernels.decode_cse in the compiled step, its default): a spiking FP8 step of one GLA and one
+    SWA layer makes spike counts once per distinct projection input (GLA: the block input for q, k, v and the gate's
     first factor, the gate's rank-r hidden, o's input, the MLP input for gate and up, down's input; SWA: the same
     without the gate's two), 9 count passes instead of one per projection (16), and its logits equal the eager
     model's: to float32 rounding on a CPU (both run FP8SpikeLinear's float reference); on CUDA (the one-row kernel)
-    within a few counts' change, as compiled and eager norms may round a count differently."""
+    within a few counts' change, as compiled and eager norms may round a count differently. (On CUDA the counts
+    are made before the kernel: GEMV_ROW_SPIKES off, its default.) A float model's step is left as it is."""
+    import dataclasses
+
+    from model import GPT
+
+    monkeypatch.setattr(kernels, "GEMV_ROW_SPIKES", False)
     rounds = count_rounds(monkeypatch)
     m, logits = fp8_decode_logits(device)
     ref = logits(m.forward)
     torch._dynamo.reset()
-    step = kernels.compile_decode(m.forward, torch.device(device),
-                                  options={"post_grad_custom_pre_pass": kernels.decode_cse()})
+    step = kernels.compile_decode(m.forward, torch.device(device))
     tol = 1e-5 if device == "cpu" else 2e-2
     torch.testing.assert_close(logits(step), ref, rtol=tol, atol=tol * ref.abs().max().item())
     assert rounds and all(after * 16 == before * 9 for before, after in rounds), rounds
+    rounds.clear()
+    f = GPT(dataclasses.replace(m.config, spike_k=None)).to(device).eval()
+    step = kernels.compile_decode(f.forward, torch.device(device))
+    cache = f.new_cache(1, 8)
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        step(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache,
+             input_pos=torch.zeros(1, 1, dtype=torch.long, device=device))
+    assert rounds == []   # no fx_graph_cse on a float step
 
 
 def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
@@ -1289,14 +1342,17 @@ def test_grouped_row_products_in_a_compiled_fp8_step(monkeypatch):
     """decode_cse(group=True) in a compiled spiking FP8 decode step of one GLA and one SWA layer on the one-row
     kernel: q, k and v (same input, biases) and gate and up (same input) become one gemv_rows launch each, 10
     launches a step where there were 16 (the GLA gate's factors, o and down stay alone), and the logits equal the
-    eager model's: each output channel is computed as by gemv_row."""
+    eager model's with the counts made before each kernel (GEMV_ROW_SPIKES off): each output channel is computed
+    as by gemv_row, the counts in the kernel (spike_k) as spike_quant's."""
     monkeypatch.setattr(kernels, "FP8_GEMV_IMPL", "triton")
     made, launches = [], []
     group, launch = kernels.group_row_products, kernels._gemv_row
     monkeypatch.setattr(kernels, "group_row_products", lambda g: made.append(group(g)))
     monkeypatch.setattr(kernels, "_gemv_row", lambda x, ws, *a: launches.append(len(ws)) or launch(x, ws, *a))
     m, logits = fp8_decode_logits(DEV)
-    ref = logits(m.forward, launches.clear)
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "GEMV_ROW_SPIKES", False)
+        ref = logits(m.forward, launches.clear)
     assert launches == [1] * 16 * 3
     torch._dynamo.reset()
     step = kernels.compile_decode(m.forward, torch.device(DEV),
@@ -1674,11 +1730,14 @@ def test_split_bias_projection_equals_float64(monkeypatch):
 
 
 def test_bench_decode_split_bias_flag(monkeypatch, capsys):
-    """bench.py decode --split_bias false sets kernels.GEMV_SPLIT_BIAS for its run (the other half of the A/B)."""
+    """bench.py decode --split_bias false and --row_spikes true set kernels.GEMV_SPLIT_BIAS and GEMV_ROW_SPIKES
+    for its run (the other halves of the A/Bs)."""
     import bench
     monkeypatch.setattr(kernels, "GEMV_SPLIT_BIAS", True)
-    bench.bench_decode(tiny=True, split_bias=False)
-    assert kernels.GEMV_SPLIT_BIAS is False and "tok/s" in capsys.readouterr().out
+    monkeypatch.setattr(kernels, "GEMV_ROW_SPIKES", False)
+    bench.bench_decode(tiny=True, split_bias=False, row_spikes=True)
+    assert kernels.GEMV_SPLIT_BIAS is False and kernels.GEMV_ROW_SPIKES is True
+    assert "tok/s" in capsys.readouterr().out
 
 
 def test_gemv_counts_flag_wide_rows_as_spiking_fp8_counts():
@@ -1699,6 +1758,12 @@ def test_gemv_counts_flag_wide_rows_as_spiking_fp8_counts():
     wide = ref_counts.abs().amax(-1) > 448
     assert torch.equal(vth, ref_vth) and torch.equal(counts, ref) and 0 < wide.sum() < len(x)
     assert ref[-2:, :3].abs().tolist() == [[448, 16, 10], [450, 17, 8]] and vth[-2:].flatten().tolist() == [1, 1]
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":   # the counts gemv_row makes in its kernel: the same
+        bits, sc = spiking.quantize_weight_fp8(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)))
+        w, sc = bits.view(torch.uint8).to(DEV), sc.view(8, 1).to(DEV)
+        y = kernels.gemv_row(x.to(DEV), w, sc, 64, kernels.W_E4M3, None, None, torch.float32, 16.0)
+        assert torch.equal(y, kernels.gemv_row(ref.to(DEV), w, sc, 64, kernels.W_E4M3, ref_vth.to(DEV), None,
+                                               torch.float32))
 
 
 CUDA_CORES = dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=False)   # the gemv8 kernel without tl.dot
