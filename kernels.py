@@ -2160,20 +2160,21 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # them once in tiles of BK, converts each byte in registers and multiplies it with the row on the CUDA cores (a few
 # operations a byte: e4m3 weights keep up with their reads; int8 ones with a scale per group of 128 less so, which is
 # why their tall shapes stay on tl.dot), then applies vth, the bias and the cast itself: one launch a projection,
-# the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a small matrix so that its programs still fill the GPU (no split along K: no
-# second pass). Settings per CUDA capability, weight kind ("int8", "e4m3", "float") and shape ("wide": N > K, the
-# MLP's gate and up; "tall": the rest), the best of `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a
-# missing entry, another device, and a setting that does not compile there (with_fallback) take GEMV_ROW_SAFE. More
-# rows than GEMV_ROW_MAX_ROWS take the tl.dot kernel above, whose weight tile serves all of them.
+# the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a small matrix
+# so that its programs still fill the GPU (no split along K: no second pass). Settings per CUDA capability, weight
+# kind ("int8", "e4m3", "float") and shape ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
+# `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a missing entry, another device, and a setting that
+# does not compile there (with_fallback) take GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot
+# kernel above, whose weight tile serves all of them.
 GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
                              ("e4m3", "tall"): dict(BN=4, BK=512, num_warps=4, num_stages=3),
                              ("int8", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
                              ("int8", "tall"): None}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
-GEMV_ROW_SPIKES = False   # a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k): no
-                          # one-program reduction over the row before it; False: the counts first (bench.py decode
-                          # --row_spikes false)
+GEMV_ROW_SPIKES = False   # True: a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k),
+                          # no one-block reduction before it, but each program's extra pass over the row and division
+                          # per element cost more (BENCHMARKS.md; bench.py decode --row_spikes true)
 W_INT8, W_E4M3, W_E4M3_BITS, W_FLOAT = 0, 1, 2, 3   # _gemv_row_kernel's weight formats (FMT)
 
 
@@ -2332,8 +2333,8 @@ def gemv_row_fits(M, K, N, group_size, fmt, device):
 
 def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     """Launch _gemv_row_kernel for one weight, _gemv_rows_kernel for 2-4 (lists ws, sts, biases, outs) with cfg's
-    settings (spike_k > 0: the counts of x made in the kernel) (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
-    num_warps, num_stages; ACC2D, default True; MAGIC, default True)."""
+    settings (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
+    num_warps, num_stages; ACC2D, default True; MAGIC, default True); spike_k > 0: the kernel makes x's counts."""
     (M, K), Ns = x.shape, [w.shape[0] for w in ws]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     BN = cfg["BN"]

@@ -22,6 +22,7 @@ import convert
 import spiking
 import tokenizer as tok
 from model import GPT, PRESETS, Config
+from test_readme import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -742,11 +743,10 @@ def test_cli_help_says_the_readme_commands():
     commands = [line.split("#")[0].split() for line in readme.splitlines() if line.startswith("python convert.py ")]
     assert {c[2] for c in commands} == {"qwen2.5", "dense", "release", "tokenizer", "w8aspike", "fp8"}
 
-    def help_of(*args):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"],
-                           capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+    def help_of(*args):   # the command line's help, in this process (run_main: the imports paid once)
+        code, out = run_main([sys.executable, os.path.join(ROOT, "convert.py"), *args, "--help"])
+        assert code == 0, out
+        return out
     assert "{qwen2.5,dense,release,tokenizer,w8aspike,fp8}" in help_of()
     helps = {sub: help_of(sub) for sub in {c[2] for c in commands}}
     assert "convert.py [options] qwen2.5 " in helps["qwen2.5"]

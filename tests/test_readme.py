@@ -22,15 +22,19 @@ command without TABLE following, and `test_readme_command` runs each entry:
 
 Each run asserts exit status 0 and what the README says the command does (a file it writes, a line it prints).
 """
+import contextlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,6 +121,27 @@ def test_parser_reads_chains_comments_and_inline_commands():
 
 
 # ----------------------------------------------------------------------------- how each command runs here
+
+
+def run_main(argv):
+    """argv [python, script, *args] run as that command runs it, but in this process: the script's `__main__` block
+    (runpy) with sys.argv set, so that a chain of commands pays the imports of torch and Lightning once.
+    -> (exit code, stdout + stderr)."""
+    out, old = io.StringIO(), sys.argv
+    sys.argv = argv[1:]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(argv[1], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        out.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = old
+    return code, out.getvalue()
+
 
 @dataclass(frozen=True)
 class Run:

@@ -1,13 +1,12 @@
 """The conversion claim in miniature (README: "Reproduce the conversion claim on one GPU") on a CPU, so the recipe
-cannot rot: the section's commands exactly as the README shows them, in order, each shrunk by overrides appended to
-it (8 layers 64 wide, rows of 64 tokens, a few steps, Python's docs only), in a temporary directory laid out as the
-README assumes; then what the chain must give. And `eval.py conversion`'s table, CSV and plot on TensorBoard logs
-written here, with the numbers worked out by hand."""
+cannot rot: the section's commands exactly as the README shows them, in order (each script's command line run in
+this process: run_main), each shrunk by overrides appended to it (8 layers 64 wide, rows of 64 tokens, a few steps,
+Python's docs only), in a temporary directory laid out as the README assumes; then what the chain must give. And
+`eval.py conversion`'s table, CSV and plot on TensorBoard logs written here, with the numbers worked out by hand."""
 import os
 import shlex
 import shutil
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 import convert
 import eval as ev
 from model import GPT, Config
-from test_readme import readme_commands
+from test_readme import readme_commands, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Reproduce the conversion claim on one GPU"
@@ -58,17 +57,17 @@ def loss_at(run, tag, step):
 
 
 @pytest.mark.slow
-def test_recipe_runs_on_cpu(tmp_path):
+def test_recipe_runs_on_cpu(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     shutil.copytree(ROOT / "assets", tmp_path / "assets")
     commands = chain()
     assert commands[0] == "python train.py --config configs/mini-dense.yaml" and len(commands) == 15
     assert commands[-1] == "python eval.py conversion --runs out/mini --out results/conversion"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.chdir(tmp_path)
     for cmd in commands:
         argv = shrunk(cmd)
-        r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"`{cmd}` ran as `{shlex.join(argv)}` and failed:\n{(r.stdout + r.stderr)[-4000:]}"
+        code, out = run_main(argv)
+        assert code == 0, f"`{cmd}` ran as `{shlex.join(argv[1:])}` and failed:\n{out[-4000:]}"
     out = tmp_path / "out" / "mini"
     assert sorted(d.name for d in out.iterdir() if (d / "logs").is_dir()) == RUNS
     for run in RUNS:   # every run exported a checkpoint and logged finite losses
