@@ -403,6 +403,21 @@ def check_bench(*words):
     return check
 
 
+def check_gemv_routes(r, ws):
+    """bench.py gemv on the tiny preset: for each projection shape bf16, and for int8, W8ASpike and FP8 weights the
+    gemv8 op as set, each swept setting (tl.dot and CUDA-core) and gemv8_fused, the one-row kernel as set and under
+    two swept settings (FP8 also the integer e4m3 decoding under both), then the block's sums per route."""
+    import bench
+    shapes = bench.block_projections("tiny")
+    triton_runs = os.environ.get("TRITON_INTERPRET") == "1"     # the op and gemv_row left out without Triton
+    op = 1 + 2 if triton_runs else 0
+    for q in ("int8", "w8aspike", "fp8"):
+        row = (1 + 2 + (2 if q == "fp8" else 0)) if triton_runs else 0
+        assert len(re.findall(rf"^ *\S+ +\d+ +\d+ +{q} ", r.stdout, re.M)) == len(shapes) * (op + 1 + row), q
+        assert re.search(rf"^ +{q} +[\d.]+ us +[\d.]+x bf16", r.stdout, re.M)
+    assert len(re.findall(r"^ *\S+ +\d+ +\d+ +bf16 ", r.stdout, re.M)) == len(shapes)
+
+
 def check_collects_gpu_tests(r, ws):
     m = re.search(r"(\d+)/(\d+) tests? collected \((\d+) deselected\)", out(r))
     assert m and int(m.group(1)) > 0 and int(m.group(3)) > 0, out(r)[-2000:]
@@ -600,7 +615,7 @@ TABLE = {
                                                               "--clients", "[1,2]", "--max_tokens", "8"),
                                   check=check_bench("aggregate", "memory per conversation"))],
     "python bench.py serve --tiny true": [Run(check=check_bench("tiny-qwen", "aggregate"), slow=True)],
-    "python bench.py gemv --tiny true": [Run(check=check_bench("block's", "w8aspike gemv8_fused"), slow=True)],
+    "python bench.py gemv --tiny true": [Run(check=check_gemv_routes, slow=True)],
     "python bench.py decode --tiny true": [Run(check=check_bench("tiny-qwen", "bound"), slow=True)],
     # ---- Tests (run from the repository root)
     "python -m pytest -q -m gpu": [Run(append=("--collect-only",), check=check_collects_gpu_tests)],
