@@ -973,7 +973,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         gemv_row: the 8-bit GEMVs of one row (batch 1) on kernels.gemv_row (one launch a projection, CUDA cores);
             false: the gemv8 op or gemv8_fused as for more rows (the other half of an A/B).
         row_configs: settings of kernels.gemv_row for this device in place of GEMV_ROW_CONFIGS' entries, keyed
-            "<int8|e4m3|float> <wide|tall>", e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
+            "<int8|w8aspike|e4m3|float> <wide|tall>" (DOT true: counts on the tensor cores), e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
             "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
         split_bias: with compile, a bf16 projection with a bias at batch 1 as a bias-free GEMV + the bias
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
@@ -1076,12 +1076,15 @@ GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
 
 # kernels._gemv_row_kernel's settings timed by bench.py gemv (one row, CUDA cores); BN is the most a program takes
 # (halved on small matrices), BK within a group for int8; ACC2D False: each tile reduced; MAGIC False: int8 by the
-# conversion instruction
+# conversion instruction; DOT: spike counts times int8 or e4m3 weights on the tensor cores (w8aspike and fp8 only)
 GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st, ACC2D=a) for bn, w, st in
                    ((8, 4, 3), (16, 4, 3), (32, 8, 3), (16, 8, 4), (64, 8, 3)) for a in (True, False)] +
                   [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, ACC2D=a) for bn, bk, w, st in
                    ((4, 512, 4, 3), (16, 256, 4, 3)) for a in (True, False)] +
-                  [dict(BN=bn, BK=128, num_warps=w, num_stages=3, MAGIC=False) for bn, w in ((16, 4), (32, 8))])
+                  [dict(BN=bn, BK=128, num_warps=w, num_stages=3, MAGIC=False) for bn, w in ((16, 4), (32, 8))] +
+                  [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=True) for bn, bk, w, st in
+                   ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4),
+                    (128, 128, 8, 4), (128, 256, 8, 3))])
 
 
 def graph_us(fn, device):
@@ -1186,8 +1189,11 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
                 break
             nbytes = sum(t.nbytes for t in copies[0] if t is not None)
             tag = "row bits" if fmt == kernels.W_E4M3_BITS and fmt8 != fmt else "row"
-            row_swept = GEMV_ROW_SWEEP if row_sweep and (N * K >= 2 ** 20 or tiny) else []
-            for cfg in ([None] if tag == "row" else []) + row_swept[:2 if tiny else None]:
+            row_swept = [c for c in GEMV_ROW_SWEEP if not c.get("DOT") or r in ("w8aspike", "fp8") and
+                         fmt != kernels.W_E4M3_BITS] if row_sweep and (N * K >= 2 ** 20 or tiny) else []
+            if tiny:   # two settings, and one on the tensor cores where the route takes it
+                row_swept = row_swept[:2] + [c for c in row_swept if c.get("DOT")][:1]
+            for cfg in ([None] if tag == "row" else []) + row_swept:
                 def run(a=a, v=v, copies=copies, gs=gs, fmt=fmt, cfg=cfg):
                     wq, st = pick(copies)
                     if cfg is None:

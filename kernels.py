@@ -1428,7 +1428,7 @@ def group_row_products(graph):
             a = {**dict(zip(names, node.args)), **node.kwargs}
             w = a["w"].meta["val"]
             key = (a["x"], a["vth"], a.get("spike_k", 0.0), a["group_size"], a["fmt"], a["out_dtype"], w.dtype,
-                   a["scales"] is None, a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0]))
+                   a["scales"] is None, a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0], a["vth"] is not None))
             groups.setdefault(key, []).append((node, a))
 
     def before(n, first, depth=3):   # n defined before first, or a pure op of such nodes moved there
@@ -2162,14 +2162,17 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # why their tall shapes stay on tl.dot), then applies vth, the bias and the cast itself: one launch a projection,
 # the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a small matrix
 # so that its programs still fill the GPU (no split along K: no second pass). Settings per CUDA capability, weight
-# kind ("int8", "e4m3", "float") and shape ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
+# kind ("int8": weight-only, "w8aspike": int8 times spike counts, "e4m3": FP8 times counts, "float") and shape
+# ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
 # `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a missing entry, another device, and a setting that
 # does not compile there (with_fallback) take GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot
 # kernel above, whose weight tile serves all of them.
 GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
                              ("e4m3", "tall"): dict(BN=4, BK=512, num_warps=4, num_stages=3),
                              ("int8", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
-                             ("int8", "tall"): None}}
+                             ("int8", "tall"): None,
+                             ("w8aspike", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
+                             ("w8aspike", "tall"): None}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 GEMV_ROW_SPIKES = False   # True: a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k),
@@ -2192,20 +2195,20 @@ def _e4m3_bits_to_f32(b):
 def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, k, GS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
                      MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SPIKE: tl.constexpr):
+                     SPIKE: tl.constexpr, DOT: tl.constexpr):
     """x [M, K] times one weight w [N, K] (_gemv_row_block's formula): program (pid // M) owns BN output channels,
     row m = pid % M (a second row of the same channels runs beside the first, so its weight tile comes from L2)."""
     pid = tl.program_id(0)
     M = tl.num_programs(0) // tl.cdiv(N, BN)
     _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, pid % M, pid // M, GS, BN, BK, FMT, EVEN_K, ACC2D,
-                    MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
+                    MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
 
 
 @triton.jit
 def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2, o2, N2, w3, s3, b3, o3, N3, K, G,
                       k, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
                       EVEN_K: tl.constexpr, ACC2D: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr,
-                      HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPIKE: tl.constexpr):
+                      HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPIKE: tl.constexpr, DOT: tl.constexpr):
     """x [M, K] times up to four weights wi [Ni, K] (unused ones: Ni = 0) in one launch: matrix i's blocks of BN
     channels follow matrix i-1's; each block as _gemv_row_kernel's."""
     pid = tl.program_id(0)
@@ -2214,16 +2217,16 @@ def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2
     row, cb = pid % M, pid // M
     if cb < n0:
         _gemv_row_block(x, w0, s0, vth, b0, o0, N0, K, G, k, row, cb, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED,
-                        HAS_VTH, HAS_BIAS, SPIKE)
+                        HAS_VTH, HAS_BIAS, SPIKE, DOT)
     elif cb < n0 + n1:
         _gemv_row_block(x, w1, s1, vth, b1, o1, N1, K, G, k, row, cb - n0, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
+                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
     elif cb < n0 + n1 + n2:
         _gemv_row_block(x, w2, s2, vth, b2, o2, N2, K, G, k, row, cb - n0 - n1, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
+                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
     else:
         _gemv_row_block(x, w3, s3, vth, b3, o3, N3, K, G, k, row, cb - n0 - n1 - n2, GS, BN, BK, FMT, EVEN_K, ACC2D,
-                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE)
+                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
 
 
 @triton.jit
@@ -2244,10 +2247,58 @@ def _e4m3_round(c):
 
 
 @triton.jit
+def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
+             EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
+    """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row] on the tensor cores: each tile of
+    the row converted to the weight's 8-bit type (FMT W_INT8: int8; W_E4M3: e4m3) and set as column 0 of a [BK, 16]
+    tile, the other 15 columns zero (tl.dot's narrowest), times the weight tile [BN, BK] as it is read: no
+    conversion per weight byte. int8: int32 sums, exact (127 * 127 * BK < 2^24, so exact in fp32 too), times the
+    group's scale in fp32; e4m3: each 32 products summed by the tensor cores (Hopper's FP8 MMA keeps fewer bits than
+    fp32 there), those sums in fp32. Returns (sums [BN], slow): slow when a value of the row differs from its
+    8-bit conversion (a count past 127 or 448, a fraction): then the caller's CUDA-core loop redoes the row."""
+    o_k, j = tl.arange(0, BK), tl.arange(0, 16)
+    pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
+    px = x + row * K + o_k
+    acc = tl.zeros([BN, 16], dtype=tl.float32)
+    off = tl.zeros([BK], dtype=tl.float32)
+    for lo in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(px + lo).to(tl.float32)
+            wt = tl.load(pw + lo)
+        else:
+            m = lo + o_k < K
+            xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
+            wt = tl.load(pw + lo, mask=m[None, :], other=0)
+        if FMT == 0:
+            x8 = tl.minimum(tl.maximum(xt, -128.0), 127.0).to(tl.int8)
+            xb = x8
+        else:
+            x8 = tl.minimum(tl.maximum(xt, -448.0), 448.0).to(tl.float8e4nv)
+            xb = x8.to(tl.uint8, bitcast=True)
+            wt = wt.to(tl.float8e4nv, bitcast=True)
+        off = tl.maximum(off, tl.abs(xt - x8.to(tl.float32)))
+        xd = tl.where(j[None, :] == 0, xb[:, None], tl.zeros([BK, 16], dtype=xb.dtype))
+        if FMT != 0:
+            xd = xd.to(tl.float8e4nv, bitcast=True)
+        if FMT == 0:
+            d = tl.dot(wt, xd).to(tl.float32)       # [BN, 16]: column 0 the tile's sums
+        else:   # Hopper's FP8 MMA sums with fewer bits than fp32: each instruction's 32 products go to fp32 at once
+            d = tl.dot(wt, xd, max_num_imprecise_acc=32)
+        if GROUPED:
+            acc += d * tl.load(scales + rn * G + lo // GS)[:, None]
+        else:
+            acc += d
+    y = tl.sum(acc, axis=1)
+    if not GROUPED:
+        y = y * tl.load(scales + rn)
+    return y, tl.max(off, 0) > 0
+
+
+@triton.jit
 def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
                     MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SPIKE: tl.constexpr):
+                    SPIKE: tl.constexpr, DOT: tl.constexpr):
     """out[row, cols] = (sum_g scales[cols, g] sum_{k in g} x[row, k] w[cols, k]) * vth[row] + bias[cols], cast to
     out's dtype, for the BN output channels of block cb. x [M, K] any float dtype, taken to fp32; w [N, K] in
     format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
@@ -2259,13 +2310,13 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
     made here (model.spike_quant at k: a first pass over the row for vth = clamp(mean|x| / k), then
     round(x / vth) per tile, IEEE division; 2: rounded to e4m3 as e4m3_counts, unless the row's largest count passes
     448), vth then as HAS_VTH's. Each product is rounded once in fp32 (twice where ACC2D scales it), then the
-    sums."""
+    sums. DOT (int8 or e4m3 weights, not SPIKE): x holds spike counts, multiplied on the tensor cores (_row_dot); a
+    row that is not exact in the weight's 8-bit type takes the loop of the CUDA cores instead."""
     cols, o_k = cb * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                   # channels past N wrap around: no masks; not stored
     pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
     px = x + row * K + o_k
     acc = tl.zeros([BN], dtype=tl.float32)
-    acc2 = tl.zeros([BN, BK], dtype=tl.float32)
     if SPIKE:   # every program reads the row once more (from L2) for vth, rather than a one-program pass before
         sa = tl.zeros([BK], dtype=tl.float32)
         mx = tl.zeros([BK], dtype=tl.float32)
@@ -2276,39 +2327,45 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
                 mx = tl.maximum(mx, xa)
         v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
         wide = _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
-    for lo in range(0, K, BK):
-        if EVEN_K:
-            xt = tl.load(px + lo).to(tl.float32)
-            wt = tl.load(pw + lo)
-        else:
-            m = lo + o_k < K
-            xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
-            wt = tl.load(pw + lo, mask=m[None, :], other=0)
-        if SPIKE:
-            xt = _rint(tl.div_rn(xt, v))
-            if SPIKE == 2:
-                xt = tl.where(wide, xt, _e4m3_round(tl.minimum(tl.maximum(xt, -448.0), 448.0)))
-        if FMT == 0 and MAGIC:
-            wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
-            wf = wf - 8388736.0
-        elif FMT == 1:
-            wf = wt.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        elif FMT == 2:
-            wf = _e4m3_bits_to_f32(wt)
-        else:                                       # int8 by the conversion instruction, or float weights
-            wf = wt.to(tl.float32)
-        if ACC2D and GROUPED:
-            acc2 += (wf * xt[None, :]) * tl.load(scales + rn * G + lo // GS)[:, None]
-        elif ACC2D:
-            acc2 += wf * xt[None, :]
-        elif FMT == 3:
-            acc += tl.sum(wf * xt[None, :], axis=1)
-        else:
-            acc += tl.sum(wf * xt[None, :], axis=1) * tl.load(scales + rn * G + lo // GS)
-    if ACC2D:
-        acc = tl.sum(acc2, axis=1)
-        if FMT != 3 and not GROUPED:
-            acc = acc * tl.load(scales + rn)
+    slow = True
+    if DOT:   # counts x 8-bit weights on the tensor cores; a row they cannot take exactly: the loop below
+        acc, slow = _row_dot(x, w, scales, row, rn, K, G, GS, BN, BK, FMT, EVEN_K, GROUPED)
+    if slow:
+        acc = tl.zeros([BN], dtype=tl.float32)
+        acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+        for lo in range(0, K, BK):
+            if EVEN_K:
+                xt = tl.load(px + lo).to(tl.float32)
+                wt = tl.load(pw + lo)
+            else:
+                m = lo + o_k < K
+                xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
+                wt = tl.load(pw + lo, mask=m[None, :], other=0)
+            if SPIKE:
+                xt = _rint(tl.div_rn(xt, v))
+                if SPIKE == 2:
+                    xt = tl.where(wide, xt, _e4m3_round(tl.minimum(tl.maximum(xt, -448.0), 448.0)))
+            if FMT == 0 and MAGIC:
+                wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+                wf = wf - 8388736.0
+            elif FMT == 1:
+                wf = wt.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            elif FMT == 2:
+                wf = _e4m3_bits_to_f32(wt)
+            else:                                       # int8 by the conversion instruction, or float weights
+                wf = wt.to(tl.float32)
+            if ACC2D and GROUPED:
+                acc2 += (wf * xt[None, :]) * tl.load(scales + rn * G + lo // GS)[:, None]
+            elif ACC2D:
+                acc2 += wf * xt[None, :]
+            elif FMT == 3:
+                acc += tl.sum(wf * xt[None, :], axis=1)
+            else:
+                acc += tl.sum(wf * xt[None, :], axis=1) * tl.load(scales + rn * G + lo // GS)
+        if ACC2D:
+            acc = tl.sum(acc2, axis=1)
+            if FMT != 3 and not GROUPED:
+                acc = acc * tl.load(scales + rn)
     if SPIKE:
         acc = acc * v
     elif HAS_VTH:
@@ -2318,37 +2375,42 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
     tl.store(out + row * N + cols, acc.to(out.dtype.element_ty), mask=cols < N)
 
 
-def _row_key(fmt, K, N):
-    """GEMV_ROW_CONFIGS' key of a weight [N, K] in format fmt."""
-    return {W_INT8: "int8", W_FLOAT: "float"}.get(fmt, "e4m3"), "wide" if N > K else "tall"
+def _row_key(fmt, K, N, counts=False):
+    """GEMV_ROW_CONFIGS' key of a weight [N, K] in format fmt; counts: x holds spike counts (vth given), so int8
+    weights are W8ASpike's ("w8aspike"), not weight-only int8's."""
+    kind = {W_INT8: "w8aspike" if counts else "int8", W_FLOAT: "float"}.get(fmt, "e4m3")
+    return kind, "wide" if N > K else "tall"
 
 
-def gemv_row_fits(M, K, N, group_size, fmt, device):
-    """Does _gemv_row_kernel take M rows times a weight [N, K] in format fmt, groups of group_size, on device? Up to
-    GEMV_ROW_MAX_ROWS rows, whole groups (group_size divides K, or one group of K), and not a shape whose setting
-    on this device is None (there the gemv8 op measured faster)."""
+def gemv_row_fits(M, K, N, group_size, fmt, device, counts=False):
+    """Does _gemv_row_kernel take M rows times a weight [N, K] in format fmt, groups of group_size, on device (counts:
+    x holds spike counts)? Up to GEMV_ROW_MAX_ROWS rows, whole groups (group_size divides K, or one group of K), and
+    not a shape whose setting on this device is None (there the gemv8 op measured faster)."""
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else device.type
     return (0 < M <= GEMV_ROW_MAX_ROWS and (group_size >= K or K % group_size == 0)
-            and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N), GEMV_ROW_SAFE) is not None)
+            and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N, counts), GEMV_ROW_SAFE) is not None)
 
 
 def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     """Launch _gemv_row_kernel for one weight, _gemv_rows_kernel for 2-4 (lists ws, sts, biases, outs) with cfg's
     settings (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
-    num_warps, num_stages; ACC2D, default True; MAGIC, default True); spike_k > 0: the kernel makes x's counts."""
+    num_warps, num_stages; ACC2D, default True; MAGIC, default True; DOT, default False: counts (vth given) times
+    int8 or e4m3 weights on the tensor cores, BN then at least 16); spike_k > 0: the kernel makes x's counts."""
     (M, K), Ns = x.shape, [w.shape[0] for w in ws]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    BN = cfg["BN"]
-    while BN > 2 and sum(triton.cdiv(N, BN) for N in Ns) * M < 2 * sms:
-        BN //= 2
     gs = min(group_size, K)
     one = fmt == W_FLOAT or gs == K
     BK = min(cfg["BK"], triton.next_power_of_2(K)) if one else _int8_gemv_tile_k(K, gs, cfg["BK"])
+    # tl.dot on 8-bit operands takes K tiles of 32 at least
+    dot = bool(cfg.get("DOT")) and vth is not None and fmt in (W_INT8, W_E4M3) and not spike_k and BK >= 32
+    BN = max(cfg["BN"], 16) if dot else cfg["BN"]
+    while BN > (16 if dot else 2) and sum(triton.cdiv(N, BN) for N in Ns) * M < 2 * sms:
+        BN //= 2
     st = sts[0]
     meta = dict(GS=gs, BN=BN, BK=BK, FMT=fmt, EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True),
                 MAGIC=cfg.get("MAGIC", True), GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
                 HAS_BIAS=biases[0] is not None, SPIKE=0 if not spike_k else 1 if fmt in (W_INT8, W_FLOAT) else 2,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (sum(triton.cdiv(N, BN) for N in Ns) * M,)
     G = 1 if st is None else st.shape[1]
     if len(ws) == 1:
@@ -2373,7 +2435,7 @@ def _row_products(x, ws, scales, group_size, fmt, vth, biases, out_dtype, spike_
     sts = [None if s is None else s.float().contiguous() for s in scales]
     bs = [None if b is None else b.contiguous() for b in biases]
     v = None if vth is None else vth.float().contiguous()
-    key = _row_key(fmt, K, ws[0].shape[0])
+    key = _row_key(fmt, K, ws[0].shape[0], vth is not None or bool(spike_k))
     opts = GEMV_ROW_CONFIGS.get(torch.cuda.get_device_capability(dev) if dev.type == "cuda" else dev.type, {})
     os_ = outs if dev.type == "cuda" else [o.float() for o in outs]   # the interpreter truncates 16-bit stores
     os_ = with_fallback(lambda cfg: _gemv_row(x.contiguous(), [w.contiguous() for w in ws], sts, v, bs, os_,
@@ -2570,7 +2632,7 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
         raise ValueError(f"{name} multiplies at most 8 rows (decode) with spike counts below 2^22 (K k); got {M} "
                          f"rows, K k = {x2.shape[1] * k:g}: use {other}")
     fmt = (W_E4M3 if _fp8_gemv_format(x.device) == 1 else W_E4M3_BITS) if fp8 else W_INT8
-    if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device):
+    if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device, counts=True):
         if GEMV_ROW_SPIKES:   # one row: one launch that makes the counts too
             return gemv_row(x2, w, scales, group_size, fmt, None, bias, x.dtype, float(k)).view(*x.shape[:-1], -1)
         # the counts (compiled: fused into the pass that makes x), then one launch

@@ -1170,6 +1170,50 @@ def test_gemv_row_matches_float64(cfg, monkeypatch):
             assert torch.equal(kernels.gemv_row(*args, torch.bfloat16), y.bfloat16())   # the cast last
 
 
+DOT_SETTINGS = [dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=True),
+                dict(BN=32, BK=128, num_warps=4, num_stages=3, DOT=True, ACC2D=False)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", DOT_SETTINGS)
+def test_gemv_row_counts_on_the_tensor_cores(cfg, monkeypatch):
+    """gemv_row's DOT route (spike counts times 8-bit weights by tl.dot): W8ASpike's int8 groups of 128 (K = 384)
+    with a bias and FP8's e4m3 rows (K = 300: a masked last tile), on gemv_counts_torch's counts of rows drawn as a
+    layer's input, alone and as gemv_rows of three weights: within gemv_row's bound of float64 (int8 and the
+    interpreter: sums in fp32; e4m3 on a GPU: the tensor cores' fewer bits, within 2^-9 of the products' magnitude,
+    below the bf16 output's rounding). Rows the 8-bit type does not hold take the CUDA-core loop and stay within the
+    bound: a count past 127 and a half for int8; a count of 17 (5 significant bits) and one past 448 for e4m3."""
+    monkeypatch.setattr(kernels, "GEMV_ROW_SAFE", cfg)
+    monkeypatch.setattr(kernels, "GEMV_ROW_CONFIGS", {})
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 384, generator=gen)
+    x[2, 7] = 60.0                                           # a count past 127 (and past 16 for e4m3)
+    q, sc, b = gemv_operands(1, 384, 40, 128, seed=4)[1:]
+    c1, v1 = (t.to(DEV) for t in kernels.gemv_counts_torch(x, 3.0))
+    c1[1, 3] += 0.5                                          # a value no integer holds
+    bits, s8 = spiking.quantize_weight_fp8(torch.randn(56, 300, generator=gen))
+    w8, s8 = bits.view(torch.uint8).to(DEV), s8.view(56, 1).to(DEV)
+    x3 = torch.randn(3, 300, generator=gen)
+    x3[2, 5] = 300.0                                         # a count past 448: the row keeps exact counts
+    c3, v3 = (t.to(DEV) for t in kernels.gemv_counts_torch(x3, 3.0, fp8=True))
+    c3[1, 9] = 17.0                                          # not an e4m3 value
+    assert c1[2].abs().max() > 127 and c3[2].abs().max() > 448
+    for c, w, s, gs, fmt, v, bias in ((c1, q, sc, 128, kernels.W_INT8, v1, b), (c3, w8, s8, 300, kernels.W_E4M3, v3,
+                                                                                   None)):
+        for m in range(3):   # one row a call, as a decode step's (row 0: on the tensor cores)
+            want, bound = row_twin(c[m:m + 1], w, s, gs, fmt, v[m:m + 1], bias)
+            if CUDA and fmt == kernels.W_E4M3 and m == 0:
+                wd = w.view(torch.float8_e4m3fn).double() * s.double()
+                bound = bound + 2.0 ** -9 * (c[m:m + 1].double().abs() @ wd.abs().T) * v[m:m + 1].double()
+            y = kernels.gemv_row(c[m:m + 1], w, s, gs, fmt, v[m:m + 1], bias, torch.float32)
+            assert ((y.double() - want).abs() <= bound).all(), (fmt, m)
+            ws = [w[:8], w, w[8:24]]
+            ys = kernels.gemv_rows(c[m:m + 1], ws, [s[:8], s, s[8:24]], gs, fmt, v[m:m + 1],
+                                   [None if bias is None else bias[:8], bias, None if bias is None else bias[8:24]],
+                                   torch.float32)
+            assert torch.equal(ys[1], y) and torch.equal(ys[0], y[:, :8]) and torch.equal(ys[2], y[:, 8:24])
+
+
 @needs_triton
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_gemv_rows_matches_float64_and_gemv_row(n):

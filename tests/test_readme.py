@@ -406,13 +406,14 @@ def check_bench(*words):
 def check_gemv_routes(r, ws):
     """bench.py gemv on the tiny preset: for each projection shape bf16, and for int8, W8ASpike and FP8 weights the
     gemv8 op as set, each swept setting (tl.dot and CUDA-core) and gemv8_fused, the one-row kernel as set and under
-    two swept settings (FP8 also the integer e4m3 decoding under both), then the block's sums per route."""
+    two swept settings (W8ASpike and FP8 a third: the counts on the tensor cores; FP8 also the integer e4m3
+    decoding under the two), then the block's sums per route."""
     import bench
     shapes = bench.block_projections("tiny")
     triton_runs = os.environ.get("TRITON_INTERPRET") == "1"     # the op and gemv_row left out without Triton
     op = 1 + 2 if triton_runs else 0
     for q in ("int8", "w8aspike", "fp8"):
-        row = (1 + 2 + (2 if q == "fp8" else 0)) if triton_runs else 0
+        row = (1 + 2 + (q != "int8") + (2 if q == "fp8" else 0)) if triton_runs else 0
         assert len(re.findall(rf"^ *\S+ +\d+ +\d+ +{q} ", r.stdout, re.M)) == len(shapes) * (op + 1 + row), q
         assert re.search(rf"^ +{q} +[\d.]+ us +[\d.]+x bf16", r.stdout, re.M)
     assert len(re.findall(r"^ *\S+ +\d+ +\d+ +bf16 ", r.stdout, re.M)) == len(shapes)
