@@ -932,7 +932,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
-                 group_rows: bool = True, row_spikes: bool = False, device: str = "cuda",
+                 group_rows: bool = True, row_spikes: bool = False, row_counts: bool = True, device: str = "cuda",
                  tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
@@ -985,6 +985,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         row_spikes: a spiking layer's one-row GEMV makes its input's spike counts in the kernel
             (kernels.GEMV_ROW_SPIKES: every program reads the row once more for vth); false: a pass over the input
             makes them first (compiled: fused into the input's producer), the faster (BENCHMARKS.md).
+        row_counts: the spike counts before a one-row GEMV from kernels.spike_counts (one program a row,
+            kernels.ROW_COUNTS); false: compiled with the pass that makes the input (one looped reduction).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -993,6 +995,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     kernels.GEMV_ROW_MAX_ROWS = 1 if gemv_row else 0
     kernels.GEMV_SPLIT_BIAS = split_bias
     kernels.GEMV_ROW_SPIKES = row_spikes
+    kernels.ROW_COUNTS = row_counts
     if gemv8:
         kernels.GEMV8_COMPILED = dict.fromkeys(kernels.GEMV8_COMPILED, gemv8)
     if tiny:
@@ -1013,7 +1016,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{decode_route(quant, device, batches[0])}"
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"
            f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}"
-           f"{', counts in the kernel' if quant in ('fp8', 'w8aspike') and row_spikes and gemv_row else ''}; "
+           f"{', counts in the kernel' if quant in ('fp8', 'w8aspike') and row_spikes and gemv_row else ''}"
+           f"{', counts compiled with their input' if quant in ('fp8', 'w8aspike') and not row_counts else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
@@ -1812,6 +1816,7 @@ KINDS = (("matmul", ("nvjet", "gemm", "gemv", "cutlass", "xmma", "cublas", "spli
          ("GLA kernels", ("_scan_kernel", "_chunk_kernel", "_chunk_state_kernel", "_bwd_dqkg_kernel",
                           "_recurrent_kernel")),
          ("optimizer", ("multi_tensor", "adam")),
+         ("spike counts", ("_spike_counts_kernel",)),
          ("compiled (elementwise, reductions)", ("triton_",)))
 
 

@@ -1388,11 +1388,12 @@ def decode_cse(group=False):
     on the same tensor, a one-row reduction each. Merged, the step makes them once. Mutations (the cache writes),
     random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format
     and shape become gemv_rows launches of 2-4 weights each (group_row_products). A graph without spike counts
-    (aten.round) or one-row GEMVs, a float model's, is left as it is."""
+    (aten.round, spike_counts) or one-row GEMVs, a float model's, is left as it is."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    marks = {torch.ops.aten.round.default, torch.ops.spikingbrain.gemv_row.default}
+    marks = {torch.ops.aten.round.default, torch.ops.spikingbrain.gemv_row.default,
+             torch.ops.spikingbrain.spike_counts.default}
 
     class DecodeCSE(CustomGraphPass):
         def __call__(self, graph):
@@ -1407,7 +1408,7 @@ def decode_cse(group=False):
                 group_row_products(graph)
 
         def uuid(self):   # inductor's cache key for the pass
-            return f"spikingbrain.decode_cse.3.{group}"
+            return f"spikingbrain.decode_cse.4.{group}"
     return DecodeCSE()
 
 
@@ -2590,6 +2591,58 @@ def gemv_counts_torch(x, k=3.0, fp8=False):
     return e4m3_counts(counts, top), vth
 
 
+ROW_COUNTS = True   # a one-row decode GEMV's spike counts from _spike_counts_kernel (one program per row, the whole
+                    # row in registers at decode widths); False: gemv_counts_torch, which a compiled step fuses into
+                    # the pass making x (one looped reduction; A/B: bench.py decode --row_counts)
+ROW_COUNTS_BLOCK = 32768   # the most elements of a row _spike_counts_kernel holds at once; wider rows loop
+
+
+@triton.jit
+def _spike_counts_kernel(x, c, vth, K, k, BLOCK: tl.constexpr, FP8: tl.constexpr):
+    """gemv_counts_torch for row pid of x [M, K]: vth = clamp(mean|x| / k, 1e-5, 1e4) (the sum in tl.sum's order),
+    counts = round(x / vth) with IEEE division, ties to even; FP8: rounded to e4m3 (e4m3_counts) unless the row's
+    largest count passes 448. One pass for the sums, one for the counts (from L1/L2: the row was just read)."""
+    row, o = tl.program_id(0).to(tl.int64), tl.arange(0, BLOCK)
+    px, pc = x + row * K + o, c + row * K + o
+    sa = tl.zeros([BLOCK], dtype=tl.float32)
+    mx = tl.zeros([BLOCK], dtype=tl.float32)
+    for lo in range(0, K, BLOCK):
+        xa = tl.abs(tl.load(px + lo, mask=lo + o < K, other=0.0).to(tl.float32))
+        sa += xa
+        mx = tl.maximum(mx, xa)
+    v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
+    wide = _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
+    for lo in range(0, K, BLOCK):
+        m = lo + o < K
+        ct = _rint(tl.div_rn(tl.load(px + lo, mask=m, other=0.0).to(tl.float32), v))
+        if FP8:
+            ct = tl.where(wide, ct, _e4m3_round(tl.minimum(tl.maximum(ct, -448.0), 448.0)))
+        tl.store(pc + lo, ct, mask=m)
+    tl.store(vth + row, v)
+
+
+@torch.library.custom_op("spikingbrain::spike_counts", mutates_args=())
+def spike_counts(x: torch.Tensor, k: float, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv_counts_torch(x, k, fp8) on _spike_counts_kernel, one opaque op (a compiled decode step keeps it, x
+    written once by the pass before it): x [M, K] float -> counts fp32 [M, K], vth fp32 [M, 1]. Equal to the twin
+    bit for bit where both sums of |x| agree (any order: e.g. values with few significant bits); else vth may move
+    by the last bits of a sum in another order (and a count at a tie with it). Twin: gemv_counts_torch."""
+    if x.dim() != 2 or not k > 0:
+        raise ValueError(f"spike_counts takes x [M, K] and k > 0; got {tuple(x.shape)}, k={k}")
+    M, K = x.shape
+    c, v = x.new_empty(M, K, dtype=torch.float32), x.new_empty(M, 1, dtype=torch.float32)
+    if M and K:
+        block = min(triton.next_power_of_2(K), ROW_COUNTS_BLOCK)
+        _spike_counts_kernel[(M,)](x.contiguous(), c, v, K, float(k), BLOCK=block, FP8=fp8,
+                                   num_warps=max(4, min(32, block // 1024)))
+    return c, v
+
+
+@spike_counts.register_fake
+def _(x, k, fp8=False):
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
 def gemv8_fused_spikes(x, w, scales, group_size, k, fp8):
     """The spiking 8-bit GEMV of a compiled decode step: gemv8_fused on x's spike counts (gemv_counts_torch), times
     vth -> fp32 [M, N]; w and scales as gemv8_fused takes them (one matrix, or one per row)."""
@@ -2635,8 +2688,9 @@ def _spike_gemv(x, w, scales, group_size, k, bias, splits, fp8):
     if gemv_row_fits(M, x2.shape[1], w.shape[0], group_size, fmt, x.device, counts=True):
         if GEMV_ROW_SPIKES:   # one row: one launch that makes the counts too
             return gemv_row(x2, w, scales, group_size, fmt, None, bias, x.dtype, float(k)).view(*x.shape[:-1], -1)
-        # the counts (compiled: fused into the pass that makes x), then one launch
-        counts, vth = (compiled(gemv_counts_torch) if x.is_cuda else gemv_counts_torch)(x2, k, fp8)
+        # the counts (one program a row; or compiled: fused into the pass that makes x), then one launch
+        counts, vth = (spike_counts if ROW_COUNTS else compiled(gemv_counts_torch) if x.is_cuda
+                       else gemv_counts_torch)(x2, k, fp8)
         return gemv_row(counts, w, scales, group_size, fmt, vth, bias, x.dtype).view(*x.shape[:-1], -1)
     if fused_gemv8("fp8" if fp8 else "int8"):
         y = gemv8_fused_spikes(x2, w, scales, group_size, k, fp8)

@@ -353,12 +353,13 @@ def test_bad_inputs_raise_before_launch():
 
 def test_bench_profile_counts_every_gla_kernel():
     """bench.py profile groups device time by kernel name: every Triton kernel of kernels.py is a GLA kernel,
-    except the decode attention kernel (softmax attention) and the spike GEMM and the 8-bit GEMVs (matmuls: INT8
-    or e4m3 weights)."""
+    except the decode attention kernel (softmax attention), the spike GEMM and the 8-bit GEMVs (matmuls: INT8
+    or e4m3 weights) and the one-row spike counts."""
     import bench
     names = [n for n in dir(kernels) if n.endswith("_kernel")]
     others = {"_decode_attention_kernel": "softmax attention", "_spike_gemm_kernel": "matmul",
-              "_gemv8_kernel": "matmul", "_gemv_row_kernel": "matmul", "_gemv_rows_kernel": "matmul"}
+              "_gemv8_kernel": "matmul", "_gemv_row_kernel": "matmul", "_gemv_rows_kernel": "matmul",
+              "_spike_counts_kernel": "spike counts"}
     kinds = {n: others.get(n, "GLA kernels") for n in names}
     assert len(names) >= 5 and all(bench.kind_of(n) == kind for n, kind in kinds.items()), names
 
@@ -1285,6 +1286,28 @@ def test_gemv_row_makes_the_spike_counts_as_spike_quant():
             assert ((y.double() - want).abs() <= bound).all()
     with pytest.raises(ValueError, match="vth None"):
         kernels.gemv_row(x, ws[0], scs[0], gs, fmt, v, None, torch.float32, k)
+
+
+@needs_triton
+def test_spike_counts_equal_gemv_counts_torch(monkeypatch):
+    """spike_counts (one program a row) against its twin gemv_counts_torch, bit for bit: rows of eighths (mean|x|
+    exact in any order) where row 0 has vth = 1/4 exactly and ties at n + 1/2 (to even), row 1 a count past 448
+    (FP8: kept exact), row 2 all zeros (vth clamped to 1e-5); int8 counts (exact) and FP8 counts (e4m3-rounded),
+    fp32 and bf16 inputs, a row within one block and one looped over four (ROW_COUNTS_BLOCK cut to 128)."""
+    gen = torch.Generator().manual_seed(9)
+    for K, block, dt in ((300, 32768, torch.float32), (500, 128, torch.bfloat16)):
+        monkeypatch.setattr(kernels, "ROW_COUNTS_BLOCK", block)
+        m = torch.randint(-60, 61, (3, K), generator=gen).float()
+        m[1, 7], m[2] = 4000.0, 0.0
+        x = (m / 8).to(dt)
+        k = float(4 * x[0].float().abs().mean())
+        for fp8 in (False, True):
+            c, v = kernels.spike_counts(x.to(DEV), k, fp8)
+            c0, v0 = kernels.gemv_counts_torch(x, k, fp8)
+            assert v0[0].item() == 0.25 and v0[2].item() == torch.tensor(1e-5).item() and c0[1].abs().max() > 448
+            assert torch.equal(v.cpu(), v0) and torch.equal(c.cpu(), c0), (K, fp8)
+    with pytest.raises(ValueError, match="k > 0"):
+        kernels.spike_counts(x.to(DEV), 0.0)
 
 
 def fp8_decode_logits(device):
