@@ -932,7 +932,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
-                 group_rows: bool = True, row_spikes: bool = False, row_counts: bool = True, device: str = "cuda",
+                 group_rows: bool = True, row_spikes: bool = False, row_counts: bool = False, device: str = "cuda",
                  tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
@@ -986,7 +986,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             (kernels.GEMV_ROW_SPIKES: every program reads the row once more for vth); false: a pass over the input
             makes them first (compiled: fused into the input's producer), the faster (BENCHMARKS.md).
         row_counts: the spike counts before a one-row GEMV from kernels.spike_counts (one program a row,
-            kernels.ROW_COUNTS); false: compiled with the pass that makes the input (one looped reduction).
+            kernels.ROW_COUNTS); false: compiled with the pass that makes the input, the faster (BENCHMARKS.md).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -1017,7 +1017,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{'' if not compile or quant == 'bf16' else ', compiled as ' + kernels.GEMV8_COMPILED[fmt]}"
            f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}"
            f"{', counts in the kernel' if quant in ('fp8', 'w8aspike') and row_spikes and gemv_row else ''}"
-           f"{', counts compiled with their input' if quant in ('fp8', 'w8aspike') and not row_counts else ''}; "
+           f"{', counts by kernels.spike_counts' if quant in ('fp8', 'w8aspike') and row_counts else ''}; "
            f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))

@@ -2176,6 +2176,8 @@ GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, 
                              ("w8aspike", "tall"): None}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
+# A setting's DOT=True (counts times int8 or e4m3 weights by tl.dot, _row_dot) is swept by bench.py gemv but set
+# nowhere: on an H200 it read the weights at 0.4-0.5x the CUDA-core loop's rate (BENCHMARKS.md)
 GEMV_ROW_SPIKES = False   # True: a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k),
                           # no one-block reduction before it, but each program's extra pass over the row and division
                           # per element cost more (BENCHMARKS.md; bench.py decode --row_spikes true)
@@ -2591,9 +2593,10 @@ def gemv_counts_torch(x, k=3.0, fp8=False):
     return e4m3_counts(counts, top), vth
 
 
-ROW_COUNTS = True   # a one-row decode GEMV's spike counts from _spike_counts_kernel (one program per row, the whole
-                    # row in registers at decode widths); False: gemv_counts_torch, which a compiled step fuses into
-                    # the pass making x (one looped reduction; A/B: bench.py decode --row_counts)
+ROW_COUNTS = False  # True: a one-row decode GEMV's spike counts from spike_counts (one program a row, the whole row
+                    # in registers at decode widths); False: gemv_counts_torch, which a compiled step fuses into the
+                    # pass making x. The one-program kernel waits on its loads, its reduction and its stores in
+                    # turn, one launch more per input: not faster (BENCHMARKS.md; bench.py decode --row_counts)
 ROW_COUNTS_BLOCK = 32768   # the most elements of a row _spike_counts_kernel holds at once; wider rows loop
 
 

@@ -1293,7 +1293,8 @@ def test_spike_counts_equal_gemv_counts_torch(monkeypatch):
     """spike_counts (one program a row) against its twin gemv_counts_torch, bit for bit: rows of eighths (mean|x|
     exact in any order) where row 0 has vth = 1/4 exactly and ties at n + 1/2 (to even), row 1 a count past 448
     (FP8: kept exact), row 2 all zeros (vth clamped to 1e-5); int8 counts (exact) and FP8 counts (e4m3-rounded),
-    fp32 and bf16 inputs, a row within one block and one looped over four (ROW_COUNTS_BLOCK cut to 128)."""
+    fp32 and bf16 inputs, a row within one block and one looped over four (ROW_COUNTS_BLOCK cut to 128). FP8's
+    and W8ASpike's one-row GEMVs give the same output with kernels.ROW_COUNTS on and off."""
     gen = torch.Generator().manual_seed(9)
     for K, block, dt in ((300, 32768, torch.float32), (500, 128, torch.bfloat16)):
         monkeypatch.setattr(kernels, "ROW_COUNTS_BLOCK", block)
@@ -1308,6 +1309,14 @@ def test_spike_counts_equal_gemv_counts_torch(monkeypatch):
             assert torch.equal(v.cpu(), v0) and torch.equal(c.cpu(), c0), (K, fp8)
     with pytest.raises(ValueError, match="k > 0"):
         kernels.spike_counts(x.to(DEV), 0.0)
+    bits, s8 = spiking.quantize_weight_fp8(torch.randn(24, 500, generator=gen))
+    q, sc = spiking.quantize_weight(torch.randn(24, 500, generator=gen), 500)
+    for routed in (lambda: kernels.fp8_gemv(x[:1].to(DEV), bits.to(DEV), s8.to(DEV), k),
+                   lambda: kernels.w8aspike_gemv(x[:1].to(DEV), q.to(DEV), sc.to(DEV), 500, k)):
+        monkeypatch.setattr(kernels, "ROW_COUNTS", False)
+        y = routed()
+        monkeypatch.setattr(kernels, "ROW_COUNTS", True)   # the one-row GEMV's counts from spike_counts instead
+        assert torch.equal(routed(), y)
 
 
 def fp8_decode_logits(device):
