@@ -1100,7 +1100,8 @@ def graph_us(fn, device):
 
 
 def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0, sweep: bool = True,
-               row_sweep: bool = True, device: str = "cuda", tiny: bool = False) -> None:
+               row_sweep: bool = True, row_settings: list[dict] | None = None, device: str = "cuda",
+               tiny: bool = False) -> None:
     """Decode GEMVs (a batch-1 step's projections) at the preset's shapes, each route timed alone under a CUDA
     graph, its weight bytes read per microsecond beside the device copy rate: bf16 F.linear compiled as a decode
     step compiles it (inductor's tuned reduction, kernels.compile_decode without graphs), the gemv8 op as the 8-bit
@@ -1108,7 +1109,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     groups) and FP8 (e4m3, one scale a row)) under its current settings and, with sweep, under every GEMV_SWEEP
     setting (tl.dot on rows padded to 16, or DOT false: CUDA-core products; projections of 1M weights or more),
     and gemv8_fused compiled; for one row also kernels.gemv_row (one launch on the CUDA cores: int8 weight-only, the
-    W8ASpike and FP8 counts with vth, bf16 weights as "bf16-row") as set and, with row_sweep, under every
+    W8ASpike and FP8 counts with vth, FP8's counts also as fp16 ("fp8-x16": they are e4m3 values, so exact; half
+    the bytes of the row a program reads), bf16 weights as "bf16-row") as set and, with row_sweep, under every
     GEMV_ROW_SWEEP setting. Each route takes its turn over copies of its weights that together pass twice the
     L2 cache, so each call reads its weights from memory as a decode step does. Then a block's projections summed
     per route (the best setting per shape where swept): the 8-bit routes' time over bf16's is what the weight reads
@@ -1120,6 +1122,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         k: spike threshold parameter of the count rows.
         sweep: time every GEMV_SWEEP setting too (a setting that does not compile is skipped).
         row_sweep: time every GEMV_ROW_SWEEP setting of the one-row kernel (kernels.gemv_row) too.
+        row_settings: the one-row kernel's settings to sweep in place of GEMV_ROW_SWEEP, e.g.
+            '[{"BN": 8, "BK": 1024, "num_warps": 8, "num_stages": 3}]'.
         device: cuda or cpu.
         tiny: CPU smoke run (TRITON_INTERPRET=1): the tiny preset, two settings.
     """
@@ -1185,19 +1189,20 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         c1, v1 = kernels.gemv_counts_torch(x, k)
         c8, v8 = kernels.gemv_counts_torch(x, k, fp8=True)
         fmt8 = kernels.W_E4M3 if kernels._fp8_gemv_format(torch.device(device)) == 1 else kernels.W_E4M3_BITS
-        for r, a, v, copies, gs, fmt in (
-                ("int8", x, None, q8, 128, kernels.W_INT8), ("w8aspike", c1, v1, q8, 128, kernels.W_INT8),
-                ("fp8", c8, v8, f8, K, fmt8), ("fp8", c8, v8, f8, K, kernels.W_E4M3_BITS),
-                ("bf16-row", x, None, [(w, None) for w in wb], K, kernels.W_FLOAT)):
+        for r, a, v, copies, gs, fmt, tag in (
+                ("int8", x, None, q8, 128, kernels.W_INT8, "row"), ("w8aspike", c1, v1, q8, 128, kernels.W_INT8, "row"),
+                ("fp8", c8, v8, f8, K, fmt8, "row"), ("fp8-x16", c8.half(), v8, f8, K, fmt8, "row"),
+                ("fp8", c8, v8, f8, K, kernels.W_E4M3_BITS, "row" if fmt8 == kernels.W_E4M3_BITS else "row bits"),
+                ("bf16-row", x, None, [(w, None) for w in wb], K, kernels.W_FLOAT, "row")):
             if rows != 1 or not (cuda or kernels.INTERPRET):
                 break
             nbytes = sum(t.nbytes for t in copies[0] if t is not None)
-            tag = "row bits" if fmt == kernels.W_E4M3_BITS and fmt8 != fmt else "row"
-            row_swept = [c for c in GEMV_ROW_SWEEP if not c.get("DOT") or r in ("w8aspike", "fp8") and
-                         fmt != kernels.W_E4M3_BITS] if row_sweep and (N * K >= 2 ** 20 or tiny) else []
+            counts = r in ("w8aspike", "fp8", "fp8-x16") and tag == "row"   # the routes DOT settings take
+            row_swept = [c for c in (row_settings or GEMV_ROW_SWEEP) if not c.get("DOT") or counts] \
+                if row_sweep and (N * K >= 2 ** 20 or tiny) else []
             if tiny:   # two settings, and one on the tensor cores where the route takes it
                 row_swept = row_swept[:2] + [c for c in row_swept if c.get("DOT")][:1]
-            for cfg in ([None] if tag == "row" else []) + row_swept:
+            for cfg in ([None] if tag != "row bits" else []) + row_swept:
                 def run(a=a, v=v, copies=copies, gs=gs, fmt=fmt, cfg=cfg):
                     wq, st = pick(copies)
                     if cfg is None:
@@ -1227,14 +1232,15 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
             total[key][0] += t * len(names)
             total[key][1].add(label)
     print("block's projections summed (best setting per shape for int8, w8aspike, fp8):")
-    for key in ("bf16", "int8", "w8aspike", "fp8", *(f"{r} op (as set)" for r in ("int8", "w8aspike", "fp8")),
+    for key in ("bf16", "int8", "w8aspike", "fp8", "fp8-x16",
+                *(f"{r} op (as set)" for r in ("int8", "w8aspike", "fp8")),
                 *(f"{r} gemv8_fused" for r in ("int8", "w8aspike", "fp8")),
-                "bf16-row", *(f"{r} row (as set)" for r in ("bf16-row", "int8", "w8aspike", "fp8"))):
+                "bf16-row", *(f"{r} row (as set)" for r in ("bf16-row", "int8", "w8aspike", "fp8", "fp8-x16"))):
         if key in total:
             t = total[key][0]
+            swept = key in ("int8", "w8aspike", "fp8", "fp8-x16", "bf16-row")
             print(f"{key:>24} {t:9.1f} us  {total['bf16'][0] / t:5.2f}x bf16" +
-                  (f"  ({'; '.join(sorted(total[key][1]))})" if key in ("int8", "w8aspike", "fp8", "bf16-row") else ""),
-                  flush=True)
+                  (f"  ({'; '.join(sorted(total[key][1]))})" if swept else ""), flush=True)
 
 
 # ----------------------------------------------------------------------------- serving

@@ -1428,8 +1428,9 @@ def group_row_products(graph):
         if node.op == "call_function" and node.target is one:
             a = {**dict(zip(names, node.args)), **node.kwargs}
             w = a["w"].meta["val"]
+            shape = _row_key(a["fmt"], w.shape[1], w.shape[0], a["vth"] is not None)
             key = (a["x"], a["vth"], a.get("spike_k", 0.0), a["group_size"], a["fmt"], a["out_dtype"], w.dtype,
-                   a["scales"] is None, a["bias"] is None, _row_key(a["fmt"], w.shape[1], w.shape[0], a["vth"] is not None))
+                   a["scales"] is None, a["bias"] is None, shape)
             groups.setdefault(key, []).append((node, a))
 
     def before(n, first, depth=3):   # n defined before first, or a pure op of such nodes moved there

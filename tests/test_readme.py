@@ -407,7 +407,7 @@ def check_gemv_routes(r, ws):
     """bench.py gemv on the tiny preset: for each projection shape bf16, and for int8, W8ASpike and FP8 weights the
     gemv8 op as set, each swept setting (tl.dot and CUDA-core) and gemv8_fused, the one-row kernel as set and under
     two swept settings (W8ASpike and FP8 a third: the counts on the tensor cores; FP8 also the integer e4m3
-    decoding under the two), then the block's sums per route."""
+    decoding under the two, and its counts as fp16 as set and under the three), then the block's sums per route."""
     import bench
     shapes = bench.block_projections("tiny")
     triton_runs = os.environ.get("TRITON_INTERPRET") == "1"     # the op and gemv_row left out without Triton
@@ -417,6 +417,7 @@ def check_gemv_routes(r, ws):
         assert len(re.findall(rf"^ *\S+ +\d+ +\d+ +{q} ", r.stdout, re.M)) == len(shapes) * (op + 1 + row), q
         assert re.search(rf"^ +{q} +[\d.]+ us +[\d.]+x bf16", r.stdout, re.M)
     assert len(re.findall(r"^ *\S+ +\d+ +\d+ +bf16 ", r.stdout, re.M)) == len(shapes)
+    assert len(re.findall(r"^ *\S+ +\d+ +\d+ +fp8-x16 ", r.stdout, re.M)) == len(shapes) * (4 if triton_runs else 0)
 
 
 def check_collects_gpu_tests(r, ws):
