@@ -2178,7 +2178,7 @@ GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, 
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 # A setting's DOT=True (counts times int8 or e4m3 weights by tl.dot, _row_dot) is swept by bench.py gemv but set
-# nowhere: on an H200 it read the weights at 0.4-0.5x the CUDA-core loop's rate (BENCHMARKS.md)
+# nowhere: on an H200 it read the weights at 0.43-0.73x the CUDA-core loop's rate, by shape (BENCHMARKS.md)
 GEMV_ROW_SPIKES = False   # True: a spiking layer's one-row GEMV makes x's counts in its kernel (gemv_row spike_k),
                           # no one-block reduction before it, but each program's extra pass over the row and division
                           # per element cost more (BENCHMARKS.md; bench.py decode --row_spikes true)
@@ -2273,21 +2273,17 @@ def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK
             m = lo + o_k < K
             xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
             wt = tl.load(pw + lo, mask=m[None, :], other=0)
+        col0 = j[None, :] == 0
         if FMT == 0:
             x8 = tl.minimum(tl.maximum(xt, -128.0), 127.0).to(tl.int8)
-            xb = x8
-        else:
-            x8 = tl.minimum(tl.maximum(xt, -448.0), 448.0).to(tl.float8e4nv)
-            xb = x8.to(tl.uint8, bitcast=True)
-            wt = wt.to(tl.float8e4nv, bitcast=True)
-        off = tl.maximum(off, tl.abs(xt - x8.to(tl.float32)))
-        xd = tl.where(j[None, :] == 0, xb[:, None], tl.zeros([BK, 16], dtype=xb.dtype))
-        if FMT != 0:
-            xd = xd.to(tl.float8e4nv, bitcast=True)
-        if FMT == 0:
+            xd = tl.where(col0, x8[:, None], tl.zeros([BK, 16], dtype=tl.int8))
             d = tl.dot(wt, xd).to(tl.float32)       # [BN, 16]: column 0 the tile's sums
         else:   # Hopper's FP8 MMA sums with fewer bits than fp32: each instruction's 32 products go to fp32 at once
-            d = tl.dot(wt, xd, max_num_imprecise_acc=32)
+            x8 = tl.minimum(tl.maximum(xt, -448.0), 448.0).to(tl.float8e4nv)
+            xd = tl.where(col0, x8.to(tl.uint8, bitcast=True)[:, None], tl.zeros([BK, 16], dtype=tl.uint8))
+            d = tl.dot(wt.to(tl.float8e4nv, bitcast=True), xd.to(tl.float8e4nv, bitcast=True),
+                       max_num_imprecise_acc=32)
+        off = tl.maximum(off, tl.abs(xt - x8.to(tl.float32)))
         if GROUPED:
             acc += d * tl.load(scales + rn * G + lo // GS)[:, None]
         else:
@@ -2464,7 +2460,9 @@ def gemv_row(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor], g
     with y64 the same formula in float64 (int8_gemv_torch; spike_linear_fp8_torch). Twin: those two.
     spike_k > 0 (vth None): x is the layer's input and the kernel makes its spike counts and vth (spike_quant at
     spike_k; for e4m3 weights rounded as e4m3_counts), no pass over x before the launch; the same bound, with x, vth
-    the counts and vth of spike_quant_torch (the mean's fp32 sum may differ in order, so vth in its last bit)."""
+    the counts and vth of spike_quant_torch (the mean's fp32 sum may differ in order, so vth in its last bit).
+    A setting with DOT (counts, vth given, int8 or e4m3 weights): the same bound, except that e4m3 on a GPU adds
+    the tensor cores' rounding within each 32 products (tested within 2^-9 sum_k |x w s vth| on an H200)."""
     return _row_products(x, [w], [scales], group_size, fmt, vth, [bias], out_dtype, spike_k)[0]
 
 
