@@ -2251,6 +2251,17 @@ def _e4m3_round(c):
 
 
 @triton.jit
+def _row_tile(px, pw, lo, o_k, K, EVEN_K: tl.constexpr):
+    """The tile at lo of a row (fp32 [BK]) and of a weight's rows ([BN, BK], as stored); past K (not EVEN_K): 0."""
+    if EVEN_K:
+        xt, wt = tl.load(px + lo), tl.load(pw + lo)
+    else:
+        m = lo + o_k < K
+        xt, wt = tl.load(px + lo, mask=m, other=0.0), tl.load(pw + lo, mask=m[None, :], other=0)
+    return xt.to(tl.float32), wt
+
+
+@triton.jit
 def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
              EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
     """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row] on the tensor cores: each tile of
@@ -2266,13 +2277,7 @@ def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK
     acc = tl.zeros([BN, 16], dtype=tl.float32)
     off = tl.zeros([BK], dtype=tl.float32)
     for lo in range(0, K, BK):
-        if EVEN_K:
-            xt = tl.load(px + lo).to(tl.float32)
-            wt = tl.load(pw + lo)
-        else:
-            m = lo + o_k < K
-            xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
-            wt = tl.load(pw + lo, mask=m[None, :], other=0)
+        xt, wt = _row_tile(px, pw, lo, o_k, K, EVEN_K)
         col0 = j[None, :] == 0
         if FMT == 0:
             x8 = tl.minimum(tl.maximum(xt, -128.0), 127.0).to(tl.int8)
@@ -2334,13 +2339,7 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
         acc = tl.zeros([BN], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
         for lo in range(0, K, BK):
-            if EVEN_K:
-                xt = tl.load(px + lo).to(tl.float32)
-                wt = tl.load(pw + lo)
-            else:
-                m = lo + o_k < K
-                xt = tl.load(px + lo, mask=m, other=0.0).to(tl.float32)
-                wt = tl.load(pw + lo, mask=m[None, :], other=0)
+            xt, wt = _row_tile(px, pw, lo, o_k, K, EVEN_K)
             if SPIKE:
                 xt = _rint(tl.div_rn(xt, v))
                 if SPIKE == 2:
