@@ -973,8 +973,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         gemv_row: the 8-bit GEMVs of one row (batch 1) on kernels.gemv_row (one launch a projection, CUDA cores);
             false: the gemv8 op or gemv8_fused as for more rows (the other half of an A/B).
         row_configs: settings of kernels.gemv_row for this device in place of GEMV_ROW_CONFIGS' entries, keyed
-            "<int8|w8aspike|e4m3|float> <wide|tall>" (DOT true: counts on the tensor cores), e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
-            "num_stages": 3}}' (an A/B of a swept setting); null: that shape takes the gemv8 op.
+            "<int8|w8aspike|e4m3|float> <wide|tall>", e.g. '{"int8 wide": {"BN": 32, "BK": 128, "num_warps": 8,
+            "num_stages": 3}}' (an A/B of a swept setting; "DOT": true multiplies W8ASpike's or FP8's counts on
+            the tensor cores); null: that shape takes the gemv8 op.
         split_bias: with compile, a bf16 projection with a bias at batch 1 as a bias-free GEMV + the bias
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
         cse: with compile, a spiking or 8-bit step's common subexpressions merged (kernels.decode_cse: one
@@ -1125,7 +1126,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         row_settings: the one-row kernel's settings to sweep in place of GEMV_ROW_SWEEP, e.g.
             '[{"BN": 8, "BK": 1024, "num_warps": 8, "num_stages": 3}]'.
         device: cuda or cpu.
-        tiny: CPU smoke run (TRITON_INTERPRET=1): the tiny preset, two settings.
+        tiny: CPU smoke run (TRITON_INTERPRET=1): the tiny preset, two settings (the counts' routes a third, on
+            the tensor cores).
     """
     check_spike_k(k, "k")
     if not 1 <= rows <= 8:
@@ -1190,7 +1192,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         c8, v8 = kernels.gemv_counts_torch(x, k, fp8=True)
         fmt8 = kernels.W_E4M3 if kernels._fp8_gemv_format(torch.device(device)) == 1 else kernels.W_E4M3_BITS
         for r, a, v, copies, gs, fmt, tag in (
-                ("int8", x, None, q8, 128, kernels.W_INT8, "row"), ("w8aspike", c1, v1, q8, 128, kernels.W_INT8, "row"),
+                ("int8", x, None, q8, 128, kernels.W_INT8, "row"),
+                ("w8aspike", c1, v1, q8, 128, kernels.W_INT8, "row"),
                 ("fp8", c8, v8, f8, K, fmt8, "row"), ("fp8-x16", c8.half(), v8, f8, K, fmt8, "row"),
                 ("fp8", c8, v8, f8, K, kernels.W_E4M3_BITS, "row" if fmt8 == kernels.W_E4M3_BITS else "row bits"),
                 ("bf16-row", x, None, [(w, None) for w in wb], K, kernels.W_FLOAT, "row")):
