@@ -2251,6 +2251,32 @@ def _e4m3_round(c):
 
 
 @triton.jit
+def _row_vth(px, o, K, k, BLOCK: tl.constexpr, E4M3: tl.constexpr):
+    """A row's spike threshold vth = clamp(mean|x| / k, 1e-5, 1e4) in fp32 (IEEE division), read in tiles of BLOCK
+    (px: the first tile's pointers, o: arange(BLOCK)), and whether (E4M3) its largest count round(max|x| / vth)
+    passes 448, where e4m3_counts keeps the row's counts exact (without E4M3: False). Returns (vth, wide)."""
+    sa = tl.zeros([BLOCK], dtype=tl.float32)
+    mx = tl.zeros([BLOCK], dtype=tl.float32)
+    for lo in range(0, K, BLOCK):
+        xa = tl.abs(tl.load(px + lo, mask=lo + o < K, other=0.0).to(tl.float32))
+        sa += xa
+        if E4M3:   # dividing by vth and rounding keep the order of |x|: the largest count comes from max|x|
+            mx = tl.maximum(mx, xa)
+    v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
+    return v, _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
+
+
+@triton.jit
+def _counts(x, v, wide, E4M3: tl.constexpr):
+    """Spike counts round(x / vth) of fp32 x (IEEE division, ties to even); E4M3: rounded to e4m3 as e4m3_counts,
+    unless the row is wide (_row_vth)."""
+    c = _rint(tl.div_rn(x, v))
+    if E4M3:
+        c = tl.where(wide, c, _e4m3_round(tl.minimum(tl.maximum(c, -448.0), 448.0)))
+    return c
+
+
+@triton.jit
 def _row_tile(px, pw, lo, o_k, K, EVEN_K: tl.constexpr):
     """The tile at lo of a row (fp32 [BK]) and of a weight's rows ([BN, BK], as stored); past K (not EVEN_K): 0."""
     if EVEN_K:
@@ -2323,15 +2349,7 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
     px = x + row * K + o_k
     acc = tl.zeros([BN], dtype=tl.float32)
     if SPIKE:   # every program reads the row once more (from L2) for vth, rather than a one-program pass before
-        sa = tl.zeros([BK], dtype=tl.float32)
-        mx = tl.zeros([BK], dtype=tl.float32)
-        for lo in range(0, K, BK):
-            xa = tl.abs(tl.load(px + lo, mask=lo + o_k < K, other=0.0).to(tl.float32))
-            sa += xa
-            if SPIKE == 2:   # the row's largest |x|: only e4m3 counts ask whether a count passes 448
-                mx = tl.maximum(mx, xa)
-        v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
-        wide = _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
+        v, wide = _row_vth(px, o_k, K, k, BK, SPIKE == 2)
     slow = True
     if DOT:   # counts x 8-bit weights on the tensor cores; a row they cannot take exactly: the loop below
         acc, slow = _row_dot(x, w, scales, row, rn, K, G, GS, BN, BK, FMT, EVEN_K, GROUPED)
@@ -2341,9 +2359,7 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
         for lo in range(0, K, BK):
             xt, wt = _row_tile(px, pw, lo, o_k, K, EVEN_K)
             if SPIKE:
-                xt = _rint(tl.div_rn(xt, v))
-                if SPIKE == 2:
-                    xt = tl.where(wide, xt, _e4m3_round(tl.minimum(tl.maximum(xt, -448.0), 448.0)))
+                xt = _counts(xt, v, wide, SPIKE == 2)
             if FMT == 0 and MAGIC:
                 wf = ((wt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
                 wf = wf - 8388736.0
@@ -2605,20 +2621,10 @@ def _spike_counts_kernel(x, c, vth, K, k, BLOCK: tl.constexpr, FP8: tl.constexpr
     largest count passes 448. One pass for the sums, one for the counts (from L1/L2: the row was just read)."""
     row, o = tl.program_id(0).to(tl.int64), tl.arange(0, BLOCK)
     px, pc = x + row * K + o, c + row * K + o
-    sa = tl.zeros([BLOCK], dtype=tl.float32)
-    mx = tl.zeros([BLOCK], dtype=tl.float32)
-    for lo in range(0, K, BLOCK):
-        xa = tl.abs(tl.load(px + lo, mask=lo + o < K, other=0.0).to(tl.float32))
-        sa += xa
-        mx = tl.maximum(mx, xa)
-    v = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(tl.sum(sa, 0), K * 1.0), k), 1e-5), 1e4)
-    wide = _rint(tl.div_rn(tl.max(mx, 0), v)) > 448.0
+    v, wide = _row_vth(px, o, K, k, BLOCK, FP8)
     for lo in range(0, K, BLOCK):
         m = lo + o < K
-        ct = _rint(tl.div_rn(tl.load(px + lo, mask=m, other=0.0).to(tl.float32), v))
-        if FP8:
-            ct = tl.where(wide, ct, _e4m3_round(tl.minimum(tl.maximum(ct, -448.0), 448.0)))
-        tl.store(pc + lo, ct, mask=m)
+        tl.store(pc + lo, _counts(tl.load(px + lo, mask=m, other=0.0).to(tl.float32), v, wide, FP8), mask=m)
     tl.store(vth + row, v)
 
 
