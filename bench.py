@@ -1081,7 +1081,8 @@ GEMV_SWEEP = ([dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
 
 # kernels._gemv_row_kernel's settings timed by bench.py gemv (one row, CUDA cores); BN is the most a program takes
 # (halved on small matrices), BK within a group for int8; ACC2D False: each tile reduced; MAGIC False: int8 by the
-# conversion instruction; DOT: spike counts times int8 or e4m3 weights on the tensor cores (w8aspike and fp8 only)
+# conversion instruction; DOT: spike counts times int8 or e4m3 weights on the tensor cores (w8aspike and fp8 only);
+# SPLIT: programs a block of channels splits K among (more, wider blocks on the tall shapes)
 GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st, ACC2D=a) for bn, w, st in
                    ((8, 4, 3), (16, 4, 3), (32, 8, 3), (16, 8, 4), (64, 8, 3)) for a in (True, False)] +
                   [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, ACC2D=a) for bn, bk, w, st in
@@ -1089,7 +1090,10 @@ GEMV_ROW_SWEEP = ([dict(BN=bn, BK=128, num_warps=w, num_stages=st, ACC2D=a) for 
                   [dict(BN=bn, BK=128, num_warps=w, num_stages=3, MAGIC=False) for bn, w in ((16, 4), (32, 8))] +
                   [dict(BN=bn, BK=bk, num_warps=w, num_stages=st, DOT=True) for bn, bk, w, st in
                    ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (64, 128, 4, 5), (64, 256, 4, 4),
-                    (128, 128, 8, 4), (128, 256, 8, 3))])
+                    (128, 128, 8, 4), (128, 256, 8, 3))] +
+                  [dict(BN=bn, BK=bk, num_warps=w, num_stages=3, ACC2D=a, SPLIT=sp) for bn, bk, w, a, sp in
+                   ((16, 256, 4, False, 4), (16, 256, 4, False, 8), (8, 512, 4, True, 4), (32, 256, 8, False, 8),
+                    (16, 512, 4, False, 4))])
 
 
 def graph_us(fn, device):
@@ -1146,6 +1150,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
     print(f"{'projections':>22} {'K':>6} {'N':>6} {'route':>10} {'setting':>44} {'us':>8} {'TB/s':>6} {'of copy':>7}",
           flush=True)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
+    if cuda:
+        kernels.row_tickets(torch.device(device))   # SPLIT settings take them (made once, before any CUDA graph)
     opts = {"coordinate_descent_tuning": True} if cuda else None
     torch.manual_seed(0)
     total = {}

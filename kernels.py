@@ -1377,6 +1377,7 @@ def compile_decode(fn, device, gemv=True, options=None):
     options = {"post_grad_custom_pre_pass": decode_cse(group=True), **(options or {})}
     if device.type != "cuda":
         return torch.compile(fn, options=options)
+    row_tickets(device)   # now: made in a CUDA graph's warm-up they would belong to the graph's memory pool
     return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **options})
 
 
@@ -2161,11 +2162,12 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # matrices along K (partial sums added by a second kernel); here each program owns BN whole weight rows, streams
 # them once in tiles of BK, converts each byte in registers and multiplies it with the row on the CUDA cores (a few
 # operations a byte: e4m3 weights keep up with their reads; int8 ones with a scale per group of 128 less so, which is
-# why their tall shapes stay on tl.dot), then applies vth, the bias and the cast itself: one launch a projection,
-# the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a small matrix
-# so that its programs still fill the GPU (no split along K: no second pass). Settings per CUDA capability, weight
-# kind ("int8": weight-only, "w8aspike": int8 times spike counts, "e4m3": FP8 times counts, "float") and shape
-# ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
+# why weight-only int8's tall shapes stay on tl.dot), then applies vth, the bias and the cast itself: one launch a
+# projection, the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a
+# small matrix so that its programs still fill the GPU; SPLIT > 1 splits K among that many programs instead (the tall
+# shapes: wider blocks, each reading less of the row; the last program of a block adds the parts, no second pass).
+# Settings per CUDA capability, weight kind ("int8": weight-only, "w8aspike": int8 times spike counts, "e4m3": FP8
+# times counts, "float") and shape ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
 # `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a missing entry, another device, and a setting that
 # does not compile there (with_fallback) take GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot
 # kernel above, whose weight tile serves all of them.
@@ -2175,6 +2177,9 @@ GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, 
                              ("int8", "tall"): None,
                              ("w8aspike", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
                              ("w8aspike", "tall"): None}}
+# SPLIT is in no entry yet: the sweep put it ahead on an H200's tall shapes (e4m3 BN=16, BK=512, SPLIT=4; W8ASpike
+# BN=16, BK=256, SPLIT=8; benchmarks/LOG.md), but no whole compiled step has run with it on a GPU so far
+# (bench.py decode --row_configs '{"e4m3 tall": {..., "SPLIT": 4}}' runs one).
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 # A setting's DOT=True (counts times int8 or e4m3 weights by tl.dot, _row_dot) is swept by bench.py gemv but set
@@ -2196,41 +2201,43 @@ def _e4m3_bits_to_f32(b):
 
 
 @triton.jit
-def _gemv_row_kernel(x, w, scales, vth, bias, out, N, K, G, k, GS: tl.constexpr, BN: tl.constexpr,
+def _gemv_row_kernel(x, w, scales, vth, bias, out, part, tickets, N, K, G, k, GS: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
                      MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SPIKE: tl.constexpr, DOT: tl.constexpr):
+                     SPIKE: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """x [M, K] times one weight w [N, K] (_gemv_row_block's formula): program (pid // M) owns BN output channels,
-    row m = pid % M (a second row of the same channels runs beside the first, so its weight tile comes from L2)."""
+    row m = pid % M (a second row of the same channels runs beside the first, so its weight tile comes from L2);
+    program_id(1) the part of K (SPLIT parts)."""
     pid = tl.program_id(0)
     M = tl.num_programs(0) // tl.cdiv(N, BN)
-    _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, pid % M, pid // M, GS, BN, BK, FMT, EVEN_K, ACC2D,
-                    MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
+    _gemv_row_block(x, w, scales, vth, bias, out, part, tickets, pid, tl.program_id(1), N, K, G, k, pid % M, pid // M,
+                    GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT, SPLIT)
 
 
 @triton.jit
-def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2, o2, N2, w3, s3, b3, o3, N3, K, G,
-                      k, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
+def _gemv_rows_kernel(x, vth, w0, s0, b0, o0, N0, w1, s1, b1, o1, N1, w2, s2, b2, o2, N2, w3, s3, b3, o3, N3, part,
+                      tickets, K, G, k, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
                       EVEN_K: tl.constexpr, ACC2D: tl.constexpr, MAGIC: tl.constexpr, GROUPED: tl.constexpr,
-                      HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPIKE: tl.constexpr, DOT: tl.constexpr):
+                      HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPIKE: tl.constexpr, DOT: tl.constexpr,
+                      SPLIT: tl.constexpr):
     """x [M, K] times up to four weights wi [Ni, K] (unused ones: Ni = 0) in one launch: matrix i's blocks of BN
     channels follow matrix i-1's; each block as _gemv_row_kernel's."""
-    pid = tl.program_id(0)
+    pid, sk = tl.program_id(0), tl.program_id(1)
     n0, n1, n2 = tl.cdiv(N0, BN), tl.cdiv(N1, BN), tl.cdiv(N2, BN)
     M = tl.num_programs(0) // (n0 + n1 + n2 + tl.cdiv(N3, BN))
     row, cb = pid % M, pid // M
     if cb < n0:
-        _gemv_row_block(x, w0, s0, vth, b0, o0, N0, K, G, k, row, cb, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED,
-                        HAS_VTH, HAS_BIAS, SPIKE, DOT)
+        _gemv_row_block(x, w0, s0, vth, b0, o0, part, tickets, pid, sk, N0, K, G, k, row, cb, GS, BN, BK, FMT, EVEN_K,
+                        ACC2D, MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT, SPLIT)
     elif cb < n0 + n1:
-        _gemv_row_block(x, w1, s1, vth, b1, o1, N1, K, G, k, row, cb - n0, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
+        _gemv_row_block(x, w1, s1, vth, b1, o1, part, tickets, pid, sk, N1, K, G, k, row, cb - n0, GS, BN, BK, FMT,
+                        EVEN_K, ACC2D, MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT, SPLIT)
     elif cb < n0 + n1 + n2:
-        _gemv_row_block(x, w2, s2, vth, b2, o2, N2, K, G, k, row, cb - n0 - n1, GS, BN, BK, FMT, EVEN_K, ACC2D, MAGIC,
-                        GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
+        _gemv_row_block(x, w2, s2, vth, b2, o2, part, tickets, pid, sk, N2, K, G, k, row, cb - n0 - n1, GS, BN, BK,
+                        FMT, EVEN_K, ACC2D, MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT, SPLIT)
     else:
-        _gemv_row_block(x, w3, s3, vth, b3, o3, N3, K, G, k, row, cb - n0 - n1 - n2, GS, BN, BK, FMT, EVEN_K, ACC2D,
-                        MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT)
+        _gemv_row_block(x, w3, s3, vth, b3, o3, part, tickets, pid, sk, N3, K, G, k, row, cb - n0 - n1 - n2, GS, BN,
+                        BK, FMT, EVEN_K, ACC2D, MAGIC, GROUPED, HAS_VTH, HAS_BIAS, SPIKE, DOT, SPLIT)
 
 
 @triton.jit
@@ -2288,9 +2295,9 @@ def _row_tile(px, pw, lo, o_k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
-             EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
-    """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row] on the tensor cores: each tile of
+def _row_dot(x, w, scales, row, rn, k0, k1, K, G, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             FMT: tl.constexpr, EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
+    """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row, k0:k1] on the tensor cores: each tile of
     the row converted to the weight's 8-bit type (FMT W_INT8: int8; W_E4M3: e4m3) and set as column 0 of a [BK, 16]
     tile, the other 15 columns zero (tl.dot's narrowest), times the weight tile [BN, BK] as it is read: no
     conversion per weight byte. int8: int32 sums, exact (127 * 127 * BK < 2^24, so exact in fp32 too), times the
@@ -2302,7 +2309,7 @@ def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK
     px = x + row * K + o_k
     acc = tl.zeros([BN, 16], dtype=tl.float32)
     off = tl.zeros([BK], dtype=tl.float32)
-    for lo in range(0, K, BK):
+    for lo in range(k0, k1, BK):
         xt, wt = _row_tile(px, pw, lo, o_k, K, EVEN_K)
         col0 = j[None, :] == 0
         if FMT == 0:
@@ -2326,10 +2333,24 @@ def _row_dot(x, w, scales, row, rn, K, G, GS: tl.constexpr, BN: tl.constexpr, BK
 
 
 @triton.jit
-def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
+def _row_out(acc, out, vth, bias, row, N, cols, rn, v, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+             SPIKE: tl.constexpr):
+    """_gemv_row_block's end: the sums acc [BN] of channels cols times vth (v: the kernel's own, SPIKE), plus the
+    bias, stored in out's dtype."""
+    if SPIKE:
+        acc = acc * v
+    elif HAS_VTH:
+        acc = acc * tl.load(vth + row)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias + rn).to(tl.float32)
+    tl.store(out + row * N + cols, acc.to(out.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _gemv_row_block(x, w, scales, vth, bias, out, part, tickets, tile, sk, N, K, G, k, row, cb, GS: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, EVEN_K: tl.constexpr, ACC2D: tl.constexpr,
                     MAGIC: tl.constexpr, GROUPED: tl.constexpr, HAS_VTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SPIKE: tl.constexpr, DOT: tl.constexpr):
+                    SPIKE: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """out[row, cols] = (sum_g scales[cols, g] sum_{k in g} x[row, k] w[cols, k]) * vth[row] + bias[cols], cast to
     out's dtype, for the BN output channels of block cb. x [M, K] any float dtype, taken to fp32; w [N, K] in
     format FMT: W_INT8 (int8, fp32 by conversion), W_E4M3 (e4m3 bits converted by Triton), W_E4M3_BITS (the same
@@ -2342,21 +2363,31 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
     round(x / vth) per tile, IEEE division; 2: rounded to e4m3 as e4m3_counts, unless the row's largest count passes
     448), vth then as HAS_VTH's. Each product is rounded once in fp32 (twice where ACC2D scales it), then the
     sums. DOT (int8 or e4m3 weights, not SPIKE): x holds spike counts, multiplied on the tensor cores (_row_dot); a
-    row that is not exact in the weight's 8-bit type takes the loop of the CUDA cores instead."""
+    row that is not exact in the weight's 8-bit type takes the loop of the CUDA cores instead.
+    SPLIT > 1: this program sums part sk of K alone (whole tiles; a part past K sums nothing) and stores it in
+    part[tile, sk] (fp32 [tiles, SPLIT, BN]), then takes a ticket (tickets[tile], one per block of channels); the
+    program whose ticket is the last adds the SPLIT parts, sets the ticket back to 0 and stores the block: more
+    programs for a weight of few channels, with no second launch and no zeroed output."""
     cols, o_k = cb * BN + tl.arange(0, BN), tl.arange(0, BK)
     rn = cols % N                                   # channels past N wrap around: no masks; not stored
     pw = w + rn.to(tl.int64)[:, None] * K + o_k[None, :]
     px = x + row * K + o_k
+    if SPLIT == 1:
+        k0, k1 = 0, K
+    else:
+        k0 = sk * (tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK)
+        k1 = tl.minimum(k0 + tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK, K)
     acc = tl.zeros([BN], dtype=tl.float32)
+    v = 1.0
     if SPIKE:   # every program reads the row once more (from L2) for vth, rather than a one-program pass before
         v, wide = _row_vth(px, o_k, K, k, BK, SPIKE == 2)
     slow = True
     if DOT:   # counts x 8-bit weights on the tensor cores; a row they cannot take exactly: the loop below
-        acc, slow = _row_dot(x, w, scales, row, rn, K, G, GS, BN, BK, FMT, EVEN_K, GROUPED)
+        acc, slow = _row_dot(x, w, scales, row, rn, k0, k1, K, G, GS, BN, BK, FMT, EVEN_K, GROUPED)
     if slow:
         acc = tl.zeros([BN], dtype=tl.float32)
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
-        for lo in range(0, K, BK):
+        for lo in range(k0, k1, BK):
             xt, wt = _row_tile(px, pw, lo, o_k, K, EVEN_K)
             if SPIKE:
                 xt = _counts(xt, v, wide, SPIKE == 2)
@@ -2381,13 +2412,17 @@ def _gemv_row_block(x, w, scales, vth, bias, out, N, K, G, k, row, cb, GS: tl.co
             acc = tl.sum(acc2, axis=1)
             if FMT != 3 and not GROUPED:
                 acc = acc * tl.load(scales + rn)
-    if SPIKE:
-        acc = acc * v
-    elif HAS_VTH:
-        acc = acc * tl.load(vth + row)
-    if HAS_BIAS:
-        acc = acc + tl.load(bias + rn).to(tl.float32)
-    tl.store(out + row * N + cols, acc.to(out.dtype.element_ty), mask=cols < N)
+    if SPLIT == 1:
+        _row_out(acc, out, vth, bias, row, N, cols, rn, v, HAS_VTH, HAS_BIAS, SPIKE)
+    else:
+        o_n = tl.arange(0, BN)
+        tl.store(part + (tile * SPLIT + sk) * BN + o_n, acc)
+        tl.debug_barrier()   # every thread's part stored before the ticket (its atomic releases them to the GPU)
+        if tl.atomic_add(tickets + tile, 1) == SPLIT - 1:   # acquires the other parts; .cg reads them past L1
+            ps = tl.load(part + tile * SPLIT * BN + tl.arange(0, SPLIT)[:, None] * BN + o_n[None, :],
+                         cache_modifier=".cg")
+            tl.atomic_xchg(tickets + tile, 0)
+            _row_out(tl.sum(ps, axis=0), out, vth, bias, row, N, cols, rn, v, HAS_VTH, HAS_BIAS, SPIKE)
 
 
 def _row_key(fmt, K, N, counts=False):
@@ -2406,11 +2441,32 @@ def gemv_row_fits(M, K, N, group_size, fmt, device, counts=False):
             and GEMV_ROW_CONFIGS.get(cap, {}).get(_row_key(fmt, K, N, counts), GEMV_ROW_SAFE) is not None)
 
 
+ROW_TICKETS = 1 << 16    # the most blocks of channels (programs along N, times rows) one split GEMV may have
+
+
+def row_tickets(device, make=True):
+    """_gemv_row_kernel's tickets on device (int32 [ROW_TICKETS], made zero once; each split launch leaves them
+    zero). Made by this call (make), never inside _gemv_row: a launch on a device without them takes no split. So
+    compile_decode makes them before any CUDA graph and its warm-up calls (inductor runs those in the graph's memory
+    pool, where they could not stay), as does an eager caller that wants the split. None where not made, or while a
+    CUDA graph is captured. Launches on one device share them: they run in stream order, never two at once."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = row_tickets.held.get(device)
+    if t is None and make and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        t = row_tickets.held[device] = torch.zeros(ROW_TICKETS, dtype=torch.int32, device=device)
+    return t
+
+
+row_tickets.held = {}
+
+
 def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     """Launch _gemv_row_kernel for one weight, _gemv_rows_kernel for 2-4 (lists ws, sts, biases, outs) with cfg's
     settings (BN: at most, halved until the matrices give every SM two programs; BK: at most, within a group;
     num_warps, num_stages; ACC2D, default True; MAGIC, default True; DOT, default False: counts (vth given) times
-    int8 or e4m3 weights on the tensor cores, BN then at least 16); spike_k > 0: the kernel makes x's counts."""
+    int8 or e4m3 weights on the tensor cores, BN then at least 16; SPLIT, default 1: programs a block of channels
+    splits K among, a power of 2, with row_tickets); spike_k > 0: the kernel makes x's counts."""
     (M, K), Ns = x.shape, [w.shape[0] for w in ws]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     gs = min(group_size, K)
@@ -2418,23 +2474,31 @@ def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     BK = min(cfg["BK"], triton.next_power_of_2(K)) if one else _int8_gemv_tile_k(K, gs, cfg["BK"])
     # tl.dot on 8-bit operands takes K tiles of 32 at least
     dot = bool(cfg.get("DOT")) and vth is not None and fmt in (W_INT8, W_E4M3) and not spike_k and BK >= 32
+    split = cfg.get("SPLIT", 1)
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"gemv_row setting SPLIT={split}: give a power of 2 (1: no split)")
     BN = max(cfg["BN"], 16) if dot else cfg["BN"]
-    while BN > (16 if dot else 2) and sum(triton.cdiv(N, BN) for N in Ns) * M < 2 * sms:
+    while BN > (16 if dot else 2) and sum(triton.cdiv(N, BN) for N in Ns) * M * split < 2 * sms:
         BN //= 2
+    tiles = sum(triton.cdiv(N, BN) for N in Ns) * M
+    tickets = row_tickets(x.device, make=not x.is_cuda) if split > 1 and tiles <= ROW_TICKETS else None
+    split = split if tickets is not None else 1
+    part = x.new_empty(tiles * split * BN, dtype=torch.float32) if split > 1 else None
     st = sts[0]
     meta = dict(GS=gs, BN=BN, BK=BK, FMT=fmt, EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True),
                 MAGIC=cfg.get("MAGIC", True), GROUPED=st is not None and st.shape[1] > 1, HAS_VTH=vth is not None,
                 HAS_BIAS=biases[0] is not None, SPIKE=0 if not spike_k else 1 if fmt in (W_INT8, W_FLOAT) else 2,
-                DOT=dot, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    grid = (sum(triton.cdiv(N, BN) for N in Ns) * M,)
+                DOT=dot, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (tiles, split)
     G = 1 if st is None else st.shape[1]
     if len(ws) == 1:
-        _gemv_row_kernel[grid](x, ws[0], st, vth, biases[0], outs[0], Ns[0], K, G, float(spike_k), **meta)
+        _gemv_row_kernel[grid](x, ws[0], st, vth, biases[0], outs[0], part, tickets, Ns[0], K, G, float(spike_k),
+                               **meta)
     else:   # unused places repeat the last matrix with no channels
         last = len(ws) - 1
         segs = [a for i in range(4) for a in (ws[min(i, last)], sts[min(i, last)], biases[min(i, last)],
                                               outs[min(i, last)], Ns[i] if i <= last else 0)]
-        _gemv_rows_kernel[grid](x, vth, *segs, K, G, float(spike_k), **meta)
+        _gemv_rows_kernel[grid](x, vth, *segs, part, tickets, K, G, float(spike_k), **meta)
     return outs
 
 

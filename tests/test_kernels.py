@@ -1138,14 +1138,15 @@ def row_twin(x, w, scales, group_size, fmt, vth, bias):
 
 
 ROW_SETTINGS = [None, dict(BN=4, BK=64, num_warps=2, num_stages=1, MAGIC=False),
-                dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False)]
+                dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
+                dict(BN=8, BK=64, num_warps=4, num_stages=2, SPLIT=4)]
 
 
 @needs_triton
 @pytest.mark.parametrize("cfg", ROW_SETTINGS)
 def test_gemv_row_matches_float64(cfg, monkeypatch):
-    """gemv_row under the safe setting and two others (narrow tiles, int8 by the conversion instruction; wide tiles
-    reduced per tile), every weight
+    """gemv_row under the safe setting and three others (narrow tiles, int8 by the conversion instruction; wide tiles
+    reduced per tile; K split in 4 parts, the last past K for K = 384: tiles of 64 in parts of 128), every weight
     format: int8 in groups of 128 (K = 384) with vth and a bias; e4m3 through Triton's conversion and through the
     integer decoding (K = 300: a masked last tile; one scale a row); bf16 weights, no scales. One row and three (each
     row its own program): within the stated bound of float64; a bf16 output is the fp32 one rounded."""
@@ -1169,10 +1170,12 @@ def test_gemv_row_matches_float64(cfg, monkeypatch):
             y = kernels.gemv_row(*args, torch.float32)
             assert y.shape == want.shape and ((y.double() - want).abs() <= bound).all(), args[4]
             assert torch.equal(kernels.gemv_row(*args, torch.bfloat16), y.bfloat16())   # the cast last
+    if cfg and cfg.get("SPLIT"):   # each launch leaves the tickets as it found them
+        assert not kernels.row_tickets(torch.device(DEV)).any()
 
 
 DOT_SETTINGS = [dict(BN=16, BK=64, num_warps=4, num_stages=2, DOT=True),
-                dict(BN=32, BK=128, num_warps=4, num_stages=3, DOT=True, ACC2D=False)]
+                dict(BN=32, BK=128, num_warps=4, num_stages=3, DOT=True, ACC2D=False, SPLIT=2)]
 
 
 @needs_triton
@@ -1495,10 +1498,19 @@ def test_one_row_takes_gemv_row(kind, monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("split", [None, 4])
 @pytest.mark.parametrize("K,N", [(3584, 18944), (18944, 3584), (3584, 512)])
-def test_gpu_gemv_row_7b_shapes(K, N):
-    """gemv_row under this GPU's setting at the 7B's projection shapes, every weight format (int8 groups of 128 on
-    spike counts with vth, e4m3 both decodings, bf16 weights on a bf16 row): within the stated bound of float64."""
+def test_gpu_gemv_row_7b_shapes(K, N, split, monkeypatch):
+    """gemv_row under this GPU's setting (and one splitting K in 4 parts for every format, the parts added by the
+    last program of each block) at the 7B's projection shapes, every weight format (int8 groups of 128 on spike
+    counts with vth, e4m3 both decodings, bf16 weights on a bf16 row): within the stated bound of float64; a split
+    launch gives the same bits at every call (its parts added in one order, whichever program comes last), and
+    gemv_rows of it beside a second weight stays within the bound."""
+    if split:
+        cfg = dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False, SPLIT=split)
+        monkeypatch.setattr(kernels, "GEMV_ROW_CONFIGS", {torch.cuda.get_device_capability(): {
+            (kind, shape): cfg for kind in ("int8", "w8aspike", "e4m3", "float") for shape in ("wide", "tall")}})
+        kernels.row_tickets(torch.device("cuda"))   # a CUDA launch splits only where they were made before
     gen = torch.Generator().manual_seed(K + N)
     x = torch.randn(1, K, generator=gen)
     c, v = spike_quant_ref(x * torch.exp(torch.randn(1, K, generator=gen)), 3.0)
@@ -1514,6 +1526,16 @@ def test_gpu_gemv_row_7b_shapes(K, N):
         y = kernels.gemv_row(*args, torch.float32)
         assert ((y.double() - want).abs() <= bound).all(), args[4]
         assert torch.equal(kernels.gemv_row(*args, torch.bfloat16), y.bfloat16())   # rounded to nearest, last
+        if split:
+            assert all(torch.equal(kernels.gemv_row(*args, torch.float32), y) for _ in range(3))
+            x_, w, s, gs, fmt, vth, bias = args
+            h = N // 2   # a second weight of the same shape class (wide or tall)
+            ys = kernels.gemv_rows(x_, [w, w[:h]], [s, None if s is None else s[:h]], gs, fmt, vth,
+                                   [bias, None if bias is None else bias[:h]], torch.float32)
+            assert ((ys[0].double() - want).abs() <= bound).all()   # BN may differ from the single launch's
+            assert ((ys[1].double() - want[:, :h]).abs() <= bound[:, :h]).all()
+    if split:
+        assert not kernels.row_tickets(torch.device("cuda")).any()
 
 
 @needs_triton
