@@ -933,6 +933,8 @@ def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
     [B, T] / [B, S]. Returns [B, T, H, D]."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return _masked_attention_outside(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible)
     B, T, H, _ = q.shape
     def mask_mod(b, h, qi, ki):
         return visible(q_pos[b, qi], k_pos[b, ki], q_doc[b, qi], k_doc[b, ki], window)
@@ -941,6 +943,13 @@ def masked_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, visible):
     gqa = bool(H != k.shape[2])
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     return flex(q, k, v, bm, gqa).transpose(1, 2)
+
+
+# A compiled inference block (prefill: lengths vary, so dynamic shapes) calls masked_attention as it is: the block mask
+# built on the host and flex compiled on its own, as sliding_window_attention. Traced there, inductor (torch 2.11,
+# CUDA) failed to lower flex_attention with a block mask built inside the graph at a dynamic length. Training keeps
+# it in the compiled block (fixed lengths).
+_masked_attention_outside = torch.compiler.disable(masked_attention)
 
 
 @torch.compiler.disable   # slot order and offsets are read on the host: a compiled prefill runs this as is
