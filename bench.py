@@ -345,18 +345,15 @@ def bench_kernels(*, T: tuple[int, ...] = (4096, 16384, 65536), B: int = 1, H: i
 
 def ms(fn, device, grads=()):
     """Median ms of fn, the .grad of `grads` dropped before each call: triton.testing.do_bench on CUDA (CUDA events,
-    after warm-up), else one perf_counter call after one warm-up call (CPU smoke runs: they check that each route
-    runs, not its speed)."""
+    after warm-up), else one perf_counter call, no warm-up (CPU smoke runs: they check that each route runs, not its
+    speed)."""
     if torch.device(device).type == "cuda":
         return do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
-    times = []
-    for _ in range(2):
-        for g in grads:
-            g.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * times[-1]
+    for g in grads:
+        g.grad = None
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def block_projections(preset):
@@ -1223,7 +1220,8 @@ def bench_gemv(*, preset: str = "spikingbrain-7b", rows: int = 1, k: float = 3.0
         for label, (r, fn, nbytes) in routes.items():
             try:
                 with torch.no_grad():
-                    fn()
+                    if cuda:   # compiled and tuned before the graph's capture (a CPU run's one call does it all)
+                        fn()
                     t = graph_us(fn, device)
             except Exception as e:   # a swept setting that does not compile on this device
                 if label.endswith(("(as set)", "gemv8_fused")) or label == "bf16":

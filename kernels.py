@@ -2306,8 +2306,8 @@ def _row_tile(px, pw, lo, o_k, K, EVEN_K: tl.constexpr):
 @triton.jit
 def _row_dot(x, w, scales, row, rn, k0, k1, K, G, GS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
              FMT: tl.constexpr, EVEN_K: tl.constexpr, GROUPED: tl.constexpr):
-    """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row, k0:k1] on the tensor cores: each tile of
-    the row converted to the weight's 8-bit type (FMT W_INT8: int8; W_E4M3: e4m3) and set as column 0 of a [BK, 16]
+    """_gemv_row_block's sums (scales applied, not vth) for spike counts x[row, k0:k1] on the tensor cores: each
+    tile of the row converted to the weight's 8-bit type (FMT W_INT8: int8; W_E4M3: e4m3) and set as column 0 of a [BK, 16]
     tile, the other 15 columns zero (tl.dot's narrowest), times the weight tile [BN, BK] as it is read: no
     conversion per weight byte. int8: int32 sums, exact (127 * 127 * BK < 2^24, so exact in fp32 too), times the
     group's scale in fp32; e4m3: each 32 products summed by the tensor cores (Hopper's FP8 MMA keeps fewer bits than
@@ -2486,12 +2486,14 @@ def _gemv_row(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):
     split = cfg.get("SPLIT", 1)
     if split < 1 or split & (split - 1):
         raise ValueError(f"gemv_row setting SPLIT={split}: give a power of 2 (1: no split)")
+    tickets = row_tickets(x.device, make=not x.is_cuda) if split > 1 else None
+    split = split if tickets is not None else 1
     BN = max(cfg["BN"], 16) if dot else cfg["BN"]
     while BN > (16 if dot else 2) and sum(triton.cdiv(N, BN) for N in Ns) * M * split < 2 * sms:
         BN //= 2
     tiles = sum(triton.cdiv(N, BN) for N in Ns) * M
-    tickets = row_tickets(x.device, make=not x.is_cuda) if split > 1 and tiles <= ROW_TICKETS else None
-    split = split if tickets is not None else 1
+    if tiles > ROW_TICKETS:
+        tickets, split = None, 1
     part = x.new_empty(tiles * split * BN, dtype=torch.float32) if split > 1 else None
     st = sts[0]
     meta = dict(GS=gs, BN=BN, BK=BK, FMT=fmt, EVEN_K=K % BK == 0, ACC2D=cfg.get("ACC2D", True),

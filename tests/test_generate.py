@@ -380,12 +380,12 @@ def test_bench_code_paths_on_cpu(capsys):
     assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager, w8aspike" in out
 
 
-@pytest.mark.parametrize("name,quant", [("tiny-qwen", None), ("tiny-moe", None), ("tiny-moe", "w8aspike"),
-                                        ("tiny-moe", "fp8")])
+@pytest.mark.parametrize("name,quant", [("tiny-qwen", None), ("tiny-moe", "w8aspike"), ("tiny-moe", "fp8")])
 def test_compiled_generation_equals_eager(name, quant, tok_dir, monkeypatch):
     """Greedy tokens of the compiled prefill and decode step (graph capture, no code generation) equal eager's: full
-    attention, whose compiled step meets a grown cache, and MoE layers, float and 8-bit (the decode step's experts
-    gathered, the eager loop's picked by nonzero)."""
+    attention, whose compiled step meets a grown cache, and MoE layers with 8-bit experts (the decode step's experts
+    gathered, the eager loop's picked by nonzero). Float experts: test_decode_step_compiles_to_one_graph here, the
+    tokens in the GPU suite (test_gpu_compiled_generation_equals_eager)."""
     import functools
     m, tok = tiny(name), tokenizer.Tokenizer(tok_dir)
     if quant:
