@@ -2175,20 +2175,19 @@ def _(x, w, scales, group_size, splits, fp8=False, tf32=False, half=False):
 # projection, the count or activation row read as it is (fp32 counts, bf16 activations), no copy. BN shrinks on a
 # small matrix so that its programs still fill the GPU; SPLIT > 1 splits K among that many programs instead (the tall
 # shapes: wider blocks, each reading less of the row; the last program of a block adds the parts, no second pass).
+# The split needs row_tickets made before the launch (compile_decode makes them): without them a launch runs whole.
 # Settings per CUDA capability, weight kind ("int8": weight-only, "w8aspike": int8 times spike counts, "e4m3": FP8
 # times counts, "float") and shape ("wide": N > K, the MLP's gate and up; "tall": the rest), the best of
 # `bench.py gemv`'s sweep on a 7B block (benchmarks/LOG.md); a missing entry, another device, and a setting that
 # does not compile there (with_fallback) take GEMV_ROW_SAFE. More rows than GEMV_ROW_MAX_ROWS take the tl.dot
 # kernel above, whose weight tile serves all of them.
 GEMV_ROW_CONFIGS = {(9, 0): {("e4m3", "wide"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False),
-                             ("e4m3", "tall"): dict(BN=4, BK=512, num_warps=4, num_stages=3),
+                             ("e4m3", "tall"): dict(BN=16, BK=512, num_warps=4, num_stages=3, ACC2D=False, SPLIT=4),
                              ("int8", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
                              ("int8", "tall"): None,
                              ("w8aspike", "wide"): dict(BN=16, BK=128, num_warps=4, num_stages=3),
-                             ("w8aspike", "tall"): None}}
-# SPLIT is in no entry yet: the sweep put it ahead on an H200's tall shapes (e4m3 BN=16, BK=512, SPLIT=4; W8ASpike
-# BN=16, BK=256, SPLIT=8; benchmarks/LOG.md), but no whole compiled step has run with it on a GPU so far
-# (bench.py decode --row_configs '{"e4m3 tall": {..., "SPLIT": 4}}' runs one).
+                             ("w8aspike", "tall"): dict(BN=16, BK=256, num_warps=4, num_stages=3, ACC2D=False,
+                                                        SPLIT=8)}}
 GEMV_ROW_SAFE = dict(BN=8, BK=128, num_warps=4, num_stages=2)
 GEMV_ROW_MAX_ROWS = 1     # rows (tokens a step) that take _gemv_row_kernel; 0 turns it off (A/B: bench.py decode)
 # A setting's DOT=True (counts times int8 or e4m3 weights by tl.dot, _row_dot) is swept by bench.py gemv but set

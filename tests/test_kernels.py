@@ -1152,6 +1152,7 @@ def test_gemv_row_matches_float64(cfg, monkeypatch):
     row its own program): within the stated bound of float64; a bf16 output is the fp32 one rounded."""
     if cfg is not None:
         monkeypatch.setattr(kernels, "GEMV_ROW_SAFE", cfg)
+    kernels.row_tickets(torch.device(DEV))   # a CUDA launch splits only where they were made before
     gen = torch.Generator().manual_seed(7)
     for M in (1, 3):
         x = torch.randn(M, 384, generator=gen).to(DEV)
@@ -1186,9 +1187,11 @@ def test_gemv_row_counts_on_the_tensor_cores(cfg, monkeypatch):
     layer's input, alone and as gemv_rows of three weights: within gemv_row's bound of float64 (int8 and the
     interpreter: sums in fp32; e4m3 on a GPU: the tensor cores' fewer bits, within 2^-9 of the products' magnitude,
     below the bf16 output's rounding). Rows the 8-bit type does not hold take the CUDA-core loop and stay within the
-    bound: a count past 127 and a half for int8; a count of 17 (5 significant bits) and one past 448 for e4m3."""
+    bound: a count past 127 and a half for int8; a count of 17 (5 significant bits) and one past 448 for e4m3. The
+    second setting splits K in two."""
     monkeypatch.setattr(kernels, "GEMV_ROW_SAFE", cfg)
     monkeypatch.setattr(kernels, "GEMV_ROW_CONFIGS", {})
+    kernels.row_tickets(torch.device(DEV))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 384, generator=gen)
     x[2, 7] = 60.0                                           # a count past 127 (and past 16 for e4m3)
@@ -1322,8 +1325,9 @@ def test_spike_counts_equal_gemv_counts_torch(monkeypatch):
         assert torch.equal(routed(), y)
 
 
-def fp8_decode_logits(device):
-    """A spiking FP8 model of one GLA and one SWA layer (bench.py decode --quant fp8's tiny twin) and logits(step):
+def fp8_decode_logits(device, quant="fp8"):
+    """A spiking FP8 (or quant's) model of one GLA and one SWA layer (bench.py decode --quant's tiny twin) and
+    logits(step):
     its logits over three decode steps of step (model.forward, or it compiled) after a 20-token prefill, the same
     tokens fed whatever the logits."""
     import bench
@@ -1331,7 +1335,7 @@ def fp8_decode_logits(device):
     from model import GPT
 
     torch.manual_seed(0)
-    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).to(device).eval(), "fp8")
+    m = bench.quantize(GPT(bench.first_layers("tiny", 2)).to(device).eval(), quant)
     ids = torch.randint(0, 512, (1, 23), generator=torch.Generator().manual_seed(0)).to(device)
 
     def logits(step, before_steps=lambda: None):
@@ -1381,6 +1385,36 @@ def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch):
     step = kernels.compile_decode(m.forward, torch.device("cuda"))
     torch.testing.assert_close(logits(step), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     assert rounds and all(after * 16 == before * 9 for before, after in rounds), rounds
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("quant", ["fp8", "w8aspike"])
+def test_gpu_split_rows_in_a_compiled_decode_step(quant, monkeypatch):
+    """compile_decode on CUDA with the tall shapes' SPLIT settings (K split among the programs of a block, the last
+    adding the parts: row_tickets made before the CUDA graphs): a spiking step of one GLA and one SWA layer takes split
+    launches, and its logits over three steps, replayed from the graphs, equal the eager model's, whose launches
+    (no tickets made yet) run whole, within a few counts' change (compiled and eager norms may round a count
+    differently)."""
+    monkeypatch.setattr(kernels.row_tickets, "held", {})
+    monkeypatch.setattr(kernels, "GEMV_ROW_CONFIGS", {torch.cuda.get_device_capability(): {
+        (kind, "tall"): dict(BN=16, BK=16, num_warps=4, num_stages=3, ACC2D=False, SPLIT=4)   # 4 parts of K=64
+        for kind in ("e4m3", "w8aspike")}})
+    launches, launch = [], kernels._gemv_row
+
+    def counted(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k=0.0):   # the parts each launch takes
+        launches.append(cfg.get("SPLIT", 1) if kernels.row_tickets(x.device, make=False) is not None else 1)
+        return launch(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k)
+    monkeypatch.setattr(kernels, "_gemv_row", counted)
+    m, logits = fp8_decode_logits("cuda", quant)
+    ref = logits(m.forward)
+    assert set(launches) <= {1}
+    torch._dynamo.reset()
+    launches.clear()
+    step = kernels.compile_decode(m.forward, torch.device("cuda"))
+    torch.testing.assert_close(logits(step), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert 4 in launches, launches
+    assert not kernels.row_tickets(torch.device("cuda")).any()        # every split launch left its tickets zero
 
 
 def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
