@@ -8,7 +8,8 @@ import torch  # noqa: E402
 
 import tokenizer  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (-n N) the workers share the cores: one torch thread each
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 
