@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import convert
 import generate
 import tokenizer
@@ -37,11 +38,7 @@ def tiny(name, seed=0, n_layer=None):
     """A tiny preset in float64 (path differences stay far below logit gaps); n_layer: its first n layers (tiny-moe's
     first 2: a dense la+swa layer with sinks and an MoE la+fa one, each kind once, where compiling takes the time)."""
     torch.manual_seed(seed)
-    c = Config.from_name(name)
-    if n_layer:
-        c = Config.from_name(name, n_layer=n_layer, layout=c.layout[:n_layer],
-                             moe_layers=[i for i in c.moe_layers if i < n_layer])
-    return GPT(c).double().eval()
+    return GPT(bench.first_layers(name, n_layer)).double().eval()
 
 
 def greedy_full(model, ids, n, n_vocab=259, penalty=1.0):
@@ -374,7 +371,6 @@ def test_decode_step_compiles_to_one_graph(name, quant):
 
 
 def test_bench_code_paths_on_cpu(capsys):
-    import bench
     bench.bench_ttft(tiny=True, sweep=(64, 256))
     bench.bench_decode(tiny=True)
     bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu")

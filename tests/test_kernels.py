@@ -1325,11 +1325,10 @@ def test_spike_counts_equal_gemv_counts_torch(monkeypatch):
         assert torch.equal(routed(), y)
 
 
-def fp8_decode_logits(device, quant="fp8"):
-    """A spiking FP8 (or quant's) model of one GLA and one SWA layer (bench.py decode --quant's tiny twin) and
-    logits(step):
-    its logits over three decode steps of step (model.forward, or it compiled) after a 20-token prefill, the same
-    tokens fed whatever the logits."""
+def spiking_decode_logits(device, quant="fp8"):
+    """A spiking model of one GLA and one SWA layer, its weights as `bench.py decode --quant quant` makes them (its
+    tiny twin), and logits(step): its logits over three decode steps of step (model.forward, or it compiled) after a
+    20-token prefill, the same tokens fed whatever the logits."""
     import bench
     from generate import prefill
     from model import GPT
@@ -1379,7 +1378,7 @@ def test_decode_cse_makes_each_input_spike_counts_once(monkeypatch):
     test_grouped_row_products_in_a_compiled_fp8_step."""
     monkeypatch.setattr(kernels, "GEMV_ROW_SPIKES", False)
     rounds = count_rounds(monkeypatch)
-    m, logits = fp8_decode_logits("cuda")
+    m, logits = spiking_decode_logits("cuda")
     ref = logits(m.forward)
     torch._dynamo.reset()
     step = kernels.compile_decode(m.forward, torch.device("cuda"))
@@ -1406,7 +1405,7 @@ def test_gpu_split_rows_in_a_compiled_decode_step(quant, monkeypatch):
         launches.append(cfg.get("SPLIT", 1) if kernels.row_tickets(x.device, make=False) is not None else 1)
         return launch(x, ws, sts, vth, biases, outs, group_size, fmt, cfg, spike_k)
     monkeypatch.setattr(kernels, "_gemv_row", counted)
-    m, logits = fp8_decode_logits("cuda", quant)
+    m, logits = spiking_decode_logits("cuda", quant)
     ref = logits(m.forward)
     assert set(launches) <= {1}
     torch._dynamo.reset()
@@ -1424,7 +1423,7 @@ def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
     from generate import prefill
 
     rounds = count_rounds(monkeypatch)
-    m, _ = fp8_decode_logits("cpu")
+    m, _ = spiking_decode_logits("cpu")
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))   # one chunk: one shape
     with torch.no_grad():
         ref = prefill(m, m.new_cache(1, 64), ids, 16)
@@ -1454,7 +1453,7 @@ def test_grouped_row_products_in_a_compiled_fp8_step(monkeypatch):
     group, launch = kernels.group_row_products, kernels._gemv_row
     monkeypatch.setattr(kernels, "group_row_products", lambda g: made.append(group(g)))
     monkeypatch.setattr(kernels, "_gemv_row", lambda x, ws, *a: launches.append((len(ws), a[7])) or launch(x, ws, *a))
-    m, logits = fp8_decode_logits(DEV)
+    m, logits = spiking_decode_logits(DEV)
     with monkeypatch.context() as mp:
         mp.setattr(kernels, "GEMV_ROW_SPIKES", True)
         ref = logits(m.forward, launches.clear)

@@ -443,7 +443,8 @@ TABLE = {
     'pip install torch==2.13.0 -e ".[test,serve,eval]"': [Run(instead=ci_runs_it)],
     DEMO: [Run(append=("--train.max_steps", "2", "--train.seq_len", "32", "--eval.max_batches", "1",
                        "--eval.sample_tokens", "8", "--train.log_interval", "1"), check=check_demo)],
-    "TRITON_INTERPRET=1 python -m pytest -q -n auto --dist loadfile": [Run(instead=ci_runs_it)],   # running it here would run this file
+    # running it here would run this file
+    "TRITON_INTERPRET=1 python -m pytest -q -n auto --dist loadfile": [Run(instead=ci_runs_it)],
     'python generate.py --ckpt out/tiny/final --prompt "The"': [
         Run(append=("--max_new_tokens", "8"), check=check_generate, needs=((DEMO, ""),))],
     "tensorboard --logdir out/tiny/logs": [   # --inspect: read the event files and print their tags, no server
