@@ -929,7 +929,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  quant: Quant = "bf16", gemv_half: bool = True, gemv8: Literal["inductor", "triton"] | None = None,
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
-                 group_rows: bool = True, row_spikes: bool = False, row_counts: bool = False, device: str = "cuda",
+                 group_rows: bool = True, row_spikes: bool = False, row_counts: bool = False,
+                 row_persistent: int = kernels.ROW_PERSISTENT, device: str = "cuda",
                  tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
@@ -985,10 +986,13 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             makes them first (compiled: fused into the input's producer), the faster (BENCHMARKS.md).
         row_counts: the spike counts before a one-row GEMV from kernels.spike_counts (one program a row,
             kernels.ROW_COUNTS); false: compiled with the pass that makes the input, the faster (BENCHMARKS.md).
+        row_persistent: with compile, the step's reductions over a few rows (norms, spike counts) persistent up to
+            this width (kernels.ROW_PERSISTENT); 0, the default: inductor's rule (BENCHMARKS.md).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
     check_quant(quant)
+    kernels.ROW_PERSISTENT = row_persistent
     kernels.SPIKE_GEMV_HALF = gemv_half
     kernels.GEMV_ROW_MAX_ROWS = 1 if gemv_row else 0
     kernels.GEMV_SPLIT_BIAS = split_bias
@@ -1008,7 +1012,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
            f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
            f"{', common subexpressions merged' if (cse or group_rows) and quant != 'bf16' else ''}"
-           f"{', one-row GEMVs of one input grouped' if group_rows and quant != 'bf16' else ''})"
+           f"{', one-row GEMVs of one input grouped' if group_rows and quant != 'bf16' else ''}"
+           f"{f', row reductions persistent to {row_persistent}' if row_persistent else ''})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
@@ -1862,7 +1867,7 @@ def print_profile(p, title, rows, cuda, groups=KINDS):
     """A profiler's top kernels and, on CUDA, their device time summed by kind of kernel."""
     print(f"## {title}")
     print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
-                                 max_name_column_width=60))
+                                 max_name_column_width=120))
     if not cuda:
         return
     kinds = device_time_by_kind(p, groups)

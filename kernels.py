@@ -1374,6 +1374,29 @@ def compile_blocks(model, options=None):
         block.compile(options=options)
 
 
+ROW_PERSISTENT = 0   # > 0: a compiled CUDA decode step's reductions over a few rows (at most 8: the norms and spike
+                     # counts of a batch-1 step) are persistent up to this width, the row read once into registers,
+                     # where inductor's rule (up to 1024) loops over a 3584-wide row once per reduction with one
+                     # block. Off: on an H200 it sped bf16 layers up but slowed FP8's, whose MLP counts (18944 wide)
+                     # it makes persistent too (BENCHMARKS.md; A/B: bench.py decode --row_persistent N)
+
+
+def row_choices(width):
+    """inductor's heuristics (torch._inductor.choices.InductorChoices, set with V.set_choices_handler) with
+    ROW_PERSISTENT's rule: a reduction over at most 8 rows and at most `width` elements a row is persistent."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class RowChoices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            known = V.graph.sizevars.statically_known_leq
+            if known(features.numel, 8) and known(features.reduction_numel, width):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+    return RowChoices()
+
+
 def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
@@ -1387,7 +1410,16 @@ def compile_decode(fn, device, gemv=True, options=None):
     if device.type != "cuda":
         return torch.compile(fn, options=options)
     row_tickets(device)   # now: made in a CUDA graph's warm-up they would belong to the graph's memory pool
-    return torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **options})
+    step = torch.compile(fn, options={"triton.cudagraphs": True, "coordinate_descent_tuning": gemv, **options})
+    if not ROW_PERSISTENT:
+        return step
+    from torch._inductor.virtualized import V
+    choices = row_choices(ROW_PERSISTENT)
+
+    def persistent_rows(*args, **kwargs):   # inductor compiles in the calling thread, at the first call
+        with V.set_choices_handler(choices):
+            return step(*args, **kwargs)
+    return persistent_rows
 
 
 def decode_cse(group=False):
@@ -1417,8 +1449,8 @@ def decode_cse(group=False):
             if group:
                 group_row_products(graph)
 
-        def uuid(self):   # inductor's cache key for the pass
-            return f"spikingbrain.decode_cse.4.{group}"
+        def uuid(self):   # inductor's cache key for the pass (and for ROW_PERSISTENT's rule, which it lacks)
+            return f"spikingbrain.decode_cse.4.{group}.{ROW_PERSISTENT}"
     return DecodeCSE()
 
 

@@ -5,6 +5,7 @@ bf16 matmul is not exact). On a GPU the same tests run on CUDA, plus the `gpu` o
 python -m pytest -q -m gpu tests/test_kernels.py
 """
 import os
+import re
 
 import pytest
 import torch
@@ -1416,6 +1417,33 @@ def test_gpu_split_rows_in_a_compiled_decode_step(quant, monkeypatch):
     assert not kernels.row_tickets(torch.device("cuda")).any()        # every split launch left its tickets zero
 
 
+@needs_cuda
+def test_gpu_row_reductions_persistent_in_a_compiled_decode_step(monkeypatch):
+    """compile_decode's ROW_PERSISTENT rule (bench.py decode --row_persistent): the RMSNorm and spike counts of one
+    3584-wide row (a 7B block's input) compile to persistent reductions (the row read once), where inductor's own rule
+    (ROW_PERSISTENT = 0, the default) loops over it; the counts and vth equal the eager ones (spike_quant_torch on the eager norm), within a count's change where
+    the two norms round differently."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
+    w = torch.rand(3584, device="cuda") + 0.5
+
+    def norm_counts(x, w):
+        x = x.float()
+        return kernels.spike_quant_torch(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, 3.0)
+    counts, vth = norm_counts(x, w)
+    for width, kind in ((32768, "triton_per_"), (0, "triton_red_")):
+        monkeypatch.setattr(kernels, "ROW_PERSISTENT", width)
+        torch._dynamo.reset()
+        step = kernels.compile_decode(norm_counts, torch.device("cuda"), options={"force_disable_caches": True})
+        (c, v), code = run_and_get_code(step, x, w)
+        kernels_made = re.findall(r"def (triton_\w+)\(", "\n".join(code))
+        reductions = [k for k in kernels_made if k.startswith(("triton_per_", "triton_red_"))]
+        assert reductions and all(k.startswith(kind) for k in reductions), (width, kernels_made)
+        torch.testing.assert_close(v, vth, rtol=1e-5, atol=0)
+        assert (c - counts).abs().max() <= 1 and (c != counts).sum() <= 2
+
+
 def test_decode_cse_in_compiled_blocks_merges_a_prefill_counts(monkeypatch):
     """bench.py ttft --cse (compile_blocks with kernels.decode_cse): a compiled spiking FP8 prefill of one GLA and
     one SWA block makes each input's spike counts once (9 count passes instead of 16) and its last logits equal the
@@ -1856,13 +1884,14 @@ def test_split_bias_projection_equals_float64(monkeypatch):
 
 
 def test_bench_decode_split_bias_flag(monkeypatch, capsys):
-    """bench.py decode --split_bias false and --row_spikes true set kernels.GEMV_SPLIT_BIAS and GEMV_ROW_SPIKES
-    for its run (the other halves of the A/Bs)."""
+    """bench.py decode --split_bias false, --row_spikes true and --row_persistent N set kernels.GEMV_SPLIT_BIAS,
+    GEMV_ROW_SPIKES and ROW_PERSISTENT for its run (the other halves of the A/Bs)."""
     import bench
     monkeypatch.setattr(kernels, "GEMV_SPLIT_BIAS", True)
     monkeypatch.setattr(kernels, "GEMV_ROW_SPIKES", False)
-    bench.bench_decode(tiny=True, split_bias=False, row_spikes=True)
-    assert kernels.GEMV_SPLIT_BIAS is False and kernels.GEMV_ROW_SPIKES is True
+    monkeypatch.setattr(kernels, "ROW_PERSISTENT", 0)
+    bench.bench_decode(tiny=True, split_bias=False, row_spikes=True, row_persistent=4096)
+    assert kernels.GEMV_SPLIT_BIAS is False and kernels.GEMV_ROW_SPIKES is True and kernels.ROW_PERSISTENT == 4096
     assert "tok/s" in capsys.readouterr().out
 
 
