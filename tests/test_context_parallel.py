@@ -188,20 +188,13 @@ def check_checkpointed(rank, world, splits):
     _check_training(rank, splits, model, docs=True, ref_model=tiny("tiny-moe"))
 
 
+def check_all(rank, world, splits):
+    """Every check in one set of processes (a spawn costs more than most checks): the 7B layout, packed documents,
+    sinks / full attention / MoE; with 3 ranks, activation checkpointing too."""
+    for check in (check_7b_layout, check_packed, check_sinks_fa_moe) + ((check_checkpointed,) if world == 3 else ()):
+        check(rank, world, splits)
+
+
 @pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
 def test_context_parallel_matches_one_process(tmp_path, splits):
-    spawn(tmp_path, check_7b_layout, splits)
-
-
-@pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
-def test_packed_documents_across_slices_match_one_process(tmp_path, splits):
-    spawn(tmp_path, check_packed, splits)
-
-
-@pytest.mark.parametrize("splits", SPLITS, ids=["2ranks", "3ranks"])
-def test_sinks_full_attention_and_moe_match_one_process(tmp_path, splits):
-    spawn(tmp_path, check_sinks_fa_moe, splits)
-
-
-def test_activation_checkpointing_matches_one_process(tmp_path):
-    spawn(tmp_path, check_checkpointed, SPLITS[1])
+    spawn(tmp_path, check_all, splits)
