@@ -1417,6 +1417,7 @@ def test_gpu_split_rows_in_a_compiled_decode_step(quant, monkeypatch):
     assert not kernels.row_tickets(torch.device("cuda")).any()        # every split launch left its tickets zero
 
 
+@gpu
 @needs_cuda
 def test_gpu_row_reductions_persistent_in_a_compiled_decode_step(monkeypatch):
     """compile_decode's ROW_PERSISTENT rule (bench.py decode --row_persistent): the RMSNorm and spike counts of one
@@ -1435,7 +1436,7 @@ def test_gpu_row_reductions_persistent_in_a_compiled_decode_step(monkeypatch):
     for width, kind in ((32768, "triton_per_"), (0, "triton_red_")):
         monkeypatch.setattr(kernels, "ROW_PERSISTENT", width)
         torch._dynamo.reset()
-        step = kernels.compile_decode(norm_counts, torch.device("cuda"), options={"force_disable_caches": True})
+        step = kernels.compile_decode(norm_counts, torch.device("cuda"), options={"fx_graph_cache": False})
         (c, v), code = run_and_get_code(step, x, w)
         kernels_made = re.findall(r"def (triton_\w+)\(", "\n".join(code))
         reductions = [k for k in kernels_made if k.startswith(("triton_per_", "triton_red_"))]
