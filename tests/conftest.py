@@ -12,7 +12,6 @@ import tokenizer  # noqa: E402
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
-
 def _interpret_faster():
     """The Triton interpreter (TRITON_INTERPRET=1) patches triton.language anew at every call of a nested
     @triton.jit helper, which our kernels call once per tile: within a launch, which has patched it already, the
