@@ -1421,9 +1421,9 @@ def test_gpu_split_rows_in_a_compiled_decode_step(quant, monkeypatch):
 @needs_cuda
 def test_gpu_row_reductions_persistent_in_a_compiled_decode_step(monkeypatch):
     """compile_decode's ROW_PERSISTENT rule (bench.py decode --row_persistent): the RMSNorm and spike counts of one
-    3584-wide row (a 7B block's input) compile to persistent reductions (the row read once), where inductor's own rule
-    (ROW_PERSISTENT = 0, the default) loops over it; the counts and vth equal the eager ones (spike_quant_torch on the eager norm), within a count's change where
-    the two norms round differently."""
+    3584-wide row (a 7B block's input) compile to persistent reductions (the row read once), where inductor's own
+    rule (ROW_PERSISTENT = 0, the default) loops over it; the counts and vth equal the eager ones (spike_quant_torch
+    on the eager norm), within a count's change where the two norms round differently."""
     from torch._inductor.utils import run_and_get_code
 
     x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
