@@ -903,11 +903,15 @@ def weight_bytes_read(m, B):
     return n
 
 
+WARM_S, WARM_MAX, WINDOWS = 1.0, 1024, 3   # time_decode on CUDA: seconds (at most steps) of warm-up, timed windows
+
+
 @torch.no_grad()
-def time_decode(step, cache, tok, warm, steps, compiled):
-    """Seconds per greedy decode step of `step` through `cache` from tok [B, 1], timed over `steps` steps after
-    `warm` warm-up steps, the warm-up's seconds (with compile: the compile) and the peak device bytes (0 off
-    CUDA)."""
+def time_decode(step, cache, tok, warm, steps, compiled, warm_s=0.0, windows=1):
+    """Seconds per greedy decode step of `step` through `cache` from tok [B, 1]: the median of `windows` windows of
+    `steps` steps, timed after `warm` warm-up steps (with compile: the compile) and then warm_s seconds more of
+    steps (at most WARM_MAX): a GPU left idle through a compile runs its first steps slower. Also the warm-up's
+    seconds (the compile), the peak device bytes (0 off CUDA) and each window's seconds per step."""
     device = tok.device
     if compiled:
         kernels.static_cache(cache)
@@ -916,11 +920,19 @@ def time_decode(step, cache, tok, warm, steps, compiled):
     t_warm = time.perf_counter()
     tok = greedy_steps(step, cache, tok, warm, compiled)
     synchronize(device)
-    t0 = time.perf_counter()
-    greedy_steps(step, cache, tok, steps, compiled)
-    synchronize(device)
+    t0, more = time.perf_counter(), 0
+    while time.perf_counter() - t0 < warm_s and more < WARM_MAX:
+        tok = greedy_steps(step, cache, tok, 16, compiled)
+        synchronize(device)
+        more += 16
+    per = []
+    for _ in range(windows):
+        t1 = time.perf_counter()
+        tok = greedy_steps(step, cache, tok, steps, compiled)
+        synchronize(device)
+        per.append((time.perf_counter() - t1) / steps)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return (time.perf_counter() - t0) / steps, t0 - t_warm, peak
+    return statistics.median(per), t0 - t_warm, peak, per
 
 
 def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: tuple[int, ...] = (1, 8),
@@ -947,7 +959,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         contexts: tokens already in the cache.
         batches: sequences decoded together.
         models: presets of model.py.
-        steps: timed decode steps (after 3 warm-up steps).
+        steps: decode steps a timed window (on CUDA the median of WINDOWS windows, after 3 warm-up steps and
+            WARM_S seconds of steps: a GPU idle through the compile runs its first steps slower).
         compile: torch.compile the step with CUDA graphs, as generate.py --compile (compiles once per model
             and batch shape; the first compile takes minutes).
         gemv: with compile, batch-1 matmuls as inductor's tuned reductions (kernels.compile_decode); false: cuBLAS.
@@ -1009,6 +1022,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         kernels.GEMV_ROW_CONFIGS = {**kernels.GEMV_ROW_CONFIGS, cap: {**kernels.GEMV_ROW_CONFIGS.get(cap, {}), **{
             tuple(key.split()): cfg and dict(cfg) for key, cfg in row_configs.items()}}}
     row_cfg = kernels.GEMV_ROW_CONFIGS.get(cap, "safe")
+    warm, warm_s, more, windows = 3, WARM_S if cuda else 0.0, WARM_MAX if cuda else 0, WINDOWS if cuda else 1
     header(device, dt, gla, f"{compile} (gemv {gemv}{', options ' + str(inductor) if inductor else ''}"
            f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
            f"{', common subexpressions merged' if (cse or group_rows) and quant != 'bf16' else ''}"
@@ -1021,12 +1035,13 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{f'; one row: kernels.gemv_row {row_cfg}' if quant != 'bf16' and kernels.GEMV_ROW_MAX_ROWS else ''}"
            f"{', counts in the kernel' if quant in ('fp8', 'w8aspike') and row_spikes and gemv_row else ''}"
            f"{', counts by kernels.spike_counts' if quant in ('fp8', 'w8aspike') and row_counts else ''}; "
-           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; {steps} steps; "
+           f"device copy {bw / 1e12:.3g} TB/s (read + write); context filled synthetically; "
+           f"{f'median of {windows} windows of ' if windows > 1 else ''}{steps} steps"
+           f"{f' after {warm_s:g} s of warm-up steps' if warm_s else ''}; "
            f"layers {n_layer or 'all'}")
     print("\n".join(describe(name, n_layer) for name in models))
     print(f"{'model':>16} {'B':>3} {'context':>8} {'tok/s/seq':>10} {'tok/s':>8} {'bound/seq':>10} {'%bound':>7} "
           f"{'cache GiB':>10} {'peak GiB':>9}", flush=True)
-    warm = 3
     for name in models:
         m = quantize(random_model(name, device, dt, n_layer), quant)
         c, resident = m.config, weight_bytes(m)
@@ -1045,7 +1060,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         speed = {}
         for B in batches:
             for ctx in contexts:
-                max_len = c.max_seq_len if linear_time(c) else ctx + warm + steps
+                max_len = c.max_seq_len if linear_time(c) else ctx + warm + more + windows * steps
                 cb, weights = m.new_cache(B, max_len, device="meta").nbytes(), weight_bytes_read(m, B)
                 if resident + cb > 0.92 * mem:
                     print(f"{name:>16} {B:>3} {ctx:>8} skipped: weights + cache need {(resident + cb) / 2**30:.0f} "
@@ -1053,7 +1068,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                     continue
                 tok = torch.randint(0, c.vocab_size, (B, 1), device=device)
                 try:
-                    t, t_warm, peak = time_decode(step, synthetic_cache(m, B, ctx, max_len), tok, warm, steps, compile)
+                    t, t_warm, peak, per = time_decode(step, synthetic_cache(m, B, ctx, max_len), tok, warm, steps,
+                                                       compile, warm_s, windows)
                 except torch.OutOfMemoryError:
                     gc.collect()
                     torch.cuda.empty_cache()
@@ -1063,7 +1079,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 speed[B, ctx] = 1 / t
                 print(f"{name:>16} {B:>3} {ctx:>8} {1 / t:10.1f} {B / t:8.1f} {bound:10.1f} {100 / t / bound:6.0f}% "
                       f"{cb / 2**30:10.2f} {peak / 2**30:9.1f}" +
-                      (f"  (warm-up and compile {t_warm:.0f} s)" if compile else ""), flush=True)
+                      (f"  (warm-up and compile {t_warm:.0f} s)" if compile else "") +
+                      (f"  windows {' / '.join(f'{1 / w:.1f}' for w in per)}" if windows > 1 else ""), flush=True)
         for B in batches:
             have = [ctx for ctx in contexts if (B, ctx) in speed]
             if len(have) >= 2:

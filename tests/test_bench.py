@@ -229,6 +229,23 @@ def test_decode_times_the_quantized_model_and_bounds_it_by_its_bytes(monkeypatch
     assert f"quant {quant}; projections at batch 1: {bench.decode_route(quant, 'cpu')};" in capsys.readouterr()[0]
 
 
+def test_time_decode_warms_up_by_time_then_takes_the_median_window(monkeypatch):
+    """time_decode: `warm` steps, then steps in sixteens until warm_s seconds have passed (at most WARM_MAX), then
+    `windows` timed windows of `steps` each; it returns their median, each window's seconds per step, and leaves
+    the cache as far on as the steps it ran (the bench sizes a full-attention cache by it)."""
+    import statistics
+    m = bench.random_model("tiny", "cpu", torch.float32, 2).eval()
+    cache = m.new_cache(1, 4096)
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    monkeypatch.setattr(bench, "WARM_MAX", 32)
+    t, t_warm, peak, per = bench.time_decode(m.forward, cache, tok, 3, 5, False, warm_s=60.0, windows=3)
+    assert cache.seen == 3 + 32 + 3 * 5                 # the warm-up stopped at WARM_MAX, not after a minute
+    assert len(per) == 3 and t == statistics.median(per) and peak == 0 and t_warm >= 0
+    cache = m.new_cache(1, 4096)
+    bench.time_decode(m.forward, cache, tok, 3, 5, False)
+    assert cache.seen == 3 + 5                          # the defaults: one window, no timed warm-up
+
+
 def test_decode_route_names_the_layers_dispatch(monkeypatch):
     """bench.py decode's header names the projections' path as the layers pick it: on a CPU the float references;
     with the GEMVs forced (as on CUDA) kernels.fp8_gemv / w8aspike_gemv up to 8 rows, the GEMMs past them."""
