@@ -1377,8 +1377,8 @@ def compile_blocks(model, options=None):
 ROW_PERSISTENT = 0   # > 0: a compiled CUDA decode step's reductions over a few rows (at most 8: the norms and spike
                      # counts of a batch-1 step) are persistent up to this width, the row read once into registers,
                      # where inductor's rule (up to 1024) loops over a 3584-wide row once per reduction with one
-                     # block. Off: on an H200 it sped bf16 layers up but slowed FP8's, whose MLP counts (18944 wide)
-                     # it makes persistent too (BENCHMARKS.md; A/B: bench.py decode --row_persistent N)
+                     # block. Off: on an H200 neither 32768 nor 4096 sped a step up beyond the spread of one setting
+                     # from process to process (BENCHMARKS.md; A/B: bench.py decode --row_persistent N)
 
 
 def row_choices(width):
