@@ -910,8 +910,10 @@ WARM_S, WARM_MAX, WINDOWS = 1.0, 1024, 3   # time_decode on CUDA: seconds (at mo
 def time_decode(step, cache, tok, warm, steps, compiled, warm_s=0.0, windows=1):
     """Seconds per greedy decode step of `step` through `cache` from tok [B, 1]: the median of `windows` windows of
     `steps` steps, timed after `warm` warm-up steps (with compile: the compile) and then warm_s seconds more of
-    steps (at most WARM_MAX): a GPU left idle through a compile runs its first steps slower. Also the warm-up's
-    seconds (the compile), the peak device bytes (0 off CUDA) and each window's seconds per step."""
+    steps (at most WARM_MAX), so that no window holds the GPU's first steps after an idle compile. Also the warm-up's
+    seconds (the compile), the peak device bytes (0 off CUDA) and each window's seconds per step: their spread shows
+    whether a process's speed held (it did within 0.5% on an H200, where processes differed by up to ~8%:
+    BENCHMARKS.md)."""
     device = tok.device
     if compiled:
         kernels.static_cache(cache)
@@ -960,7 +962,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         batches: sequences decoded together.
         models: presets of model.py.
         steps: decode steps a timed window (on CUDA the median of WINDOWS windows, after 3 warm-up steps and
-            WARM_S seconds of steps: a GPU idle through the compile runs its first steps slower).
+            WARM_S seconds of steps, each window printed).
         compile: torch.compile the step with CUDA graphs, as generate.py --compile (compiles once per model
             and batch shape; the first compile takes minutes).
         gemv: with compile, batch-1 matmuls as inductor's tuned reductions (kernels.compile_decode); false: cuBLAS.
