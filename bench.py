@@ -2055,7 +2055,12 @@ def bench_moe(*, preset: str = "spikingbrain-76b", tokens: int = 8192, loop: boo
         kernels.MOE_IMPL = impl0
 
 
+def main(args=None):
+    """`python bench.py <subcommand> ...`: args as sys.argv[1:] (None: those); returns the subcommand's result."""
+    return CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "gemv": bench_gemv, "ttft": bench_ttft,
+                "decode": bench_decode, "serve": bench_serve, "train": bench_train, "profile": bench_profile,
+                "swa": bench_swa, "moe": bench_moe}, args=args)
+
+
 if __name__ == "__main__":
-    CLI({"kernels": bench_kernels, "spike_gemm": bench_spike_gemm, "gemv": bench_gemv, "ttft": bench_ttft,
-         "decode": bench_decode, "serve": bench_serve, "train": bench_train, "profile": bench_profile, "swa": bench_swa,
-         "moe": bench_moe})
+    main()

@@ -31,8 +31,10 @@ def alive(pgid):
 
 @pytest.mark.slow
 def test_bench_serve_tiny(monkeypatch, capsys):
+    """README's `python bench.py serve --tiny true`, through bench.py's command line in this process (test_readme.py
+    leaves it to this test), its results checked."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # tiny models: the 2 cores go to the servers' processes and the clients
-    runs = bench.bench_serve(tiny=True)
+    runs = bench.main(["serve", "--tiny", "true"])
     models, lengths, clients = ("tiny", "tiny-qwen"), (12, 100), (1, 2)
     assert [(r["model"], r["length"], r["clients"]) for r in runs] == \
         [(m, L, n) for m in models for L in lengths for n in clients]

@@ -376,12 +376,11 @@ def test_decode_step_compiles_to_one_graph(name, quant):
 
 
 def test_bench_code_paths_on_cpu(capsys):
-    bench.bench_ttft(tiny=True, sweep=(64, 256))
-    bench.bench_decode(tiny=True)
+    bench.bench_ttft(tiny=True, sweep=(64, 256))   # README's bench.py decode --tiny true: test_readme.py
     bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu")
     bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu", quant="w8aspike")
     out = capsys.readouterr()[0]
-    assert "tiny-qwen" in out and "floor" in out and "bound" in out and "with chunk 256" in out
+    assert "tiny-qwen" in out and "floor" in out and "with chunk 256" in out
     assert "## training step: tiny" in out and "## prefill: a chunk of 32 after 32, layers gla + swa" in out
     assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager, bf16" in out
     assert "## decode: 16 steps after 64 tokens, batch 1, layers gla + swa, eager, w8aspike" in out

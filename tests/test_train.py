@@ -785,18 +785,6 @@ def test_context_parallel_refuses_what_it_cannot_split():
     assert split["activations"] - one["activations"] / 8 == 7 * 16384 * 2 * c.n_kv_head * c.head_dim * 2   # K, V bf16
 
 
-@pytest.mark.slow
-def test_readme_fsdp_command_fits_the_micro_batch_to_two_processes(pydoc, tmp_path):
-    # tiny.yaml's 8 x 8 rows cannot run as 8 rows on each of 2 devices: each takes 4
-    p, = train_py(ROOT, ["--config", "configs/tiny.yaml", "--devices", "2", "--accelerator", "cpu", "--strategy", "fsdp",
-                         "--train.max_steps", "2", "--train.seq_len", "32", "--eval.max_batches", "1",
-                         "--eval.sample_tokens", "0", "--out_dir", str(tmp_path / "out"), "--data.path", str(pydoc)])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("train.micro_batch_size 8 -> 4") == 1   # said once, by rank 0
-    assert sorted(scalars(tmp_path / "out", "val/loss")[0]) == [2]
-    assert (tmp_path / "out" / "step-0000002").is_dir() and (tmp_path / "out" / "final" / "model.safetensors").is_file()
-
-
 def test_validate_equals_perplexity_of_all_target_tokens(pydoc):
     from types import SimpleNamespace
 
