@@ -376,7 +376,7 @@ def test_decode_step_compiles_to_one_graph(name, quant):
 
 
 def test_bench_code_paths_on_cpu(capsys):
-    bench.bench_ttft(tiny=True, sweep=(64, 256))   # README's bench.py decode --tiny true: test_readme.py
+    bench.bench_ttft(tiny=True, sweep=(64, 256))   # (bench.py decode --tiny true: a README command, test_readme.py)
     bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu")
     bench.bench_profile(preset="tiny", n_layer=2, seq_len=64, chunk=32, rows=5, device="cpu", quant="w8aspike")
     out = capsys.readouterr()[0]
