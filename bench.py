@@ -923,7 +923,7 @@ def time_decode(step, cache, tok, warm, steps, compiled, warm_s=0.0, windows=1):
     tok = greedy_steps(step, cache, tok, warm, compiled)
     synchronize(device)
     t0, more = time.perf_counter(), 0
-    while time.perf_counter() - t0 < warm_s and more < WARM_MAX:
+    while time.perf_counter() - t0 < warm_s and more + 16 <= WARM_MAX:   # never past WARM_MAX: the cache's room
         tok = greedy_steps(step, cache, tok, 16, compiled)
         synchronize(device)
         more += 16
