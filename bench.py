@@ -944,8 +944,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  inductor: dict | None = None, realize_inputs: bool = False, gemv_row: bool = True,
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
                  group_rows: bool = True, row_spikes: bool = False, row_counts: bool = False,
-                 row_persistent: int = kernels.ROW_PERSISTENT, device: str = "cuda",
-                 tiny: bool = False) -> None:
+                 row_persistent: int = kernels.ROW_PERSISTENT, realize_gemv: bool = kernels.REALIZE_GEMV_INPUTS,
+                 device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
     read per step / the HBM bandwidth measured in this run by a large device copy (weight_bytes_read: of an MoE
@@ -1003,6 +1003,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             kernels.ROW_COUNTS); false: compiled with the pass that makes the input, the faster (BENCHMARKS.md).
         row_persistent: with compile, the step's reductions over a few rows (norms, spike counts) persistent up to
             this width (kernels.ROW_PERSISTENT); 0, the default: inductor's rule (BENCHMARKS.md).
+        realize_gemv: with compile, a projection's input made by a transcendental op (SwiGLU's silu(gate) * up)
+            written once before its GEMV (kernels.realize_gemv_inputs, compile_decode's default); false: inductor
+            recomputes it inside the GEMV's reduction (the other half of an A/B).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -1029,7 +1032,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{', inputs realized' if realize_inputs else ''}{'' if split_bias else ', bias in the matmul'}"
            f"{', common subexpressions merged' if (cse or group_rows) and quant != 'bf16' else ''}"
            f"{', one-row GEMVs of one input grouped' if group_rows and quant != 'bf16' else ''}"
-           f"{f', row reductions persistent to {row_persistent}' if row_persistent else ''})"
+           f"{f', row reductions persistent to {row_persistent}' if row_persistent else ''}"
+           f"{'' if realize_gemv else ', transcendental GEMV inputs inlined'})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
@@ -1056,8 +1060,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                 for mod in m.modules():
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
-            opts = {**(inductor or {}), "post_grad_custom_pre_pass": kernels.decode_cse(group_rows)
-                    if cse or group_rows else None}
+            opts = {**(inductor or {}), "post_grad_custom_pre_pass": kernels.decode_cse(
+                group_rows, cse=cse or group_rows, realize=realize_gemv) if cse or group_rows or realize_gemv else None}
             step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:

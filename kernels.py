@@ -1401,9 +1401,10 @@ def compile_decode(fn, device, gemv=True, options=None):
     """torch.compile of a decode step fn (model.GPT.forward with input_pos); on CUDA with CUDA graphs and, with
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
-    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results. A
-    spiking or 8-bit step gets decode_cse(group=True): each input's spike counts made once, and the one-row GEMVs
-    of one input in one launch (faster: BENCHMARKS.md); a float step is compiled as it is. options: more of
+    BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results. Every
+    step gets decode_cse(group=True): a projection's input made by a transcendental op (SwiGLU's silu(gate) * up)
+    written once (realize_gemv_inputs); a spiking or 8-bit step's spike counts of each input made once, and its
+    one-row GEMVs of one input in one launch (faster: BENCHMARKS.md). options: more of
     inductor's options (torch.compile's), which win, e.g. for an A/B in bench.py decode --inductor or --group_rows
     false ({"post_grad_custom_pre_pass": None})."""
     options = {"post_grad_custom_pre_pass": decode_cse(group=True), **(options or {})}
@@ -1422,24 +1423,33 @@ def compile_decode(fn, device, gemv=True, options=None):
     return persistent_rows
 
 
-def decode_cse(group=False):
+REALIZE_GEMV_INPUTS = True   # compile_decode: a projection's input made by a transcendental op written once
+                             # (realize_gemv_inputs); False: inlined into the GEMV as inductor leaves it (an A/B:
+                             # bench.py decode --realize_gemv false)
+
+
+def decode_cse(group=False, cse=True, realize=None):
     """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}; also
-    compile_blocks' for a prefill) that merges common subexpressions of a compiled step with torch._functorch's
-    fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the projections that read one
-    input (q, k, v and the GLA gate's first factor; gate and up) each make that input's spike counts: the same ops
-    on the same tensor, a one-row reduction each. Merged, the step makes them once. Mutations (the cache writes),
-    random ops and outputs are left as they are. group: then the one-row GEMVs (gemv_row) of one input, format
-    and shape become gemv_rows launches of 2-4 weights each (group_row_products). A graph without spike counts
-    (aten.round, spike_counts) or one-row GEMVs, a float model's, is left as it is."""
+    compile_blocks' for a prefill). realize (None: REALIZE_GEMV_INPUTS): first realize_gemv_inputs. cse: then merge
+    the common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on
+    training graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first
+    factor; gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction
+    each. Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they
+    are. group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
+    weights each (group_row_products). A graph without spike counts (aten.round, spike_counts) or one-row GEMVs, a
+    float model's, is merged and grouped no further."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     marks = {torch.ops.aten.round.default, torch.ops.spikingbrain.gemv_row.default,
              torch.ops.spikingbrain.spike_counts.default}
+    realize = REALIZE_GEMV_INPUTS if realize is None else realize
 
     class DecodeCSE(CustomGraphPass):
         def __call__(self, graph):
-            if not any(node.op == "call_function" and node.target in marks for node in graph.nodes):
+            if realize:
+                realize_gemv_inputs(graph)
+            if not cse or not any(node.op == "call_function" and node.target in marks for node in graph.nodes):
                 return
             new = fx_graph_cse(graph)
             if len(new.nodes) < len(graph.nodes):   # inductor holds this graph object: refill it in place
@@ -1450,8 +1460,76 @@ def decode_cse(group=False):
                 group_row_products(graph)
 
         def uuid(self):   # inductor's cache key for the pass (and for ROW_PERSISTENT's rule, which it lacks)
-            return f"spikingbrain.decode_cse.4.{group}.{ROW_PERSISTENT}"
+            return f"spikingbrain.decode_cse.5.{group}.{cse}.{realize}.{ROW_PERSISTENT}"
     return DecodeCSE()
+
+
+def _gemv_operands(node):
+    """(activation, weight) pairs a matmul node of a post-grad graph may multiply: aten.mm (x, w.T), aten.addmm
+    (bias, x, w.T), and inductor's decomposition of a one-row mm under coordinate-descent tuning,
+    sum(x.unsqueeze(2) * w.T.unsqueeze(0), dim=1), either order of the product. [] for any other node."""
+    aten = torch.ops.aten
+    if node.op != "call_function":
+        return []
+    if node.target is aten.mm.default:
+        return [tuple(node.args[:2])]
+    if node.target is aten.addmm.default:
+        return [tuple(node.args[1:3])]
+    if node.target is aten.sum.dim_IntList and isinstance(node.args[0], torch.fx.Node) and \
+            node.args[0].target is aten.mul.Tensor and all(isinstance(a, torch.fx.Node) for a in node.args[0].args):
+        a, b = node.args[0].args
+        return [(a, b), (b, a)]
+    return []
+
+
+def _view_base(node):
+    """node with the views and dtype casts that lead to it stripped: the tensor they read."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+    views = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.permute.default, aten.expand.default, aten.t.default,
+             prims.convert_element_type.default, aten._to_copy.default}
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in views:
+        node = node.args[0]
+    return node
+
+
+def _transcendental(node, depth=8):
+    """Does the pointwise computation making node (up to depth ops back, through pointwise ops only) take an
+    exponential, a logarithm, a sigmoid or a tanh (as SiLU's x / (1 + exp(-x)) does)?"""
+    aten = torch.ops.aten
+    costly = {aten.exp.default, aten.exp2.default, aten.expm1.default, aten.log.default, aten.log1p.default,
+              aten.sigmoid.default, aten.silu.default, aten.tanh.default, aten.erf.default, aten.gelu.default}
+    if depth == 0 or not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target in costly:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload) or torch.Tag.pointwise not in node.target.tags:
+        return False
+    return any(_transcendental(n, depth - 1) for n in node.all_input_nodes)
+
+
+def realize_gemv_inputs(graph):
+    """A projection's input made by pointwise ops that take a transcendental function, written once: each such
+    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input) goes
+    through prims.inductor_force_stride_order (its own strides), which makes inductor store it in a buffer. Left
+    inlined, inductor computes it inside the GEMV's reduction again for every block of output rows: SwiGLU's
+    silu(gate) * up, an exponential and a division per element, once per few rows of down_proj's weight. The
+    buffer's pointwise kernel can fuse into the gate and up reduction before it. Returns the number of tensors
+    realized."""
+    from torch._inductor.inductor_prims import force_stride_order as force
+    done = set()
+    for node in list(graph.nodes):
+        for x, w in _gemv_operands(node):
+            base, wb = _view_base(x), _view_base(w)
+            if (base in done or not isinstance(wb, torch.fx.Node) or wb.op not in ("placeholder", "get_attr")
+                    or not _transcendental(base) or not isinstance(base.meta.get("val"), torch.Tensor)):
+                continue
+            with graph.inserting_after(base):
+                kept = graph.call_function(force, (base, list(base.meta["val"].stride())))
+            kept.meta["val"] = base.meta["val"]
+            base.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
+            done.add(base)
+    return len(done)
 
 
 def group_row_products(graph):

@@ -1501,6 +1501,59 @@ def test_grouped_row_products_in_a_compiled_fp8_step(monkeypatch):
     assert rounds == []
 
 
+def test_realize_gemv_inputs_writes_a_transcendental_projection_input_once():
+    """decode_cse's realize_gemv_inputs on a post-grad-like graph: the input of a one-row GEMV in inductor's
+    decomposed form (sum(x.unsqueeze(2) * w.T.unsqueeze(0), 1), as under coordinate-descent tuning on CUDA) and of an
+    aten.mm goes through prims.inductor_force_stride_order where it is made with an exponential (SwiGLU's
+    silu(g) * u; silu of a GEMV's output), not where it is not (a GEMV's output as it is, an RMSNorm's rsqrt) or
+    where the other operand is no graph input (a product of two activations); the graph's values are unchanged, and
+    inductor compiles the pass's graph to the same values as eager."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(g, u, w, w2):
+        h = F.silu(g) * u                                            # [1, K]: realized (decomposed GEMV's input)
+        y = (h.unsqueeze(2) * w.t().unsqueeze(0)).sum(1)             # [1, N]
+        n = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)  # a norm: no exponential, left inlined
+        a = torch.exp(y)                                             # an activation times an activation: no weight
+        return torch.mm(F.silu(y), w2.t()), torch.mm(n, w2.t()), (a.unsqueeze(2) * y.unsqueeze(0)).sum(1)
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=gen) for s in ((1, 32), (1, 32), (16, 32), (8, 16))]
+    gm = make_fx(f)(*args)
+    from torch._inductor.inductor_prims import force_stride_order as force
+    assert kernels.realize_gemv_inputs(gm.graph) == 2
+    gm.recompile()
+    kept = [n for n in gm.graph.nodes if n.target is force]
+    assert sorted(str(n.args[0].target) for n in kept) == ["aten.mul.Tensor", "aten.silu.default"], gm.code
+    assert all(n.args[1] == [32, 1] or n.args[1] == [16, 1] for n in kept)
+    ref = f(*args)
+    for got, want in zip(gm(*args), ref):
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+    step = torch.compile(f, options={"post_grad_custom_pre_pass": kernels.decode_cse(), "fx_graph_cache": False})
+    for got, want in zip(step(*args), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_realized_swiglu_input_in_a_compiled_float_decode_step(monkeypatch):
+    """compile_decode on CUDA (coordinate-descent tuning: inductor writes each one-row matmul as its own reduction) of
+    a float model of one GLA and one SWA layer: realize_gemv_inputs finds each MLP's silu(gate) * up in the
+    decomposed down_proj (one per layer, nothing else), and the logits over three steps equal the eager model's."""
+    made, real = [], kernels.realize_gemv_inputs
+    monkeypatch.setattr(kernels, "realize_gemv_inputs", lambda g: made.append(real(g)) or made[-1])
+    m, logits = spiking_decode_logits("cuda", "bf16")
+    m.config.spike_k = None
+    for mod in m.modules():
+        if hasattr(mod, "spike_k"):
+            mod.spike_k = None
+    ref = logits(m.forward)
+    torch._dynamo.reset()
+    step = kernels.compile_decode(m.forward, torch.device("cuda"))
+    torch.testing.assert_close(logits(step), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert made and set(made) == {2}, made
+
+
 @needs_triton
 def test_row_kernel_decodes_every_byte_exactly():
     """The integer decoding of e4m3 (W_E4M3_BITS) and Triton's conversion (W_E4M3) give every finite byte's value,
