@@ -631,7 +631,7 @@ def bench_ttft(*, lengths: tuple[int, ...] = (8192, 32768, 131072, 524288, 10485
         quantize(m, quant)
         if compile:
             torch._dynamo.reset()
-            kernels.compile_blocks(m, {"post_grad_custom_pre_pass": kernels.decode_cse()} if cse else None)
+            kernels.compile_blocks(m, {"post_grad_custom_pre_pass": kernels.decode_cse(realize=False)} if cse else None)
         t0 = time.perf_counter()
         time_to_first_token(m, min(lengths), chunk)       # warm-up: kernel compilation and autotuning at every shape
         if cached and max(lengths) > chunk:
@@ -993,7 +993,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
             (kernels.use_split_bias: inductor's tuned reduction); false: F.linear with the bias (cuBLAS's addmm).
         cse: with compile, a spiking or 8-bit step's common subexpressions merged (kernels.decode_cse: one
             spike-count pass per input that several projections read), as compile_decode does; false (with
-            --group_rows false): as inductor compiles it (the other half of an A/B).
+            --group_rows false): not merged (the other half of an A/B; with --realize_gemv false too, no pass
+            at all: as inductor compiles it).
         group_rows: with compile, cse and then the one-row 8-bit GEMVs of one input in one launch each
             (kernels.group_row_products: q, k, v; gate, up), as compile_decode does; false: cse alone.
         row_spikes: a spiking layer's one-row GEMV makes its input's spike counts in the kernel
