@@ -1493,6 +1493,15 @@ def _view_base(node):
     return node
 
 
+def _weight_input(node):
+    """Is node a graph input (a weight) seen through views and casts, or rows of one picked by an index (an MoE's
+    experts gathered per row, expert_rows)?"""
+    node = _view_base(node)
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.index.Tensor:
+        node = _view_base(node.args[0])
+    return isinstance(node, torch.fx.Node) and node.op in ("placeholder", "get_attr")
+
+
 def _transcendental(node, depth=8):
     """Does the pointwise computation making node (up to depth ops back, through pointwise ops only) take an
     exponential, a logarithm, a sigmoid or a tanh (as SiLU's x / (1 + exp(-x)) does)?"""
@@ -1510,19 +1519,19 @@ def _transcendental(node, depth=8):
 
 def realize_gemv_inputs(graph):
     """A projection's input made by pointwise ops that take a transcendental function, written once: each such
-    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input) goes
-    through prims.inductor_force_stride_order (its own strides), which makes inductor store it in a buffer. Left
-    inlined, inductor computes it inside the GEMV's reduction again for every block of output rows: SwiGLU's
-    silu(gate) * up, an exponential and a division per element, once per few rows of down_proj's weight. The
-    buffer's pointwise kernel can fuse into the gate and up reduction before it. Returns the number of tensors
-    realized."""
+    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input or an
+    MoE's experts gathered from one, _weight_input) goes through prims.inductor_force_stride_order (its own
+    strides), which makes inductor store it in a buffer. Left inlined, inductor computes it inside the GEMV's
+    reduction again for every block of output rows: SwiGLU's silu(gate) * up, an exponential and a division per
+    element, once per few rows of down_proj's weight. The buffer's pointwise kernel can fuse into the gate and up
+    reduction before it. Returns the number of tensors realized."""
     from torch._inductor.inductor_prims import force_stride_order as force
     done = set()
     for node in list(graph.nodes):
         for x, w in _gemv_operands(node):
-            base, wb = _view_base(x), _view_base(w)
-            if (base in done or not isinstance(wb, torch.fx.Node) or wb.op not in ("placeholder", "get_attr")
-                    or not _transcendental(base) or not isinstance(base.meta.get("val"), torch.Tensor)):
+            base = _view_base(x)
+            if (base in done or not _weight_input(w) or not _transcendental(base)
+                    or not isinstance(base.meta.get("val"), torch.Tensor)):
                 continue
             with graph.inserting_after(base):
                 kept = graph.call_function(force, (base, list(base.meta["val"].stride())))

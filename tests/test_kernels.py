@@ -1505,26 +1505,30 @@ def test_realize_gemv_inputs_writes_a_transcendental_projection_input_once():
     """decode_cse's realize_gemv_inputs on a post-grad-like graph: the input of a one-row GEMV in inductor's
     decomposed form (sum(x.unsqueeze(2) * w.T.unsqueeze(0), 1), as under coordinate-descent tuning on CUDA) and of an
     aten.mm goes through prims.inductor_force_stride_order where it is made with an exponential (SwiGLU's
-    silu(g) * u; silu of a GEMV's output), not where it is not (a GEMV's output as it is, an RMSNorm's rsqrt) or
-    where the other operand is no graph input (a product of two activations); the graph's values are unchanged, and
-    inductor compiles the pass's graph to the same values as eager."""
+    silu(g) * u; silu of a GEMV's output; a sigmoid times experts' weights gathered per row, as expert_rows in an
+    MoE's decode step), not where it is not (a GEMV's output as it is, an RMSNorm's rsqrt) or where the other
+    operand is no graph input (a product of two activations); the graph's values are unchanged, and inductor
+    compiles the pass's graph to the same values as eager."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(g, u, w, w2):
+    def f(g, u, w, w2, we, flat):
         h = F.silu(g) * u                                            # [1, K]: realized (decomposed GEMV's input)
         y = (h.unsqueeze(2) * w.t().unsqueeze(0)).sum(1)             # [1, N]
         n = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)  # a norm: no exponential, left inlined
         a = torch.exp(y)                                             # an activation times an activation: no weight
-        return torch.mm(F.silu(y), w2.t()), torch.mm(n, w2.t()), (a.unsqueeze(2) * y.unsqueeze(0)).sum(1)
+        e = torch.sigmoid(y).expand(2, 16)                           # 2 rows through their experts (expert_rows)
+        return (torch.mm(F.silu(y), w2.t()), torch.mm(n, w2.t()), (a.unsqueeze(2) * y.unsqueeze(0)).sum(1),
+                (e[:, None, :] * we[flat]).sum(-1))
     gen = torch.Generator().manual_seed(0)
-    args = [torch.randn(*s, generator=gen) for s in ((1, 32), (1, 32), (16, 32), (8, 16))]
+    args = [torch.randn(*s, generator=gen) for s in ((1, 32), (1, 32), (16, 32), (8, 16), (4, 8, 16))]
+    args.append(torch.tensor([3, 1]))
     gm = make_fx(f)(*args)
     from torch._inductor.inductor_prims import force_stride_order as force
-    assert kernels.realize_gemv_inputs(gm.graph) == 2
+    assert kernels.realize_gemv_inputs(gm.graph) == 3
     gm.recompile()
-    kept = [n for n in gm.graph.nodes if n.target is force]
-    assert sorted(str(n.args[0].target) for n in kept) == ["aten.mul.Tensor", "aten.silu.default"], gm.code
-    assert all(n.args[1] == [32, 1] or n.args[1] == [16, 1] for n in kept)
+    kept = {str(n.args[0].target): n.args[1] for n in gm.graph.nodes if n.target is force}
+    assert kept == {"aten.mul.Tensor": [32, 1], "aten.silu.default": [16, 1], "aten.sigmoid.default": [16, 1]}, \
+        gm.code
     ref = f(*args)
     for got, want in zip(gm(*args), ref):
         assert torch.equal(got, want)
