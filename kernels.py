@@ -1530,12 +1530,14 @@ def realize_gemv_inputs(graph):
     for node in list(graph.nodes):
         for x, w in _gemv_operands(node):
             base = _view_base(x)
-            if (base in done or not _weight_input(w) or not _transcendental(base)
-                    or not isinstance(base.meta.get("val"), torch.Tensor)):
+            val = base.meta.get("val") if isinstance(base, torch.fx.Node) else None
+            # symbolic strides (a dynamic inner dimension) would need the graph's size nodes: left as it is
+            if (base in done or not _weight_input(w) or not _transcendental(base) or not isinstance(val, torch.Tensor)
+                    or not all(isinstance(st, int) for st in val.stride())):
                 continue
             with graph.inserting_after(base):
-                kept = graph.call_function(force, (base, list(base.meta["val"].stride())))
-            kept.meta["val"] = base.meta["val"]
+                kept = graph.call_function(force, (base, list(val.stride())))
+            kept.meta["val"] = val
             base.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
             done.add(base)
     return len(done)
