@@ -1062,7 +1062,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
             opts = {**(inductor or {}), "post_grad_custom_pre_pass": kernels.decode_cse(
-                group_rows, cse=cse or group_rows, realize=realize_gemv) if cse or group_rows or realize_gemv else None}
+                group_rows, cse=cse or group_rows, realize=realize_gemv)}
             step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:

@@ -1482,13 +1482,18 @@ def _gemv_operands(node):
     return []
 
 
+_aten = torch.ops.aten
+VIEW_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.unsqueeze.default,
+            _aten.squeeze.dim, _aten.permute.default, _aten.expand.default, _aten.t.default,
+            torch.ops.prims.convert_element_type.default, _aten._to_copy.default}   # _view_base looks through them
+TRANSCENDENTAL_OPS = {_aten.exp.default, _aten.exp2.default, _aten.expm1.default, _aten.log.default,
+                      _aten.log1p.default, _aten.sigmoid.default, _aten.silu.default, _aten.tanh.default,
+                      _aten.erf.default, _aten.gelu.default}   # what _transcendental looks for
+
+
 def _view_base(node):
     """node with the views and dtype casts that lead to it stripped: the tensor they read."""
-    aten, prims = torch.ops.aten, torch.ops.prims
-    views = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-             aten.squeeze.dim, aten.permute.default, aten.expand.default, aten.t.default,
-             prims.convert_element_type.default, aten._to_copy.default}
-    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in views:
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
         node = node.args[0]
     return node
 
@@ -1505,12 +1510,9 @@ def _weight_input(node):
 def _transcendental(node, depth=8):
     """Does the pointwise computation making node (up to depth ops back, through pointwise ops only) take an
     exponential, a logarithm, a sigmoid or a tanh (as SiLU's x / (1 + exp(-x)) does)?"""
-    aten = torch.ops.aten
-    costly = {aten.exp.default, aten.exp2.default, aten.expm1.default, aten.log.default, aten.log1p.default,
-              aten.sigmoid.default, aten.silu.default, aten.tanh.default, aten.erf.default, aten.gelu.default}
     if depth == 0 or not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
-    if node.target in costly:
+    if node.target in TRANSCENDENTAL_OPS:
         return True
     if not isinstance(node.target, torch._ops.OpOverload) or torch.Tag.pointwise not in node.target.tags:
         return False
