@@ -945,6 +945,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                  row_configs: dict | None = None, split_bias: bool = True, cse: bool = True,
                  group_rows: bool = True, row_spikes: bool = False, row_counts: bool = False,
                  row_persistent: int = kernels.ROW_PERSISTENT, realize_gemv: bool = kernels.REALIZE_GEMV_INPUTS,
+                 realize_norms: bool = kernels.REALIZE_GEMV_NORMS,
                  device: str = "cuda", tiny: bool = False) -> None:
     """Decode speed at each context length and batch size (greedy, the model's forward with input_pos as
     generate.py steps it), random weights (bf16 on GPU), beside the bandwidth bound: (weight bytes + cache bytes)
@@ -1007,6 +1008,9 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
         realize_gemv: with compile, a projection's input made by a transcendental op (SwiGLU's silu(gate) * up)
             written once before its GEMV (kernels.realize_gemv_inputs, compile_decode's default); false: inductor
             recomputes it inside the GEMV's reduction (the other half of an A/B).
+        realize_norms: with realize_gemv, an RMSNorm's output that a projection reads written once too (the norm
+            its own kernel; kernels.REALIZE_GEMV_NORMS); false: recomputed in every program of the GEMVs that read
+            it (the other half of an A/B).
         device: cuda or cpu.
         tiny: CPU smoke run: tiny models, short contexts.
     """
@@ -1034,7 +1038,8 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
            f"{', common subexpressions merged' if (cse or group_rows) and quant != 'bf16' else ''}"
            f"{', one-row GEMVs of one input grouped' if group_rows and quant != 'bf16' else ''}"
            f"{f', row reductions persistent to {row_persistent}' if row_persistent else ''}"
-           f"{'' if realize_gemv else ', transcendental GEMV inputs inlined'})"
+           f"{'' if realize_gemv else ', transcendental GEMV inputs inlined'}"
+           f"{', norm outputs realized' if realize_gemv and realize_norms else ''})"
            if compile else compile,
            f"quant {quant}{'' if gemv_half else ' (count rows in tf32)'}; projections at batch {batches[0]}: "
            f"{decode_route(quant, device, batches[0])}"
@@ -1062,7 +1067,7 @@ def bench_decode(*, contexts: tuple[int, ...] = (1024, 32768, 131072), batches: 
                     if isinstance(mod, torch.nn.Linear):
                         mod.register_forward_pre_hook(lambda mod, args: (kernels.realized(args[0]),))
             opts = {**(inductor or {}), "post_grad_custom_pre_pass": kernels.decode_cse(
-                group_rows, cse=cse or group_rows, realize=realize_gemv)}
+                group_rows, cse=cse or group_rows, realize=realize_gemv, norms=realize_norms)}
             step = kernels.compile_decode(m.forward, torch.device(device), gemv, opts)
         speed = {}
         for B in batches:

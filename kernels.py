@@ -1426,11 +1426,14 @@ def compile_decode(fn, device, gemv=True, options=None):
 REALIZE_GEMV_INPUTS = True   # compile_decode: a projection's input made by a transcendental op written once
                              # (realize_gemv_inputs); False: inlined into the GEMV as inductor leaves it (an A/B:
                              # bench.py decode --realize_gemv false)
+REALIZE_GEMV_NORMS = True    # with it, an RMSNorm's output (rsqrt) too: the norm its own small kernel, not redone
+                             # in every program of each GEMV that reads it (an A/B: bench.py decode --realize_norms)
 
 
-def decode_cse(group=False, cse=True, realize=None):
+def decode_cse(group=False, cse=True, realize=None, norms=None):
     """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}; also
-    compile_blocks' for a prefill). realize (None: REALIZE_GEMV_INPUTS): first realize_gemv_inputs. cse: then merge
+    compile_blocks' for a prefill). realize (None: REALIZE_GEMV_INPUTS): first realize_gemv_inputs, with norms
+    (None: REALIZE_GEMV_NORMS) of the RMSNorms' outputs too. cse: then merge
     the common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on
     training graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first
     factor; gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction
@@ -1444,11 +1447,12 @@ def decode_cse(group=False, cse=True, realize=None):
     marks = {torch.ops.aten.round.default, torch.ops.spikingbrain.gemv_row.default,
              torch.ops.spikingbrain.spike_counts.default}
     realize = REALIZE_GEMV_INPUTS if realize is None else realize
+    norms = REALIZE_GEMV_NORMS if norms is None else norms
 
     class DecodeCSE(CustomGraphPass):
         def __call__(self, graph):
             if realize:
-                realize_gemv_inputs(graph)
+                realize_gemv_inputs(graph, norms)
             if not cse or not any(node.op == "call_function" and node.target in marks for node in graph.nodes):
                 return
             new = fx_graph_cse(graph)
@@ -1460,7 +1464,7 @@ def decode_cse(group=False, cse=True, realize=None):
                 group_row_products(graph)
 
         def uuid(self):   # inductor's cache key for the pass (and for ROW_PERSISTENT's rule, which it lacks)
-            return f"spikingbrain.decode_cse.5.{group}.{cse}.{realize}.{ROW_PERSISTENT}"
+            return f"spikingbrain.decode_cse.6.{group}.{cse}.{realize}.{norms}.{ROW_PERSISTENT}"
     return DecodeCSE()
 
 
@@ -1488,7 +1492,8 @@ VIEW_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.defaul
             torch.ops.prims.convert_element_type.default, _aten._to_copy.default}   # _view_base looks through them
 TRANSCENDENTAL_OPS = {_aten.exp.default, _aten.exp2.default, _aten.expm1.default, _aten.log.default,
                       _aten.log1p.default, _aten.sigmoid.default, _aten.silu.default, _aten.tanh.default,
-                      _aten.erf.default, _aten.gelu.default}   # what _transcendental looks for
+                      _aten.erf.default, _aten.gelu.default}   # what _made_with looks for
+NORM_OPS = {_aten.rsqrt.default}   # an RMSNorm's 1 / sqrt(mean(x^2) + eps): realize_gemv_inputs' norms
 
 
 def _view_base(node):
@@ -1499,42 +1504,42 @@ def _view_base(node):
 
 
 def _weight_input(node):
-    """Is node a graph input (a weight) seen through views and casts, or rows of one picked by an index (an MoE's
-    experts gathered per row, expert_rows)?"""
+    """Is node a graph input (a weight), seen through views and casts? Not an MoE's experts gathered per row
+    (expert_rows: aten.index of one): their SwiGLU product realized made the 76B's decode step slower
+    (BENCHMARKS.md)."""
     node = _view_base(node)
-    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.index.Tensor:
-        node = _view_base(node.args[0])
     return isinstance(node, torch.fx.Node) and node.op in ("placeholder", "get_attr")
 
 
-def _transcendental(node, depth=8):
-    """Does the pointwise computation making node (up to depth ops back, through pointwise ops only) take an
-    exponential, a logarithm, a sigmoid or a tanh (as SiLU's x / (1 + exp(-x)) does)?"""
+def _made_with(node, ops, depth=8):
+    """Does the pointwise computation making node (up to depth ops back, through pointwise ops only) take one of
+    ops (TRANSCENDENTAL_OPS: an exponential, a logarithm, a sigmoid or a tanh, as SiLU's x / (1 + exp(-x)) does)?"""
     if depth == 0 or not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
-    if node.target in TRANSCENDENTAL_OPS:
+    if node.target in ops:
         return True
     if not isinstance(node.target, torch._ops.OpOverload) or torch.Tag.pointwise not in node.target.tags:
         return False
-    return any(_transcendental(n, depth - 1) for n in node.all_input_nodes)
+    return any(_made_with(n, ops, depth - 1) for n in node.all_input_nodes)
 
 
-def realize_gemv_inputs(graph):
-    """A projection's input made by pointwise ops that take a transcendental function, written once: each such
-    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input or an
-    MoE's experts gathered from one, _weight_input) goes through prims.inductor_force_stride_order (its own
+def realize_gemv_inputs(graph, norms=False):
+    """A projection's input made by pointwise ops that take a transcendental function (with norms: or an
+    RMSNorm's rsqrt, NORM_OPS), written once: each such
+    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input,
+    _weight_input) goes through prims.inductor_force_stride_order (its own
     strides), which makes inductor store it in a buffer. Left inlined, inductor computes it inside the GEMV's
     reduction again for every block of output rows: SwiGLU's silu(gate) * up, an exponential and a division per
     element, once per few rows of down_proj's weight. The buffer's pointwise kernel can fuse into the gate and up
     reduction before it. Returns the number of tensors realized."""
     from torch._inductor.inductor_prims import force_stride_order as force
-    done = set()
+    ops, done = TRANSCENDENTAL_OPS | NORM_OPS if norms else TRANSCENDENTAL_OPS, set()
     for node in list(graph.nodes):
         for x, w in _gemv_operands(node):
             base = _view_base(x)
             val = base.meta.get("val") if isinstance(base, torch.fx.Node) else None
             # symbolic strides (a dynamic inner dimension) would need the graph's size nodes: left as it is
-            if (base in done or not _weight_input(w) or not _transcendental(base) or not isinstance(val, torch.Tensor)
+            if (base in done or not _weight_input(w) or not _made_with(base, ops) or not isinstance(val, torch.Tensor)
                     or not all(isinstance(st, int) for st in val.stride())):
                 continue
             with graph.inserting_after(base):

@@ -1505,35 +1505,42 @@ def test_realize_gemv_inputs_writes_a_transcendental_projection_input_once():
     """decode_cse's realize_gemv_inputs on a post-grad-like graph: the input of a one-row GEMV in inductor's
     decomposed form (sum(x.unsqueeze(2) * w.T.unsqueeze(0), 1), as under coordinate-descent tuning on CUDA) and of an
     aten.mm goes through prims.inductor_force_stride_order where it is made with an exponential (SwiGLU's
-    silu(g) * u; silu of a GEMV's output; a sigmoid times experts' weights gathered per row, as expert_rows in an
-    MoE's decode step), not where it is not (a GEMV's output as it is, an RMSNorm's rsqrt) or where the other
-    operand is no graph input (a product of two activations) or its stride is symbolic; the graph's values are
-    unchanged, and inductor compiles the pass's graph to the same values as eager."""
+    silu(g) * u; silu of a GEMV's output), with norms an RMSNorm's output too, not where it is not (a GEMV's output
+    as it is; without norms the RMSNorm's rsqrt) or where the other operand is no graph input (a product of two
+    activations; experts' weights gathered per row, as expert_rows in an MoE's decode step) or its stride is
+    symbolic; the graph's values are unchanged, and inductor compiles the pass's graph to the same values as
+    eager."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(g, u, w, w2, we, flat):
         h = F.silu(g) * u                                            # [1, K]: realized (decomposed GEMV's input)
         y = (h.unsqueeze(2) * w.t().unsqueeze(0)).sum(1)             # [1, N]
-        n = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)  # a norm: no exponential, left inlined
+        n = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)  # a norm: realized only with norms
         a = torch.exp(y)                                             # an activation times an activation: no weight
-        e = torch.sigmoid(y).expand(2, 16)                           # 2 rows through their experts (expert_rows)
+        e = torch.sigmoid(y).expand(2, 16)                           # 2 rows through their experts: left
         return (torch.mm(F.silu(y), w2.t()), torch.mm(n, w2.t()), (a.unsqueeze(2) * y.unsqueeze(0)).sum(1),
                 (e[:, None, :] * we[flat]).sum(-1))
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(*s, generator=gen) for s in ((1, 32), (1, 32), (16, 32), (8, 16), (4, 8, 16))]
     args.append(torch.tensor([3, 1]))
-    gm = make_fx(f)(*args)
     from torch._inductor.inductor_prims import force_stride_order as force
-    assert kernels.realize_gemv_inputs(gm.graph) == 3
-    gm.recompile()
-    kept = {str(n.args[0].target): n.args[1] for n in gm.graph.nodes if n.target is force}
-    assert kept == {"aten.mul.Tensor": [32, 1], "aten.silu.default": [16, 1], "aten.sigmoid.default": [16, 1]}, \
-        gm.code
     ref = f(*args)
-    for got, want in zip(gm(*args), ref):
-        assert torch.equal(got, want)
+    for norms, want_kept in ((False, {"silu(g) * u": [32, 1], "silu(y)": [16, 1]}),
+                             (True, {"silu(g) * u": [32, 1], "silu(y)": [16, 1], "norm(y)": [16, 1]})):
+        gm = make_fx(f)(*args)
+        assert kernels.realize_gemv_inputs(gm.graph, norms) == len(want_kept)
+        gm.recompile()
+        kept = {n.args[0]: n.args[1] for n in gm.graph.nodes if n.target is force}
+        def name(b):
+            ins = {str(a.target) for a in b.all_input_nodes}
+            return ("silu(y)" if "aten.silu.default" == str(b.target) else "norm(y)" if "aten.rsqrt.default" in ins
+                    else "silu(g) * u" if "aten.silu.default" in ins else b.format_node())
+        assert {name(b): st for b, st in kept.items()} == want_kept, gm.code
+        for got, want in zip(gm(*args), ref):
+            assert torch.equal(got, want)
     torch._dynamo.reset()
-    step = torch.compile(f, options={"post_grad_custom_pre_pass": kernels.decode_cse(), "fx_graph_cache": False})
+    step = torch.compile(f, options={"post_grad_custom_pre_pass": kernels.decode_cse(norms=True),
+                                     "fx_graph_cache": False})
     for got, want in zip(step(*args), ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # a symbolic stride (K traced as a size variable) is left as it is: force_stride_order would need its size node
@@ -1543,13 +1550,18 @@ def test_realize_gemv_inputs_writes_a_transcendental_projection_input_once():
 
 @gpu
 @needs_cuda
-def test_gpu_realized_swiglu_input_in_a_compiled_float_decode_step(monkeypatch):
+@pytest.mark.parametrize("norms", [False, True])
+def test_gpu_realized_swiglu_input_in_a_compiled_float_decode_step(norms, monkeypatch):
     """compile_decode on CUDA (coordinate-descent tuning: inductor writes each one-row matmul as its own reduction) of
     a float model of one GLA and one SWA layer: realize_gemv_inputs finds each MLP's silu(gate) * up in the
-    decomposed down_proj (one per layer, nothing else), and the logits over three steps equal the eager model's."""
+    decomposed down_proj (one per layer), with norms also each RMSNorm output a projection reads (the two blocks'
+    input and MLP norms, the GLA output's g_norm, the final norm before the head: 6 more), nothing else, and the
+    logits over three steps equal the eager model's."""
     made, real = [], kernels.realize_gemv_inputs
-    monkeypatch.setattr(kernels, "realize_gemv_inputs", lambda g: made.append(real(g)) or made[-1])
+    monkeypatch.setattr(kernels, "realize_gemv_inputs", lambda g, n=False: made.append(real(g, n)) or made[-1])
+    monkeypatch.setattr(kernels, "REALIZE_GEMV_NORMS", norms)
     m, logits = spiking_decode_logits("cuda", "bf16")
+    assert m.config.layout[:2] == ["gla", "swa"]
     m.config.spike_k = None
     for mod in m.modules():
         if hasattr(mod, "spike_k"):
@@ -1558,7 +1570,7 @@ def test_gpu_realized_swiglu_input_in_a_compiled_float_decode_step(monkeypatch):
     torch._dynamo.reset()
     step = kernels.compile_decode(m.forward, torch.device("cuda"))
     torch.testing.assert_close(logits(step), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    assert made and set(made) == {2}, made
+    assert made and set(made) == {8 if norms else 2}, made
 
 
 @needs_triton
