@@ -1403,7 +1403,7 @@ def compile_decode(fn, device, gemv=True, options=None):
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
     BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results. Every
     step gets decode_cse(group=True): a projection's input made by a transcendental op (SwiGLU's silu(gate) * up)
-    written once (realize_gemv_inputs); a spiking or 8-bit step's spike counts of each input made once, and its
+    or an RMSNorm written once (realize_gemv_inputs); a spiking or 8-bit step's spike counts of each input made once, and its
     one-row GEMVs of one input in one launch (faster: BENCHMARKS.md). options: more of
     inductor's options (torch.compile's), which win, e.g. for an A/B in bench.py decode --inductor or --group_rows
     false ({"post_grad_custom_pre_pass": None})."""
@@ -1427,7 +1427,8 @@ REALIZE_GEMV_INPUTS = True   # compile_decode: a projection's input made by a tr
                              # (realize_gemv_inputs); False: inlined into the GEMV as inductor leaves it (an A/B:
                              # bench.py decode --realize_gemv false)
 REALIZE_GEMV_NORMS = True    # with it, an RMSNorm's output (rsqrt) too: the norm its own small kernel, not redone
-                             # in every program of each GEMV that reads it (an A/B: bench.py decode --realize_norms)
+                             # in every program of each GEMV that reads it (faster on an H200: BENCHMARKS.md; an
+                             # A/B: bench.py decode --realize_norms false)
 
 
 def decode_cse(group=False, cse=True, realize=None, norms=None):
