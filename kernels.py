@@ -1402,11 +1402,11 @@ def compile_decode(fn, device, gemv=True, options=None):
     gemv, inductor's coordinate-descent tuning, under which it writes the batch-1 matmuls (matrix-vector products)
     as its own tuned reduction kernels instead of cuBLAS's (they read the weights nearer the bandwidth:
     BENCHMARKS.md). The tuning makes the first compile slower; inductor's on-disk cache keeps its results. Every
-    step gets decode_cse(group=True): a projection's input made by a transcendental op (SwiGLU's silu(gate) * up)
-    or an RMSNorm written once (realize_gemv_inputs); a spiking or 8-bit step's spike counts of each input made once, and its
-    one-row GEMVs of one input in one launch (faster: BENCHMARKS.md). options: more of
-    inductor's options (torch.compile's), which win, e.g. for an A/B in bench.py decode --inductor or --group_rows
-    false ({"post_grad_custom_pre_pass": None})."""
+    step gets decode_cse(group=True): a projection's input made by a transcendental op (SwiGLU's silu(gate) * up) or
+    an RMSNorm written once (realize_gemv_inputs); a spiking or 8-bit step's spike counts of each input made once,
+    and its one-row GEMVs of one input in one launch (faster: BENCHMARKS.md). options: more of inductor's options
+    (torch.compile's), which win, e.g. for an A/B in bench.py decode --inductor or --group_rows false
+    ({"post_grad_custom_pre_pass": None})."""
     options = {"post_grad_custom_pre_pass": decode_cse(group=True), **(options or {})}
     if device.type != "cuda":
         return torch.compile(fn, options=options)
@@ -1434,14 +1434,14 @@ REALIZE_GEMV_NORMS = True    # with it, an RMSNorm's output (rsqrt) too: the nor
 def decode_cse(group=False, cse=True, realize=None, norms=None):
     """An inductor graph pass (compile_decode's options={"post_grad_custom_pre_pass": decode_cse()}; also
     compile_blocks' for a prefill). realize (None: REALIZE_GEMV_INPUTS): first realize_gemv_inputs, with norms
-    (None: REALIZE_GEMV_NORMS) of the RMSNorms' outputs too. cse: then merge
-    the common subexpressions of a compiled step with torch._functorch's fx_graph_cse, which inductor runs on
-    training graphs only. In a spiking step, the projections that read one input (q, k, v and the GLA gate's first
-    factor; gate and up) each make that input's spike counts: the same ops on the same tensor, a one-row reduction
-    each. Merged, the step makes them once. Mutations (the cache writes), random ops and outputs are left as they
-    are. group: then the one-row GEMVs (gemv_row) of one input, format and shape become gemv_rows launches of 2-4
-    weights each (group_row_products). A graph without spike counts (aten.round, spike_counts) or one-row GEMVs, a
-    float model's, is merged and grouped no further."""
+    (None: REALIZE_GEMV_NORMS) of the RMSNorms' outputs too. cse: then merge the common subexpressions of a compiled
+    step with torch._functorch's fx_graph_cse, which inductor runs on training graphs only. In a spiking step, the
+    projections that read one input (q, k, v and the GLA gate's first factor; gate and up) each make that input's
+    spike counts: the same ops on the same tensor, a one-row reduction each. Merged, the step makes them once.
+    Mutations (the cache writes), random ops and outputs are left as they are. group: then the one-row GEMVs
+    (gemv_row) of one input, format and shape become gemv_rows launches of 2-4 weights each (group_row_products). A
+    graph without spike counts (aten.round, spike_counts) or one-row GEMVs, a float model's, is merged and grouped
+    no further."""
     from torch._functorch.compile_utils import fx_graph_cse
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -1525,14 +1525,13 @@ def _made_with(node, ops, depth=8):
 
 
 def realize_gemv_inputs(graph, norms=False):
-    """A projection's input made by pointwise ops that take a transcendental function (with norms: or an
-    RMSNorm's rsqrt, NORM_OPS), written once: each such
-    tensor of an FX post-grad graph (a matmul's activation, _gemv_operands, whose weight is a graph input,
-    _weight_input) goes through prims.inductor_force_stride_order (its own
-    strides), which makes inductor store it in a buffer. Left inlined, inductor computes it inside the GEMV's
-    reduction again for every block of output rows: SwiGLU's silu(gate) * up, an exponential and a division per
-    element, once per few rows of down_proj's weight. The buffer's pointwise kernel can fuse into the gate and up
-    reduction before it. Returns the number of tensors realized."""
+    """A projection's input made by pointwise ops that take a transcendental function (with norms: or an RMSNorm's
+    rsqrt, NORM_OPS), written once: each such tensor of an FX post-grad graph (a matmul's activation,
+    _gemv_operands, whose weight is a graph input, _weight_input) goes through prims.inductor_force_stride_order
+    (its own strides), which makes inductor store it in a buffer. Left inlined, inductor computes it inside the
+    GEMV's reduction again for every block of output rows: SwiGLU's silu(gate) * up, an exponential and a division
+    per element, once per few rows of down_proj's weight. The buffer's pointwise kernel can fuse into the gate and
+    up reduction before it. Returns the number of tensors realized."""
     from torch._inductor.inductor_prims import force_stride_order as force
     ops, done = TRANSCENDENTAL_OPS | NORM_OPS if norms else TRANSCENDENTAL_OPS, set()
     for node in list(graph.nodes):
