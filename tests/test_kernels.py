@@ -1525,16 +1525,17 @@ def test_realize_gemv_inputs_writes_a_transcendental_projection_input_once():
     args.append(torch.tensor([3, 1]))
     from torch._inductor.inductor_prims import force_stride_order as force
     ref = f(*args)
+
+    def name(b):   # which of f's tensors a realized node is, by the op that makes it or its inputs
+        ins = {str(a.target) for a in b.all_input_nodes}
+        return ("silu(y)" if str(b.target) == "aten.silu.default" else "norm(y)" if "aten.rsqrt.default" in ins
+                else "silu(g) * u" if "aten.silu.default" in ins else b.format_node())
     for norms, want_kept in ((False, {"silu(g) * u": [32, 1], "silu(y)": [16, 1]}),
                              (True, {"silu(g) * u": [32, 1], "silu(y)": [16, 1], "norm(y)": [16, 1]})):
         gm = make_fx(f)(*args)
         assert kernels.realize_gemv_inputs(gm.graph, norms) == len(want_kept)
         gm.recompile()
         kept = {n.args[0]: n.args[1] for n in gm.graph.nodes if n.target is force}
-        def name(b):
-            ins = {str(a.target) for a in b.all_input_nodes}
-            return ("silu(y)" if "aten.silu.default" == str(b.target) else "norm(y)" if "aten.rsqrt.default" in ins
-                    else "silu(g) * u" if "aten.silu.default" in ins else b.format_node())
         assert {name(b): st for b, st in kept.items()} == want_kept, gm.code
         for got, want in zip(gm(*args), ref):
             assert torch.equal(got, want)
